@@ -1,0 +1,118 @@
+"""Options of the ``rotatek`` backend, validated once, frozen afterwards.
+
+``torch.compile(model, backend="rotatek", options={...})`` hands its ``options`` dict to
+:meth:`RotateKConfig.from_options`; every key is a field below. A wrong key or value raises a
+one-line ``ValueError`` that names the option and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional
+
+SOLVERS = ("eigh", "subspace")
+SPANS = ("visual", "prompt")
+KERNELS = ("auto", "triton", "reference")
+METHODS = ("rotatek", "think", "spark")
+
+
+@dataclasses.dataclass(frozen=True)
+class RotateKConfig:
+    """What the backend compresses and how.
+
+    Parameters
+    ----------
+    key_channels : int, optional
+        ``r``: Key channels kept per KV head for the compressed span. Clipped to ``head_dim``.
+    key_keep_ratio : float, optional
+        ``r / head_dim`` in (0, 1], used when ``key_channels`` is not given. Default 0.25.
+    query_aware : bool
+        Weight the Key covariance by the norms of the last ``query_window`` queries (the paper's
+        default). ``False`` gives plain K-only PCA.
+    query_window : int
+        ``W``: how many of the last prompt queries weight the covariance.
+    solver : {"eigh", "subspace"}
+        Exact eigendecomposition, or 5 steps of subspace iteration with Cholesky
+        orthonormalisation (the official code's choice).
+    subspace_iters : int
+        Iterations of the subspace solver.
+    span : {"visual", "prompt"}
+        ``"visual"``: compress the image tokens; a prompt without image tokens falls back to
+        ``"prompt"``. ``"prompt"``: compress the whole prompt except its last ``query_window``
+        tokens (text-only models).
+    kernel : {"auto", "triton", "reference"}
+        Decode kernel. ``"auto"`` takes Triton on CUDA and the PyTorch reference elsewhere.
+    method : {"rotatek", "think", "spark"}
+        Channel-compression method: RotateK (rotation + mean correction), ThinK (per-head channel
+        selection, no rotation) or SparK-style (per-token channel selection).
+    token_keep : float
+        Fraction of span tokens kept by attention-score token pruning, in (0, 1]. 1 keeps all.
+    """
+
+    key_channels: Optional[int] = None
+    key_keep_ratio: Optional[float] = None
+    query_aware: bool = True
+    query_window: int = 32
+    solver: str = "eigh"
+    subspace_iters: int = 5
+    span: str = "visual"
+    kernel: str = "auto"
+    method: str = "rotatek"
+    token_keep: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.key_channels is not None:
+            _check(_is_int(self.key_channels) and self.key_channels >= 1,
+                   "key_channels", "a positive int", self.key_channels)
+        if self.key_keep_ratio is not None:
+            _check(_is_real(self.key_keep_ratio) and 0 < self.key_keep_ratio <= 1,
+                   "key_keep_ratio", "a float in (0, 1]", self.key_keep_ratio)
+        if self.key_channels is not None and self.key_keep_ratio is not None:
+            raise ValueError("rotatek option key_channels and key_keep_ratio: give one, not both")
+        _check(isinstance(self.query_aware, bool), "query_aware", "True or False", self.query_aware)
+        _check(_is_int(self.query_window) and self.query_window >= 1,
+               "query_window", "a positive int", self.query_window)
+        _check(self.solver in SOLVERS, "solver", _one_of(SOLVERS), self.solver)
+        _check(_is_int(self.subspace_iters) and self.subspace_iters >= 1,
+               "subspace_iters", "a positive int", self.subspace_iters)
+        _check(self.span in SPANS, "span", _one_of(SPANS), self.span)
+        _check(self.kernel in KERNELS, "kernel", _one_of(KERNELS), self.kernel)
+        _check(self.method in METHODS, "method", _one_of(METHODS), self.method)
+        _check(_is_real(self.token_keep) and 0 < self.token_keep <= 1,
+               "token_keep", "a float in (0, 1]", self.token_keep)
+
+    @classmethod
+    def from_options(cls, options: Optional[Mapping[str, Any]] = None) -> "RotateKConfig":
+        """Build from ``torch.compile``'s ``options`` dict, rejecting unknown keys."""
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in options:
+            if key not in known:
+                raise ValueError(
+                    f"rotatek option {key!r} is unknown; known options: {', '.join(sorted(known))}")
+        return cls(**options)
+
+    def channels_for(self, head_dim: int) -> int:
+        """``r`` for a layer of this ``head_dim``: ``key_channels`` clipped, or the ratio rounded up."""
+        if self.key_channels is not None:
+            return min(self.key_channels, head_dim)
+        ratio = 0.25 if self.key_keep_ratio is None else self.key_keep_ratio
+        return max(1, min(head_dim, math.ceil(ratio * head_dim)))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _one_of(choices: tuple) -> str:
+    return "one of " + ", ".join(repr(c) for c in choices)
+
+
+def _check(ok: bool, option: str, allowed: str, got: Any) -> None:
+    if not ok:
+        raise ValueError(f"rotatek option {option}={got!r} is invalid: expected {allowed}")

@@ -1,0 +1,345 @@
+"""Plain-PyTorch RotateK: the CPU path and the oracle every kernel is tested against.
+
+Notation (shapes in comments): ``B`` batch rows, ``Hq`` query heads, ``H`` KV heads
+(``G = Hq // H`` query heads per KV head), ``S`` span tokens, ``W`` query window, ``d`` head dim,
+``r`` kept Key channels, ``dv`` value dim. Masks are bool, ``True`` = the token is real.
+
+The method (DESIGN.md §1), per batch row and KV head, with ``K`` the post-RoPE span Keys::
+
+    μ   = mean_s K[s]
+    C   = (K-μ)ᵀ(K-μ), symmetrised, fp32
+    q̄_c = mean over the head's query group of ‖Q[-W:, c]‖₂ ;  q̄ = max(q̄, 1e-3·median(q̄))
+    C   = C ⊙ (q̄ q̄ᵀ) ;  C += 1e-4·mean(|diag C|)·I           (query-aware, default)
+    R   = top-r eigenvectors of C                               # [d, r]
+    K̃   = K R ;  δμ = μ (I − R Rᵀ)
+    decode logit_s = scale·((q R)·K̃_s + q·δμ)   (span)   |   scale·q·k_s   (everything else)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+# Numerics of the query-aware weighting (DESIGN.md §1): floor of q̄ relative to its median, and
+# ridge added to the diagonal relative to its mean, so that C stays positive definite.
+QUERY_NORM_FLOOR = 1e-3
+COVARIANCE_RIDGE = 1e-4
+
+
+class CompressedSpan(NamedTuple):
+    """What the cache keeps of a span's Keys: ``r`` rotated channels and the mean correction."""
+
+    keys: Tensor  # [B, H, S, r]  K̃ = K R, in the Keys' dtype
+    rotation: Tensor  # [B, H, d, r]  R, fp32, orthonormal columns
+    mean_residual: Tensor  # [B, H, d]  δμ = μ(I − RRᵀ), fp32
+
+
+def _all_true(keys: Tensor) -> Tensor:
+    return torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool, device=keys.device)
+
+
+def query_channel_norms(queries: Tensor, num_kv_heads: int) -> Tensor:
+    """Per-channel query magnitude of the last window, averaged over each KV head's query group.
+
+    Parameters
+    ----------
+    queries : Tensor
+        ``[B, Hq, W, d]`` post-RoPE queries of the window (the last ``W`` prompt tokens).
+    num_kv_heads : int
+        ``H``; ``Hq`` must be a multiple of it.
+
+    Returns
+    -------
+    Tensor
+        ``[B, H, d]`` fp32: ``q̄_c = mean_g ‖Q_g[:, c]‖₂``, floored at ``1e-3·median(q̄)``.
+    """
+    batch, q_heads, _, dim = queries.shape
+    if q_heads % num_kv_heads:
+        raise ValueError(f"query heads ({q_heads}) must be a multiple of KV heads ({num_kv_heads})")
+    norms = queries.float().norm(dim=2)  # [B, Hq, d]
+    norms = norms.view(batch, num_kv_heads, q_heads // num_kv_heads, dim).mean(dim=2)  # [B, H, d]
+    floor = QUERY_NORM_FLOOR * norms.median(dim=-1, keepdim=True).values
+    return torch.maximum(norms, floor)
+
+
+def span_covariance(
+    keys: Tensor,
+    key_mask: Optional[Tensor] = None,
+    query_norms: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """Covariance of the span's Keys, optionally weighted by query magnitude.
+
+    Parameters
+    ----------
+    keys : Tensor
+        ``[B, H, S, d]`` post-RoPE Keys of the span.
+    key_mask : Tensor, optional
+        ``[B, S]`` bool, which span entries are real tokens (default: all).
+    query_norms : Tensor, optional
+        ``[B, H, d]`` from :func:`query_channel_norms`; ``None`` gives plain K-only PCA.
+
+    Returns
+    -------
+    covariance : Tensor
+        ``[B, H, d, d]`` fp32, symmetric; with ``query_norms``, ``C ⊙ q̄q̄ᵀ`` plus the ridge.
+    mean : Tensor
+        ``[B, H, d]`` fp32, ``μ`` over the real tokens (zero for a row with none).
+    """
+    if key_mask is None:
+        key_mask = _all_true(keys)
+    weight = key_mask[:, None, :, None].float()  # [B, 1, S, 1]
+    count = weight.sum(dim=2).clamp_min(1.0)  # [B, 1, 1]
+    k = keys.float()
+    mean = (k * weight).sum(dim=2) / count  # [B, H, d]
+    centred = (k - mean[:, :, None, :]) * weight  # [B, H, S, d]
+    cov = centred.transpose(-1, -2) @ centred  # [B, H, d, d]
+    cov = (cov + cov.transpose(-1, -2)) / 2
+    if query_norms is not None:
+        qn = query_norms.float()
+        cov = cov * (qn[..., :, None] * qn[..., None, :])
+        ridge = COVARIANCE_RIDGE * cov.diagonal(dim1=-2, dim2=-1).abs().mean(dim=-1)  # [B, H]
+        cov = cov + ridge[..., None, None] * torch.eye(cov.shape[-1], device=cov.device)
+    return cov, mean
+
+
+def top_eigenvectors(covariance: Tensor, rank: int) -> Tensor:
+    """Exact top-``rank`` eigenvectors, by eigenvalue descending.
+
+    ``covariance`` ``[..., d, d]`` symmetric → ``[..., d, rank]`` fp32 orthonormal columns.
+    """
+    _, vectors = torch.linalg.eigh(covariance.float())  # ascending
+    return vectors[..., -rank:].flip(-1).contiguous()
+
+
+def subspace_iteration(covariance: Tensor, rank: int, iters: int = 5) -> Tensor:
+    """Top-``rank`` invariant subspace by block power iteration with Cholesky orthonormalisation.
+
+    Starts from the ``rank`` coordinate axes of largest variance; each step is ``Y = C X``,
+    ``X = Y L⁻ᵀ`` with ``L Lᵀ = YᵀY``. A final Rayleigh–Ritz step orders the columns by eigenvalue,
+    so with enough iterations the result matches :func:`top_eigenvectors` up to column signs.
+
+    ``covariance`` ``[..., d, d]`` → ``[..., d, rank]`` fp32 orthonormal columns.
+    """
+    cov = covariance.float()
+    dim = cov.shape[-1]
+    start = cov.diagonal(dim1=-2, dim2=-1).topk(rank, dim=-1).indices  # [..., r]
+    basis = torch.nn.functional.one_hot(start, dim).float().transpose(-1, -2)  # [..., d, r]
+    for _ in range(iters):
+        basis = _orthonormalise(cov @ basis)
+    ritz = basis.transpose(-1, -2) @ cov @ basis  # [..., r, r]
+    _, rotation = torch.linalg.eigh((ritz + ritz.transpose(-1, -2)) / 2)
+    return (basis @ rotation.flip(-1)).contiguous()
+
+
+def _orthonormalise(block: Tensor) -> Tensor:
+    """``Y L⁻ᵀ`` with ``L`` the Cholesky factor of ``YᵀY`` (jittered by 1e-6·trace/r if needed)."""
+    gram = block.transpose(-1, -2) @ block  # [..., r, r]
+    rank = gram.shape[-1]
+    jitter = 1e-6 * gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30) / rank
+    factor, info = torch.linalg.cholesky_ex(gram)
+    if bool((info != 0).any()):
+        factor = torch.linalg.cholesky(gram + jitter[..., None, None] * torch.eye(rank, device=gram.device))
+    # X = Y L⁻ᵀ  ⇔  Xᵀ = L⁻¹ Yᵀ
+    return torch.linalg.solve_triangular(factor, block.transpose(-1, -2), upper=False).transpose(-1, -2)
+
+
+def span_basis(
+    keys: Tensor,
+    rank: int,
+    key_mask: Optional[Tensor] = None,
+    queries: Optional[Tensor] = None,
+    solver: str = "eigh",
+    iters: int = 5,
+) -> tuple[Tensor, Tensor]:
+    """RotateK's basis for a span: ``R`` ``[B, H, d, r]`` and ``μ`` ``[B, H, d]`` (both fp32).
+
+    ``queries`` ``[B, Hq, W, d]`` turns on the query-aware weighting; ``None`` is K-only PCA.
+    """
+    norms = None if queries is None else query_channel_norms(queries, keys.shape[1])
+    cov, mean = span_covariance(keys, key_mask, norms)
+    if solver == "eigh":
+        rotation = top_eigenvectors(cov, rank)
+    elif solver == "subspace":
+        rotation = subspace_iteration(cov, rank, iters)
+    else:
+        raise ValueError(f"rotatek option solver={solver!r} is invalid: expected 'eigh' or 'subspace'")
+    return rotation, mean
+
+
+def compress_span(keys: Tensor, rotation: Tensor, mean: Tensor) -> CompressedSpan:
+    """Project the span's Keys onto the basis and keep the mean's lost part.
+
+    ``keys`` ``[B, H, S, d]``, ``rotation`` ``[B, H, d, r]``, ``mean`` ``[B, H, d]`` →
+    ``K̃ = K R`` ``[B, H, S, r]`` (Keys' dtype) and ``δμ = μ − (μR)Rᵀ`` ``[B, H, d]`` (fp32).
+    """
+    rotation = rotation.float()
+    pruned = (keys.float() @ rotation).to(keys.dtype)
+    residual = mean.float() - ((mean.float()[:, :, None, :] @ rotation) @ rotation.transpose(-1, -2))[:, :, 0]
+    return CompressedSpan(pruned, rotation, residual)
+
+
+def rotatek_compress(
+    keys: Tensor,
+    rank: int,
+    key_mask: Optional[Tensor] = None,
+    queries: Optional[Tensor] = None,
+    solver: str = "eigh",
+    iters: int = 5,
+) -> CompressedSpan:
+    """:func:`span_basis` then :func:`compress_span`: the whole prefill step of RotateK."""
+    rotation, mean = span_basis(keys, rank, key_mask, queries, solver, iters)
+    return compress_span(keys, rotation, mean)
+
+
+def decode_attention(
+    query: Tensor,
+    span_keys: Tensor,
+    rotation: Tensor,
+    mean_residual: Tensor,
+    span_values: Tensor,
+    span_mask: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    scale: float,
+) -> Tensor:
+    """One decode step of attention over a mixed cache, by one softmax over both segments.
+
+    Parameters
+    ----------
+    query : Tensor
+        ``[B, Hq, d]`` the new token's post-RoPE query.
+    span_keys, rotation, mean_residual : Tensor
+        The compressed span: ``K̃`` ``[B, H, Sv, r]``, ``R`` ``[B, H, d, r]``, ``δμ`` ``[B, H, d]``.
+    span_values : Tensor
+        ``[B, H, Sv, dv]``.
+    span_mask : Tensor
+        ``[B, Sv]`` bool.
+    keys, values : Tensor
+        The full-channel segment (prompt, text, generated): ``[B, H, Sf, d]``, ``[B, H, Sf, dv]``.
+    mask : Tensor
+        ``[B, Sf]`` bool.
+    scale : float
+        Softmax scale (``1/sqrt(d)`` in most models).
+
+    Returns
+    -------
+    Tensor
+        ``[B, Hq, dv]`` in ``query``'s dtype. A row whose tokens are all masked gives zeros.
+    """
+    batch, q_heads, dim = query.shape
+    kv_heads = keys.shape[1]
+    group = q_heads // kv_heads
+    q = query.float().view(batch, kv_heads, group, dim)  # [B, H, G, d]
+    q_rot = q @ rotation.float()  # [B, H, G, r]
+    span_logits = q_rot @ span_keys.float().transpose(-1, -2)  # [B, H, G, Sv]
+    span_logits = span_logits + (q * mean_residual.float()[:, :, None, :]).sum(-1, keepdim=True)
+    full_logits = q @ keys.float().transpose(-1, -2)  # [B, H, G, Sf]
+    logits = torch.cat([span_logits, full_logits], dim=-1) * scale  # [B, H, G, Sv + Sf]
+    valid = torch.cat([span_mask, mask], dim=-1)[:, None, None, :]  # [B, 1, 1, Sv + Sf]
+    logits = logits.masked_fill(~valid, -math.inf)
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all-masked rows → 0
+    vals = torch.cat([span_values, values], dim=2).float()  # [B, H, Sv + Sf, dv]
+    out = probs @ vals  # [B, H, G, dv]
+    return out.reshape(batch, q_heads, -1).to(query.dtype)
+
+
+# --- baselines at the same interface -----------------------------------------------------------
+
+
+def think_channels(keys: Tensor, queries: Tensor, rank: int, key_mask: Optional[Tensor] = None) -> Tensor:
+    """ThinK: per KV head, keep the ``rank`` channels of largest ``mean(Q_c²)·mean(K_c²)``.
+
+    ``keys`` ``[B, H, S, d]``, ``queries`` ``[B, Hq, W, d]`` → channel indices ``[B, H, r]``
+    (ascending). Used through :func:`selection_matrix` it runs on :func:`decode_attention` with
+    ``δμ = 0`` (no rotation, no mean correction).
+    """
+    batch, kv_heads, _, dim = keys.shape
+    if key_mask is None:
+        key_mask = _all_true(keys)
+    weight = key_mask[:, None, :, None].float()
+    key_energy = (keys.float().square() * weight).sum(2) / weight.sum(2).clamp_min(1.0)  # [B, H, d]
+    q_energy = queries.float().square().mean(dim=2)  # [B, Hq, d]
+    q_energy = q_energy.view(batch, kv_heads, -1, dim).mean(dim=2)  # [B, H, d]
+    return (q_energy * key_energy).topk(rank, dim=-1).indices.sort(dim=-1).values
+
+
+def selection_matrix(channels: Tensor, dim: int) -> Tensor:
+    """One-hot columns ``[B, H, d, r]`` fp32 that pick ``channels`` ``[B, H, r]`` out of ``d``."""
+    onehot = torch.nn.functional.one_hot(channels, dim).float()  # [B, H, r, d]
+    return onehot.transpose(-1, -2).contiguous()
+
+
+class SparseKeys(NamedTuple):
+    """SparK-style per-token channel selection: what the cache keeps of each span token."""
+
+    values: Tensor  # [B, H, S, r] the kept channels' values (Keys' dtype)
+    channels: Tensor  # [B, H, S, r] their indices (int16)
+    fill: Tensor  # [B, H, S] mean of the pruned channels (Keys' dtype)
+
+
+def spark_select(keys: Tensor, queries: Tensor, rank: int) -> SparseKeys:
+    """SparK-style: per token keep the ``rank`` channels of largest ``|q̄_c|·K_c²``.
+
+    ``keys`` ``[B, H, S, d]``, ``queries`` ``[B, Hq, W, d]``. Pruned channels are later filled with
+    that token's mean over them (:func:`spark_reconstruct`).
+    """
+    batch, kv_heads, _, dim = keys.shape
+    q_mag = queries.float().abs().mean(dim=2).view(batch, kv_heads, -1, dim).mean(dim=2)  # [B, H, d]
+    score = q_mag[:, :, None, :] * keys.float().square()  # [B, H, S, d]
+    channels = score.topk(rank, dim=-1).indices.sort(dim=-1).values  # [B, H, S, r]
+    kept = keys.gather(-1, channels)
+    total = keys.float().sum(-1)
+    pruned_count = max(dim - rank, 1)
+    fill = ((total - kept.float().sum(-1)) / pruned_count).to(keys.dtype)
+    return SparseKeys(kept, channels.to(torch.int16), fill)
+
+
+def spark_reconstruct(sparse: SparseKeys, dim: int) -> Tensor:
+    """Full-width Keys ``[B, H, S, d]``: kept channels as stored, the rest set to the fill value."""
+    full = sparse.fill[..., None].expand(*sparse.fill.shape, dim).clone()
+    return full.scatter(-1, sparse.channels.long(), sparse.values)
+
+
+def token_scores(queries: Tensor, keys: Tensor, scale: float, key_mask: Optional[Tensor] = None) -> Tensor:
+    """Attention mass each span token gets from the window (FastV/SnapKV-style).
+
+    ``queries`` ``[B, Hq, W, d]``, ``keys`` ``[B, H, S, d]`` → ``[B, H, S]`` fp32: softmax over the
+    span of the window's logits, summed over the window and the head's query group.
+    """
+    batch, kv_heads, _, dim = keys.shape
+    q = queries.float().view(batch, kv_heads, -1, queries.shape[2], dim)  # [B, H, G, W, d]
+    logits = (q @ keys.float()[:, :, None].transpose(-1, -2)) * scale  # [B, H, G, W, S]
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, None, None, :], -math.inf)
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(dim=(2, 3))
+
+
+def keep_tokens(scores: Tensor, keep: float, key_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Indices of the span tokens to keep, per KV head, and which of them are real.
+
+    ``scores`` ``[B, H, S]`` → ``indices`` ``[B, H, k]`` (ascending positions) and ``kept_mask``
+    ``[B, k]`` with ``k = ceil(keep · max real tokens)``; row ``b`` keeps ``ceil(keep · n_b)``.
+    """
+    batch, _, length = scores.shape
+    if key_mask is None:
+        key_mask = torch.ones(batch, length, dtype=torch.bool, device=scores.device)
+    real = key_mask.sum(-1)  # [B]
+    kept = torch.ceil(real.float() * keep).long().clamp(max=length)  # [B]
+    width = int(kept.max().item()) if batch else 0
+    masked = scores.masked_fill(~key_mask[:, None, :], -math.inf)
+    kept_mask = torch.arange(width, device=scores.device)[None, :] < kept[:, None]  # [B, k]
+    # Take the `width` best by score; in rows that keep fewer, push the surplus past the end
+    # (sentinel `length`) so that after sorting the real picks come first, in position order.
+    ranked = masked.topk(width, dim=-1).indices  # [B, H, k]
+    ranked = torch.where(kept_mask[:, None, :], ranked, torch.full_like(ranked, length))
+    indices = ranked.sort(dim=-1).values.clamp(max=max(length - 1, 0))
+    return indices, kept_mask
+
+
+def gather_tokens(tensor: Tensor, indices: Tensor) -> Tensor:
+    """``tensor`` ``[B, H, S, x]`` gathered along ``S`` by ``indices`` ``[B, H, k]`` → ``[B, H, k, x]``."""
+    return tensor.gather(2, indices[..., None].expand(*indices.shape, tensor.shape[-1]))
