@@ -1,0 +1,219 @@
+"""The ``rotatek`` torch.compile backend.
+
+For each graph Dynamo hands over:
+
+1. find the attention sites (:mod:`rotatek_compile.passes.find_attention`);
+2. prefill graph → :func:`~rotatek_compile.passes.rewrite.rewrite_prefill`, and at run time
+   compress each layer's Keys from what the graph returns, handing HF zero-storage stand-ins;
+   decode graph on a compressed cache → :func:`~rotatek_compile.passes.rewrite.rewrite_decode`,
+   feeding each layer's compressed state in and the grown stand-ins back;
+   any other graph → unchanged;
+3. compile the result with Inductor (or run it as is, ``inner="eager"``).
+
+The registered entry point is :func:`rotatek_backend`; ``options`` become a :class:`RotateKConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+import rotatek_compile.ops  # noqa: F401  (registers torch.ops.rotatek.*)
+from rotatek_compile.config import RotateKConfig
+from rotatek_compile.passes.find_attention import SkippedSite
+from rotatek_compile.passes.rewrite import RewrittenGraph, rewrite_decode, rewrite_prefill
+from rotatek_compile.passes.visual_span import to_token_mask
+from rotatek_compile.state import attached, compress_layer, is_stand_in, stand_in
+
+logger = logging.getLogger("rotatek_compile")
+
+
+class RotateKCacheError(RuntimeError):
+    """A compressed cache reached code that cannot read it (e.g. beam search reordered it)."""
+
+
+@dataclasses.dataclass
+class GraphReport:
+    """What the backend did to one graph (``rotatek_compile.explain`` collects these)."""
+
+    phase: str  # "prefill" | "decode" | "other"
+    rewritten: list[str]
+    skipped: list[tuple[str, str]]
+    ranks: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+class RotateKBackend:
+    """A torch.compile backend object; ``reports`` lists every graph it compiled."""
+
+    def __init__(self, config: RotateKConfig, inner: str = "inductor", mode: Optional[str] = None):
+        if inner not in ("inductor", "eager"):
+            raise ValueError(f"rotatek inner compiler {inner!r} is invalid: expected 'inductor' or 'eager'")
+        self.config = config
+        self.inner = inner
+        self.mode = mode
+        self.reports: list[GraphReport] = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        compressed = {i for i, x in enumerate(example_inputs) if attached(x) is not None}
+        if compressed:
+            plan = rewrite_decode(gm, self.config.method, self.config.kernel, compressed)
+        else:
+            plan = rewrite_prefill(gm, self.config.query_window)
+        if plan is None:
+            return self._plain(gm, example_inputs)
+        self._report(plan, example_inputs)
+        if plan.phase == "prefill":
+            return _PrefillRunner(plan, self._compile(plan.module, list(example_inputs)), self.config)
+        extra = _state_inputs(plan, example_inputs)
+        return _DecodeRunner(plan, self._compile(plan.module, list(example_inputs) + extra))
+
+    def _compile(self, module: fx.GraphModule, example_inputs: list) -> Callable:
+        if self.inner == "eager":
+            return module
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = torch._inductor.list_mode_options(self.mode) if self.mode else {}
+        return compile_fx(module, example_inputs, config_patches=patches)
+
+    def _plain(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        from rotatek_compile.passes.find_attention import sites_and_skips
+
+        sites, skipped = sites_and_skips(gm.graph)
+        compiled = self._compile(gm, list(example_inputs))
+        if not sites and not skipped:
+            return compiled
+        skipped = [(s.layer, s.reason) for s in skipped]
+        skipped += [(s.layer, "cache not produced by a rotatek prefill") for s in sites if not s.is_prefill]
+        self.reports.append(GraphReport("other", [], skipped))
+        for layer, reason in skipped:
+            logger.info("rotatek: %s left exact: %s", layer, reason)
+        return _guard_stand_ins(compiled)
+
+    def _report(self, plan: RewrittenGraph, example_inputs: Sequence[Any]) -> None:
+        report = GraphReport(plan.phase, [s.layer for s in plan.sites],
+                             [(s.layer, s.reason) for s in plan.skipped])
+        self.reports.append(report)
+        logger.info("rotatek: %s graph, %d attention sites rewritten, %d left exact",
+                    plan.phase, len(plan.sites), len(plan.skipped))
+        for skipped in plan.skipped:
+            logger.info("rotatek: %s left exact: %s", skipped.layer, skipped.reason)
+
+
+def _guard_stand_ins(compiled: Callable) -> Callable:
+    """Refuse to run a graph that would read a compressed cache as if it were HF's tensors."""
+
+    def run(*args):
+        if any(is_stand_in(a) for a in args):
+            raise RotateKCacheError(
+                "rotatek: a compressed KV cache reached a graph that was not rewritten to read it "
+                "(cache reordering, cropping or mixing compiled and uncompiled calls is not supported)")
+        return compiled(*args)
+
+    return run
+
+
+def _state_inputs(plan: RewrittenGraph, args: Sequence[Any]) -> list[torch.Tensor]:
+    """The compressed state of every site, flattened in the order of ``STATE_INPUTS``."""
+    tensors = []
+    for slot in plan.sites:
+        layer = attached(args[slot.past_keys_input])
+        if layer is None:
+            raise RotateKCacheError(
+                f"rotatek: the Key cache of {slot.layer} was not produced by a rotatek-compiled "
+                "prefill (beam search reordering, cache cropping and caches filled outside the "
+                "compiled model are not supported)")
+        tensors += [*layer.span_key_parts, layer.span_values, layer.span_mask,
+                    layer.keys, layer.values, layer.mask]
+    return tensors
+
+
+class _PrefillRunner:
+    """Runs the prefill graph, then compresses each site's Keys and hands HF stand-ins."""
+
+    def __init__(self, plan: RewrittenGraph, compiled: Callable, config: RotateKConfig):
+        self.plan, self.compiled, self.config = plan, compiled, config
+
+    def __call__(self, *args):
+        outputs = list(self.compiled(*args))
+        plan = self.plan
+        span = self._span(outputs)
+        for slot in plan.sites:
+            keys, values = outputs[slot.keys_output], outputs[slot.values_output]
+            valid = _valid_tokens(outputs[slot.mask_output] if slot.mask_output >= 0 else None, keys)
+            layer_span = span if span is not None else _prompt_head(valid, self.config.query_window)
+            layer = compress_layer(keys, values, outputs[slot.query_output], layer_span, valid,
+                                   self.config, slot.scale)
+            outputs[slot.keys_output] = stand_in(keys.shape, keys, layer)
+            outputs[slot.values_output] = stand_in(values.shape, values, None)
+            del keys, values
+        return outputs[: plan.num_outputs]
+
+    def _span(self, outputs: list) -> Optional[torch.Tensor]:
+        """``[B, S]`` image-token mask, or ``None`` for the prompt fallback."""
+        if self.config.span != "visual" or not self.plan.span_outputs:
+            return None
+        keys = outputs[self.plan.sites[0].keys_output]
+        batch, length = keys.shape[0], keys.shape[2]
+        span = None
+        for index in self.plan.span_outputs:
+            mask = to_token_mask(outputs[index], batch, length)
+            if mask is not None:
+                span = mask if span is None else span | mask
+        if span is None or not bool(span.any()):
+            return None
+        return span
+
+
+def _valid_tokens(mask: Optional[torch.Tensor], keys: torch.Tensor) -> torch.Tensor:
+    """``[B, S]`` bool: the tokens the prompt's last query may attend (all, without a mask)."""
+    batch, length = keys.shape[0], keys.shape[2]
+    if mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=keys.device)
+    last = mask[:, 0, -1, :]  # [B, S] the last query row: every real token under a causal mask
+    if last.dtype != torch.bool:
+        last = last > torch.finfo(last.dtype).min / 2
+    return last.expand(batch, length)
+
+
+def _prompt_head(valid: torch.Tensor, window: int) -> torch.Tensor:
+    """Every real token except each row's last ``window`` ones."""
+    from_end = valid.flip(-1).cumsum(-1).flip(-1)  # [B, S] real tokens at or after each position
+    return valid & (from_end > window)
+
+
+class _DecodeRunner:
+    """Runs a decode graph on the compressed state attached to HF's cache stand-ins."""
+
+    def __init__(self, plan: RewrittenGraph, compiled: Callable):
+        self.plan, self.compiled = plan, compiled
+
+    def __call__(self, *args):
+        plan = self.plan
+        outputs = list(self.compiled(*args, *_state_inputs(plan, args)))
+        grown = outputs[plan.num_outputs:]
+        for i, slot in enumerate(plan.sites):
+            keys, values, mask = grown[3 * i: 3 * i + 3]
+            past_keys, past_values = args[slot.past_keys_input], args[slot.past_values_input]
+            layer = attached(past_keys)
+            added = keys.shape[2] - layer.keys.shape[2]
+            key_shape = (*past_keys.shape[:2], past_keys.shape[2] + added, past_keys.shape[3])
+            value_shape = (*past_values.shape[:2], past_values.shape[2] + added, past_values.shape[3])
+            outputs[slot.keys_output] = stand_in(key_shape, past_keys, layer.with_rest(keys, values, mask))
+            outputs[slot.values_output] = stand_in(value_shape, past_values, None)
+        return outputs[: plan.num_outputs]
+
+
+def rotatek_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
+                    options: Optional[dict] = None, mode: Optional[str] = None) -> Callable:
+    """``torch.compile(..., backend="rotatek", options={...})`` lands here (entry point).
+
+    ``options`` are :class:`RotateKConfig` fields plus ``inner`` ("inductor" or "eager": what
+    compiles the rewritten graph).
+    """
+    options = dict(options or {})
+    inner = options.pop("inner", "inductor")
+    return RotateKBackend(RotateKConfig.from_options(options), inner=inner, mode=mode)(gm, example_inputs)

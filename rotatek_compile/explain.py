@@ -1,0 +1,91 @@
+"""What the backend does to a model: sites found, rewritten, skipped, and the Key bytes saved."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import torch
+
+from rotatek_compile.backend import GraphReport, RotateKBackend
+from rotatek_compile.config import RotateKConfig
+from rotatek_compile.state import attached
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheBytes:
+    """Bytes of the tensors that really hold a KV cache (stand-ins counted by what they carry)."""
+
+    keys: int
+    values: int
+    span_keys: int  # Keys of the compressed span (0 for an uncompressed cache)
+    compressed_layers: int
+
+    @property
+    def total(self) -> int:
+        return self.keys + self.values
+
+
+def _storage_bytes(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().nbytes()
+
+
+def cache_bytes(cache: Any) -> CacheBytes:
+    """Measure an HF cache (``DynamicCache`` or anything with ``.layers[i].keys/.values``)."""
+    keys = values = span = compressed = 0
+    for layer in cache.layers:
+        state = attached(layer.keys)
+        if state is not None:
+            keys += state.key_bytes
+            values += state.value_bytes + _storage_bytes(layer.values)
+            span += state.span_key_bytes
+            compressed += 1
+        elif layer.keys is not None and isinstance(layer.keys, torch.Tensor):
+            keys += _storage_bytes(layer.keys)
+            values += _storage_bytes(layer.values)
+    return CacheBytes(keys, values, span, compressed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    """The report of :func:`explain`."""
+
+    graphs: list[GraphReport]
+    rewritten: list[str]
+    skipped: list[tuple[str, str]]
+    rank: dict[str, int]
+    baseline: CacheBytes
+    compressed: CacheBytes
+
+    def __str__(self) -> str:
+        lines = [f"attention sites rewritten: {len(self.rewritten)}"]
+        lines += [f"  {layer}: r = {self.rank.get(layer, '?')}" for layer in self.rewritten]
+        lines.append(f"attention sites left exact: {len(self.skipped)}")
+        lines += [f"  {layer}: {reason}" for layer, reason in self.skipped]
+        ratio = self.compressed.keys / max(self.baseline.keys, 1)
+        lines.append(f"Key cache bytes: {self.baseline.keys} → {self.compressed.keys} ({ratio:.1%})")
+        lines.append(f"KV cache bytes: {self.baseline.total} → {self.compressed.total}")
+        return "\n".join(lines)
+
+
+def explain(model: torch.nn.Module, example_inputs: Mapping[str, Any],
+            config: Optional[RotateKConfig] = None, **options) -> Explanation:
+    """Run one prefill of ``model`` on ``example_inputs`` exact and compiled; report what changed.
+
+    ``example_inputs`` are the keyword arguments of ``model(...)`` (``input_ids``, ``pixel_values``,
+    ...). Compiles a separate ``torch.compile`` of ``model.forward``; the model itself is untouched.
+    """
+    config = config or RotateKConfig.from_options({k: v for k, v in options.items() if k != "inner"})
+    backend = RotateKBackend(config, inner=options.get("inner", "inductor"))
+    with torch.no_grad():
+        baseline = model(**example_inputs, use_cache=True).past_key_values
+        compiled = torch.compile(model.forward, backend=backend)
+        result = compiled(**example_inputs, use_cache=True).past_key_values
+    rewritten = [layer for report in backend.reports for layer in report.rewritten]
+    skipped = [item for report in backend.reports for item in report.skipped]
+    rank = {}
+    for layer_name, layer in zip(rewritten, result.layers if hasattr(result, "layers") else []):
+        state = attached(layer.keys)
+        if state is not None:
+            rank[layer_name] = state.span_key_parts[0].shape[-1]
+    return Explanation(backend.reports, rewritten, skipped, rank, cache_bytes(baseline), cache_bytes(result))

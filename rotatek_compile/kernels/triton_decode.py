@@ -1,0 +1,454 @@
+"""Fused Triton decode attention over the mixed RotateK cache (pruned span + full-channel segment).
+
+Eager twin and oracle: :func:`rotatek_compile.kernels.reference.decode_attention`; same signature,
+same semantics. Shapes (``G = Hq // H`` query heads per KV head)::
+
+    query          [B, Hq, d]         span_keys  [B, H, Sv, r]   span_values [B, H, Sv, dv]
+    rotation       [B, H, d, r] fp32  mean_residual [B, H, d] fp32            span_mask [B, Sv]
+    keys           [B, H, Sf, d]      values     [B, H, Sf, dv]               mask      [B, Sf]
+
+    logit_s = scale·((q R)·K̃_s + q·δμ)   s in the span   |   scale·q·k_s   s in the full segment
+
+Three launches, none of which syncs with the host (CUDA-graph capturable):
+
+1. ``_query_prologue_kernel`` — once per (row, KV head): ``qR`` ``[G, r]`` and ``q·δμ`` ``[G]``, in
+   fp32, pre-multiplied by ``scale·log2(e)`` so that the softmax runs on ``exp2``.
+2. ``_decode_split_kernel`` — grid ``(splits, B·H)``. Each program owns one KV head of one row and
+   one contiguous range of the concatenated sequence ``[span | full]``; it loads every K/V tile of
+   that range once for all ``G`` query heads of the KV head (a ``[G_PAD, ·]`` query block, ``G``
+   padded to 16 rows for ``tl.dot``), and keeps one online softmax across both segments.
+3. ``_merge_kernel`` — grid ``(B·Hq,)``: log-sum-exp merge of the splits' partial results. Skipped
+   when the shape needs a single split (the split kernel then writes the output itself).
+
+The split count comes from the shape and the SM count (:func:`plan_splits`). Numerics: inputs of
+any of fp16/bf16/fp32; logits, softmax statistics and the accumulator are fp32; the span's ``qR`` is
+rounded to the Keys' dtype before the tensor-core dot (bf16: ~2⁻⁹ relative per element), the
+probabilities to the Values' dtype before ``P·V`` (as in FlashAttention). fp32 inputs use exact
+fp32 dots (``input_precision="ieee"``), not tf32.
+
+Limits: ``Hq`` must be a multiple of ``H``; both segments share the row's batch index; all tensors
+on one CUDA device (or CPU tensors under ``TRITON_INTERPRET=1``, for tests).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# exp(x) = exp2(x·log2(e)): the scale is folded into the queries once, so the inner loop is exp2.
+_LOG2E = 1.4426950408889634
+# tl.dot needs every dimension ≥ 16.
+_MIN_DOT = 16
+# SM count used for the split plan when there is no CUDA device (interpreter tests).
+_CPU_SM_COUNT = 4
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters of the split kernel.
+
+    ``block_n`` tokens per tile; ``programs_per_sm`` how many split programs per SM the split plan
+    aims at (more programs: smaller tail wave, more partial results to merge); ``min_blocks`` the
+    fewest tiles a split may own (below that the merge costs more than the parallelism buys).
+    """
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    programs_per_sm: int = 4
+    min_blocks: int = 2
+
+
+def default_config(dtype: torch.dtype, head_dim: int, value_dim: int) -> DecodeConfig:
+    """The configuration used by :func:`decode_attention_triton` (tuned on H100, bf16, d = 128)."""
+    row_bytes = max(head_dim, value_dim) * dtype.itemsize
+    if row_bytes > 256:  # fp32 at d = 128, or d = 256: keep a stage's tiles small
+        return DecodeConfig(block_n=32, num_warps=4, num_stages=2)
+    return DecodeConfig()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def plan_splits(total_len: int, rows: int, block_n: int, sm_count: int, config: DecodeConfig) -> tuple[int, int]:
+    """Split count and tokens per split for ``rows = B·H`` sequences of ``total_len`` tokens.
+
+    Aims at ``sm_count · programs_per_sm`` programs in all, never gives a split fewer than
+    ``min_blocks`` tiles (except when the sequence is shorter) and never leaves a split empty.
+    Returns ``(splits, tokens_per_split)``; ``tokens_per_split`` is a multiple of ``block_n``.
+    """
+    blocks = max(triton.cdiv(total_len, block_n), 1)
+    want = triton.cdiv(sm_count * config.programs_per_sm, max(rows, 1))
+    splits = max(1, min(want, triton.cdiv(blocks, config.min_blocks)))
+    per_split = triton.cdiv(blocks, splits)
+    return triton.cdiv(blocks, per_split), per_split * block_n
+
+
+# --- kernels ------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _query_prologue_kernel(
+    q_ptr, rot_ptr, dmu_ptr, qr_ptr, qdm_ptr,
+    qk_scale,
+    stride_qb, stride_qh, stride_qd,
+    stride_rb, stride_rh, stride_rd, stride_rr,
+    stride_mb, stride_mh, stride_md,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, R_BLOCK: tl.constexpr,
+):
+    """``qr[bh] = (q R)·qk_scale`` ``[G_PAD, R_PAD]`` and ``qdm[bh] = (q·δμ)·qk_scale`` ``[G_PAD]``.
+
+    Grid ``(B·H, R_PAD // R_BLOCK)``; padded rows/channels are written as zeros.
+    """
+    pid = tl.program_id(0)
+    rb = tl.program_id(1)
+    b = pid // NUM_HEADS
+    h = pid % NUM_HEADS
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    offs_r = rb * R_BLOCK + tl.arange(0, R_BLOCK)
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < D
+    q_base = q_ptr + b.to(tl.int64) * stride_qb + (h * GROUP).to(tl.int64) * stride_qh
+    q = tl.load(q_base + offs_g[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)  # [G_PAD, D_PAD]
+    r_base = rot_ptr + b.to(tl.int64) * stride_rb + h.to(tl.int64) * stride_rh
+    rot = tl.load(r_base + offs_d[:, None] * stride_rd + offs_r[None, :] * stride_rr,
+                  mask=d_mask[:, None] & (offs_r[None, :] < R), other=0.0).to(tl.float32)  # [D_PAD, R_BLOCK]
+    qr = tl.dot(q, rot, input_precision="ieee") * qk_scale  # [G_PAD, R_BLOCK] fp32, exact fp32 dot
+    tl.store(qr_ptr + pid.to(tl.int64) * (G_PAD * R_PAD) + offs_g[:, None] * R_PAD + offs_r[None, :], qr)
+    if rb == 0:
+        dmu = tl.load(dmu_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + offs_d * stride_md,
+                      mask=d_mask, other=0.0).to(tl.float32)  # [D_PAD]
+        qdm = tl.sum(q * dmu[None, :], axis=1) * qk_scale  # [G_PAD]
+        tl.store(qdm_ptr + pid.to(tl.int64) * G_PAD + offs_g, qdm)
+
+
+@triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC: tl.constexpr):
+    """Fold one tile into the running softmax. ``s`` ``[G_PAD, BLOCK_N]`` base-2 logits (−inf =
+    masked), ``v`` ``[BLOCK_N, DV_PAD]``; ``m_i``, ``l_i`` ``[G_PAD]``, ``acc`` ``[G_PAD, DV_PAD]`` fp32.
+
+    A row that has seen only masked tokens keeps ``m = −inf``; ``m_safe = 0`` then makes every
+    ``exp2`` below exactly 0 instead of ``exp2(−inf + inf) = NaN``.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s - m_safe[:, None])  # [G_PAD, BLOCK_N]
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit(do_not_specialize=["span_len", "full_len", "tokens_per_split"])
+def _decode_split_kernel(
+    q_ptr, qr_ptr, qdm_ptr,
+    ks_ptr, vs_ptr, ms_ptr,
+    kf_ptr, vf_ptr, mf_ptr,
+    out_ptr, lse_ptr,
+    span_len, full_len, tokens_per_split, qk_scale,
+    stride_qb, stride_qh, stride_qd,
+    stride_ksb, stride_ksh, stride_kss, stride_ksr,
+    stride_vsb, stride_vsh, stride_vss, stride_vsd,
+    stride_msb, stride_mss,
+    stride_kfb, stride_kfh, stride_kfs, stride_kfd,
+    stride_vfb, stride_vfh, stride_vfs, stride_vfd,
+    stride_mfb, stride_mfs,
+    stride_ob, stride_oh, stride_od,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
+    DV: tl.constexpr, DV_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One (split, row·KV head) program over tokens ``[lo, hi)`` of ``[span | full]``.
+
+    ``SPLIT``: write the normalised partial ``acc / l`` ``[G, DV]`` fp32 to ``out_ptr`` (laid out
+    ``[B, Hq, splits, DV]``) and ``lse = m + log2(l)`` (base 2, −inf for an all-masked range) to
+    ``lse_ptr`` ``[B, Hq, splits]``; else write the final output ``[B, Hq, DV]`` in its dtype.
+    ``UPCAST``: compute in fp32 from the tiles' load on (the interpreter cannot compute in bf16).
+    """
+    split = tl.program_id(0)
+    num_splits = tl.num_programs(0)
+    pid = tl.program_id(1)
+    b = pid // NUM_HEADS
+    h = pid % NUM_HEADS
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+
+    offs_g = tl.arange(0, G_PAD)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    offs_v = tl.arange(0, DV_PAD)
+    g_mask = offs_g < GROUP
+    r_mask = offs_r < R
+    d_mask = offs_d < D
+    v_mask = offs_v < DV
+
+    lo = split * tokens_per_split
+    hi = tl.minimum(lo + tokens_per_split, span_len + full_len)
+
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, DV_PAD], tl.float32)
+
+    # --- pruned span: logits = (qR)·K̃ + q·δμ, both pre-scaled by scale·log2(e) in the prologue
+    ks_base = ks_ptr + b64 * stride_ksb + h64 * stride_ksh
+    vs_base = vs_ptr + b64 * stride_vsb + h64 * stride_vsh
+    ms_base = ms_ptr + b64 * stride_msb
+    qr = tl.load(qr_ptr + pid.to(tl.int64) * (G_PAD * R_PAD) + offs_g[:, None] * R_PAD + offs_r[None, :])
+    if not UPCAST:
+        qr = qr.to(ks_ptr.dtype.element_ty)  # [G_PAD, R_PAD]
+    qdm = tl.load(qdm_ptr + pid.to(tl.int64) * G_PAD + offs_g)  # [G_PAD] fp32
+    span_hi = tl.minimum(hi, span_len)
+    for start in range(lo, span_hi, BLOCK_N):
+        tok = start + offs_n  # [BLOCK_N]
+        inside = tok < span_hi
+        real = tl.load(ms_base + tok * stride_mss, mask=inside, other=0) != 0
+        k = tl.load(ks_base + tok[:, None] * stride_kss + offs_r[None, :] * stride_ksr,
+                    mask=inside[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_N, R_PAD]
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(qr, tl.trans(k), input_precision=DOT_PREC) + qdm[:, None]  # [G_PAD, BLOCK_N]
+        s = tl.where(real[None, :], s, float("-inf"))
+        v = tl.load(vs_base + tok[:, None] * stride_vss + offs_v[None, :] * stride_vsd,
+                    mask=inside[:, None] & v_mask[None, :], other=0.0)  # [BLOCK_N, DV_PAD]
+        if UPCAST:
+            v = v.to(tl.float32)
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC)
+
+    # --- full-channel segment: logits = q·k, q pre-scaled here
+    kf_base = kf_ptr + b64 * stride_kfb + h64 * stride_kfh
+    vf_base = vf_ptr + b64 * stride_vfb + h64 * stride_vfh
+    mf_base = mf_ptr + b64 * stride_mfb
+    q_base = q_ptr + b64 * stride_qb + (h * GROUP).to(tl.int64) * stride_qh
+    q = tl.load(q_base + offs_g[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    q = q.to(tl.float32) * qk_scale  # [G_PAD, D_PAD]
+    if not UPCAST:
+        q = q.to(kf_ptr.dtype.element_ty)
+    full_lo = tl.maximum(lo, span_len) - span_len
+    full_hi = hi - span_len  # ≤ full_lo (no iteration) when the range ends inside the span
+    for start in range(full_lo, full_hi, BLOCK_N):
+        tok = start + offs_n
+        inside = tok < full_hi
+        real = tl.load(mf_base + tok * stride_mfs, mask=inside, other=0) != 0
+        k = tl.load(kf_base + tok[:, None] * stride_kfs + offs_d[None, :] * stride_kfd,
+                    mask=inside[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, D_PAD]
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [G_PAD, BLOCK_N]
+        s = tl.where(real[None, :], s, float("-inf"))
+        v = tl.load(vf_base + tok[:, None] * stride_vfs + offs_v[None, :] * stride_vfd,
+                    mask=inside[:, None] & v_mask[None, :], other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC)
+
+    # --- epilogue; l = 0 ⇔ every token of the range was masked ⇒ zeros (and lse = −inf)
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    hq = (h * GROUP + offs_g).to(tl.int64)  # [G_PAD] query-head index
+    store_mask = g_mask[:, None] & v_mask[None, :]
+    if SPLIT:
+        row = (b64 * (NUM_HEADS * GROUP) + hq) * num_splits + split  # [G_PAD]
+        tl.store(out_ptr + row[:, None] * DV + offs_v[None, :], acc, mask=store_mask)
+        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        tl.store(lse_ptr + row, lse, mask=g_mask)
+    else:
+        ptrs = out_ptr + b64 * stride_ob + hq[:, None] * stride_oh + offs_v[None, :] * stride_od
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit
+def _merge_kernel(
+    part_ptr, lse_ptr, out_ptr,
+    num_splits,
+    stride_ob, stride_oh, stride_od,
+    NUM_Q_HEADS: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
+):
+    """``out[b, hq] = Σ_s 2^(lse_s − M) · part_s / Σ_s 2^(lse_s − M)``, ``M = max_s lse_s``.
+
+    Grid ``(B·Hq,)``. ``part`` ``[B, Hq, splits, DV]`` fp32 (each already divided by its own
+    ``l``), ``lse`` ``[B, Hq, splits]`` base-2. All splits −inf (row fully masked) ⇒ zeros.
+    """
+    pid = tl.program_id(0)
+    b = pid // NUM_Q_HEADS
+    hq = pid % NUM_Q_HEADS
+    row0 = pid.to(tl.int64) * num_splits
+    offs_s = tl.arange(0, SPLITS_PAD)
+    lse_all = tl.load(lse_ptr + row0 + offs_s, mask=offs_s < num_splits, other=float("-inf"))
+    m = tl.max(lse_all, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    denom = tl.sum(tl.math.exp2(lse_all - m_safe), axis=0)
+    offs_v = tl.arange(0, DV_PAD)
+    v_mask = offs_v < DV
+    acc = tl.zeros([DV_PAD], tl.float32)
+    for s0 in range(0, num_splits, SPLIT_BLOCK):
+        offs_b = s0 + tl.arange(0, SPLIT_BLOCK)
+        inside = offs_b < num_splits
+        lse = tl.load(lse_ptr + row0 + offs_b, mask=inside, other=float("-inf"))
+        w = tl.math.exp2(lse - m_safe)  # [SPLIT_BLOCK]; 0 for −inf
+        part = tl.load(part_ptr + (row0 + offs_b)[:, None] * DV + offs_v[None, :],
+                       mask=inside[:, None] & v_mask[None, :], other=0.0)  # [SPLIT_BLOCK, DV_PAD]
+        acc += tl.sum(w[:, None] * part, axis=0)
+    out = acc / tl.where(denom == 0.0, 1.0, denom)
+    ptrs = out_ptr + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh + offs_v * stride_od
+    tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=v_mask)
+
+
+# --- host side ----------------------------------------------------------------------------------
+
+
+def _pad(n: int) -> int:
+    return max(triton.next_power_of_2(n), _MIN_DOT)
+
+
+def _placeholder(like: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """A one-element stand-in for an empty segment: never read, but typed like ``like``."""
+    return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+
+def decode_attention_triton(
+    query: Tensor,
+    span_keys: Tensor,
+    rotation: Tensor,
+    mean_residual: Tensor,
+    span_values: Tensor,
+    span_mask: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    scale: float,
+) -> Tensor:
+    """Triton twin of :func:`rotatek_compile.kernels.reference.decode_attention` (same arguments,
+    same result: ``[B, Hq, dv]`` in ``query``'s dtype, zeros for a row whose tokens are all masked).
+
+    Inputs may be non-contiguous. No host synchronisation: safe to capture in a CUDA graph.
+    """
+    return _decode_attention(query, span_keys, rotation, mean_residual, span_values, span_mask,
+                             keys, values, mask, scale)
+
+
+def _decode_attention(
+    query: Tensor,
+    span_keys: Tensor,
+    rotation: Tensor,
+    mean_residual: Tensor,
+    span_values: Tensor,
+    span_mask: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    scale: float,
+    config: Optional[DecodeConfig] = None,
+    num_splits: Optional[int] = None,
+) -> Tensor:
+    """:func:`decode_attention_triton` with the launch parameters exposed (tests, benchmarks).
+
+    ``num_splits`` forces the split count (clamped to the number of tiles); ``None`` plans it.
+    """
+    batch, q_heads, dim = query.shape
+    _, kv_heads, span_len, rank = span_keys.shape
+    full_len = keys.shape[2]
+    value_dim = values.shape[-1]
+    if q_heads % kv_heads:
+        raise ValueError(f"query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})")
+    if keys.shape[1] != kv_heads or keys.shape[-1] != dim or span_values.shape[-1] != value_dim:
+        raise ValueError(
+            f"inconsistent shapes: query {tuple(query.shape)}, span_keys {tuple(span_keys.shape)}, "
+            f"span_values {tuple(span_values.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}")
+    group = q_heads // kv_heads
+    out = torch.empty(batch, q_heads, value_dim, dtype=query.dtype, device=query.device)
+    total = span_len + full_len
+    if total == 0 or batch == 0:
+        return out.zero_()
+
+    if span_len == 0:  # the loops never run; the pointers only need the right element type
+        span_keys = _placeholder(span_keys, (1, 1, 1, rank))
+        span_values = _placeholder(span_values, (1, 1, 1, value_dim))
+        span_mask = torch.zeros(1, 1, dtype=torch.bool, device=query.device)
+    if full_len == 0:
+        keys = _placeholder(keys, (1, 1, 1, dim))
+        values = _placeholder(values, (1, 1, 1, value_dim))
+        mask = torch.zeros(1, 1, dtype=torch.bool, device=query.device)
+
+    if config is None:
+        config = default_config(span_values.dtype, dim, value_dim)
+    g_pad, d_pad, r_pad, dv_pad = _pad(group), _pad(dim), _pad(rank), _pad(value_dim)
+    rows = batch * kv_heads
+    sm_count = _sm_count(query.device.index or 0) if query.is_cuda else _CPU_SM_COUNT
+    if num_splits is None:
+        splits, per_split = plan_splits(total, rows, config.block_n, sm_count, config)
+    else:
+        blocks = triton.cdiv(total, config.block_n)
+        per_split = triton.cdiv(blocks, max(1, min(num_splits, blocks)))
+        splits, per_split = triton.cdiv(blocks, per_split), per_split * config.block_n
+    qk_scale = float(scale) * _LOG2E
+    # The interpreter computes bf16 wrongly unless values are widened right after the load.
+    upcast = INTERPRETED and torch.bfloat16 in (span_keys.dtype, span_values.dtype, keys.dtype, values.dtype)
+    wide = upcast or torch.float32 in (span_keys.dtype, span_values.dtype, keys.dtype, values.dtype)
+    dot_prec = "ieee" if wide else "tf32"  # "tf32" is the default; it only matters for fp32 operands
+
+    # 1. qR, q·δμ once per (row, KV head)
+    qr = torch.empty(rows, g_pad, r_pad, dtype=torch.float32, device=query.device)
+    qdm = torch.empty(rows, g_pad, dtype=torch.float32, device=query.device)
+    r_block = min(r_pad, 64)
+    _query_prologue_kernel[(rows, r_pad // r_block)](
+        query, rotation, mean_residual, qr, qdm, qk_scale,
+        *query.stride(), *rotation.stride(), *mean_residual.stride(),
+        NUM_HEADS=kv_heads, GROUP=group, G_PAD=g_pad, D=dim, D_PAD=d_pad, R=rank, R_PAD=r_pad,
+        R_BLOCK=r_block, num_warps=4,
+    )
+
+    # 2. split kernel (writes ``out`` directly when there is a single split)
+    span_mask_u8 = span_mask.view(torch.uint8)
+    mask_u8 = mask.view(torch.uint8)
+    if splits > 1:
+        part = torch.empty(batch, q_heads, splits, value_dim, dtype=torch.float32, device=query.device)
+        lse = torch.empty(batch, q_heads, splits, dtype=torch.float32, device=query.device)
+        target = part
+    else:
+        part = lse = None
+        target = out
+    _decode_split_kernel[(splits, rows)](
+        query, qr, qdm,
+        span_keys, span_values, span_mask_u8,
+        keys, values, mask_u8,
+        target, lse if lse is not None else qdm,
+        span_len, full_len, per_split, qk_scale,
+        *query.stride(),
+        *span_keys.stride(), *span_values.stride(), *span_mask_u8.stride(),
+        *keys.stride(), *values.stride(), *mask_u8.stride(),
+        *out.stride(),
+        NUM_HEADS=kv_heads, GROUP=group, G_PAD=g_pad, D=dim, D_PAD=d_pad, R=rank, R_PAD=r_pad,
+        DV=value_dim, DV_PAD=dv_pad, BLOCK_N=config.block_n, SPLIT=splits > 1, DOT_PREC=dot_prec,
+        UPCAST=upcast,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if splits == 1:
+        return out
+
+    # 3. merge the splits
+    splits_pad = triton.next_power_of_2(splits)
+    _merge_kernel[(batch * q_heads,)](
+        part, lse, out, splits, *out.stride(),
+        NUM_Q_HEADS=q_heads, DV=value_dim, DV_PAD=triton.next_power_of_2(value_dim),
+        SPLITS_PAD=splits_pad, SPLIT_BLOCK=min(splits_pad, 16), num_warps=4,
+    )
+    return out
+
+
+# True when this module was imported under ``TRITON_INTERPRET=1`` (kernels then run on CPU tensors).
+INTERPRETED = not isinstance(_decode_split_kernel, triton.runtime.JITFunction)

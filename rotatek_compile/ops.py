@@ -1,0 +1,101 @@
+"""``torch.ops.rotatek.*``: the only bridge between the graph passes and the kernels.
+
+Each op is a ``torch.library.custom_op`` with a ``register_fake``, so FX graphs can hold it and
+Inductor treats it as opaque. On CPU the plain-PyTorch reference runs; on CUDA the Triton kernel
+runs unless ``kernel="reference"`` is asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import Tensor
+
+from rotatek_compile.kernels import reference
+
+logger = logging.getLogger("rotatek_compile")
+
+
+@functools.cache
+def _triton_decode():
+    try:
+        from rotatek_compile.kernels.triton_decode import decode_attention_triton
+    except ImportError as error:  # triton missing, or the kernel module not built for this triton
+        logger.warning("rotatek: Triton decode kernel unavailable (%s); using the reference", error)
+        return None
+    return decode_attention_triton
+
+
+def _use_triton(kernel: str, device: torch.device) -> bool:
+    if kernel == "reference":
+        return False
+    if kernel == "triton":
+        if _triton_decode() is None:
+            raise RuntimeError("rotatek option kernel='triton' needs the triton package: pip install triton")
+        return True
+    return device.type == "cuda" and _triton_decode() is not None
+
+
+@torch.library.custom_op("rotatek::decode_attention", mutates_args=())
+def decode_attention(
+    query: Tensor,
+    span_keys: Tensor,
+    rotation: Tensor,
+    mean_residual: Tensor,
+    span_values: Tensor,
+    span_mask: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    scale: float,
+    kernel: str = "auto",
+) -> Tensor:
+    """Decode attention over the compressed span plus the full-channel segment.
+
+    Shapes as :func:`rotatek_compile.kernels.reference.decode_attention`; returns ``[B, Hq, dv]``.
+    """
+    args = (query, span_keys, rotation, mean_residual, span_values, span_mask, keys, values, mask, scale)
+    if _use_triton(kernel, query.device):
+        return _triton_decode()(*args)
+    return reference.decode_attention(*args)
+
+
+@decode_attention.register_fake
+def _(query, span_keys, rotation, mean_residual, span_values, span_mask, keys, values, mask, scale, kernel="auto"):
+    batch, q_heads, _ = query.shape
+    return query.new_empty(batch, q_heads, values.shape[-1])
+
+
+@torch.library.custom_op("rotatek::sparse_decode_attention", mutates_args=())
+def sparse_decode_attention(
+    query: Tensor,
+    span_key_values: Tensor,
+    span_key_channels: Tensor,
+    span_key_fill: Tensor,
+    span_values: Tensor,
+    span_mask: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    scale: float,
+) -> Tensor:
+    """Decode attention when each span token keeps its own channels (SparK-style).
+
+    ``span_key_values``/``span_key_channels`` ``[B, H, Sv, r]``, ``span_key_fill`` ``[B, H, Sv]``;
+    the span's Keys are rebuilt to full width on the fly, then attention is exact on them.
+    """
+    dim = query.shape[-1]
+    sparse = reference.SparseKeys(span_key_values, span_key_channels, span_key_fill)
+    span_keys = reference.spark_reconstruct(sparse, dim)  # [B, H, Sv, d]
+    eye = torch.eye(dim, device=query.device).expand(*span_keys.shape[:2], dim, dim)
+    zeros = query.new_zeros(*span_keys.shape[:2], dim, dtype=torch.float32)
+    return reference.decode_attention(
+        query, span_keys, eye, zeros, span_values, span_mask, keys, values, mask, scale)
+
+
+@sparse_decode_attention.register_fake
+def _(query, span_key_values, span_key_channels, span_key_fill, span_values, span_mask, keys, values, mask, scale):
+    batch, q_heads, _ = query.shape
+    return query.new_empty(batch, q_heads, values.shape[-1])

@@ -1,0 +1,258 @@
+"""Find the decoder self-attention sites of a Dynamo FX graph, as typed matches.
+
+A site is an attention whose Keys and Values come from a KV-cache append (HF ``DynamicCache``)::
+
+    keys   = cat([past_keys,   k_new], dim=-2)          # k_new: post-RoPE (and QK-norm) Keys
+    values = cat([past_values, v_new], dim=-2)
+    keys', values' = repeat_kv(keys), repeat_kv(values)  # optional: x[:, :, None].expand().reshape()
+
+and one of
+
+    sdpa:  out = scaled_dot_product_attention(q, keys', values', attn_mask=m, scale=s, ...)
+    eager: out = matmul(dropout(softmax(matmul(q, keys'ᵀ) · s [+ m], fp32).to(dtype)), values')
+
+where both ``keys`` and ``values`` are graph outputs (Dynamo writes them back into the cache).
+An attention that does not fit is returned as a :class:`SkippedSite` with the reason; nothing
+about it is changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import operator
+from typing import Optional, Union
+
+import torch
+import torch.fx as fx
+
+logger = logging.getLogger("rotatek_compile")
+
+_SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
+# repeat_kv and layout no-ops between the cache append and the attention op
+_PASS_THROUGH_METHODS = {"expand", "reshape", "view", "contiguous", "repeat_interleave", "to"}
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSite:
+    """One decoder self-attention fed by a KV-cache append."""
+
+    layer: str  # module path, e.g. "model.language_model.layers.3.self_attn"
+    kind: str  # "sdpa" | "eager"
+    attention: fx.Node  # node whose value is the attention output [B, Hq, L, dv]
+    query: fx.Node  # post-RoPE queries [B, Hq, L, d]
+    key_update: fx.Node  # cat([past_keys, new_keys], -2): a graph output
+    value_update: fx.Node
+    past_keys: fx.Node
+    past_values: fx.Node
+    new_keys: fx.Node  # [B, H, L, d]
+    new_values: fx.Node
+    mask: Optional[fx.Node]  # boolean or additive mask [B, 1|Hq, L, S], or None
+    scale: float
+    is_causal: bool
+    gqa: str  # "enable_gqa" | "repeat_kv" | "none"
+    rope: bool  # new_keys is `k·cos + rotate_half(k)·sin`
+
+    @property
+    def is_prefill(self) -> bool:
+        """The cache was empty before this call (``past`` is the ``tensor([])`` HF starts from)."""
+        return _seq_len(self.past_keys) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedSite:
+    """An attention left exact, and why."""
+
+    layer: str
+    node: fx.Node
+    reason: str
+
+
+Match = Union[AttentionSite, SkippedSite]
+
+
+def layer_of(node: fx.Node) -> str:
+    """The innermost module path in ``nn_module_stack`` whose class name contains 'Attention'."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = ""
+    for name, module_type in stack.values():
+        if "attention" in getattr(module_type, "__name__", str(module_type)).lower():
+            path = name
+    return _clean_path(path) or node.name
+
+
+def _clean_path(path: str) -> str:
+    # "L['self'].model.layers[0].self_attn" / "L['self'].model.layers.0.self_attn" → "model.layers.0.self_attn"
+    path = path.replace("L['self'].", "").replace("L['self']", "")
+    return path.replace("[", ".").replace("]", "").replace("'", "")
+
+
+def example_value(node: object) -> Optional[torch.Tensor]:
+    if isinstance(node, fx.Node):
+        value = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def _seq_len(node: fx.Node) -> Optional[int]:
+    value = example_value(node)
+    if value is None or value.dim() < 2:
+        return 0 if value is not None else None
+    size = value.shape[-2]
+    return size if isinstance(size, int) else -1  # symbolic: a non-empty, growing cache
+
+
+def _is_call(node: object, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _is_method(node: object, *names: str) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target in names
+
+
+def _strip_repeat_kv(node: fx.Node) -> tuple[fx.Node, bool]:
+    """Walk back through repeat_kv / layout no-ops; returns the source and whether any were seen."""
+    seen = False
+    while True:
+        if _is_method(node, *_PASS_THROUGH_METHODS) or (
+            _is_call(node, operator.getitem) and isinstance(node.args[0], fx.Node)
+        ):
+            node, seen = node.args[0], True
+            continue
+        return node, seen
+
+
+def _cache_append(node: fx.Node) -> Optional[fx.Node]:
+    """``node`` if it is ``cat([past, new], dim=-2)`` on 4-D tensors, else ``None``."""
+    if not _is_call(node, torch.cat):
+        return None
+    tensors = node.args[0]
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    value = example_value(node)
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or value is None or value.dim() != 4:
+        return None
+    return node if dim in (-2, 2) else None
+
+
+def _is_rope(node: fx.Node) -> bool:
+    """``k·cos + rotate_half(k)·sin``: an add of two muls, one of them on a cat of halves."""
+    if not _is_call(node, operator.add, torch.add):
+        return False
+    muls = [a for a in node.args if _is_call(a, operator.mul, torch.mul)]
+    return len(muls) == 2 and any(
+        _is_call(arg, torch.cat) for mul in muls for arg in mul.args if isinstance(arg, fx.Node))
+
+
+def _graph_outputs(graph: fx.Graph) -> set[fx.Node]:
+    (output,) = graph.find_nodes(op="output")
+    return set(_flatten_nodes(output.args))
+
+
+def _flatten_nodes(args) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(args, found.append)
+    return found
+
+
+def _match_eager(final: fx.Node) -> Optional[tuple[fx.Node, fx.Node, fx.Node, Optional[fx.Node], float]]:
+    """``matmul(dropout(softmax(matmul(q, kᵀ)·s [+ m]).to()), v)`` → (q, k, v, mask, scale)."""
+    probs, values = final.args[0], final.args[1]
+    while _is_call(probs, torch.nn.functional.dropout) or _is_method(probs, "to"):
+        probs = probs.args[0]
+    if not _is_call(probs, torch.nn.functional.softmax, torch.softmax):
+        return None
+    logits = probs.args[0]
+    mask = None
+    if _is_call(logits, operator.add, torch.add):
+        logits, mask = logits.args[0], logits.args[1]
+    scale = 1.0
+    if _is_call(logits, operator.mul, torch.mul) and isinstance(logits.args[1], (int, float)):
+        logits, scale = logits.args[0], float(logits.args[1])
+    if not _is_call(logits, torch.matmul):
+        return None
+    query, keys_t = logits.args
+    if not (_is_method(keys_t, "transpose") and set(keys_t.args[1:]) in ({2, 3}, {-1, -2})):
+        return None
+    # every intermediate must feed only this chain (e.g. no returned attention weights)
+    chain = [logits, probs]
+    if any(len(n.users) != 1 for n in chain):
+        return None
+    return query, keys_t.args[0], values, mask if isinstance(mask, fx.Node) else None, scale
+
+
+def _head_dim(query: fx.Node) -> Optional[int]:
+    value = example_value(query)
+    return value.shape[-1] if value is not None else None
+
+
+def find_attention_sites(graph: fx.Graph) -> list[Match]:
+    """Every attention in ``graph``, as an :class:`AttentionSite` or a :class:`SkippedSite`."""
+    outputs = _graph_outputs(graph)
+    matches: list[Match] = []
+    for node in graph.nodes:
+        if _is_call(node, *_SDPA):
+            kind = "sdpa"
+            query, keys, values = node.args[:3]
+            mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+            scale = node.kwargs.get("scale")
+            is_causal = bool(node.kwargs.get("is_causal", False))
+            enable_gqa = bool(node.kwargs.get("enable_gqa", False))
+            if node.kwargs.get("dropout_p", 0.0):
+                matches.append(SkippedSite(layer_of(node), node, "attention dropout is on (training)"))
+                continue
+        elif _is_call(node, torch.matmul) and _is_eager_final(node):
+            eager = _match_eager(node)
+            if eager is None:
+                matches.append(SkippedSite(layer_of(node), node,
+                                           "eager attention whose intermediates are reused elsewhere"))
+                continue
+            kind, is_causal, enable_gqa = "eager", False, False
+            query, keys, values, mask, scale = eager
+        else:
+            continue
+        layer = layer_of(node)
+        key_source, key_repeated = _strip_repeat_kv(keys)
+        value_source, _ = _strip_repeat_kv(values)
+        key_update, value_update = _cache_append(key_source), _cache_append(value_source)
+        if key_update is None or value_update is None:
+            matches.append(SkippedSite(layer, node,
+                                       "no KV-cache append feeds its Keys (vision tower, encoder or cross-attention)"))
+            continue
+        if key_update not in outputs or value_update not in outputs:
+            matches.append(SkippedSite(layer, node,
+                                       "the cache keeps a slice of the Keys (sliding-window layer)"))
+            continue
+        if not isinstance(mask, (fx.Node, type(None))):
+            matches.append(SkippedSite(layer, node, f"unsupported attention mask {type(mask).__name__}"))
+            continue
+        if scale is None:
+            head_dim = _head_dim(query)
+            scale = 1.0 / math.sqrt(head_dim) if head_dim else None
+        if scale is None:
+            matches.append(SkippedSite(layer, node, "unknown head_dim for the default scale"))
+            continue
+        past_keys, new_keys = key_update.args[0]
+        past_values, new_values = value_update.args[0]
+        gqa = "enable_gqa" if enable_gqa else ("repeat_kv" if key_repeated else "none")
+        matches.append(AttentionSite(
+            layer=layer, kind=kind, attention=node, query=query,
+            key_update=key_update, value_update=value_update,
+            past_keys=past_keys, past_values=past_values, new_keys=new_keys, new_values=new_values,
+            mask=mask, scale=float(scale), is_causal=is_causal, gqa=gqa, rope=_is_rope(new_keys)))
+    return matches
+
+
+def _is_eager_final(node: fx.Node) -> bool:
+    """The second matmul of eager attention: its left operand comes from a softmax."""
+    probs = node.args[0]
+    while _is_call(probs, torch.nn.functional.dropout) or _is_method(probs, "to"):
+        probs = probs.args[0]
+    return _is_call(probs, torch.nn.functional.softmax, torch.softmax)
+
+
+def sites_and_skips(graph: fx.Graph) -> tuple[list[AttentionSite], list[SkippedSite]]:
+    matches = find_attention_sites(graph)
+    return ([m for m in matches if isinstance(m, AttentionSite)],
+            [m for m in matches if isinstance(m, SkippedSite)])

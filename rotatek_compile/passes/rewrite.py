@@ -1,0 +1,207 @@
+"""The two graph rewrites: prefill exposes what compression needs, decode attends on the result.
+
+Prefill (the cache was empty): attention stays exact. The graph additionally returns, per site,
+the last ``W`` post-RoPE queries and the attention mask, plus the image-merge masks; the runtime
+(:mod:`rotatek_compile.backend`) compresses each layer's returned Keys/Values from them::
+
+    outputs += [q[:, :, -W:, :] for each site] + [site masks] + [span masks]
+
+Decode (one new token on a compressed cache)::
+
+    keys   = cat([past_keys, k_new], -2)            rest_keys   = cat([rest_keys, k_new], -2)
+    values = cat([past_values, v_new], -2)    →     rest_values = cat([rest_values, v_new], -2)
+    out = sdpa(q, keys, values, ...)                out = rotatek.decode_attention(q, span…, rest…)
+
+with the layer's compressed state as new graph inputs and the grown rest segment as new outputs.
+The outputs that Dynamo writes back to HF's cache (``keys``/``values``) become the past stand-ins
+(graph inputs, free to return); the runtime swaps them for grown stand-ins.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from rotatek_compile.passes.find_attention import AttentionSite, SkippedSite, example_value, sites_and_skips
+from rotatek_compile.passes.visual_span import find_span_masks
+
+logger = logging.getLogger("rotatek_compile")
+
+# Inputs the decode graph takes per site, in order (see CompressedLayer)
+STATE_INPUTS = ("span_key_0", "span_key_1", "span_key_2", "span_values", "span_mask",
+                "rest_keys", "rest_values", "rest_mask")
+STATE_OUTPUTS = ("rest_keys", "rest_values", "rest_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteSlots:
+    """Where one site's tensors sit in the compiled graph's inputs and outputs."""
+
+    layer: str
+    scale: float
+    past_keys_input: int  # index of HF's past Keys among the graph inputs
+    past_values_input: int
+    keys_output: int  # index of the Keys Dynamo writes back into HF's cache
+    values_output: int
+    query_output: int = -1  # prefill: q[:, :, -W:]
+    mask_output: int = -1  # prefill: the attention mask, -1 if None
+
+
+@dataclasses.dataclass(frozen=True)
+class RewrittenGraph:
+    phase: str  # "prefill" | "decode"
+    module: fx.GraphModule
+    sites: tuple[SiteSlots, ...]
+    skipped: tuple[SkippedSite, ...]
+    num_outputs: int  # outputs of the original graph (the rest are added)
+    span_outputs: tuple[int, ...] = ()  # prefill: image-merge masks
+
+
+def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A fresh GraphModule over a copy of ``gm``'s graph: Dynamo keeps using its own graph."""
+    return fx.GraphModule(gm, copy.deepcopy(gm.graph))
+
+
+def _output_node(graph: fx.Graph) -> fx.Node:
+    (output,) = graph.find_nodes(op="output")
+    return output
+
+
+def _output_index(graph: fx.Graph, node: fx.Node) -> int:
+    return list(_output_node(graph).args[0]).index(node)
+
+
+def _append_outputs(graph: fx.Graph, nodes: list[fx.Node]) -> list[int]:
+    output = _output_node(graph)
+    values = list(output.args[0])
+    first = len(values)
+    output.args = (tuple(values + nodes),)
+    return list(range(first, first + len(nodes)))
+
+
+def _input_index(graph: fx.Graph, node: fx.Node) -> int:
+    return list(graph.find_nodes(op="placeholder")).index(node)
+
+
+def rewrite_prefill(gm: fx.GraphModule, query_window: int) -> Optional[RewrittenGraph]:
+    """Prefill graph → a copy that also returns each site's query window, mask and the span masks.
+
+    Returns ``None`` when the graph has no prefill site.
+    """
+    module = copy_module(gm)
+    graph = module.graph
+    sites, skipped = sites_and_skips(graph)
+    sites = [s for s in sites if s.is_prefill]
+    if not sites:
+        return None
+    output = _output_node(graph)
+    num_outputs = len(output.args[0])
+    slots = []
+    mask_slot: dict[fx.Node, int] = {}
+    for site in sites:
+        with graph.inserting_before(output):
+            window = graph.call_function(
+                torch.ops.aten.slice.Tensor, (site.query, 2, -query_window))  # [B, Hq, W, d]
+        (query_output,) = _append_outputs(graph, [window])
+        mask_output = -1
+        if site.mask is not None:
+            if site.mask not in mask_slot:
+                (mask_slot[site.mask],) = _append_outputs(graph, [site.mask])
+            mask_output = mask_slot[site.mask]
+        slots.append(SiteSlots(
+            layer=site.layer, scale=site.scale,
+            past_keys_input=-1, past_values_input=-1,
+            keys_output=_output_index(graph, site.key_update),
+            values_output=_output_index(graph, site.value_update),
+            query_output=query_output, mask_output=mask_output))
+    span_outputs = _append_outputs(graph, find_span_masks(graph))
+    graph.lint()
+    module.recompile()
+    return RewrittenGraph("prefill", module, tuple(slots), tuple(skipped), num_outputs, tuple(span_outputs))
+
+
+def rewrite_decode(gm: fx.GraphModule, method: str, kernel: str,
+                   compressed: set[int]) -> Optional[RewrittenGraph]:
+    """Decode graph → a copy whose attention runs on the compressed cache of each site.
+
+    ``compressed`` holds the input indices whose example values carry a compressed layer; sites
+    whose past Keys are not among them are left exact (reported as skipped).
+    Returns ``None`` when no site is rewritten.
+    """
+    module = copy_module(gm)
+    graph = module.graph
+    sites, skipped = sites_and_skips(graph)
+    skipped = list(skipped)
+    rewritable: list[AttentionSite] = []
+    for site in sites:
+        if site.is_prefill:
+            continue
+        if site.past_keys.op != "placeholder" or _input_index(graph, site.past_keys) not in compressed:
+            skipped.append(SkippedSite(site.layer, site.attention,
+                                       "its cache was not filled by a rotatek-compiled prefill"))
+            continue
+        query = example_value(site.query)
+        if query is None or query.shape[2] != 1:
+            raise NotImplementedError(
+                f"rotatek: {site.layer} appends more than one token to a compressed cache "
+                "(chunked prefill, multi-turn reuse or assisted decoding are not supported)")
+        rewritable.append(site)
+    if not rewritable:
+        return None
+    output = _output_node(graph)
+    num_outputs = len(output.args[0])
+    first_computation = next(n for n in graph.nodes if n.op != "placeholder")
+    slots = []
+    for site in rewritable:
+        with graph.inserting_before(first_computation):  # new inputs go last, in order
+            state = [graph.placeholder(f"rotatek_{site.key_update.name}_{name}") for name in STATE_INPUTS]
+        new_rest = _replace_attention(graph, site, state, method, kernel)
+        slots.append(SiteSlots(
+            layer=site.layer, scale=site.scale,
+            past_keys_input=_input_index(graph, site.past_keys),
+            past_values_input=_input_index(graph, site.past_values),
+            keys_output=_output_index(graph, site.key_update),
+            values_output=_output_index(graph, site.value_update)))
+        # HF's cache gets the past stand-ins back; the runtime grows them
+        _replace_output(graph, site.key_update, site.past_keys)
+        _replace_output(graph, site.value_update, site.past_values)
+        _append_outputs(graph, new_rest)
+    graph.eliminate_dead_code()
+    graph.lint()
+    module.recompile()
+    return RewrittenGraph("decode", module, tuple(slots), tuple(skipped), num_outputs)
+
+
+def _replace_output(graph: fx.Graph, old: fx.Node, new: fx.Node) -> None:
+    output = _output_node(graph)
+    output.args = (tuple(new if value is old else value for value in output.args[0]),)
+
+
+def _replace_attention(graph: fx.Graph, site: AttentionSite, state: list[fx.Node],
+                       method: str, kernel: str) -> list[fx.Node]:
+    """Insert the decode op for ``site``; returns the grown rest segment (keys, values, mask)."""
+    span_0, span_1, span_2, span_values, span_mask, rest_keys, rest_values, rest_mask = state
+    with graph.inserting_before(site.attention):
+        keys = graph.call_function(torch.cat, ([rest_keys, site.new_keys],), {"dim": -2})
+        values = graph.call_function(torch.cat, ([rest_values, site.new_values],), {"dim": -2})
+        # [B, L] all-True: every new token is real
+        first_channel = graph.call_function(torch.select, (site.new_keys, 3, 0))  # [B, H, L]
+        first_head = graph.call_function(torch.select, (first_channel, 1, 0))  # [B, L]
+        new_mask = graph.call_function(torch.ones_like, (first_head,), {"dtype": torch.bool})
+        mask = graph.call_function(torch.cat, ([rest_mask, new_mask],), {"dim": -1})
+        query = graph.call_function(torch.select, (site.query, 2, 0))  # [B, Hq, d]
+        if method == "spark":
+            out = graph.call_function(torch.ops.rotatek.sparse_decode_attention.default, (
+                query, span_0, span_1, span_2, span_values, span_mask, keys, values, mask, site.scale))
+        else:
+            out = graph.call_function(torch.ops.rotatek.decode_attention.default, (
+                query, span_0, span_1, span_2, span_values, span_mask, keys, values, mask,
+                site.scale, kernel))
+        out = graph.call_function(torch.unsqueeze, (out, 2))  # [B, Hq, 1, dv]
+    site.attention.replace_all_uses_with(out)
+    return [keys, values, mask]

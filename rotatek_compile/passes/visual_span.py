@@ -1,0 +1,57 @@
+"""Find where a VLM merges image features into the text embeddings: that mask is the span.
+
+HF VLMs write the vision tower's output into the token embeddings at the image-token positions::
+
+    embeds = embeds.masked_scatter(mask, image_features)     # mask [B, S, 1|D] bool
+    embeds[mask] = image_features  /  index_put(embeds, (mask,), features)
+
+where ``mask`` derives from ``input_ids == image_token_id``. Under ``generate()`` Dynamo breaks the
+graph at HF's ``Tensor.item()`` check, and the mask reaches the decoder graph as an input; the
+merge itself stays in the decoder graph, so the span is found in the same graph as the sites.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from rotatek_compile.passes.find_attention import example_value
+
+_MASKED_SCATTER = ("masked_scatter", "masked_scatter_")
+_INDEX_PUT = (torch.Tensor.index_put, torch.Tensor.index_put_, torch.index_put,
+              torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default)
+
+
+def _bool_mask(node: object) -> bool:
+    value = example_value(node)
+    return value is not None and value.dtype == torch.bool and value.dim() >= 2
+
+
+def find_span_masks(graph: fx.Graph) -> list[fx.Node]:
+    """Boolean ``[B, S, ...]`` masks of every image/video feature merge in ``graph``."""
+    masks: list[fx.Node] = []
+    for node in graph.nodes:
+        if node.op == "call_method" and node.target in _MASKED_SCATTER:
+            mask = node.args[1]
+        elif node.op == "call_function" and node.target is torch.Tensor.masked_scatter:
+            mask = node.args[1]
+        elif node.op in ("call_function", "call_method") and (
+                node.target in _INDEX_PUT or node.target in ("index_put", "index_put_")):
+            indices = node.args[1]
+            mask = indices[0] if isinstance(indices, (list, tuple)) and len(indices) == 1 else None
+        else:
+            continue
+        if _bool_mask(mask) and mask not in masks:
+            masks.append(mask)
+    return masks
+
+
+def to_token_mask(mask: torch.Tensor, batch: int, length: int) -> Optional[torch.Tensor]:
+    """A merge mask ``[B, S, ...]`` reduced to ``[B, S]`` bool; ``None`` if it is not per token."""
+    while mask.dim() > 2:
+        mask = mask.any(dim=-1)
+    if mask.numel() != batch * length:
+        return None
+    return mask.reshape(batch, length)

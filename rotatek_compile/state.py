@@ -1,0 +1,180 @@
+"""The compressed KV cache of one layer, and how it travels from prefill to decode.
+
+Hugging Face's cache keeps, per layer, ``keys``/``values`` tensors whose shape ``[B, H, S, d]`` it
+reads for its bookkeeping, and Dynamo writes the compiled graph's outputs back into them. The
+backend hands HF a *stand-in* of that exact shape with zero strides over a single element (no
+storage), and attaches the real, compressed storage to it as :class:`CompressedLayer`. On the
+next step the stand-in comes back as a graph input, and the backend's runtime wrapper reads the
+attached state. The state therefore lives exactly as long as the cache that holds the stand-in:
+two generations never share it, and nothing leaks when the cache is dropped.
+
+Layout: attention is a softmax over a *set* of tokens, so the cache keeps two segments, each with
+its own Keys, Values and validity mask, in any order:
+
+- span: the compressed tokens (image tokens, or the prompt's head for text-only models);
+- rest: every other real token at full width (prompt, text, and each generated token).
+
+Padding tokens are dropped at prefill (they are never attended).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from rotatek_compile.config import RotateKConfig
+from rotatek_compile.kernels import reference
+
+_ATTRIBUTE = "_rotatek_layer"
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressedLayer:
+    """One layer's KV cache after prefill. ``H`` KV heads, ``Sv`` span and ``Sf`` rest tokens.
+
+    ``span_key_parts`` depends on the method:
+    RotateK / ThinK: ``(K̃ [B, H, Sv, r], R [B, H, d, r] fp32, δμ [B, H, d] fp32)`` (ThinK: R
+    one-hot, δμ = 0); SparK-style: ``(kept values [B, H, Sv, r], channels [B, H, Sv, r] int16,
+    fill [B, H, Sv])``.
+    """
+
+    method: str
+    span_key_parts: tuple[Tensor, Tensor, Tensor]
+    span_values: Tensor  # [B, H, Sv, dv]
+    span_mask: Tensor  # [B, Sv] bool
+    keys: Tensor  # [B, H, Sf, d]
+    values: Tensor  # [B, H, Sf, dv]
+    mask: Tensor  # [B, Sf] bool
+    head_dim: int
+
+    @property
+    def key_bytes(self) -> int:
+        """Bytes of every tensor that holds Keys (span parts and full-width rest)."""
+        return sum(_nbytes(t) for t in self.span_key_parts) + _nbytes(self.keys)
+
+    @property
+    def value_bytes(self) -> int:
+        return _nbytes(self.span_values) + _nbytes(self.values)
+
+    @property
+    def span_key_bytes(self) -> int:
+        return sum(_nbytes(t) for t in self.span_key_parts)
+
+    @property
+    def span_tokens(self) -> int:
+        return self.span_mask.shape[1]
+
+    def with_rest(self, keys: Tensor, values: Tensor, mask: Tensor) -> "CompressedLayer":
+        return dataclasses.replace(self, keys=keys, values=values, mask=mask)
+
+
+def _nbytes(tensor: Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def stand_in(shape: torch.Size, like: Tensor, layer: Optional[CompressedLayer]) -> Tensor:
+    """A zero-storage tensor of ``shape`` (all strides 0) that carries ``layer``."""
+    tensor = torch.empty((), dtype=like.dtype, device=like.device).expand(shape)
+    setattr(tensor, _ATTRIBUTE, layer)
+    return tensor
+
+
+def attached(tensor: object) -> Optional[CompressedLayer]:
+    """The :class:`CompressedLayer` a stand-in carries, or ``None`` for any other object."""
+    return getattr(tensor, _ATTRIBUTE, None) if isinstance(tensor, Tensor) else None
+
+
+def is_stand_in(tensor: object) -> bool:
+    return isinstance(tensor, Tensor) and hasattr(tensor, _ATTRIBUTE)
+
+
+def _compact(selected: Tensor) -> tuple[Tensor, Tensor]:
+    """Positions of the ``True`` entries of each row, left-aligned, and which slots are real.
+
+    ``selected`` ``[B, S]`` bool → ``positions`` ``[B, n]`` (ascending, padded with 0) and
+    ``mask`` ``[B, n]`` with ``n`` the largest count in a row.
+    """
+    counts = selected.sum(dim=1)  # [B]
+    width = int(counts.max()) if selected.numel() else 0
+    order = torch.sort((~selected).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    mask = torch.arange(width, device=selected.device)[None, :] < counts[:, None]
+    return torch.where(mask, order, torch.zeros_like(order)), mask
+
+
+def _gather_positions(tensor: Tensor, positions: Tensor) -> Tensor:
+    """``tensor`` ``[B, H, S, x]`` at ``positions`` ``[B, n]`` (same for all heads) → ``[B, H, n, x]``."""
+    index = positions[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[-1])
+    return tensor.gather(2, index)
+
+
+def compress_layer(
+    keys: Tensor,
+    values: Tensor,
+    queries: Tensor,
+    span: Tensor,
+    valid: Tensor,
+    config: RotateKConfig,
+    scale: float,
+) -> CompressedLayer:
+    """Build a layer's compressed cache from its prefill Keys and Values.
+
+    Parameters
+    ----------
+    keys, values : Tensor
+        ``[B, H, S, d]``, ``[B, H, S, dv]``: post-RoPE Keys and the Values of the whole prompt.
+    queries : Tensor
+        ``[B, Hq, W, d]`` post-RoPE queries of the last ``W`` prompt tokens.
+    span : Tensor
+        ``[B, S]`` bool, the tokens to compress.
+    valid : Tensor
+        ``[B, S]`` bool, the real (non-padding) tokens.
+    config : RotateKConfig
+    scale : float
+        The layer's softmax scale (token pruning scores use it).
+    """
+    span = span & valid
+    span_positions, span_mask = _compact(span)
+    rest_positions, rest_mask = _compact(valid & ~span)
+    span_keys = _gather_positions(keys, span_positions)  # [B, H, Sv, d]
+    span_values = _gather_positions(values, span_positions)  # [B, H, Sv, dv]
+
+    if config.token_keep < 1.0 and span_keys.shape[2] > 0:
+        scores = reference.token_scores(queries, span_keys, scale, span_mask)  # [B, H, Sv]
+        kept, span_mask = reference.keep_tokens(scores, config.token_keep, span_mask)
+        span_keys = reference.gather_tokens(span_keys, kept)
+        span_values = reference.gather_tokens(span_values, kept)
+
+    head_dim = keys.shape[-1]
+    rank = config.channels_for(head_dim)
+    parts = _compress_keys(span_keys, span_mask, queries, rank, config)
+    return CompressedLayer(
+        method=config.method,
+        span_key_parts=parts,
+        span_values=span_values.contiguous(),
+        span_mask=span_mask,
+        keys=_gather_positions(keys, rest_positions),
+        values=_gather_positions(values, rest_positions),
+        mask=rest_mask,
+        head_dim=head_dim,
+    )
+
+
+def _compress_keys(
+    keys: Tensor, mask: Tensor, queries: Tensor, rank: int, config: RotateKConfig
+) -> tuple[Tensor, Tensor, Tensor]:
+    if config.method == "rotatek":
+        window = queries if config.query_aware else None
+        compressed = reference.rotatek_compress(
+            keys, rank, mask, window, config.solver, config.subspace_iters)
+        return compressed.keys.contiguous(), compressed.rotation, compressed.mean_residual
+    if config.method == "think":
+        channels = reference.think_channels(keys, queries, rank, mask)  # [B, H, r]
+        rotation = reference.selection_matrix(channels, keys.shape[-1])  # [B, H, d, r]
+        kept = keys.gather(-1, channels[:, :, None, :].expand(-1, -1, keys.shape[2], -1))
+        zeros = keys.new_zeros(keys.shape[0], keys.shape[1], keys.shape[-1], dtype=torch.float32)
+        return kept.contiguous(), rotation, zeros
+    sparse = reference.spark_select(keys, queries, rank)
+    return sparse.values.contiguous(), sparse.channels.contiguous(), sparse.fill.contiguous()
