@@ -83,9 +83,7 @@ def explain(model: torch.nn.Module, example_inputs: Mapping[str, Any],
         result = compiled(**example_inputs, use_cache=True).past_key_values
     rewritten = [layer for report in backend.reports for layer in report.rewritten]
     skipped = [item for report in backend.reports for item in report.skipped]
-    rank = {}
-    for layer_name, layer in zip(rewritten, result.layers if hasattr(result, "layers") else []):
-        state = attached(layer.keys)
-        if state is not None:
-            rank[layer_name] = state.span_key_parts[0].shape[-1]
+    states = [attached(layer.keys) for layer in result.layers]
+    states = [state for state in states if state is not None]  # in layer order, like the sites
+    rank = {name: state.rank for name, state in zip(rewritten, states)}
     return Explanation(backend.reports, rewritten, skipped, rank, cache_bytes(baseline), cache_bytes(result))

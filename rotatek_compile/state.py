@@ -51,17 +51,29 @@ class CompressedLayer:
     head_dim: int
 
     @property
+    def span_key_bytes(self) -> int:
+        """Bytes kept per span token for its Key: K̃ (RotateK, ThinK) or values+channels+fill (SparK)."""
+        per_token = self.span_key_parts if self.method == "spark" else self.span_key_parts[:1]
+        return sum(_nbytes(t) for t in per_token)
+
+    @property
+    def basis_bytes(self) -> int:
+        """Bytes kept per (row, head) to read the span: R and δμ (none for SparK)."""
+        return 0 if self.method == "spark" else sum(_nbytes(t) for t in self.span_key_parts[1:])
+
+    @property
     def key_bytes(self) -> int:
-        """Bytes of every tensor that holds Keys (span parts and full-width rest)."""
-        return sum(_nbytes(t) for t in self.span_key_parts) + _nbytes(self.keys)
+        """Bytes of every tensor that holds Keys: span, basis, and the full-width rest."""
+        return self.span_key_bytes + self.basis_bytes + _nbytes(self.keys)
 
     @property
     def value_bytes(self) -> int:
         return _nbytes(self.span_values) + _nbytes(self.values)
 
     @property
-    def span_key_bytes(self) -> int:
-        return sum(_nbytes(t) for t in self.span_key_parts)
+    def rank(self) -> int:
+        """Key channels kept per span token."""
+        return self.span_key_parts[0].shape[-1]
 
     @property
     def span_tokens(self) -> int:

@@ -55,7 +55,11 @@ class DecodeConfig:
 
     ``block_n`` tokens per tile; ``programs_per_sm`` how many split programs per SM the split plan
     aims at (more programs: smaller tail wave, more partial results to merge); ``min_blocks`` the
-    fewest tiles a split may own (below that the merge costs more than the parallelism buys).
+    fewest tiles a split may own (below that the merge costs more than the parallelism buys);
+    ``pdl`` launches the three kernels with programmatic dependent launch (Hopper and later): each
+    kernel's programs are made resident while its predecessor finishes and wait for it with
+    ``griddepcontrol.wait``, which hides the launch gaps (CUDA graphs keep the dependency);
+    ``full_stages`` the pipelining depth of the full-segment loop.
     """
 
     block_n: int = 64
@@ -63,6 +67,8 @@ class DecodeConfig:
     num_stages: int = 3
     programs_per_sm: int = 4
     min_blocks: int = 2
+    pdl: bool = False
+    full_stages: int = 2
 
 
 def default_config(dtype: torch.dtype, head_dim: int, value_dim: int) -> DecodeConfig:
@@ -76,6 +82,11 @@ def default_config(dtype: torch.dtype, head_dim: int, value_dim: int) -> DecodeC
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _has_pdl(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def plan_splits(total_len: int, rows: int, block_n: int, sm_count: int, config: DecodeConfig) -> tuple[int, int]:
@@ -104,11 +115,15 @@ def _query_prologue_kernel(
     stride_mb, stride_mh, stride_md,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, R_BLOCK: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     """``qr[bh] = (q R)·qk_scale`` ``[G_PAD, R_PAD]`` and ``qdm[bh] = (q·δμ)·qk_scale`` ``[G_PAD]``.
 
     Grid ``(B·H, R_PAD // R_BLOCK)``; padded rows/channels are written as zeros.
     """
+    if USE_GDC:  # the query may come from the kernel launched just before
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     rb = tl.program_id(1)
     b = pid // NUM_HEADS
@@ -169,6 +184,7 @@ def _decode_split_kernel(
     D: tl.constexpr, D_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
     DV: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    USE_GDC: tl.constexpr, FULL_STAGES: tl.constexpr,
 ):
     """One (split, row·KV head) program over tokens ``[lo, hi)`` of ``[span | full]``.
 
@@ -176,7 +192,13 @@ def _decode_split_kernel(
     ``[B, Hq, splits, DV]``) and ``lse = m + log2(l)`` (base 2, −inf for an all-masked range) to
     ``lse_ptr`` ``[B, Hq, splits]``; else write the final output ``[B, Hq, DV]`` in its dtype.
     ``UPCAST``: compute in fp32 from the tiles' load on (the interpreter cannot compute in bf16).
+    ``USE_GDC``: wait for the prologue before the first load (nothing is read before it).
+    ``FULL_STAGES``: pipelining depth of the full-segment loop (short in RotateK: prompt + text +
+    generated tokens); below the span loop's depth it saves shared memory, hence occupancy.
     """
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     split = tl.program_id(0)
     num_splits = tl.num_programs(0)
     pid = tl.program_id(1)
@@ -239,7 +261,7 @@ def _decode_split_kernel(
         q = q.to(kf_ptr.dtype.element_ty)
     full_lo = tl.maximum(lo, span_len) - span_len
     full_hi = hi - span_len  # ≤ full_lo (no iteration) when the range ends inside the span
-    for start in range(full_lo, full_hi, BLOCK_N):
+    for start in tl.range(full_lo, full_hi, BLOCK_N, num_stages=FULL_STAGES):
         tok = start + offs_n
         inside = tok < full_hi
         real = tl.load(mf_base + tok * stride_mfs, mask=inside, other=0) != 0
@@ -276,13 +298,16 @@ def _merge_kernel(
     num_splits,
     stride_ob, stride_oh, stride_od,
     NUM_Q_HEADS: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
-    SPLITS_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """``out[b, hq] = Σ_s 2^(lse_s − M) · part_s / Σ_s 2^(lse_s − M)``, ``M = max_s lse_s``.
 
     Grid ``(B·Hq,)``. ``part`` ``[B, Hq, splits, DV]`` fp32 (each already divided by its own
     ``l``), ``lse`` ``[B, Hq, splits]`` base-2. All splits −inf (row fully masked) ⇒ zeros.
     """
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     b = pid // NUM_Q_HEADS
     hq = pid % NUM_Q_HEADS
@@ -401,6 +426,9 @@ def _decode_attention(
     wide = upcast or torch.float32 in (span_keys.dtype, span_values.dtype, keys.dtype, values.dtype)
     dot_prec = "ieee" if wide else "tf32"  # "tf32" is the default; it only matters for fp32 operands
 
+    use_pdl = config.pdl and query.is_cuda and not INTERPRETED and _has_pdl(query.device.index or 0)
+    launch = {"launch_pdl": True} if use_pdl else {}
+
     # 1. qR, q·δμ once per (row, KV head)
     qr = torch.empty(rows, g_pad, r_pad, dtype=torch.float32, device=query.device)
     qdm = torch.empty(rows, g_pad, dtype=torch.float32, device=query.device)
@@ -409,7 +437,7 @@ def _decode_attention(
         query, rotation, mean_residual, qr, qdm, qk_scale,
         *query.stride(), *rotation.stride(), *mean_residual.stride(),
         NUM_HEADS=kv_heads, GROUP=group, G_PAD=g_pad, D=dim, D_PAD=d_pad, R=rank, R_PAD=r_pad,
-        R_BLOCK=r_block, num_warps=4,
+        R_BLOCK=r_block, USE_GDC=use_pdl, num_warps=4, **launch,
     )
 
     # 2. split kernel (writes ``out`` directly when there is a single split)
@@ -434,8 +462,8 @@ def _decode_attention(
         *out.stride(),
         NUM_HEADS=kv_heads, GROUP=group, G_PAD=g_pad, D=dim, D_PAD=d_pad, R=rank, R_PAD=r_pad,
         DV=value_dim, DV_PAD=dv_pad, BLOCK_N=config.block_n, SPLIT=splits > 1, DOT_PREC=dot_prec,
-        UPCAST=upcast,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        UPCAST=upcast, USE_GDC=use_pdl,
+        FULL_STAGES=config.full_stages, num_warps=config.num_warps, num_stages=config.num_stages, **launch,
     )
     if splits == 1:
         return out
@@ -445,7 +473,7 @@ def _decode_attention(
     _merge_kernel[(batch * q_heads,)](
         part, lse, out, splits, *out.stride(),
         NUM_Q_HEADS=q_heads, DV=value_dim, DV_PAD=triton.next_power_of_2(value_dim),
-        SPLITS_PAD=splits_pad, SPLIT_BLOCK=min(splits_pad, 16), num_warps=4,
+        SPLITS_PAD=splits_pad, SPLIT_BLOCK=min(splits_pad, 16), USE_GDC=use_pdl, num_warps=4, **launch,
     )
     return out
 
