@@ -27,7 +27,7 @@ from rotatek_compile.config import RotateKConfig
 from rotatek_compile.passes.find_attention import SkippedSite
 from rotatek_compile.passes.rewrite import RewrittenGraph, rewrite_decode, rewrite_prefill
 from rotatek_compile.passes.visual_span import to_token_mask
-from rotatek_compile.state import attached, compress_layer, is_stand_in, stand_in
+from rotatek_compile.state import attached, compress_layer, derived_from_stand_in, stand_in
 
 logger = logging.getLogger("rotatek_compile")
 
@@ -87,11 +87,13 @@ class RotateKBackend:
         if not sites and not skipped:
             return compiled
         skipped = [(s.layer, s.reason) for s in skipped]
-        skipped += [(s.layer, "cache not produced by a rotatek prefill") for s in sites if not s.is_prefill]
+        decode = [s for s in sites if not s.is_prefill and s.past_keys.op == "placeholder"]
+        skipped += [(s.layer, "its cache was not filled by a rotatek-compiled prefill") for s in decode]
         self.reports.append(GraphReport("other", [], skipped))
         for layer, reason in skipped:
             logger.info("rotatek: %s left exact: %s", layer, reason)
-        return _guard_stand_ins(compiled)
+        placeholders = list(gm.graph.find_nodes(op="placeholder"))
+        return _guard_stand_ins(compiled, [placeholders.index(s.past_keys) for s in decode])
 
     def _report(self, plan: RewrittenGraph, example_inputs: Sequence[Any]) -> None:
         report = GraphReport(plan.phase, [s.layer for s in plan.sites],
@@ -103,14 +105,15 @@ class RotateKBackend:
             logger.info("rotatek: %s left exact: %s", skipped.layer, skipped.reason)
 
 
-def _guard_stand_ins(compiled: Callable) -> Callable:
-    """Refuse to run a graph that would read a compressed cache as if it were HF's tensors."""
+def _guard_stand_ins(compiled: Callable, past_keys_inputs: list[int]) -> Callable:
+    """Refuse to run a graph that would read a compressed cache (or a copy of it) as Keys."""
 
     def run(*args):
-        if any(is_stand_in(a) for a in args):
+        if any(derived_from_stand_in(args[i]) for i in past_keys_inputs):
             raise RotateKCacheError(
-                "rotatek: a compressed KV cache reached a graph that was not rewritten to read it "
-                "(cache reordering, cropping or mixing compiled and uncompiled calls is not supported)")
+                "rotatek: a compressed KV cache reached a graph that cannot read it: beam search "
+                "(cache reordering), cache cropping and mixing compiled with uncompiled calls are "
+                "not supported")
         return compiled(*args)
 
     return run

@@ -88,8 +88,12 @@ def _nbytes(tensor: Tensor) -> int:
 
 
 def stand_in(shape: torch.Size, like: Tensor, layer: Optional[CompressedLayer]) -> Tensor:
-    """A zero-storage tensor of ``shape`` (all strides 0) that carries ``layer``."""
-    tensor = torch.empty((), dtype=like.dtype, device=like.device).expand(shape)
+    """A one-element tensor seen as ``shape`` (all strides 0) that carries ``layer``.
+
+    Its one value is NaN, so that any code reading it as Keys (a reordered or cropped copy of the
+    cache, say) yields NaN, which :func:`derived_from_stand_in` detects, instead of a plausible answer.
+    """
+    tensor = torch.full((), float("nan"), dtype=like.dtype, device=like.device).expand(shape)
     setattr(tensor, _ATTRIBUTE, layer)
     return tensor
 
@@ -101,6 +105,13 @@ def attached(tensor: object) -> Optional[CompressedLayer]:
 
 def is_stand_in(tensor: object) -> bool:
     return isinstance(tensor, Tensor) and hasattr(tensor, _ATTRIBUTE)
+
+
+def derived_from_stand_in(tensor: Tensor) -> bool:
+    """A stand-in, or a copy/view of one (NaN where Keys should be): cache reorder, crop, ..."""
+    if is_stand_in(tensor):
+        return True
+    return tensor.is_floating_point() and tensor.numel() > 0 and bool(tensor.reshape(-1)[0].isnan())
 
 
 def _compact(selected: Tensor) -> tuple[Tensor, Tensor]:

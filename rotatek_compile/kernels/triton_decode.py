@@ -105,6 +105,25 @@ def plan_splits(total_len: int, rows: int, block_n: int, sm_count: int, config: 
 
 # --- kernels ------------------------------------------------------------------------------------
 
+# Reductions go through tl.reduce with the combiners of tl.max / tl.sum rather than through those
+# two: they are @jit functions of triton.language, which the CPU interpreter can run only if triton
+# itself was imported under TRITON_INTERPRET=1 (not so when torch imported it first), while it
+# recognises these combiners and reduces with numpy. Same code on GPU. Local twins as a fallback.
+
+
+@triton.jit
+def _local_max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _local_add(a, b):
+    return a + b
+
+
+_max_op = getattr(tl.standard, "_elementwise_max", _local_max)
+_add_op = getattr(tl.standard, "_sum_combine", _local_add)
+
 
 @triton.jit
 def _query_prologue_kernel(
@@ -144,7 +163,7 @@ def _query_prologue_kernel(
     if rb == 0:
         dmu = tl.load(dmu_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + offs_d * stride_md,
                       mask=d_mask, other=0.0).to(tl.float32)  # [D_PAD]
-        qdm = tl.sum(q * dmu[None, :], axis=1) * qk_scale  # [G_PAD]
+        qdm = tl.reduce(q * dmu[None, :], 1, _add_op) * qk_scale  # [G_PAD]
         tl.store(qdm_ptr + pid.to(tl.int64) * G_PAD + offs_g, qdm)
 
 
@@ -156,11 +175,11 @@ def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC: tl.constexpr):
     A row that has seen only masked tokens keeps ``m = −inf``; ``m_safe = 0`` then makes every
     ``exp2`` below exactly 0 instead of ``exp2(−inf + inf) = NaN``.
     """
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_op))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_safe)
     p = tl.math.exp2(s - m_safe[:, None])  # [G_PAD, BLOCK_N]
-    l_i = l_i * alpha + tl.sum(p, axis=1)
+    l_i = l_i * alpha + tl.reduce(p, 1, _add_op)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return m_new, l_i, acc
 
@@ -221,8 +240,8 @@ def _decode_split_kernel(
     hi = tl.minimum(lo + tokens_per_split, span_len + full_len)
 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, DV_PAD], tl.float32)
+    l_i = tl.full([G_PAD], 0.0, tl.float32)
+    acc = tl.full([G_PAD, DV_PAD], 0.0, tl.float32)
 
     # --- pruned span: logits = (qR)·K̃ + q·δμ, both pre-scaled by scale·log2(e) in the prologue
     ks_base = ks_ptr + b64 * stride_ksb + h64 * stride_ksh
@@ -314,12 +333,12 @@ def _merge_kernel(
     row0 = pid.to(tl.int64) * num_splits
     offs_s = tl.arange(0, SPLITS_PAD)
     lse_all = tl.load(lse_ptr + row0 + offs_s, mask=offs_s < num_splits, other=float("-inf"))
-    m = tl.max(lse_all, axis=0)
+    m = tl.reduce(lse_all, 0, _max_op)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    denom = tl.sum(tl.math.exp2(lse_all - m_safe), axis=0)
+    denom = tl.reduce(tl.math.exp2(lse_all - m_safe), 0, _add_op)
     offs_v = tl.arange(0, DV_PAD)
     v_mask = offs_v < DV
-    acc = tl.zeros([DV_PAD], tl.float32)
+    acc = tl.full([DV_PAD], 0.0, tl.float32)
     for s0 in range(0, num_splits, SPLIT_BLOCK):
         offs_b = s0 + tl.arange(0, SPLIT_BLOCK)
         inside = offs_b < num_splits
@@ -327,7 +346,7 @@ def _merge_kernel(
         w = tl.math.exp2(lse - m_safe)  # [SPLIT_BLOCK]; 0 for −inf
         part = tl.load(part_ptr + (row0 + offs_b)[:, None] * DV + offs_v[None, :],
                        mask=inside[:, None] & v_mask[None, :], other=0.0)  # [SPLIT_BLOCK, DV_PAD]
-        acc += tl.sum(w[:, None] * part, axis=0)
+        acc += tl.reduce(w[:, None] * part, 0, _add_op)
     out = acc / tl.where(denom == 0.0, 1.0, denom)
     ptrs = out_ptr + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh + offs_v * stride_od
     tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=v_mask)

@@ -1,0 +1,203 @@
+"""End-to-end behaviour of the backend under ``generate()`` and manual decoding (tiny Llama, CPU).
+
+The state requirements of DESIGN.md §2: real memory drop, per-request state, HF bookkeeping,
+clear errors on unsupported paths, no recompilation per decode step.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+import rotatek_compile
+from rotatek_compile import RotateKBackend, RotateKCacheError, RotateKConfig
+from rotatek_compile.state import CompressedLayer, attached
+
+HEAD_DIM = 16
+LAYERS = 2
+
+
+def tiny_llama(attn_implementation: str = "sdpa") -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         attn_implementation=attn_implementation)
+    return LlamaForCausalLM(config).eval()
+
+
+def padded_prompt(batch: int = 2, length: int = 48) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 128, (batch, length), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1:, :7] = 0  # left padding on the other rows
+    return dict(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def generate(model, inputs, steps: int = 16, **kwargs):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def max_logit_error(a, b) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a.logits, b.logits))
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_full_rank_matches_uncompiled_model(attn_implementation):
+    model, inputs = tiny_llama(attn_implementation), padded_prompt()
+    exact = generate(model, inputs)
+    model.compile(backend="rotatek", options={"key_channels": HEAD_DIM, "inner": "eager"})
+    compressed = generate(model, inputs)
+    assert torch.equal(exact.sequences, compressed.sequences)
+    assert max_logit_error(exact, compressed) < 1e-4
+    assert all(attached(layer.keys) is not None for layer in compressed.past_key_values.layers)
+
+
+@pytest.mark.slow
+def test_full_rank_matches_under_inductor():
+    model, inputs = tiny_llama(), padded_prompt()
+    exact = generate(model, inputs, steps=4)
+    model.compile(backend="rotatek", options={"key_channels": HEAD_DIM})
+    compressed = generate(model, inputs, steps=4)
+    assert torch.equal(exact.sequences, compressed.sequences)
+    assert max_logit_error(exact, compressed) < 1e-4
+
+
+def test_pruned_cache_holds_fewer_key_bytes():
+    model, inputs = tiny_llama(), padded_prompt()
+    exact = generate(model, inputs, steps=4)
+    rank = HEAD_DIM // 4
+    model.compile(backend="rotatek", options={"key_channels": rank, "inner": "eager"})
+    compressed = generate(model, inputs, steps=4)
+    assert all(torch.isfinite(x).all() for x in compressed.logits)
+    before = rotatek_compile.cache_bytes(exact.past_key_values)
+    after = rotatek_compile.cache_bytes(compressed.past_key_values)
+    assert after.compressed_layers == LAYERS
+    for layer in compressed.past_key_values.layers:
+        state = attached(layer.keys)
+        batch, heads, span, _ = state.span_key_parts[0].shape
+        assert state.span_key_bytes == batch * heads * span * rank * 4  # r of d channels, fp32
+        assert layer.keys.untyped_storage().nbytes() == 4  # HF's tensor is a one-element stand-in
+    # span = prompt minus the last 32 tokens: 16 of 48 (row 0) and 9 of 41 (row 1) stay full
+    assert after.keys < before.keys
+    assert after.values <= before.values + 8 * LAYERS
+
+
+def test_no_recompilation_per_decode_step():
+    model, inputs = tiny_llama(), padded_prompt()
+    model.compile(backend="rotatek", options={"key_channels": 4, "inner": "eager"})
+    generate(model, inputs, steps=3)
+    graphs_after_three = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    generate(model, inputs, steps=16)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_after_three == 3
+
+
+def prefill(model, input_ids):
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    return out.logits[:, -1:].argmax(-1), out.past_key_values
+
+
+def decode(model, token, cache):
+    with torch.no_grad():
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+    return out.logits[:, -1:].argmax(-1), out.logits[:, -1]
+
+
+def test_interleaved_generations_do_not_share_state():
+    model = tiny_llama()
+    model.compile(backend="rotatek", options={"key_channels": 4, "inner": "eager"})
+    prompts = [torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(s)) for s in (2, 3)]
+
+    def alone(prompt):
+        token, cache = prefill(model, prompt)
+        logits = []
+        for _ in range(6):
+            token, step_logits = decode(model, token, cache)
+            logits.append(step_logits)
+        return torch.cat(logits)
+
+    expected = [alone(p) for p in prompts]
+    (token_a, cache_a), (token_b, cache_b) = prefill(model, prompts[0]), prefill(model, prompts[1])
+    logits_a, logits_b = [], []
+    for _ in range(6):
+        token_a, step_a = decode(model, token_a, cache_a)
+        token_b, step_b = decode(model, token_b, cache_b)
+        logits_a.append(step_a)
+        logits_b.append(step_b)
+    assert torch.equal(torch.cat(logits_a), expected[0])
+    assert torch.equal(torch.cat(logits_b), expected[1])
+
+
+def live_compressed_layers() -> int:
+    gc.collect()
+    return sum(isinstance(obj, CompressedLayer) for obj in gc.get_objects())
+
+
+def test_state_dies_with_the_cache():
+    model = tiny_llama()
+    model.compile(backend="rotatek", options={"key_channels": 4, "inner": "eager"})
+    prompt = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(4))
+    baseline = live_compressed_layers()
+    for request in range(100):
+        token, cache = prefill(model, prompt)
+        decode(model, token, cache)
+        if request % 25 == 0:
+            assert live_compressed_layers() == baseline + LAYERS  # this request's layers only
+    del cache
+    assert live_compressed_layers() == baseline
+
+
+def test_beam_search_is_refused():
+    model, inputs = tiny_llama(), padded_prompt(batch=1)
+    model.compile(backend="rotatek", options={"key_channels": 4, "inner": "eager"})
+    with pytest.raises(Exception, match="beam search"):
+        generate(model, inputs, steps=4, num_beams=2)
+
+
+def test_cropped_cache_is_refused():
+    model = tiny_llama()
+    model.compile(backend="rotatek", options={"key_channels": 4, "inner": "eager"})
+    token, cache = prefill(model, torch.randint(0, 128, (1, 40)))
+    cache.crop(-10)  # drop the last 10 tokens
+    with pytest.raises(RotateKCacheError, match="cropping"):
+        decode(model, token, cache)
+
+
+def test_second_prompt_chunk_on_compressed_cache_is_refused():
+    model = tiny_llama()
+    model.compile(backend="rotatek", options={"key_channels": 4, "inner": "eager"})
+    _, cache = prefill(model, torch.randint(0, 128, (1, 40)))
+    with pytest.raises(Exception, match="more than one token"):
+        with torch.no_grad():
+            model(input_ids=torch.randint(0, 128, (1, 5)), past_key_values=cache, use_cache=True)
+
+
+def test_reports_and_explain():
+    model, inputs = tiny_llama(), padded_prompt()
+    backend = RotateKBackend(RotateKConfig(key_channels=4), inner="eager")
+    model.compile(backend=backend)
+    generate(model, inputs, steps=3)
+    phases = [report.phase for report in backend.reports]
+    assert phases == ["prefill", "decode", "decode"]
+    assert all(len(report.rewritten) == LAYERS for report in backend.reports)
+
+    torch._dynamo.reset()
+    explanation = rotatek_compile.explain(tiny_llama(), inputs, key_channels=4, inner="eager")
+    assert explanation.rewritten == [f"model.layers.{i}.self_attn" for i in range(LAYERS)]
+    assert explanation.rank == {name: 4 for name in explanation.rewritten}
+    assert explanation.compressed.keys < explanation.baseline.keys
+    assert "Key cache bytes" in str(explanation)
