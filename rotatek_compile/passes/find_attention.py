@@ -159,25 +159,30 @@ def _flatten_nodes(args) -> list[fx.Node]:
 def _match_eager(final: fx.Node) -> Optional[tuple[fx.Node, fx.Node, fx.Node, Optional[fx.Node], float]]:
     """``matmul(dropout(softmax(matmul(q, kᵀ)·s [+ m]).to()), v)`` → (q, k, v, mask, scale)."""
     probs, values = final.args[0], final.args[1]
+    chain = []  # every intermediate from the logits to the probabilities
     while _is_call(probs, torch.nn.functional.dropout) or _is_method(probs, "to"):
+        chain.append(probs)
         probs = probs.args[0]
     if not _is_call(probs, torch.nn.functional.softmax, torch.softmax):
         return None
+    chain.append(probs)
     logits = probs.args[0]
     mask = None
     if _is_call(logits, operator.add, torch.add):
+        chain.append(logits)
         logits, mask = logits.args[0], logits.args[1]
     scale = 1.0
     if _is_call(logits, operator.mul, torch.mul) and isinstance(logits.args[1], (int, float)):
+        chain.append(logits)
         logits, scale = logits.args[0], float(logits.args[1])
     if not _is_call(logits, torch.matmul):
         return None
+    chain.append(logits)
     query, keys_t = logits.args
     if not (_is_method(keys_t, "transpose") and set(keys_t.args[1:]) in ({2, 3}, {-1, -2})):
         return None
-    # every intermediate must feed only this chain (e.g. no returned attention weights)
-    chain = [logits, probs]
-    if any(len(n.users) != 1 for n in chain):
+    # each intermediate must feed only the next step (returned attention weights block the rewrite)
+    if any(len(node.users) != 1 for node in chain):
         return None
     return query, keys_t.args[0], values, mask if isinstance(mask, fx.Node) else None, scale
 

@@ -1,0 +1,186 @@
+"""The graph after each pass: op counts, and the patterns the pass must leave alone.
+
+Graphs are captured from a tiny Llama under ``generate()`` by a recording backend (the vLLM
+``TestBackend`` idea), then rewritten directly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from rotatek_compile.passes.find_attention import AttentionSite, SkippedSite, find_attention_sites
+from rotatek_compile.passes.rewrite import STATE_INPUTS, STATE_OUTPUTS, rewrite_decode, rewrite_prefill
+from tests.test_generate import LAYERS, padded_prompt, tiny_llama
+
+SDPA = torch._C._nn.scaled_dot_product_attention
+DECODE_OP = torch.ops.rotatek.decode_attention.default
+SPARSE_DECODE_OP = torch.ops.rotatek.sparse_decode_attention.default
+
+
+class RecordingBackend:
+    """Keeps every graph Dynamo produces and runs it unchanged."""
+
+    def __init__(self):
+        self.graphs: list[tuple[fx.GraphModule, list]] = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+
+def capture(attn_implementation="sdpa", **generate_kwargs):
+    torch._dynamo.reset()
+    model, recorder = tiny_llama(attn_implementation), RecordingBackend()
+    model.compile(backend=recorder)
+    with torch.no_grad():
+        model.generate(**padded_prompt(), max_new_tokens=3, do_sample=False, **generate_kwargs)
+    torch._dynamo.reset()
+    return recorder.graphs
+
+
+def count(graph: fx.Graph, target) -> int:
+    return sum(1 for n in graph.nodes if n.op == "call_function" and n.target is target)
+
+
+def past_key_inputs(gm: fx.GraphModule) -> set[int]:
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    return {i for i, n in enumerate(placeholders) if n.name.endswith("_keys") and "past_key_values" in n.name}
+
+
+@pytest.fixture(scope="module")
+def sdpa_graphs():
+    return capture("sdpa")
+
+
+@pytest.fixture(scope="module")
+def eager_graphs():
+    return capture("eager")
+
+
+def test_detector_finds_every_layer(sdpa_graphs):
+    for gm, _ in sdpa_graphs:
+        matches = find_attention_sites(gm.graph)
+        assert len(matches) == LAYERS
+        assert all(isinstance(m, AttentionSite) for m in matches)
+        assert [m.layer for m in matches] == [f"model.layers.{i}.self_attn" for i in range(LAYERS)]
+        assert all(m.rope and m.kind == "sdpa" and m.gqa == "repeat_kv" for m in matches)  # padded: bool mask + repeat_kv
+        assert all(m.scale == pytest.approx(16 ** -0.5) for m in matches)
+    phases = [find_attention_sites(gm.graph)[0].is_prefill for gm, _ in sdpa_graphs]
+    assert phases == [True, False, False]
+
+
+def test_prefill_rewrite_keeps_attention_and_adds_outputs(sdpa_graphs):
+    gm, _ = sdpa_graphs[0]
+    plan = rewrite_prefill(gm, query_window=32)
+    assert plan.phase == "prefill" and len(plan.sites) == LAYERS
+    assert count(plan.module.graph, SDPA) == count(gm.graph, SDPA) == LAYERS
+    (output,) = plan.module.graph.find_nodes(op="output")
+    added = len(output.args[0]) - plan.num_outputs
+    assert added == LAYERS + 1  # one query window per site, one shared padding mask
+    assert all(slot.mask_output >= plan.num_outputs for slot in plan.sites)
+    assert rewrite_decode(gm, "rotatek", "auto", compressed=past_key_inputs(gm)) is None
+
+
+@pytest.mark.parametrize("method, op", [("rotatek", DECODE_OP), ("think", DECODE_OP), ("spark", SPARSE_DECODE_OP)])
+def test_decode_rewrite_replaces_every_sdpa(sdpa_graphs, method, op):
+    for gm, _ in sdpa_graphs[1:]:
+        plan = rewrite_decode(gm, method, "auto", compressed=past_key_inputs(gm))
+        graph = plan.module.graph
+        assert count(gm.graph, SDPA) == LAYERS and count(gm.graph, op) == 0
+        assert count(graph, SDPA) == 0 and count(graph, op) == LAYERS
+        inputs_added = len(graph.find_nodes(op="placeholder")) - len(gm.graph.find_nodes(op="placeholder"))
+        assert inputs_added == LAYERS * len(STATE_INPUTS)
+        (output,) = graph.find_nodes(op="output")
+        assert len(output.args[0]) - plan.num_outputs == LAYERS * len(STATE_OUTPUTS)
+        # HF's cache outputs are the past stand-ins, returned as they came
+        for slot in plan.sites:
+            assert output.args[0][slot.keys_output].op == "placeholder"
+        # the old cache appends (full-width concatenation of the whole past) are gone
+        past = [n for n in graph.find_nodes(op="placeholder") if "past_key_values" in n.name]
+        assert all(user.op == "output" for n in past for user in n.users)
+
+
+def test_decode_rewrite_of_eager_attention(eager_graphs):
+    gm, _ = eager_graphs[1]
+    assert count(gm.graph, torch.matmul) == 2 * LAYERS
+    plan = rewrite_decode(gm, "rotatek", "auto", compressed=past_key_inputs(gm))
+    assert count(plan.module.graph, DECODE_OP) == LAYERS
+    assert count(plan.module.graph, torch.matmul) == 0
+    assert count(plan.module.graph, F.softmax) == 0
+
+
+def test_decode_rewrite_needs_a_compressed_cache(sdpa_graphs):
+    gm, _ = sdpa_graphs[1]
+    assert rewrite_decode(gm, "rotatek", "auto", compressed=set()) is None
+    one_layer = {min(past_key_inputs(gm))}
+    plan = rewrite_decode(gm, "rotatek", "auto", compressed=one_layer)
+    assert count(plan.module.graph, DECODE_OP) == 1 and count(plan.module.graph, SDPA) == LAYERS - 1
+    assert [s.reason for s in plan.skipped] == ["its cache was not filled by a rotatek-compiled prefill"]
+
+
+def test_returned_attention_weights_block_the_rewrite():
+    graphs = capture("eager", output_attentions=True, return_dict_in_generate=True)
+    decode_graph = graphs[-1][0]  # the returned weights add a graph; the last one decodes
+    matches = find_attention_sites(decode_graph.graph)
+    assert len(matches) == LAYERS
+    assert all(isinstance(m, SkippedSite) and "reused" in m.reason for m in matches)
+    assert rewrite_decode(decode_graph, "rotatek", "auto", compressed=past_key_inputs(decode_graph)) is None
+
+
+def trace(fn, *inputs) -> fx.GraphModule:
+    recorder = RecordingBackend()
+    torch._dynamo.reset()
+    torch.compile(fn, backend=recorder, fullgraph=True)(*inputs)
+    torch._dynamo.reset()
+    return recorder.graphs[0][0]
+
+
+def test_attention_without_cache_is_skipped():
+    """Vision towers and encoders: no cache append feeds the Keys."""
+    q = k = v = torch.randn(1, 2, 8, 16)
+    gm = trace(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), q, k, v)
+    (match,) = find_attention_sites(gm.graph)
+    assert isinstance(match, SkippedSite) and "no KV-cache append" in match.reason
+    assert rewrite_prefill(gm, 32) is None
+
+
+def test_sliding_window_cache_is_skipped():
+    """The cache keeps a slice of the appended Keys: compressing them would be wrong."""
+
+    def sliding(q, past_k, past_v, k, v):
+        keys, values = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
+        out = F.scaled_dot_product_attention(q, keys, values)
+        return out, keys[:, :, -4:], values[:, :, -4:]
+
+    q = torch.randn(1, 2, 1, 16)
+    past, new = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 1, 16)
+    gm = trace(sliding, q, past, past, new, new)
+    (match,) = find_attention_sites(gm.graph)
+    assert isinstance(match, SkippedSite) and "sliding-window" in match.reason
+
+
+def test_static_cache_in_place_update_is_not_matched():
+    def static(q, cache_k, cache_v, k, v, position):
+        cache_k.index_copy_(2, position, k)
+        cache_v.index_copy_(2, position, v)
+        return F.scaled_dot_product_attention(q, cache_k, cache_v)
+
+    q, cache = torch.randn(1, 2, 1, 16), torch.zeros(1, 2, 8, 16)
+    gm = trace(static, q, cache.clone(), cache.clone(), q, q, torch.tensor([3]))
+    (match,) = find_attention_sites(gm.graph)
+    assert isinstance(match, SkippedSite)
+    assert sum(1 for n in gm.graph.nodes if n.target in ("index_copy_", torch.Tensor.index_copy_)) == 2
+
+
+def test_cache_append_that_is_not_returned_is_skipped():
+    def no_writeback(q, past_k, past_v, k, v):
+        keys, values = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
+        return F.scaled_dot_product_attention(q, keys, values)
+
+    q, past = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 8, 16)
+    gm = trace(no_writeback, q, past, past, q, q)
+    (match,) = find_attention_sites(gm.graph)
+    assert isinstance(match, SkippedSite) and "sliding-window" in match.reason
