@@ -28,10 +28,10 @@ def _triton_decode():
     return decode_attention_triton
 
 
-def _use_triton(kernel: str, device: torch.device) -> bool:
-    if kernel == "reference":
+def _use_triton(implementation: str, device: torch.device) -> bool:
+    if implementation == "reference":
         return False
-    if kernel == "triton":
+    if implementation == "triton":
         if _triton_decode() is None:
             raise RuntimeError("rotatek option kernel='triton' needs the triton package: pip install triton")
         return True
@@ -50,20 +50,23 @@ def decode_attention(
     values: Tensor,
     mask: Tensor,
     scale: float,
-    kernel: str = "auto",
+    implementation: str = "auto",
 ) -> Tensor:
     """Decode attention over the compressed span plus the full-channel segment.
 
     Shapes as :func:`rotatek_compile.kernels.reference.decode_attention`; returns ``[B, Hq, dv]``.
+    ``implementation`` is the ``kernel`` option (the name ``kernel`` would collide with
+    Inductor's fallback-kernel keyword).
     """
     args = (query, span_keys, rotation, mean_residual, span_values, span_mask, keys, values, mask, scale)
-    if _use_triton(kernel, query.device):
+    if _use_triton(implementation, query.device):
         return _triton_decode()(*args)
     return reference.decode_attention(*args)
 
 
 @decode_attention.register_fake
-def _(query, span_keys, rotation, mean_residual, span_values, span_mask, keys, values, mask, scale, kernel="auto"):
+def _(query, span_keys, rotation, mean_residual, span_values, span_mask, keys, values, mask, scale,
+      implementation="auto"):
     batch, q_heads, _ = query.shape
     return query.new_empty(batch, q_heads, values.shape[-1])
 

@@ -46,7 +46,7 @@ def _sparse_args(seed=0):
             scale)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"kernel": "reference"}], ids=["default", "kernel=reference"])
+@pytest.mark.parametrize("kwargs", [{}, {"implementation": "reference"}], ids=["default", "implementation=reference"])
 def test_opcheck_decode_attention(kwargs):
     torch.library.opcheck(torch.ops.rotatek.decode_attention.default, _decode_args(), kwargs)
 
@@ -61,7 +61,7 @@ def test_decode_op_equals_reference(dtype):
     out = torch.ops.rotatek.decode_attention(*args)
     assert out.dtype == dtype and out.shape == (BATCH, KV_HEADS * GROUP, VALUE_DIM)
     torch.testing.assert_close(out, ref.decode_attention(*args), atol=0, rtol=0)
-    torch.testing.assert_close(torch.ops.rotatek.decode_attention(*args, kernel="reference"), out, atol=0, rtol=0)
+    torch.testing.assert_close(torch.ops.rotatek.decode_attention(*args, implementation="reference"), out, atol=0, rtol=0)
 
 
 def test_sparse_decode_op_equals_attention_on_reconstructed_keys():
@@ -125,10 +125,6 @@ def test_decode_op_in_fullgraph_compile_inductor():
     torch.testing.assert_close(compiled(*args), _eager_twin(*args))
 
 
-@pytest.mark.xfail(strict=True, raises=torch._inductor.exc.InductorError,
-                   reason="library bug: the op's argument name 'kernel' clashes with Inductor's "
-                          "FallbackKernel.create(kernel, ...) whenever kernel is at its default 'auto' "
-                          "(Inductor passes default-valued arguments as keywords)")
 @pytest.mark.parametrize("kernel", [None, "auto"], ids=["kernel-omitted", "kernel=auto"])
 def test_decode_op_with_default_kernel_in_fullgraph_compile_inductor(kernel):
     args = _decode_args()[:-1]

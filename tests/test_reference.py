@@ -124,7 +124,7 @@ def test_eigh_basis_has_orthonormal_columns(batch, kv_heads, dim, rank_frac, spa
     query_aware=st.booleans(), seed=st.integers(0, 2**16),
 )
 def test_subspace_basis_has_orthonormal_columns(kv_heads, dim, rank_frac, extra, query_aware, seed):
-    # Well-conditioned spans (≥ 4d i.i.d. tokens): see the xfail tests below for the rest.
+    # Well-conditioned spans (≥ 4d i.i.d. tokens); short and rank-deficient ones are tested below.
     gen = _gen(seed)
     rank = max(1, int(dim * rank_frac))
     keys = torch.randn(2, kv_heads, 4 * dim + extra, dim, generator=gen) + 1.0
@@ -134,17 +134,12 @@ def test_subspace_basis_has_orthonormal_columns(kv_heads, dim, rank_frac, extra,
     assert _orthonormality_error(rotation) < 1e-4
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: Cholesky-QR subspace iteration returns a zero column "
-                                       "when the span has fewer than r+1 tokens (rank(C) < r)")
 def test_subspace_basis_orthonormal_on_rank_deficient_span():
     keys = torch.randn(1, 1, 4, 8, generator=_gen(0))  # 4 tokens → rank(C) = 3 < r = 4
     rotation, _ = ref.span_basis(keys, 4, solver="subspace")
-    assert _orthonormality_error(rotation) < 1e-4
+    assert _orthonormality_error(rotation) < 1e-3
 
 
-@pytest.mark.xfail(strict=True, raises=torch.linalg.LinAlgError,
-                   reason="library bug: the jittered Cholesky fallback of subspace iteration still fails "
-                          "on a short span with r = d (fp32 Gram matrix not positive definite)")
 def test_subspace_basis_does_not_raise_on_short_span_at_full_rank():
     gen = _gen(0)
     keys = torch.randn(1, 1, 2, 32, generator=gen)

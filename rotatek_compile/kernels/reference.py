@@ -135,15 +135,24 @@ def subspace_iteration(covariance: Tensor, rank: int, iters: int = 5) -> Tensor:
 
 
 def _orthonormalise(block: Tensor) -> Tensor:
-    """``Y L⁻ᵀ`` with ``L`` the Cholesky factor of ``YᵀY`` (jittered by 1e-6·trace/r if needed)."""
+    """``Y L⁻ᵀ`` with ``L`` the Cholesky factor of ``YᵀY``; Householder QR where that fails.
+
+    Cholesky orthonormalisation (the official solver's) breaks down when ``Y`` is rank-deficient
+    or ill-conditioned (short or padded spans, ``r`` close to ``d``); those batch entries take
+    ``Q`` of ``Y = QR`` instead, so the columns are always orthonormal.
+    """
     gram = block.transpose(-1, -2) @ block  # [..., r, r]
     rank = gram.shape[-1]
-    jitter = 1e-6 * gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30) / rank
+    eye = torch.eye(rank, device=block.device)
     factor, info = torch.linalg.cholesky_ex(gram)
-    if bool((info != 0).any()):
-        factor = torch.linalg.cholesky(gram + jitter[..., None, None] * torch.eye(rank, device=gram.device))
     # X = Y L⁻ᵀ  ⇔  Xᵀ = L⁻¹ Yᵀ
-    return torch.linalg.solve_triangular(factor, block.transpose(-1, -2), upper=False).transpose(-1, -2)
+    cholesky = torch.linalg.solve_triangular(factor, block.transpose(-1, -2), upper=False).transpose(-1, -2)
+    error = (cholesky.transpose(-1, -2) @ cholesky - eye).abs().amax(dim=(-2, -1)).nan_to_num(float("inf"))
+    good = (info == 0) & (error < 1e-3)
+    if bool(good.all()):
+        return cholesky
+    householder = torch.linalg.qr(block).Q
+    return torch.where(good[..., None, None], cholesky.nan_to_num(0.0), householder)
 
 
 def span_basis(

@@ -1,0 +1,185 @@
+"""Whole-model decode speed, memory and prefill overhead: ``rotatek`` vs ``inductor``.
+
+    python benchmarks/model_decode.py --out $OUT              # GPU: 8B-shaped Llama, bf16
+    python benchmarks/model_decode.py --tiny --steps 4        # CPU smoke run of the same code
+
+An 8B-shaped Llama decoder (32 layers, Hq 32, Hkv 8, d 128; random weights) with a prompt of
+``30 + N + 30`` tokens. The rotatek backend compresses the prompt minus its last 32 tokens
+(``span="prompt"``: the model has no vision tower; with one, the span is the N image tokens) to
+``r = 32`` Key channels. For every (N, batch) and backend: prefill ms and the part spent building
+the compressed cache, median ms per decode step over ``--steps`` steps, peak memory, Key and KV
+bytes measured on the cache, recompilations during the timed steps. JSON goes to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import rotatek_compile  # noqa: E402
+import rotatek_compile.backend as rotatek_backend  # noqa: E402
+
+logger = logging.getLogger("model_decode")
+PROMPT, TEXT = 30, 30
+
+
+def llama_8b_shape(tiny: bool) -> LlamaConfig:
+    if tiny:
+        return LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                           num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+                           max_position_embeddings=1 << 17)
+    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                       max_position_embeddings=1 << 17, rope_theta=500000.0)
+
+
+def build_model(tiny: bool, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(llama_8b_shape(tiny)).to(dtype)
+    for parameter in model.parameters():  # random weights of a plausible scale
+        parameter.data.normal_(0, 0.02)
+    return model.eval()
+
+
+class CompressionTimer:
+    """Adds up the time the prefill spends building compressed layers (synchronised)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._inner = rotatek_backend.compress_layer
+
+    def __call__(self, *args, **kwargs):
+        _sync()
+        start = time.perf_counter()
+        layer = self._inner(*args, **kwargs)
+        _sync()
+        self.seconds += time.perf_counter() - start
+        return layer
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_bytes() -> int:
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+
+
+def run_case(model, batch: int, span: int, steps: int, device: str) -> dict:
+    """Prefill ``batch`` prompts of ``30 + span + 30`` tokens, then ``steps`` greedy decode steps."""
+    length = PROMPT + span + TEXT
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    input_ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator).to(device)
+    timer = CompressionTimer()
+    rotatek_backend.compress_layer = timer
+    try:
+        cache = DynamicCache(config=model.config)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        _sync()
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        _sync()
+        prefill = time.perf_counter() - start
+        token = out.logits[:, -1:].argmax(-1)
+        del out
+        graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        step_seconds = []
+        with torch.no_grad():
+            for _ in range(steps):
+                _sync()
+                start = time.perf_counter()
+                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+                _sync()
+                step_seconds.append(time.perf_counter() - start)
+        memory = rotatek_compile.cache_bytes(cache)
+        return dict(
+            batch=batch, span=span, tokens=length,
+            prefill_ms=1e3 * prefill, compression_ms=1e3 * timer.seconds,
+            decode_ms=1e3 * statistics.median(step_seconds[2:] if steps > 4 else step_seconds),
+            peak_gb=_peak_bytes() / 1e9, key_bytes=memory.keys, kv_bytes=memory.total,
+            span_key_bytes=memory.span_keys,
+            recompiles=torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before,
+        )
+    finally:
+        rotatek_backend.compress_layer = timer._inner
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="2-layer model, CPU-sized spans")
+    parser.add_argument("--backends", default="inductor,rotatek")
+    parser.add_argument("--cases", default="1x16384,1x32768,1x65536,8x32768",
+                        help="comma-separated BATCHxSPAN")
+    parser.add_argument("--steps", type=int, default=128)
+    parser.add_argument("--key-channels", type=int, default=32)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cases = [tuple(int(x) for x in case.split("x")) for case in args.cases.split(",")]
+    model = build_model(args.tiny, device, dtype)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    results = []
+    for backend_name in args.backends.split(","):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        if backend_name == "rotatek":
+            backend = rotatek_compile.backend(key_channels=args.key_channels, span="prompt")
+        else:
+            backend = backend_name
+        model.compile(backend=backend, dynamic=True)
+        # warm-up: compile the prefill and both decode graphs on a short prompt
+        run_case(model, 1, 256, 3, device)
+        for batch, span in cases:
+            try:
+                row = run_case(model, batch, span, args.steps, device)
+            except torch.cuda.OutOfMemoryError:
+                row = dict(batch=batch, span=span, error="out of memory")
+                torch.cuda.empty_cache()
+            row["backend"] = backend_name
+            results.append(row)
+            logger.info("%s", json.dumps(row))
+    report = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                  torch=torch.__version__, weight_bytes=weight_bytes, key_channels=args.key_channels,
+                  steps=args.steps, results=results)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "model_decode.json"), "w") as handle:
+        json.dump(report, handle, indent=1)
+    print_table(report)
+
+
+def print_table(report: dict) -> None:
+    rows = {(r["batch"], r["span"], r["backend"]): r for r in report["results"] if "error" not in r}
+    print(f"{'B':>3} {'N':>6} | {'decode ms inductor':>18} {'rotatek':>8} {'speedup':>8} {'ideal':>6} | "
+          f"{'prefill ms ind':>14} {'rotatek':>8} {'pca ms':>7} | {'peak GB ind':>11} {'rotatek':>8} | "
+          f"{'K bytes ratio':>13} {'KV ratio':>8} | recompiles")
+    for (batch, span, backend), base in sorted(rows.items()):
+        if backend != "inductor" or (batch, span, "rotatek") not in rows:
+            continue
+        ours = rows[(batch, span, "rotatek")]
+        ideal = (report["weight_bytes"] + base["kv_bytes"]) / (report["weight_bytes"] + ours["kv_bytes"])
+        print(f"{batch:>3} {span:>6} | {base['decode_ms']:>18.2f} {ours['decode_ms']:>8.2f} "
+              f"{base['decode_ms'] / ours['decode_ms']:>8.3f} {ideal:>6.3f} | {base['prefill_ms']:>14.0f} "
+              f"{ours['prefill_ms']:>8.0f} {ours['compression_ms']:>7.0f} | {base['peak_gb']:>11.1f} "
+              f"{ours['peak_gb']:>8.1f} | {ours['key_bytes'] / base['key_bytes']:>13.3f} "
+              f"{ours['kv_bytes'] / base['kv_bytes']:>8.3f} | {base['recompiles']}/{ours['recompiles']}")
+
+
+if __name__ == "__main__":
+    main()
