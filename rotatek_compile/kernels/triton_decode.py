@@ -9,37 +9,44 @@ same semantics. Shapes (``G = Hq // H`` query heads per KV head)::
 
     logit_s = scale·((q R)·K̃_s + q·δμ)   s in the span   |   scale·q·k_s   s in the full segment
 
-Three launches, none of which syncs with the host (CUDA-graph capturable):
+Two launches, neither of which syncs with the host (CUDA-graph capturable):
 
 1. ``_query_prologue_kernel`` — once per (row, KV head): ``qR`` ``[G, r]`` and ``q·δμ`` ``[G]``, in
-   fp32, pre-multiplied by ``scale·log2(e)`` so that the softmax runs on ``exp2``.
+   fp32, pre-multiplied by ``scale·log2(e)`` so that the softmax runs on ``exp2``; it also zeroes
+   the row's arrival counter used by the merge.
 2. ``_decode_split_kernel`` — grid ``(splits, B·H)``. Each program owns one KV head of one row and
    one contiguous range of the concatenated sequence ``[span | full]``; it loads every K/V tile of
    that range once for all ``G`` query heads of the KV head (a ``[G_PAD, ·]`` query block, ``G``
-   padded to 16 rows for ``tl.dot``), and keeps one online softmax across both segments.
-3. ``_merge_kernel`` — grid ``(B·Hq,)``: log-sum-exp merge of the splits' partial results. Skipped
-   when the shape needs a single split (the split kernel then writes the output itself).
+   padded to 16 rows for ``tl.dot``) and keeps one online softmax across both segments. With
+   several splits it writes a partial result ``(acc / l, log2-sum-exp)``; the last program of a
+   (row, KV head) to finish — found with an atomic counter — merges them and writes the output.
+   With one split it writes the output directly.
 
-The split count comes from the shape and the SM count (:func:`plan_splits`). Numerics: inputs of
-any of fp16/bf16/fp32; logits, softmax statistics and the accumulator are fp32; the span's ``qR`` is
-rounded to the Keys' dtype before the tensor-core dot (bf16: ~2⁻⁹ relative per element), the
-probabilities to the Values' dtype before ``P·V`` (as in FlashAttention). fp32 inputs use exact
-fp32 dots (``input_precision="ieee"``), not tf32.
+``DecodeConfig(fused_merge=False)`` merges in a third launch (``_merge_kernel``) instead.
+The split count comes from the shape and the SM count (:func:`plan_splits`): as many splits as
+fill one wave of resident programs. Numerics: fp16/bf16/fp32 inputs; logits, softmax statistics
+and the accumulator are fp32; the span's ``qR`` is rounded to the Keys' dtype before the
+tensor-core dot (bf16: ~2⁻⁹ relative per element), the probabilities to the Values' dtype before
+``P·V`` (as in FlashAttention). fp32 inputs use exact fp32 dots (``input_precision="ieee"``).
 
-Limits: ``Hq`` must be a multiple of ``H``; both segments share the row's batch index; all tensors
-on one CUDA device (or CPU tensors under ``TRITON_INTERPRET=1``, for tests).
+Limits: ``Hq`` must be a multiple of ``H``; all tensors on one CUDA device (or CPU tensors under
+``TRITON_INTERPRET=1``, for tests); two calls must not run concurrently on one set of scratch
+buffers (each call allocates its own, so only a caller sharing them could).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+logger = logging.getLogger(__name__)
 
 # exp(x) = exp2(x·log2(e)): the scale is folded into the queries once, so the inner loop is exp2.
 _LOG2E = 1.4426950408889634
@@ -47,36 +54,46 @@ _LOG2E = 1.4426950408889634
 _MIN_DOT = 16
 # SM count used for the split plan when there is no CUDA device (interpreter tests).
 _CPU_SM_COUNT = 4
+# Splits merged per step of the merge loop.
+_SPLIT_BLOCK = 16
+# Launch through the compiled binary after the first call for a specialisation (see _Launcher).
+FAST_LAUNCH = True
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
     """Launch parameters of the split kernel.
 
-    ``block_n`` tokens per tile; ``programs_per_sm`` how many split programs per SM the split plan
-    aims at (more programs: smaller tail wave, more partial results to merge); ``min_blocks`` the
-    fewest tiles a split may own (below that the merge costs more than the parallelism buys);
-    ``pdl`` launches the three kernels with programmatic dependent launch (Hopper and later): each
-    kernel's programs are made resident while its predecessor finishes and wait for it with
-    ``griddepcontrol.wait``, which hides the launch gaps (CUDA graphs keep the dependency);
-    ``full_stages`` the pipelining depth of the full-segment loop.
+    ``block_n`` tokens per tile; ``num_warps`` / ``num_stages`` as in Triton (``num_stages`` is the
+    span loop's pipelining depth, ``full_stages`` the full-segment loop's); ``ctas_per_sm`` how many
+    split programs one SM holds at once (from the compiled kernel's registers and shared memory:
+    128 registers × 128 threads and 44 KB at the default), so that the plan fills one wave;
+    ``min_blocks`` the fewest tiles a split may own; ``fused_merge`` merges the splits inside the
+    split kernel (last program per row and KV head) instead of a third launch; ``pdl`` launches with
+    programmatic dependent launch (Hopper+): each kernel's programs become resident while the
+    previous kernel runs and wait for it with ``griddepcontrol.wait``.
     """
 
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
-    programs_per_sm: int = 4
+    ctas_per_sm: int = 4
     min_blocks: int = 2
-    pdl: bool = False
     full_stages: int = 2
+    fused_merge: bool = True
+    pdl: bool = False
 
 
 def default_config(dtype: torch.dtype, head_dim: int, value_dim: int) -> DecodeConfig:
     """The configuration used by :func:`decode_attention_triton` (tuned on H100, bf16, d = 128)."""
     row_bytes = max(head_dim, value_dim) * dtype.itemsize
     if row_bytes > 256:  # fp32 at d = 128, or d = 256: keep a stage's tiles small
-        return DecodeConfig(block_n=32, num_warps=4, num_stages=2)
-    return DecodeConfig()
+        return _WIDE_CONFIG
+    return _DEFAULT_CONFIG
+
+
+_DEFAULT_CONFIG = DecodeConfig()
+_WIDE_CONFIG = DecodeConfig(block_n=32, num_stages=2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -92,13 +109,15 @@ def _has_pdl(device_index: int) -> bool:
 def plan_splits(total_len: int, rows: int, block_n: int, sm_count: int, config: DecodeConfig) -> tuple[int, int]:
     """Split count and tokens per split for ``rows = B·H`` sequences of ``total_len`` tokens.
 
-    Aims at ``sm_count · programs_per_sm`` programs in all, never gives a split fewer than
-    ``min_blocks`` tiles (except when the sequence is shorter) and never leaves a split empty.
+    Programs all stream the same number of bytes, so the plan fills exactly one wave of resident
+    programs (``sm_count · ctas_per_sm``): a second, partial wave would leave most SMs idle while it
+    runs. Past one wave (``rows`` ≥ slots) there is one split. No split gets fewer than
+    ``min_blocks`` tiles (unless the sequence is shorter) and none is empty.
     Returns ``(splits, tokens_per_split)``; ``tokens_per_split`` is a multiple of ``block_n``.
     """
     blocks = max(triton.cdiv(total_len, block_n), 1)
-    want = triton.cdiv(sm_count * config.programs_per_sm, max(rows, 1))
-    splits = max(1, min(want, triton.cdiv(blocks, config.min_blocks)))
+    want = max(1, (sm_count * config.ctas_per_sm) // max(rows, 1))
+    splits = max(1, min(want, blocks // config.min_blocks))
     per_split = triton.cdiv(blocks, splits)
     return triton.cdiv(blocks, per_split), per_split * block_n
 
@@ -127,18 +146,17 @@ _add_op = getattr(tl.standard, "_sum_combine", _local_add)
 
 @triton.jit
 def _query_prologue_kernel(
-    q_ptr, rot_ptr, dmu_ptr, qr_ptr, qdm_ptr,
+    q_ptr, rot_ptr, dmu_ptr, qr_ptr, qdm_ptr, cnt_ptr,
     qk_scale,
     stride_qb, stride_qh, stride_qd,
     stride_rb, stride_rh, stride_rd, stride_rr,
     stride_mb, stride_mh, stride_md,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, R_BLOCK: tl.constexpr,
-    USE_GDC: tl.constexpr,
+    ZERO_COUNTER: tl.constexpr, USE_GDC: tl.constexpr,
 ):
-    """``qr[bh] = (q R)·qk_scale`` ``[G_PAD, R_PAD]`` and ``qdm[bh] = (q·δμ)·qk_scale`` ``[G_PAD]``.
-
-    Grid ``(B·H, R_PAD // R_BLOCK)``; padded rows/channels are written as zeros.
+    """``qr[bh] = (q R)·qk_scale`` ``[G_PAD, R_PAD]``, ``qdm[bh] = (q·δμ)·qk_scale`` ``[G_PAD]``,
+    and ``cnt[bh] = 0`` (``ZERO_COUNTER``). Grid ``(B·H, R_PAD // R_BLOCK)``; padding is zeros.
     """
     if USE_GDC:  # the query may come from the kernel launched just before
         tl.extra.cuda.gdc_wait()
@@ -165,6 +183,8 @@ def _query_prologue_kernel(
                       mask=d_mask, other=0.0).to(tl.float32)  # [D_PAD]
         qdm = tl.reduce(q * dmu[None, :], 1, _add_op) * qk_scale  # [G_PAD]
         tl.store(qdm_ptr + pid.to(tl.int64) * G_PAD + offs_g, qdm)
+        if ZERO_COUNTER:
+            tl.store(cnt_ptr + pid, 0)
 
 
 @triton.jit
@@ -184,12 +204,41 @@ def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC: tl.constexpr):
     return m_new, l_i, acc
 
 
+@triton.jit
+def _merge_splits(part_ptr, lse_ptr, row0, num_splits,
+                  DV: tl.constexpr, DV_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr, CACHE: tl.constexpr):
+    """``Σ_s 2^(lse_s − M)·part_s / Σ_s 2^(lse_s − M)`` over the ``num_splits`` partials of one
+    query head, stored from ``row0`` on (``part`` ``[·, DV]`` fp32 each already divided by its own
+    ``l``; ``lse`` base 2). Online over blocks of splits; all −inf (fully masked) ⇒ zeros.
+    Returns ``[DV_PAD]`` fp32.
+    """
+    offs_v = tl.arange(0, DV_PAD)
+    v_mask = offs_v < DV
+    m = tl.full([1], float("-inf"), tl.float32)
+    den = tl.full([1], 0.0, tl.float32)
+    acc = tl.full([DV_PAD], 0.0, tl.float32)
+    for s0 in range(0, num_splits, SPLIT_BLOCK):
+        offs_s = s0 + tl.arange(0, SPLIT_BLOCK)
+        inside = offs_s < num_splits
+        lse = tl.load(lse_ptr + row0 + offs_s, mask=inside, other=float("-inf"), cache_modifier=CACHE)
+        part = tl.load(part_ptr + (row0 + offs_s)[:, None] * DV + offs_v[None, :],
+                       mask=inside[:, None] & v_mask[None, :], other=0.0, cache_modifier=CACHE)
+        m_new = tl.maximum(m, tl.reduce(lse, 0, _max_op))  # [1]
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_safe)
+        w = tl.math.exp2(lse - m_safe)  # [SPLIT_BLOCK]; 0 for −inf
+        den = den * alpha + tl.reduce(w, 0, _add_op)
+        acc = acc * alpha + tl.reduce(w[:, None] * part, 0, _add_op)
+        m = m_new
+    return acc / tl.where(den == 0.0, 1.0, den)
+
+
 @triton.jit(do_not_specialize=["span_len", "full_len", "tokens_per_split"])
 def _decode_split_kernel(
     q_ptr, qr_ptr, qdm_ptr,
     ks_ptr, vs_ptr, ms_ptr,
     kf_ptr, vf_ptr, mf_ptr,
-    out_ptr, lse_ptr,
+    out_ptr, part_ptr, lse_ptr, cnt_ptr,
     span_len, full_len, tokens_per_split, qk_scale,
     stride_qb, stride_qh, stride_qd,
     stride_ksb, stride_ksh, stride_kss, stride_ksr,
@@ -202,18 +251,19 @@ def _decode_split_kernel(
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
     DV: tl.constexpr, DV_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    USE_GDC: tl.constexpr, FULL_STAGES: tl.constexpr,
+    BLOCK_N: tl.constexpr, FULL_STAGES: tl.constexpr, SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """One (split, row·KV head) program over tokens ``[lo, hi)`` of ``[span | full]``.
 
-    ``SPLIT``: write the normalised partial ``acc / l`` ``[G, DV]`` fp32 to ``out_ptr`` (laid out
-    ``[B, Hq, splits, DV]``) and ``lse = m + log2(l)`` (base 2, −inf for an all-masked range) to
-    ``lse_ptr`` ``[B, Hq, splits]``; else write the final output ``[B, Hq, DV]`` in its dtype.
-    ``UPCAST``: compute in fp32 from the tiles' load on (the interpreter cannot compute in bf16).
+    ``SPLIT``: write the normalised partial ``acc / l`` to ``part`` ``[B, Hq, splits, DV]`` fp32 and
+    ``lse = m + log2(l)`` (base 2, −inf for an all-masked range) to ``lse`` ``[B, Hq, splits]``; with
+    ``FUSED_MERGE`` the last of the row's programs to arrive at ``cnt[row]`` (zeroed by the
+    prologue) merges all splits into ``out``. Without ``SPLIT``: write ``out`` ``[B, Hq, DV]``.
+    ``FULL_STAGES``: pipelining depth of the full-segment loop (short in RotateK: prompt, text and
+    generated tokens); lower than the span loop's, it saves shared memory, hence occupancy.
+    ``UPCAST``: compute in fp32 from the load on (the interpreter cannot compute in bf16).
     ``USE_GDC``: wait for the prologue before the first load (nothing is read before it).
-    ``FULL_STAGES``: pipelining depth of the full-segment loop (short in RotateK: prompt + text +
-    generated tokens); below the span loop's depth it saves shared memory, hence occupancy.
     """
     if USE_GDC:
         tl.extra.cuda.gdc_wait()
@@ -303,9 +353,21 @@ def _decode_split_kernel(
     store_mask = g_mask[:, None] & v_mask[None, :]
     if SPLIT:
         row = (b64 * (NUM_HEADS * GROUP) + hq) * num_splits + split  # [G_PAD]
-        tl.store(out_ptr + row[:, None] * DV + offs_v[None, :], acc, mask=store_mask)
+        tl.store(part_ptr + row[:, None] * DV + offs_v[None, :], acc, mask=store_mask)
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
         tl.store(lse_ptr + row, lse, mask=g_mask)
+        if FUSED_MERGE:
+            # Publish, then count arrivals: every thread's stores are issued before the barrier,
+            # and the gpu-scope acq_rel atomic orders them before the count others read. The last
+            # program reads the partials through L2 (.cg), never a stale L1 line.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+            if arrived == num_splits - 1:
+                for g in range(GROUP):
+                    row0 = (b64 * (NUM_HEADS * GROUP) + h * GROUP + g) * num_splits
+                    merged = _merge_splits(part_ptr, lse_ptr, row0, num_splits, DV, DV_PAD, SPLIT_BLOCK, ".cg")
+                    ptrs = out_ptr + b64 * stride_ob + (h * GROUP + g).to(tl.int64) * stride_oh + offs_v * stride_od
+                    tl.store(ptrs, merged.to(out_ptr.dtype.element_ty), mask=v_mask)
     else:
         ptrs = out_ptr + b64 * stride_ob + hq[:, None] * stride_oh + offs_v[None, :] * stride_od
         tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=store_mask)
@@ -317,42 +379,68 @@ def _merge_kernel(
     num_splits,
     stride_ob, stride_oh, stride_od,
     NUM_Q_HEADS: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
-    SPLITS_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr, USE_GDC: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr, USE_GDC: tl.constexpr,
 ):
-    """``out[b, hq] = Σ_s 2^(lse_s − M) · part_s / Σ_s 2^(lse_s − M)``, ``M = max_s lse_s``.
-
-    Grid ``(B·Hq,)``. ``part`` ``[B, Hq, splits, DV]`` fp32 (each already divided by its own
-    ``l``), ``lse`` ``[B, Hq, splits]`` base-2. All splits −inf (row fully masked) ⇒ zeros.
-    """
+    """Grid ``(B·Hq,)``: ``out[b, hq]`` from the ``num_splits`` partials (``fused_merge=False``)."""
     if USE_GDC:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     b = pid // NUM_Q_HEADS
     hq = pid % NUM_Q_HEADS
-    row0 = pid.to(tl.int64) * num_splits
-    offs_s = tl.arange(0, SPLITS_PAD)
-    lse_all = tl.load(lse_ptr + row0 + offs_s, mask=offs_s < num_splits, other=float("-inf"))
-    m = tl.reduce(lse_all, 0, _max_op)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    denom = tl.reduce(tl.math.exp2(lse_all - m_safe), 0, _add_op)
+    merged = _merge_splits(part_ptr, lse_ptr, pid.to(tl.int64) * num_splits, num_splits, DV, DV_PAD, SPLIT_BLOCK, "")
     offs_v = tl.arange(0, DV_PAD)
-    v_mask = offs_v < DV
-    acc = tl.full([DV_PAD], 0.0, tl.float32)
-    for s0 in range(0, num_splits, SPLIT_BLOCK):
-        offs_b = s0 + tl.arange(0, SPLIT_BLOCK)
-        inside = offs_b < num_splits
-        lse = tl.load(lse_ptr + row0 + offs_b, mask=inside, other=float("-inf"))
-        w = tl.math.exp2(lse - m_safe)  # [SPLIT_BLOCK]; 0 for −inf
-        part = tl.load(part_ptr + (row0 + offs_b)[:, None] * DV + offs_v[None, :],
-                       mask=inside[:, None] & v_mask[None, :], other=0.0)  # [SPLIT_BLOCK, DV_PAD]
-        acc += tl.reduce(w[:, None] * part, 0, _add_op)
-    out = acc / tl.where(denom == 0.0, 1.0, denom)
     ptrs = out_ptr + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh + offs_v * stride_od
-    tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=v_mask)
+    tl.store(ptrs, merged.to(out_ptr.dtype.element_ty), mask=offs_v < DV)
 
 
 # --- host side ----------------------------------------------------------------------------------
+
+
+def _spec_key(args: tuple) -> tuple:
+    """What Triton specialises a launch on, per argument: a tensor's dtype and 16-byte alignment;
+    an int's being 1, a multiple of 16, or past int32."""
+    return tuple(
+        (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, Tensor)
+        else (a == 1, a % 16 == 0, a > 0x7FFFFFFF) if isinstance(a, int) else None
+        for a in args)
+
+
+class _Launcher:
+    """Launches one ``@triton.jit`` kernel, through the compiled binary once it is known.
+
+    Triton's per-launch binding, specialisation and cache lookup cost tens of µs of host time per
+    kernel, which at B = 1 is longer than the kernel itself. The first launch for a key goes through
+    ``kernel[grid](...)`` (compiling if needed), which returns the compiled kernel; later launches
+    with the same key (:func:`_spec_key` of the runtime arguments, constexprs, options, device) call
+    it directly, with the same arguments in signature order. Runtime arguments come first in every
+    kernel here, constexprs last.
+    """
+
+    def __init__(self, kernel: Any):
+        self.kernel = kernel
+        self.compiled: dict = {}
+
+    def __call__(self, grid: tuple[int, int, int], args: tuple, constexprs: dict, options: dict, device: int):
+        if not FAST_LAUNCH or INTERPRETED:
+            self.kernel[grid](*args, **constexprs, **options)
+            return
+        key = (device, _spec_key(args), tuple(constexprs.values()), tuple(options.items()))
+        hit = self.compiled.get(key)
+        if hit is not None:
+            hit[0][grid](*args, *hit[1])
+            return
+        compiled = self.kernel[grid](*args, **constexprs, **options)
+        names = self.kernel.arg_names[len(args):]
+        if hasattr(compiled, "__getitem__") and sorted(names) == sorted(constexprs):
+            self.compiled[key] = (compiled, tuple(constexprs[n] for n in names))
+        else:
+            logger.warning("rotatek decode: no fast launch for %s", self.kernel.__name__)
+
+
+_launch_prologue = _Launcher(_query_prologue_kernel)
+_launch_split = _Launcher(_decode_split_kernel)
+_launch_merge = _Launcher(_merge_kernel)
 
 
 def _pad(n: int) -> int:
@@ -414,7 +502,8 @@ def _decode_attention(
             f"inconsistent shapes: query {tuple(query.shape)}, span_keys {tuple(span_keys.shape)}, "
             f"span_values {tuple(span_values.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}")
     group = q_heads // kv_heads
-    out = torch.empty(batch, q_heads, value_dim, dtype=query.dtype, device=query.device)
+    device = query.device
+    out = torch.empty(batch, q_heads, value_dim, dtype=query.dtype, device=device)
     total = span_len + full_len
     if total == 0 or batch == 0:
         return out.zero_()
@@ -422,78 +511,78 @@ def _decode_attention(
     if span_len == 0:  # the loops never run; the pointers only need the right element type
         span_keys = _placeholder(span_keys, (1, 1, 1, rank))
         span_values = _placeholder(span_values, (1, 1, 1, value_dim))
-        span_mask = torch.zeros(1, 1, dtype=torch.bool, device=query.device)
+        span_mask = torch.zeros(1, 1, dtype=torch.bool, device=device)
     if full_len == 0:
         keys = _placeholder(keys, (1, 1, 1, dim))
         values = _placeholder(values, (1, 1, 1, value_dim))
-        mask = torch.zeros(1, 1, dtype=torch.bool, device=query.device)
+        mask = torch.zeros(1, 1, dtype=torch.bool, device=device)
 
     if config is None:
         config = default_config(span_values.dtype, dim, value_dim)
     g_pad, d_pad, r_pad, dv_pad = _pad(group), _pad(dim), _pad(rank), _pad(value_dim)
     rows = batch * kv_heads
-    sm_count = _sm_count(query.device.index or 0) if query.is_cuda else _CPU_SM_COUNT
+    on_gpu = query.is_cuda
+    device_index = (device.index or 0) if on_gpu else -1
     if num_splits is None:
+        sm_count = _sm_count(device_index) if on_gpu else _CPU_SM_COUNT
         splits, per_split = plan_splits(total, rows, config.block_n, sm_count, config)
     else:
         blocks = triton.cdiv(total, config.block_n)
         per_split = triton.cdiv(blocks, max(1, min(num_splits, blocks)))
         splits, per_split = triton.cdiv(blocks, per_split), per_split * config.block_n
+    split = splits > 1
+    fused = split and config.fused_merge
     qk_scale = float(scale) * _LOG2E
+    dtypes = (span_keys.dtype, span_values.dtype, keys.dtype, values.dtype)
     # The interpreter computes bf16 wrongly unless values are widened right after the load.
-    upcast = INTERPRETED and torch.bfloat16 in (span_keys.dtype, span_values.dtype, keys.dtype, values.dtype)
-    wide = upcast or torch.float32 in (span_keys.dtype, span_values.dtype, keys.dtype, values.dtype)
-    dot_prec = "ieee" if wide else "tf32"  # "tf32" is the default; it only matters for fp32 operands
+    upcast = INTERPRETED and torch.bfloat16 in dtypes
+    dot_prec = "ieee" if upcast or torch.float32 in dtypes else "tf32"  # only fp32 operands heed it
+    use_pdl = config.pdl and on_gpu and not INTERPRETED and _has_pdl(device_index)
+    options = {"num_warps": config.num_warps, "launch_pdl": True} if use_pdl else {"num_warps": config.num_warps}
 
-    use_pdl = config.pdl and query.is_cuda and not INTERPRETED and _has_pdl(query.device.index or 0)
-    launch = {"launch_pdl": True} if use_pdl else {}
+    # scratch: qR and q·δμ per (row, KV head), arrival counters, partials
+    qr = torch.empty(rows, g_pad, r_pad, dtype=torch.float32, device=device)
+    qdm = torch.empty(rows, g_pad, dtype=torch.float32, device=device)
+    counters = torch.empty(rows if fused else 1, dtype=torch.int32, device=device)
+    if split:
+        part = torch.empty(batch, q_heads, splits, value_dim, dtype=torch.float32, device=device)
+        lse = torch.empty(batch, q_heads, splits, dtype=torch.float32, device=device)
+    else:
+        part = lse = qdm  # never touched
 
-    # 1. qR, q·δμ once per (row, KV head)
-    qr = torch.empty(rows, g_pad, r_pad, dtype=torch.float32, device=query.device)
-    qdm = torch.empty(rows, g_pad, dtype=torch.float32, device=query.device)
+    # 1. qR, q·δμ once per (row, KV head); zero the counters
     r_block = min(r_pad, 64)
-    _query_prologue_kernel[(rows, r_pad // r_block)](
-        query, rotation, mean_residual, qr, qdm, qk_scale,
-        *query.stride(), *rotation.stride(), *mean_residual.stride(),
-        NUM_HEADS=kv_heads, GROUP=group, G_PAD=g_pad, D=dim, D_PAD=d_pad, R=rank, R_PAD=r_pad,
-        R_BLOCK=r_block, USE_GDC=use_pdl, num_warps=4, **launch,
-    )
+    _launch_prologue(
+        (rows, r_pad // r_block, 1),
+        (query, rotation, mean_residual, qr, qdm, counters, qk_scale,
+         *query.stride(), *rotation.stride(), *mean_residual.stride()),
+        dict(NUM_HEADS=kv_heads, GROUP=group, G_PAD=g_pad, D=dim, D_PAD=d_pad, R=rank, R_PAD=r_pad,
+             R_BLOCK=r_block, ZERO_COUNTER=fused, USE_GDC=use_pdl),
+        options, device_index)
 
-    # 2. split kernel (writes ``out`` directly when there is a single split)
+    # 2. split kernel (+ merge by the last program of each row and KV head)
     span_mask_u8 = span_mask.view(torch.uint8)
     mask_u8 = mask.view(torch.uint8)
-    if splits > 1:
-        part = torch.empty(batch, q_heads, splits, value_dim, dtype=torch.float32, device=query.device)
-        lse = torch.empty(batch, q_heads, splits, dtype=torch.float32, device=query.device)
-        target = part
-    else:
-        part = lse = None
-        target = out
-    _decode_split_kernel[(splits, rows)](
-        query, qr, qdm,
-        span_keys, span_values, span_mask_u8,
-        keys, values, mask_u8,
-        target, lse if lse is not None else qdm,
-        span_len, full_len, per_split, qk_scale,
-        *query.stride(),
-        *span_keys.stride(), *span_values.stride(), *span_mask_u8.stride(),
-        *keys.stride(), *values.stride(), *mask_u8.stride(),
-        *out.stride(),
-        NUM_HEADS=kv_heads, GROUP=group, G_PAD=g_pad, D=dim, D_PAD=d_pad, R=rank, R_PAD=r_pad,
-        DV=value_dim, DV_PAD=dv_pad, BLOCK_N=config.block_n, SPLIT=splits > 1, DOT_PREC=dot_prec,
-        UPCAST=upcast, USE_GDC=use_pdl,
-        FULL_STAGES=config.full_stages, num_warps=config.num_warps, num_stages=config.num_stages, **launch,
-    )
-    if splits == 1:
-        return out
+    _launch_split(
+        (splits, rows, 1),
+        (query, qr, qdm, span_keys, span_values, span_mask_u8, keys, values, mask_u8,
+         out, part, lse, counters, span_len, full_len, per_split, qk_scale,
+         *query.stride(), *span_keys.stride(), *span_values.stride(), *span_mask_u8.stride(),
+         *keys.stride(), *values.stride(), *mask_u8.stride(), *out.stride()),
+        dict(NUM_HEADS=kv_heads, GROUP=group, G_PAD=g_pad, D=dim, D_PAD=d_pad, R=rank, R_PAD=r_pad,
+             DV=value_dim, DV_PAD=dv_pad, BLOCK_N=config.block_n, FULL_STAGES=config.full_stages,
+             SPLIT=split, FUSED_MERGE=fused, SPLIT_BLOCK=_SPLIT_BLOCK, DOT_PREC=dot_prec, UPCAST=upcast,
+             USE_GDC=use_pdl),
+        dict(options, num_stages=config.num_stages), device_index)
 
-    # 3. merge the splits
-    splits_pad = triton.next_power_of_2(splits)
-    _merge_kernel[(batch * q_heads,)](
-        part, lse, out, splits, *out.stride(),
-        NUM_Q_HEADS=q_heads, DV=value_dim, DV_PAD=triton.next_power_of_2(value_dim),
-        SPLITS_PAD=splits_pad, SPLIT_BLOCK=min(splits_pad, 16), USE_GDC=use_pdl, num_warps=4, **launch,
-    )
+    # 3. separate merge (fused_merge=False)
+    if split and not fused:
+        _launch_merge(
+            (batch * q_heads, 1, 1),
+            (part, lse, out, splits, *out.stride()),
+            dict(NUM_Q_HEADS=q_heads, DV=value_dim, DV_PAD=triton.next_power_of_2(value_dim),
+                 SPLIT_BLOCK=_SPLIT_BLOCK, USE_GDC=use_pdl),
+            options, device_index)
     return out
 
 
