@@ -14,6 +14,7 @@ bytes measured on the cache, recompilations during the timed steps. JSON goes to
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -26,7 +27,9 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import rotatek_compile  # noqa: E402
-import rotatek_compile.backend as rotatek_backend  # noqa: E402
+
+# the module (``rotatek_compile.backend`` the attribute is the public ``backend()`` function)
+rotatek_backend = importlib.import_module("rotatek_compile.backend")
 
 logger = logging.getLogger("model_decode")
 PROMPT, TEXT = 30, 30
@@ -144,8 +147,10 @@ def main() -> None:
         else:
             backend = backend_name
         model.compile(backend=backend, dynamic=True)
-        # warm-up: compile the prefill and both decode graphs on a short prompt
-        run_case(model, 1, 256, 3, device)
+        # warm-up: compile the prefill and both decode graphs, for every batch size, on short prompts
+        for batch in sorted({batch for batch, _ in cases}):
+            run_case(model, batch, 256, 3, device)
+            run_case(model, batch, 300, 3, device)
         for batch, span in cases:
             try:
                 row = run_case(model, batch, span, args.steps, device)

@@ -68,8 +68,13 @@ class RotateKBackend:
         self._report(plan, example_inputs)
         if plan.phase == "prefill":
             return _PrefillRunner(plan, self._compile(plan.module, list(example_inputs)), self.config)
-        extra = _state_inputs(plan, example_inputs)
-        return _DecodeRunner(plan, self._compile(plan.module, list(example_inputs) + extra))
+        extra, symbols = _state_inputs(plan, example_inputs), []
+        if self.inner == "inductor":
+            extra, symbols = _symbolic_state(plan, extra, self.config.method)
+        checks = StateShapeChecks(symbols)
+        compiled = self._compile(plan.module, list(example_inputs) + extra)
+        checks.take_guards()
+        return _DecodeRunner(plan, compiled, checks)
 
     def _compile(self, module: fx.GraphModule, example_inputs: list) -> Callable:
         if self.inner == "eager":
@@ -134,6 +139,89 @@ def _state_inputs(plan: RewrittenGraph, args: Sequence[Any]) -> list[torch.Tenso
     return tensors
 
 
+def _symbolic_state(plan: RewrittenGraph, state: list[torch.Tensor],
+                    method: str) -> tuple[list[torch.Tensor], list]:
+    """Fake tensors for the state inputs, with the span and rest lengths as symbols of their own.
+
+    Left to AOTAutograd, the state tensors would get duck-sized symbols, tying e.g. the rest
+    length to any other dimension of the same value on the first call, which later calls break.
+    Each length gets a fresh symbol instead; batch, heads and head dims reuse the symbols (or
+    constants) of HF's cache tensors, which Dynamo guards. Returns the fakes and the symbols.
+    """
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic
+
+    fake_mode = torch._guards.detect_fake_mode()
+    if fake_mode is None or fake_mode.shape_env is None:
+        return state, []
+    shape_env = fake_mode.shape_env
+    symbols = []
+
+    def length(value: int, name: str):
+        source = ConstantSource(name)
+        symbol = shape_env.create_symbol(value, source, dynamic_dim=DimDynamic.DYNAMIC,
+                                         do_not_specialize_zero_one=True)
+        symbols.append((symbol, name))
+        return shape_env.create_symintnode(symbol, hint=value, source=source)
+
+    placeholders = list(plan.module.graph.find_nodes(op="placeholder"))
+    fakes = []
+    per_site = len(state) // len(plan.sites)
+    for i, slot in enumerate(plan.sites):
+        real = state[i * per_site:(i + 1) * per_site]
+        batch, heads, _, dim = placeholders[slot.past_keys_input].meta["example_value"].shape
+        value_dim = placeholders[slot.past_values_input].meta["example_value"].shape[-1]
+        span = length(real[3].shape[2], f"rotatek_span_{i}")
+        rest = length(real[5].shape[2], f"rotatek_rest_{i}")
+        rank = real[0].shape[-1]
+        if method == "spark":
+            key_shapes = [(batch, heads, span, rank), (batch, heads, span, rank), (batch, heads, span)]
+        else:
+            key_shapes = [(batch, heads, span, rank), (batch, heads, dim, rank), (batch, heads, dim)]
+        shapes = key_shapes + [(batch, heads, span, value_dim), (batch, span),
+                               (batch, heads, rest, dim), (batch, heads, rest, value_dim), (batch, rest)]
+        with fake_mode:
+            fakes += [torch.empty(shape, dtype=t.dtype, device=t.device) for shape, t in zip(shapes, real)]
+    return fakes, symbols
+
+
+class StateShapeChecks:
+    """What compiling assumed about the state lengths, checked on every call instead of by Dynamo.
+
+    Dynamo can only guard what it traced; the guards that compiling put on the state-length
+    symbols (in practice ``length >= 2``, a stride assumption) are taken out of its shape
+    environment and evaluated here from the real state. A call that breaks one raises.
+    """
+
+    def __init__(self, symbols: list):
+        self.symbols = symbols
+        self.expressions: list = []
+
+    def take_guards(self) -> None:
+        fake_mode = torch._guards.detect_fake_mode()
+        if not self.symbols or fake_mode is None:
+            return
+        ours = {symbol for symbol, _ in self.symbols}
+        kept = []
+        for guard in fake_mode.shape_env.guards:
+            (self.expressions if guard.expr.free_symbols & ours else kept).append(guard)
+        fake_mode.shape_env.guards[:] = kept
+        self.expressions = [guard.expr for guard in self.expressions]
+
+    def check(self, state: list[torch.Tensor]) -> None:
+        if not self.expressions:
+            return
+        per_site = len(state) // (len(self.symbols) // 2)
+        values = {}
+        for i in range(len(self.symbols) // 2):
+            values[self.symbols[2 * i][0]] = state[i * per_site + 3].shape[2]
+            values[self.symbols[2 * i + 1][0]] = state[i * per_site + 5].shape[2]
+        for expression in self.expressions:
+            if not bool(expression.xreplace(values)):
+                raise RotateKCacheError(f"rotatek: the compressed cache breaks an assumption of the "
+                                        f"compiled decode step ({expression} with {values})")
+
+
 class _PrefillRunner:
     """Runs the prefill graph, then compresses each site's Keys and hands HF stand-ins."""
 
@@ -191,12 +279,15 @@ def _prompt_head(valid: torch.Tensor, window: int) -> torch.Tensor:
 class _DecodeRunner:
     """Runs a decode graph on the compressed state attached to HF's cache stand-ins."""
 
-    def __init__(self, plan: RewrittenGraph, compiled: Callable):
-        self.plan, self.compiled = plan, compiled
+    def __init__(self, plan: RewrittenGraph, compiled: Callable, checks: StateShapeChecks):
+        self.plan, self.compiled, self.checks = plan, compiled, checks
 
     def __call__(self, *args):
         plan = self.plan
-        outputs = list(self.compiled(*args, *_state_inputs(plan, args)))
+        state = _state_inputs(plan, args)
+        self.checks.check(state)
+        outputs = list(self.compiled(*args, *state))
+        del state
         grown = outputs[plan.num_outputs:]
         for i, slot in enumerate(plan.sites):
             keys, values, mask = grown[3 * i: 3 * i + 3]

@@ -114,14 +114,21 @@ def derived_from_stand_in(tensor: Tensor) -> bool:
     return tensor.is_floating_point() and tensor.numel() > 0 and bool(tensor.reshape(-1)[0].isnan())
 
 
+# Each segment keeps at least this many slots (padding slots are masked): the compiled decode step
+# may assume a length of at least 2 (a length of 1 has its own stride rules).
+MIN_SEGMENT = 2
+
+
 def _compact(selected: Tensor) -> tuple[Tensor, Tensor]:
     """Positions of the ``True`` entries of each row, left-aligned, and which slots are real.
 
     ``selected`` ``[B, S]`` bool → ``positions`` ``[B, n]`` (ascending, padded with 0) and
-    ``mask`` ``[B, n]`` with ``n`` the largest count in a row.
+    ``mask`` ``[B, n]`` with ``n`` the largest count in a row (at least ``MIN_SEGMENT``).
     """
     counts = selected.sum(dim=1)  # [B]
-    width = int(counts.max()) if selected.numel() else 0
+    width = max(int(counts.max()) if selected.numel() else 0, MIN_SEGMENT)
+    if selected.shape[1] < width:
+        selected = torch.nn.functional.pad(selected, (0, width - selected.shape[1]))
     order = torch.sort((~selected).to(torch.int8), dim=1, stable=True).indices[:, :width]
     mask = torch.arange(width, device=selected.device)[None, :] < counts[:, None]
     return torch.where(mask, order, torch.zeros_like(order)), mask
@@ -166,7 +173,7 @@ def compress_layer(
 
     if config.token_keep < 1.0 and span_keys.shape[2] > 0:
         scores = reference.token_scores(queries, span_keys, scale, span_mask)  # [B, H, Sv]
-        kept, span_mask = reference.keep_tokens(scores, config.token_keep, span_mask)
+        kept, span_mask = reference.keep_tokens(scores, config.token_keep, span_mask, MIN_SEGMENT)
         span_keys = reference.gather_tokens(span_keys, kept)
         span_values = reference.gather_tokens(span_values, kept)
 

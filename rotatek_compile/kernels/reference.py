@@ -327,18 +327,20 @@ def token_scores(queries: Tensor, keys: Tensor, scale: float, key_mask: Optional
     return torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(dim=(2, 3))
 
 
-def keep_tokens(scores: Tensor, keep: float, key_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+def keep_tokens(scores: Tensor, keep: float, key_mask: Optional[Tensor] = None,
+                min_width: int = 0) -> tuple[Tensor, Tensor]:
     """Indices of the span tokens to keep, per KV head, and which of them are real.
 
     ``scores`` ``[B, H, S]`` → ``indices`` ``[B, H, k]`` (ascending positions) and ``kept_mask``
-    ``[B, k]`` with ``k = ceil(keep · max real tokens)``; row ``b`` keeps ``ceil(keep · n_b)``.
+    ``[B, k]`` with ``k = max(ceil(keep · max real tokens), min(min_width, S))``; row ``b`` keeps
+    ``ceil(keep · n_b)``.
     """
     batch, _, length = scores.shape
     if key_mask is None:
         key_mask = torch.ones(batch, length, dtype=torch.bool, device=scores.device)
     real = key_mask.sum(-1)  # [B]
     kept = torch.ceil(real.float() * keep).long().clamp(max=length)  # [B]
-    width = int(kept.max().item()) if batch else 0
+    width = max(int(kept.max().item()) if batch else 0, min(min_width, length))
     masked = scores.masked_fill(~key_mask[:, None, :], -math.inf)
     kept_mask = torch.arange(width, device=scores.device)[None, :] < kept[:, None]  # [B, k]
     # Take the `width` best by score; in rows that keep fewer, push the surplus past the end

@@ -22,7 +22,9 @@ Two launches, neither of which syncs with the host (CUDA-graph capturable):
    (row, KV head) to finish — found with an atomic counter — merges them and writes the output.
    With one split it writes the output directly.
 
-``DecodeConfig(fused_merge=False)`` merges in a third launch (``_merge_kernel``) instead.
+With many splits (small batches) a third launch, ``_merge_kernel``, merges instead: one program
+per query head and slice of ``dv`` reads all splits at once, where one CTA per head would be a
+serial tail (``DecodeConfig.fused_merge_max``).
 The split count comes from the shape and the SM count (:func:`plan_splits`): as many splits as
 fill one wave of resident programs. Numerics: fp16/bf16/fp32 inputs; logits, softmax statistics
 and the accumulator are fp32; the span's ``qR`` is rounded to the Keys' dtype before the
@@ -54,8 +56,10 @@ _LOG2E = 1.4426950408889634
 _MIN_DOT = 16
 # SM count used for the split plan when there is no CUDA device (interpreter tests).
 _CPU_SM_COUNT = 4
-# Splits merged per step of the merge loop.
+# Splits merged per step of the fused merge's loop.
 _SPLIT_BLOCK = 16
+# Elements of the merge kernel's [splits, dv slice] tile (4096 fp32: 32 registers a thread at 4 warps).
+_MERGE_TILE = 4096
 # Launch through the compiled binary after the first call for a specialisation (see _Launcher).
 FAST_LAUNCH = True
 
@@ -68,8 +72,10 @@ class DecodeConfig:
     span loop's pipelining depth, ``full_stages`` the full-segment loop's); ``ctas_per_sm`` how many
     split programs one SM holds at once (from the compiled kernel's registers and shared memory:
     128 registers × 128 threads and 44 KB at the default), so that the plan fills one wave;
-    ``min_blocks`` the fewest tiles a split may own; ``fused_merge`` merges the splits inside the
-    split kernel (last program per row and KV head) instead of a third launch; ``pdl`` launches with
+    ``min_blocks`` the fewest tiles a split may own; ``fused_merge_max`` the most splits merged
+    inside the split kernel (by the last program per row and KV head to finish, one CTA: cheap for
+    a few splits, a serial tail for many); past it a third launch merges, one program per query
+    head and slice of ``dv``, all splits at once; ``pdl`` launches with
     programmatic dependent launch (Hopper+): each kernel's programs become resident while the
     previous kernel runs and wait for it with ``griddepcontrol.wait``.
     """
@@ -80,7 +86,7 @@ class DecodeConfig:
     ctas_per_sm: int = 4
     min_blocks: int = 2
     full_stages: int = 2
-    fused_merge: bool = True
+    fused_merge_max: int = 16
     pdl: bool = False
 
 
@@ -146,8 +152,8 @@ _add_op = getattr(tl.standard, "_sum_combine", _local_add)
 
 @triton.jit
 def _query_prologue_kernel(
-    q_ptr, rot_ptr, dmu_ptr, qr_ptr, qdm_ptr, cnt_ptr,
-    qk_scale,
+    q_ptr, rot_ptr, dmu_ptr, ws_ptr,
+    qdm_off, cnt_off, qk_scale,
     stride_qb, stride_qh, stride_qd,
     stride_rb, stride_rh, stride_rd, stride_rr,
     stride_mb, stride_mh, stride_md,
@@ -155,8 +161,9 @@ def _query_prologue_kernel(
     D: tl.constexpr, D_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, R_BLOCK: tl.constexpr,
     ZERO_COUNTER: tl.constexpr, USE_GDC: tl.constexpr,
 ):
-    """``qr[bh] = (q R)·qk_scale`` ``[G_PAD, R_PAD]``, ``qdm[bh] = (q·δμ)·qk_scale`` ``[G_PAD]``,
-    and ``cnt[bh] = 0`` (``ZERO_COUNTER``). Grid ``(B·H, R_PAD // R_BLOCK)``; padding is zeros.
+    """Into the fp32 workspace: ``qr[bh] = (q R)·qk_scale`` ``[G_PAD, R_PAD]`` at 0,
+    ``qdm[bh] = (q·δμ)·qk_scale`` ``[G_PAD]`` at ``qdm_off``, and the arrival counter ``cnt[bh] = 0``
+    at ``cnt_off`` (``ZERO_COUNTER``). Grid ``(B·H, R_PAD // R_BLOCK)``; padding is written as zeros.
     """
     if USE_GDC:  # the query may come from the kernel launched just before
         tl.extra.cuda.gdc_wait()
@@ -177,14 +184,14 @@ def _query_prologue_kernel(
     rot = tl.load(r_base + offs_d[:, None] * stride_rd + offs_r[None, :] * stride_rr,
                   mask=d_mask[:, None] & (offs_r[None, :] < R), other=0.0).to(tl.float32)  # [D_PAD, R_BLOCK]
     qr = tl.dot(q, rot, input_precision="ieee") * qk_scale  # [G_PAD, R_BLOCK] fp32, exact fp32 dot
-    tl.store(qr_ptr + pid.to(tl.int64) * (G_PAD * R_PAD) + offs_g[:, None] * R_PAD + offs_r[None, :], qr)
+    tl.store(ws_ptr + pid.to(tl.int64) * (G_PAD * R_PAD) + offs_g[:, None] * R_PAD + offs_r[None, :], qr)
     if rb == 0:
         dmu = tl.load(dmu_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + offs_d * stride_md,
                       mask=d_mask, other=0.0).to(tl.float32)  # [D_PAD]
         qdm = tl.reduce(q * dmu[None, :], 1, _add_op) * qk_scale  # [G_PAD]
-        tl.store(qdm_ptr + pid.to(tl.int64) * G_PAD + offs_g, qdm)
+        tl.store(ws_ptr + qdm_off + pid.to(tl.int64) * G_PAD + offs_g, qdm)
         if ZERO_COUNTER:
-            tl.store(cnt_ptr + pid, 0)
+            tl.store(ws_ptr + cnt_off + pid, 0.0)
 
 
 @triton.jit
@@ -235,10 +242,8 @@ def _merge_splits(part_ptr, lse_ptr, row0, num_splits,
 
 @triton.jit(do_not_specialize=["span_len", "full_len", "tokens_per_split"])
 def _decode_split_kernel(
-    q_ptr, qr_ptr, qdm_ptr,
-    ks_ptr, vs_ptr, ms_ptr,
-    kf_ptr, vf_ptr, mf_ptr,
-    out_ptr, part_ptr, lse_ptr, cnt_ptr,
+    q_ptr, ks_ptr, vs_ptr, ms_ptr, kf_ptr, vf_ptr, mf_ptr, out_ptr, ws_ptr,
+    qdm_off, cnt_off, part_off, lse_off,
     span_len, full_len, tokens_per_split, qk_scale,
     stride_qb, stride_qh, stride_qd,
     stride_ksb, stride_ksh, stride_kss, stride_ksr,
@@ -256,10 +261,12 @@ def _decode_split_kernel(
 ):
     """One (split, row·KV head) program over tokens ``[lo, hi)`` of ``[span | full]``.
 
-    ``SPLIT``: write the normalised partial ``acc / l`` to ``part`` ``[B, Hq, splits, DV]`` fp32 and
-    ``lse = m + log2(l)`` (base 2, −inf for an all-masked range) to ``lse`` ``[B, Hq, splits]``; with
-    ``FUSED_MERGE`` the last of the row's programs to arrive at ``cnt[row]`` (zeroed by the
-    prologue) merges all splits into ``out``. Without ``SPLIT``: write ``out`` ``[B, Hq, DV]``.
+    Workspace (fp32, offsets in elements): ``qR`` at 0 and ``q·δμ`` at ``qdm_off`` from the
+    prologue; arrival counters at ``cnt_off``; partials ``[B, Hq, splits, DV]`` at ``part_off``;
+    their ``lse`` ``[B, Hq, splits]`` at ``lse_off``.
+    ``SPLIT``: write the normalised partial ``acc / l`` and ``lse = m + log2(l)`` (base 2, −inf for
+    an all-masked range); with ``FUSED_MERGE`` the last of the row's programs to arrive at its
+    counter merges all splits into ``out``. Without ``SPLIT``: write ``out`` ``[B, Hq, DV]``.
     ``FULL_STAGES``: pipelining depth of the full-segment loop (short in RotateK: prompt, text and
     generated tokens); lower than the span loop's, it saves shared memory, hence occupancy.
     ``UPCAST``: compute in fp32 from the load on (the interpreter cannot compute in bf16).
@@ -297,10 +304,10 @@ def _decode_split_kernel(
     ks_base = ks_ptr + b64 * stride_ksb + h64 * stride_ksh
     vs_base = vs_ptr + b64 * stride_vsb + h64 * stride_vsh
     ms_base = ms_ptr + b64 * stride_msb
-    qr = tl.load(qr_ptr + pid.to(tl.int64) * (G_PAD * R_PAD) + offs_g[:, None] * R_PAD + offs_r[None, :])
+    qr = tl.load(ws_ptr + pid.to(tl.int64) * (G_PAD * R_PAD) + offs_g[:, None] * R_PAD + offs_r[None, :])
     if not UPCAST:
         qr = qr.to(ks_ptr.dtype.element_ty)  # [G_PAD, R_PAD]
-    qdm = tl.load(qdm_ptr + pid.to(tl.int64) * G_PAD + offs_g)  # [G_PAD] fp32
+    qdm = tl.load(ws_ptr + qdm_off + pid.to(tl.int64) * G_PAD + offs_g)  # [G_PAD] fp32
     span_hi = tl.minimum(hi, span_len)
     for start in range(lo, span_hi, BLOCK_N):
         tok = start + offs_n  # [BLOCK_N]
@@ -352,6 +359,8 @@ def _decode_split_kernel(
     hq = (h * GROUP + offs_g).to(tl.int64)  # [G_PAD] query-head index
     store_mask = g_mask[:, None] & v_mask[None, :]
     if SPLIT:
+        part_ptr = ws_ptr + part_off
+        lse_ptr = ws_ptr + lse_off
         row = (b64 * (NUM_HEADS * GROUP) + hq) * num_splits + split  # [G_PAD]
         tl.store(part_ptr + row[:, None] * DV + offs_v[None, :], acc, mask=store_mask)
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
@@ -361,8 +370,8 @@ def _decode_split_kernel(
             # and the gpu-scope acq_rel atomic orders them before the count others read. The last
             # program reads the partials through L2 (.cg), never a stale L1 line.
             tl.debug_barrier()
-            arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
-            if arrived == num_splits - 1:
+            arrived = tl.atomic_add(ws_ptr + cnt_off + pid, 1.0, sem="acq_rel")  # fp32: exact below 2²⁴
+            if arrived == (num_splits - 1).to(tl.float32):
                 for g in range(GROUP):
                     row0 = (b64 * (NUM_HEADS * GROUP) + h * GROUP + g) * num_splits
                     merged = _merge_splits(part_ptr, lse_ptr, row0, num_splits, DV, DV_PAD, SPLIT_BLOCK, ".cg")
@@ -375,35 +384,48 @@ def _decode_split_kernel(
 
 @triton.jit
 def _merge_kernel(
-    part_ptr, lse_ptr, out_ptr,
-    num_splits,
+    ws_ptr, out_ptr,
+    part_off, lse_off, num_splits,
     stride_ob, stride_oh, stride_od,
-    NUM_Q_HEADS: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
-    SPLIT_BLOCK: tl.constexpr, USE_GDC: tl.constexpr,
+    NUM_Q_HEADS: tl.constexpr, DV: tl.constexpr, DV_BLOCK: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
-    """Grid ``(B·Hq,)``: ``out[b, hq]`` from the ``num_splits`` partials (``fused_merge=False``)."""
+    """Grid ``(B·Hq, cdiv(DV, DV_BLOCK))``: ``out[b, hq, slice]`` from all ``num_splits`` partials at
+    once (``SPLITS_PAD`` ≥ ``num_splits``): ``Σ_s 2^(lse_s − M)·part_s / Σ_s 2^(lse_s − M)``."""
     if USE_GDC:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
+    vb = tl.program_id(1)
     b = pid // NUM_Q_HEADS
     hq = pid % NUM_Q_HEADS
-    merged = _merge_splits(part_ptr, lse_ptr, pid.to(tl.int64) * num_splits, num_splits, DV, DV_PAD, SPLIT_BLOCK, "")
-    offs_v = tl.arange(0, DV_PAD)
+    row0 = pid.to(tl.int64) * num_splits
+    offs_s = tl.arange(0, SPLITS_PAD)
+    inside = offs_s < num_splits
+    lse = tl.load(ws_ptr + lse_off + row0 + offs_s, mask=inside, other=float("-inf"))  # [SPLITS_PAD]
+    m = tl.reduce(lse, 0, _max_op)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse - m_safe)  # 0 for −inf (masked or absent splits)
+    den = tl.reduce(w, 0, _add_op)
+    offs_v = vb * DV_BLOCK + tl.arange(0, DV_BLOCK)
+    v_mask = offs_v < DV
+    part = tl.load(ws_ptr + part_off + (row0 + offs_s)[:, None] * DV + offs_v[None, :],
+                   mask=inside[:, None] & v_mask[None, :], other=0.0)  # [SPLITS_PAD, DV_BLOCK]
+    out = tl.reduce(w[:, None] * part, 0, _add_op) / tl.where(den == 0.0, 1.0, den)
     ptrs = out_ptr + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh + offs_v * stride_od
-    tl.store(ptrs, merged.to(out_ptr.dtype.element_ty), mask=offs_v < DV)
+    tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=v_mask)
 
 
 # --- host side ----------------------------------------------------------------------------------
 
 
 def _spec_key(args: tuple) -> tuple:
-    """What Triton specialises a launch on, per argument: a tensor's dtype and 16-byte alignment;
-    an int's being 1, a multiple of 16, or past int32."""
-    return tuple(
-        (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, Tensor)
-        else (a == 1, a % 16 == 0, a > 0x7FFFFFFF) if isinstance(a, int) else None
-        for a in args)
+    """What Triton specialises a launch on, per argument: an int's being 1, a multiple of 16, or
+    past int32; a tensor's dtype and 16-byte alignment."""
+    return tuple([
+        (a == 1, a & 15 == 0, a > 0x7FFFFFFF) if a.__class__ is int
+        else (a.dtype, a.data_ptr() & 15 == 0) if isinstance(a, Tensor) else None
+        for a in args])
 
 
 class _Launcher:
@@ -507,7 +529,6 @@ def _decode_attention(
     total = span_len + full_len
     if total == 0 or batch == 0:
         return out.zero_()
-
     if span_len == 0:  # the loops never run; the pointers only need the right element type
         span_keys = _placeholder(span_keys, (1, 1, 1, rank))
         span_values = _placeholder(span_values, (1, 1, 1, value_dim))
@@ -531,7 +552,7 @@ def _decode_attention(
         per_split = triton.cdiv(blocks, max(1, min(num_splits, blocks)))
         splits, per_split = triton.cdiv(blocks, per_split), per_split * config.block_n
     split = splits > 1
-    fused = split and config.fused_merge
+    fused = split and splits <= config.fused_merge_max
     qk_scale = float(scale) * _LOG2E
     dtypes = (span_keys.dtype, span_values.dtype, keys.dtype, values.dtype)
     # The interpreter computes bf16 wrongly unless values are widened right after the load.
@@ -540,50 +561,50 @@ def _decode_attention(
     use_pdl = config.pdl and on_gpu and not INTERPRETED and _has_pdl(device_index)
     options = {"num_warps": config.num_warps, "launch_pdl": True} if use_pdl else {"num_warps": config.num_warps}
 
-    # scratch: qR and q·δμ per (row, KV head), arrival counters, partials
-    qr = torch.empty(rows, g_pad, r_pad, dtype=torch.float32, device=device)
-    qdm = torch.empty(rows, g_pad, dtype=torch.float32, device=device)
-    counters = torch.empty(rows if fused else 1, dtype=torch.int32, device=device)
-    if split:
-        part = torch.empty(batch, q_heads, splits, value_dim, dtype=torch.float32, device=device)
-        lse = torch.empty(batch, q_heads, splits, dtype=torch.float32, device=device)
-    else:
-        part = lse = qdm  # never touched
+    # One fp32 workspace, regions 16-element aligned: qR, q·δμ, counters, partials, their lse.
+    qdm_off = rows * g_pad * r_pad
+    cnt_off = qdm_off + rows * g_pad
+    part_off = cnt_off + _align16(rows)
+    lse_off = part_off + (batch * q_heads * splits * value_dim if split else 0)
+    workspace = torch.empty(lse_off + (batch * q_heads * splits if split else 0), dtype=torch.float32, device=device)
 
     # 1. qR, q·δμ once per (row, KV head); zero the counters
     r_block = min(r_pad, 64)
     _launch_prologue(
         (rows, r_pad // r_block, 1),
-        (query, rotation, mean_residual, qr, qdm, counters, qk_scale,
+        (query, rotation, mean_residual, workspace, qdm_off, cnt_off, qk_scale,
          *query.stride(), *rotation.stride(), *mean_residual.stride()),
         dict(NUM_HEADS=kv_heads, GROUP=group, G_PAD=g_pad, D=dim, D_PAD=d_pad, R=rank, R_PAD=r_pad,
              R_BLOCK=r_block, ZERO_COUNTER=fused, USE_GDC=use_pdl),
         options, device_index)
 
-    # 2. split kernel (+ merge by the last program of each row and KV head)
-    span_mask_u8 = span_mask.view(torch.uint8)
-    mask_u8 = mask.view(torch.uint8)
+    # 2. split kernel (+ merge by the last program of each row and KV head when fused)
     _launch_split(
         (splits, rows, 1),
-        (query, qr, qdm, span_keys, span_values, span_mask_u8, keys, values, mask_u8,
-         out, part, lse, counters, span_len, full_len, per_split, qk_scale,
-         *query.stride(), *span_keys.stride(), *span_values.stride(), *span_mask_u8.stride(),
-         *keys.stride(), *values.stride(), *mask_u8.stride(), *out.stride()),
+        (query, span_keys, span_values, span_mask, keys, values, mask, out, workspace,
+         qdm_off, cnt_off, part_off, lse_off, span_len, full_len, per_split, qk_scale,
+         *query.stride(), *span_keys.stride(), *span_values.stride(), *span_mask.stride(),
+         *keys.stride(), *values.stride(), *mask.stride(), *out.stride()),
         dict(NUM_HEADS=kv_heads, GROUP=group, G_PAD=g_pad, D=dim, D_PAD=d_pad, R=rank, R_PAD=r_pad,
              DV=value_dim, DV_PAD=dv_pad, BLOCK_N=config.block_n, FULL_STAGES=config.full_stages,
              SPLIT=split, FUSED_MERGE=fused, SPLIT_BLOCK=_SPLIT_BLOCK, DOT_PREC=dot_prec, UPCAST=upcast,
              USE_GDC=use_pdl),
         dict(options, num_stages=config.num_stages), device_index)
 
-    # 3. separate merge (fused_merge=False)
+    # 3. merge in a launch of its own (many splits)
     if split and not fused:
+        splits_pad = triton.next_power_of_2(splits)
+        dv_block = max(1, min(triton.next_power_of_2(value_dim), _MERGE_TILE // splits_pad))
         _launch_merge(
-            (batch * q_heads, 1, 1),
-            (part, lse, out, splits, *out.stride()),
-            dict(NUM_Q_HEADS=q_heads, DV=value_dim, DV_PAD=triton.next_power_of_2(value_dim),
-                 SPLIT_BLOCK=_SPLIT_BLOCK, USE_GDC=use_pdl),
+            (batch * q_heads, triton.cdiv(value_dim, dv_block), 1),
+            (workspace, out, part_off, lse_off, splits, *out.stride()),
+            dict(NUM_Q_HEADS=q_heads, DV=value_dim, DV_BLOCK=dv_block, SPLITS_PAD=splits_pad, USE_GDC=use_pdl),
             options, device_index)
     return out
+
+
+def _align16(n: int) -> int:
+    return (n + 15) // 16 * 16
 
 
 # True when this module was imported under ``TRITON_INTERPRET=1`` (kernels then run on CPU tensors).

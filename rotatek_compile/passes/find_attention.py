@@ -229,6 +229,7 @@ def find_attention_sites(graph: fx.Graph) -> list[Match]:
             matches.append(SkippedSite(layer, node,
                                        "the cache keeps a slice of the Keys (sliding-window layer)"))
             continue
+        scale = _constant_scale(scale)
         if not isinstance(mask, (fx.Node, type(None))):
             matches.append(SkippedSite(layer, node, f"unsupported attention mask {type(mask).__name__}"))
             continue
@@ -247,6 +248,19 @@ def find_attention_sites(graph: fx.Graph) -> list[Match]:
             past_keys=past_keys, past_values=past_values, new_keys=new_keys, new_values=new_values,
             mask=mask, scale=float(scale), is_causal=is_causal, gqa=gqa, rope=_is_rope(new_keys)))
     return matches
+
+
+def _constant_scale(scale: object) -> Optional[float]:
+    """The softmax scale as a number. Under ``dynamic=True`` Dynamo lifts the module's ``scaling``
+    float to an input read by ``.item()``; it is a model constant, so its traced value is used."""
+    if isinstance(scale, fx.Node):
+        value = scale.meta.get("example_value")
+        if isinstance(value, torch.SymFloat):
+            return float(value.node.hint) if value.node.hint is not None else None
+        if isinstance(value, (int, float)):
+            return float(value)
+        return None
+    return scale
 
 
 def _is_eager_final(node: fx.Node) -> bool:
