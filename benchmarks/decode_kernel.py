@@ -51,18 +51,20 @@ REL_L2_MAX = 1e-2
 C = td.DecodeConfig
 VARIANTS = {
     "default": None,  # td.default_config(...): what decode_attention_triton launches
+    "r96c5": C(maxnreg=96, ctas_per_sm=5),
     "c3": C(ctas_per_sm=3),
-    "c6": C(ctas_per_sm=6),
     "c8": C(ctas_per_sm=8),
-    "s4c3": C(num_stages=4, ctas_per_sm=3),
-    "unfused": C(fused_merge=False),
+    "fmax0": C(fused_merge_max=0),
+    "fmax64": C(fused_merge_max=64),
     "pdl": C(pdl=True),
-    "unfused_pdl": C(fused_merge=False, pdl=True),
-    "n32s4c6": C(block_n=32, num_stages=4, ctas_per_sm=6),
+    "s4c3": C(num_stages=4, ctas_per_sm=3),
+    "n32s4c6": C(block_n=32, num_stages=4, ctas_per_sm=6, maxnreg=80),
     "n128s2c3": C(block_n=128, num_stages=2, ctas_per_sm=3),
-    "n128w8c2": C(block_n=128, num_warps=8, ctas_per_sm=2),
     "w8c2": C(num_warps=8, ctas_per_sm=2),
 }
+# Forced split counts (graph replay, default config otherwise) at a few cases.
+SPLIT_SWEEP = {(1, 16384): [16, 33, 43, 52, 65, 86, 129], (1, 131072): [33, 48, 49, 63, 65, 66, 99, 132],
+               (4, 16384): [8, 12, 16, 17, 24, 32]}
 
 
 def pruned_inputs(batch, span, keep=1.0, device="cuda"):
@@ -202,6 +204,12 @@ def check_correctness(variants, report):
             report.append({"case": name, "variant": vname, "rel_l2": err, "ok": ok})
             if not ok:
                 failures.append((name, vname, err))
+        if (batch, span) == (1, 16384):  # forced split counts: both merge paths, dv sliced at 129
+            for n in (17, 129):
+                err = rel_l2(td._decode_attention(*inputs, num_splits=n), want)
+                report.append({"case": name, "variant": f"splits{n}", "rel_l2": err, "ok": err <= REL_L2_MAX})
+                if not err <= REL_L2_MAX:
+                    failures.append((name, f"splits{n}", err))
         del inputs, want
         torch.cuda.empty_cache()
     return failures
@@ -254,7 +262,14 @@ def main():
         if (batch, span) == (1, 16384):
             case["host"] = host_report(inputs[0], args.out)
             case["kernels"] = {v: kernel_breakdown(kernel_call(inputs[0], variants[v]), args.out, v)
-                               for v in ("default", "unfused") if v in variants}
+                               for v in ("default", "fmax64") if v in variants}
+        if (batch, span) in SPLIT_SWEEP and not args.quick:
+            case["split_sweep"] = {}
+            for n in SPLIT_SWEEP[(batch, span)]:
+                fns = [lambda x=x, n=n: td._decode_attention(*x, num_splits=n) for x in inputs]
+                case["split_sweep"][n] = guarded(lambda: graph_us(fns, replays=replays), f"sweep {n}")
+            print(f"B{batch} N{span} split sweep, graph us: "
+                  + ", ".join(f"{n}: {t:.1f}" for n, t in case["split_sweep"].items()), flush=True)
         del inputs, fns
         torch.cuda.empty_cache()
 

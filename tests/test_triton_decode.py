@@ -115,11 +115,11 @@ def decode_shapes(draw):
 
 @CI
 @given(shape=decode_shapes(), num_splits=st.sampled_from([None, 1, 2, 5]), block_n=st.sampled_from([16, 32]),
-       fused_merge=st.booleans())
-def test_kernel_matches_reference(shape, num_splits, block_n, fused_merge):
+       fused_merge_max=st.sampled_from([0, 16]))
+def test_kernel_matches_reference(shape, num_splits, block_n, fused_merge_max):
     """Random shapes, GQA ratios 1–8, ranks ≤ d, empty and ragged segments, padding, strides,
     both merge paths (in the split kernel, or a separate launch)."""
-    config = triton_decode.DecodeConfig(block_n=block_n, num_warps=4, num_stages=2, fused_merge=fused_merge)
+    config = triton_decode.DecodeConfig(block_n=block_n, num_warps=4, num_stages=2, fused_merge_max=fused_merge_max)
     check(make_inputs(**shape), num_splits=num_splits, config=config)
 
 
@@ -164,6 +164,13 @@ def test_default_config_and_split_plan():
             splits, per = triton_decode.plan_splits(total, rows, config.block_n, 132, config)
             assert per % config.block_n == 0 and splits >= 1
             assert (splits - 1) * per < total <= splits * per
+
+
+@pytest.mark.parametrize("num_splits", [12, 44])
+def test_many_splits(num_splits):
+    """Past ``fused_merge_max`` the merge is a launch of its own; at 44 splits it also slices dv."""
+    config = triton_decode.DecodeConfig(block_n=16, num_stages=2, fused_merge_max=16)
+    check(make_inputs(1, 4, 1, 128, 32, 128, 640, 60, keep=0.9), num_splits=num_splits, config=config)
 
 
 def test_rejects_bad_group():

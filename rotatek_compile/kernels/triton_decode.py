@@ -77,7 +77,9 @@ class DecodeConfig:
     a few splits, a serial tail for many); past it a third launch merges, one program per query
     head and slice of ``dv``, all splits at once; ``pdl`` launches with
     programmatic dependent launch (Hopper+): each kernel's programs become resident while the
-    previous kernel runs and wait for it with ``griddepcontrol.wait``.
+    previous kernel runs and wait for it with ``griddepcontrol.wait``; ``maxnreg`` caps the split
+    kernel's registers per thread, which pins its occupancy (``ctas_per_sm``) across its variants
+    (ptxas otherwise picks 96–142 registers depending on the epilogue).
     """
 
     block_n: int = 64
@@ -88,6 +90,7 @@ class DecodeConfig:
     full_stages: int = 2
     fused_merge_max: int = 16
     pdl: bool = False
+    maxnreg: Optional[int] = 128
 
 
 def default_config(dtype: torch.dtype, head_dim: int, value_dim: int) -> DecodeConfig:
@@ -589,7 +592,8 @@ def _decode_attention(
              DV=value_dim, DV_PAD=dv_pad, BLOCK_N=config.block_n, FULL_STAGES=config.full_stages,
              SPLIT=split, FUSED_MERGE=fused, SPLIT_BLOCK=_SPLIT_BLOCK, DOT_PREC=dot_prec, UPCAST=upcast,
              USE_GDC=use_pdl),
-        dict(options, num_stages=config.num_stages), device_index)
+        dict(options, num_stages=config.num_stages, **({"maxnreg": config.maxnreg} if config.maxnreg else {})),
+        device_index)
 
     # 3. merge in a launch of its own (many splits)
     if split and not fused:
