@@ -25,7 +25,7 @@ import torch.fx as fx
 import rotatek_compile.ops  # noqa: F401  (registers torch.ops.rotatek.*)
 from rotatek_compile.config import RotateKConfig
 from rotatek_compile.passes.find_attention import SkippedSite
-from rotatek_compile.passes.rewrite import RewrittenGraph, rewrite_decode, rewrite_prefill
+from rotatek_compile.passes.rewrite import RewrittenGraph, rewrite_decode, rewrite_merge, rewrite_prefill
 from rotatek_compile.passes.visual_span import to_token_mask
 from rotatek_compile.state import attached, compress_layer, derived_from_stand_in, stand_in
 
@@ -61,10 +61,17 @@ class RotateKBackend:
         compressed = {i for i, x in enumerate(example_inputs) if attached(x) is not None}
         if compressed:
             plan = rewrite_decode(gm, self.config.method, self.config.kernel, compressed)
+            read = {slot.past_keys_input for slot in plan.sites} if plan else set()
+            if compressed - read:
+                raise RotateKCacheError(
+                    f"rotatek: {len(compressed - read)} compressed Key caches reach code that was not "
+                    "rewritten to read them (an attention pattern the pass does not recognise)")
         else:
-            plan = rewrite_prefill(gm, self.config.query_window)
+            plan = rewrite_prefill(gm, self.config.query_window) or rewrite_merge(gm)
         if plan is None:
             return self._plain(gm, example_inputs)
+        if plan.phase == "merge":
+            return _MergeRunner(plan, self._compile(plan.module, list(example_inputs)))
         self._report(plan, example_inputs)
         if plan.phase == "prefill":
             return _PrefillRunner(plan, self._compile(plan.module, list(example_inputs)), self.config)
@@ -222,6 +229,22 @@ class StateShapeChecks:
                                         f"compiled decode step ({expression} with {values})")
 
 
+_SPAN_TAG = "_rotatek_span"
+
+
+class _MergeRunner:
+    """Runs a graph that merges image features; tags the merged embeddings with the mask."""
+
+    def __init__(self, plan: RewrittenGraph, compiled: Callable):
+        self.plan, self.compiled = plan, compiled
+
+    def __call__(self, *args):
+        outputs = list(self.compiled(*args))
+        for merged, mask in zip(self.plan.merge_outputs, self.plan.span_outputs):
+            setattr(outputs[merged], _SPAN_TAG, outputs[mask])
+        return outputs[: self.plan.num_outputs]
+
+
 class _PrefillRunner:
     """Runs the prefill graph, then compresses each site's Keys and hands HF stand-ins."""
 
@@ -231,7 +254,7 @@ class _PrefillRunner:
     def __call__(self, *args):
         outputs = list(self.compiled(*args))
         plan = self.plan
-        span = self._span(outputs)
+        span = self._span(outputs, args)
         for slot in plan.sites:
             keys, values = outputs[slot.keys_output], outputs[slot.values_output]
             valid = _valid_tokens(outputs[slot.mask_output] if slot.mask_output >= 0 else None, keys)
@@ -243,15 +266,22 @@ class _PrefillRunner:
             del keys, values
         return outputs[: plan.num_outputs]
 
-    def _span(self, outputs: list) -> Optional[torch.Tensor]:
-        """``[B, S]`` image-token mask, or ``None`` for the prompt fallback."""
-        if self.config.span != "visual" or not self.plan.span_outputs:
+    def _span(self, outputs: list, args: tuple) -> Optional[torch.Tensor]:
+        """``[B, S]`` image-token mask, or ``None`` for the prompt fallback.
+
+        From this graph's own image merges, or else from merged embeddings that an earlier graph
+        returned and tagged (:class:`_MergeRunner`) and that come in as inputs here.
+        """
+        if self.config.span != "visual":
             return None
+        masks = [outputs[index] for index in self.plan.span_outputs]
+        if not masks:
+            masks = [getattr(a, _SPAN_TAG) for a in args if isinstance(a, torch.Tensor) and hasattr(a, _SPAN_TAG)]
         keys = outputs[self.plan.sites[0].keys_output]
         batch, length = keys.shape[0], keys.shape[2]
         span = None
-        for index in self.plan.span_outputs:
-            mask = to_token_mask(outputs[index], batch, length)
+        for candidate in masks:
+            mask = to_token_mask(candidate, batch, length)
             if mask is not None:
                 span = mask if span is None else span | mask
         if span is None or not bool(span.any()):

@@ -46,22 +46,8 @@ def _xfail(reason: str):
     return pytest.mark.xfail(reason=reason, strict=True)
 
 
-_IDEFICS3_SPAN = (
-    "Idefics3: the image merge (masked_scatter in inputs_merger, after its Tensor.item() check) is a "
-    "Dynamo graph of its own; the decoder graph gets the merged embeddings as an input, so "
-    "rewrite_prefill finds no span mask and falls back to the prompt's head: no image token compressed")
-_MLLAMA_CROSS = (
-    "Mllama: the cross-attention layer's prefill cache update cat([tensor([]), k_proj(vision)], -2) "
-    "matches as a self-attention site; its cache becomes a NaN stand-in that the decode graph's "
-    "cross-attention (not rewritten) reads")
-
-# Known gaps: test name → model name → xfail reason
-XFAIL: dict[str, dict[str, str]] = {
-    "test_sites": {"mllama": _MLLAMA_CROSS},
-    "test_full_rank_is_exact": {"mllama": _MLLAMA_CROSS},
-    "test_quarter_rank_bytes": {"idefics3": _IDEFICS3_SPAN, "mllama": _MLLAMA_CROSS},
-    "test_batch2_left_padding_is_exact": {"mllama": _MLLAMA_CROSS},
-}
+# Known gaps: test name → model name → xfail reason (none at present)
+XFAIL: dict[str, dict[str, str]] = {}
 
 
 def _models(test: str, names: Optional[tuple[str, ...]] = None):

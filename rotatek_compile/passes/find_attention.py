@@ -241,6 +241,9 @@ def find_attention_sites(graph: fx.Graph) -> list[Match]:
             continue
         past_keys, new_keys = key_update.args[0]
         past_values, new_values = value_update.args[0]
+        if _is_cross_attention(query, new_keys):
+            matches.append(SkippedSite(layer, node, "cross-attention: its Keys come from another sequence"))
+            continue
         gqa = "enable_gqa" if enable_gqa else ("repeat_kv" if key_repeated else "none")
         matches.append(AttentionSite(
             layer=layer, kind=kind, attention=node, query=query,
@@ -248,6 +251,28 @@ def find_attention_sites(graph: fx.Graph) -> list[Match]:
             past_keys=past_keys, past_values=past_values, new_keys=new_keys, new_values=new_values,
             mask=mask, scale=float(scale), is_causal=is_causal, gqa=gqa, rope=_is_rope(new_keys)))
     return matches
+
+
+_LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
+
+
+def _projection_input(node: fx.Node, depth: int = 40) -> Optional[fx.Node]:
+    """The input of the ``linear`` that produced ``node``, walking back through RoPE, norms and
+    reshapes along the highest-rank tensor argument (weights are lower-rank)."""
+    for _ in range(depth):
+        if _is_call(node, *_LINEAR):
+            return node.args[0]
+        candidates = [a for a in node.args if isinstance(a, fx.Node) and example_value(a) is not None]
+        if not candidates:
+            return None
+        node = max(candidates, key=lambda a: example_value(a).dim())
+    return None
+
+
+def _is_cross_attention(query: fx.Node, new_keys: fx.Node) -> bool:
+    """Queries and Keys projected from different hidden states (Mllama's cross-attention)."""
+    query_source, key_source = _projection_input(query), _projection_input(new_keys)
+    return query_source is not None and key_source is not None and query_source is not key_source
 
 
 def _constant_scale(scale: object) -> Optional[float]:

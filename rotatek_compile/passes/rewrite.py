@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from rotatek_compile.passes.find_attention import AttentionSite, SkippedSite, example_value, sites_and_skips
-from rotatek_compile.passes.visual_span import find_span_masks
+from rotatek_compile.passes.visual_span import find_merges, find_span_masks
 
 logger = logging.getLogger("rotatek_compile")
 
@@ -54,12 +54,13 @@ class SiteSlots:
 
 @dataclasses.dataclass(frozen=True)
 class RewrittenGraph:
-    phase: str  # "prefill" | "decode"
+    phase: str  # "prefill" | "decode" | "merge"
     module: fx.GraphModule
     sites: tuple[SiteSlots, ...]
     skipped: tuple[SkippedSite, ...]
     num_outputs: int  # outputs of the original graph (the rest are added)
-    span_outputs: tuple[int, ...] = ()  # prefill: image-merge masks
+    span_outputs: tuple[int, ...] = ()  # prefill, merge: image-merge masks
+    merge_outputs: tuple[int, ...] = ()  # merge: the merged embeddings each mask belongs to
 
 
 def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -123,6 +124,32 @@ def rewrite_prefill(gm: fx.GraphModule, query_window: int) -> Optional[Rewritten
     graph.lint()
     module.recompile()
     return RewrittenGraph("prefill", module, tuple(slots), tuple(skipped), num_outputs, tuple(span_outputs))
+
+
+def rewrite_merge(gm: fx.GraphModule) -> Optional[RewrittenGraph]:
+    """A graph that only merges image features (no attention) → a copy that also returns the masks.
+
+    The runtime tags each returned merged-embeddings tensor with its mask, for the decoder graph
+    that receives it. Returns ``None`` when no merge result is a graph output.
+    """
+    module = copy_module(gm)
+    graph = module.graph
+    returned = set(_flatten_nodes(_output_node(graph).args))
+    merges = [(merged, mask) for merged, mask in find_merges(graph) if merged in returned]
+    if not merges:
+        return None
+    num_outputs = len(_output_node(graph).args[0])
+    merge_outputs = tuple(_output_index(graph, merged) for merged, _ in merges)
+    span_outputs = tuple(_append_outputs(graph, [mask for _, mask in merges]))
+    graph.lint()
+    module.recompile()
+    return RewrittenGraph("merge", module, (), (), num_outputs, span_outputs, merge_outputs)
+
+
+def _flatten_nodes(args) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(args, found.append)
+    return found
 
 
 def rewrite_decode(gm: fx.GraphModule, method: str, kernel: str,

@@ -6,8 +6,10 @@ HF VLMs write the vision tower's output into the token embeddings at the image-t
     embeds[mask] = image_features  /  index_put(embeds, (mask,), features)
 
 where ``mask`` derives from ``input_ids == image_token_id``. Under ``generate()`` Dynamo breaks the
-graph at HF's ``Tensor.item()`` check, and the mask reaches the decoder graph as an input; the
-merge itself stays in the decoder graph, so the span is found in the same graph as the sites.
+graph at HF's ``Tensor.item()`` check. In most VLMs the break comes before the merge, which stays
+in the decoder graph with the mask as an input. Where the merge lands in a graph of its own
+(Idefics3), the backend tags the merged embeddings it returns with the mask, and the decoder
+graph, which receives that very tensor as an input, reads the tag.
 """
 
 from __future__ import annotations
@@ -32,6 +34,15 @@ def _bool_mask(node: object) -> bool:
 def find_span_masks(graph: fx.Graph) -> list[fx.Node]:
     """Boolean ``[B, S, ...]`` masks of every image/video feature merge in ``graph``."""
     masks: list[fx.Node] = []
+    for _, mask in find_merges(graph):
+        if mask not in masks:
+            masks.append(mask)
+    return masks
+
+
+def find_merges(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
+    """``(merged embeddings, boolean mask)`` of every image/video feature merge in ``graph``."""
+    merges: list[tuple[fx.Node, fx.Node]] = []
     for node in graph.nodes:
         if node.op == "call_method" and node.target in _MASKED_SCATTER:
             mask = node.args[1]
@@ -43,9 +54,9 @@ def find_span_masks(graph: fx.Graph) -> list[fx.Node]:
             mask = indices[0] if isinstance(indices, (list, tuple)) and len(indices) == 1 else None
         else:
             continue
-        if _bool_mask(mask) and mask not in masks:
-            masks.append(mask)
-    return masks
+        if _bool_mask(mask):
+            merges.append((node, mask))
+    return merges
 
 
 def to_token_mask(mask: torch.Tensor, batch: int, length: int) -> Optional[torch.Tensor]:
