@@ -43,7 +43,6 @@ class GraphReport:
     phase: str  # "prefill" | "decode" | "other"
     rewritten: list[str]
     skipped: list[tuple[str, str]]
-    ranks: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 class RotateKBackend:
