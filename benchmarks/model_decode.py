@@ -35,20 +35,20 @@ logger = logging.getLogger("model_decode")
 PROMPT, TEXT = 30, 30
 
 
-def llama_8b_shape(tiny: bool) -> LlamaConfig:
+def llama_8b_shape(tiny: bool, layers: int = 32) -> LlamaConfig:
     if tiny:
         return LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                            num_attention_heads=8, num_key_value_heads=2, head_dim=128,
                            max_position_embeddings=1 << 17)
-    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
                        num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                        max_position_embeddings=1 << 17, rope_theta=500000.0)
 
 
-def build_model(tiny: bool, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
+def build_model(tiny: bool, device: str, dtype: torch.dtype, layers: int) -> LlamaForCausalLM:
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(llama_8b_shape(tiny)).to(dtype)
+        model = LlamaForCausalLM(llama_8b_shape(tiny, layers)).to(dtype)
     for parameter in model.parameters():  # random weights of a plausible scale
         parameter.data.normal_(0, 0.02)
     return model.eval()
@@ -129,14 +129,17 @@ def main() -> None:
     parser.add_argument("--cases", default="1x16384,1x32768,1x65536,8x32768",
                         help="comma-separated BATCHxSPAN")
     parser.add_argument("--steps", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=32, help="decoder layers of the 8B shape")
     parser.add_argument("--key-channels", type=int, default=32)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     cases = [tuple(int(x) for x in case.split("x")) for case in args.cases.split(",")]
-    model = build_model(args.tiny, device, dtype)
+    model = build_model(args.tiny, device, dtype, args.layers)
+    os.makedirs(args.out, exist_ok=True)
+    lines = open(os.path.join(args.out, "model_decode.jsonl"), "a")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     results = []
     for backend_name in args.backends.split(","):
@@ -147,10 +150,12 @@ def main() -> None:
         else:
             backend = backend_name
         model.compile(backend=backend, dynamic=True)
+        started = time.perf_counter()
         # warm-up: compile the prefill and both decode graphs, for every batch size, on short prompts
         for batch in sorted({batch for batch, _ in cases}):
             run_case(model, batch, 256, 3, device)
             run_case(model, batch, 300, 3, device)
+        logger.info("%s: compiled in %.0f s", backend_name, time.perf_counter() - started)
         for batch, span in cases:
             try:
                 row = run_case(model, batch, span, args.steps, device)
@@ -160,10 +165,11 @@ def main() -> None:
             row["backend"] = backend_name
             results.append(row)
             logger.info("%s", json.dumps(row))
+            lines.write(json.dumps(row) + "\n")
+            lines.flush()
     report = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                   torch=torch.__version__, weight_bytes=weight_bytes, key_channels=args.key_channels,
-                  steps=args.steps, results=results)
-    os.makedirs(args.out, exist_ok=True)
+                  steps=args.steps, layers=model.config.num_hidden_layers, results=results)
     with open(os.path.join(args.out, "model_decode.json"), "w") as handle:
         json.dump(report, handle, indent=1)
     print_table(report)
