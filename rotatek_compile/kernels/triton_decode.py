@@ -19,12 +19,13 @@ Two launches, neither of which syncs with the host (CUDA-graph capturable):
    that range once for all ``G`` query heads of the KV head (a ``[G_PAD, ·]`` query block, ``G``
    padded to 16 rows for ``tl.dot``) and keeps one online softmax across both segments. With
    several splits it writes a partial result ``(acc / l, log2-sum-exp)``; the last program of a
-   (row, KV head) to finish — found with an atomic counter — merges them and writes the output.
-   With one split it writes the output directly.
+   (row, KV head) to finish — found with an atomic counter — merges them (all ``G`` heads in one
+   tile) and writes the output. With one split it writes the output directly.
 
 With many splits (small batches) a third launch, ``_merge_kernel``, merges instead: one program
-per query head and slice of ``dv`` reads all splits at once, where one CTA per head would be a
-serial tail (``DecodeConfig.fused_merge_max``).
+per query head and slice of ``dv`` reads all splits at once, where one CTA per (row, KV head)
+would be a serial tail (``DecodeConfig.fused_merge_max``). The host side launches the compiled
+kernels directly once a plan has been seen (see :func:`_decode_attention`).
 The split count comes from the shape and the SM count (:func:`plan_splits`): as many splits as
 fill one wave of resident programs. Numerics: fp16/bf16/fp32 inputs; logits, softmax statistics
 and the accumulator are fp32; the span's ``qR`` is rounded to the Keys' dtype before the
@@ -41,7 +42,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import triton
@@ -56,11 +57,11 @@ _LOG2E = 1.4426950408889634
 _MIN_DOT = 16
 # SM count used for the split plan when there is no CUDA device (interpreter tests).
 _CPU_SM_COUNT = 4
-# Splits merged per step of the fused merge's loop.
-_SPLIT_BLOCK = 16
+# Rows (heads × splits, powers of 2) of the fused merge's tile: 64 × dv 128 fp32 = 64 registers a thread.
+_FUSED_TILE_ROWS = 64
 # Elements of the merge kernel's [splits, dv slice] tile (4096 fp32: 32 registers a thread at 4 warps).
 _MERGE_TILE = 4096
-# Launch through the compiled binary after the first call for a specialisation (see _Launcher).
+# Launch through the compiled kernels after the first call for a plan (see _decode_attention).
 FAST_LAUNCH = True
 
 
@@ -73,9 +74,9 @@ class DecodeConfig:
     split programs one SM holds at once (from the compiled kernel's registers and shared memory:
     128 registers × 128 threads and 44 KB at the default), so that the plan fills one wave;
     ``min_blocks`` the fewest tiles a split may own; ``fused_merge_max`` the most splits merged
-    inside the split kernel (by the last program per row and KV head to finish, one CTA: cheap for
-    a few splits, a serial tail for many); past it a third launch merges, one program per query
-    head and slice of ``dv``, all splits at once; ``pdl`` launches with
+    inside the split kernel (by the last program per row and KV head to finish, all ``G`` heads in
+    one tile, so only while ``G·splits`` stays small); past it a third launch merges, one program
+    per query head and slice of ``dv``, all splits at once; ``pdl`` launches with
     programmatic dependent launch (Hopper+): each kernel's programs become resident while the
     previous kernel runs and wait for it with ``griddepcontrol.wait``; ``maxnreg`` caps the split
     kernel's registers per thread, which pins its occupancy (``ctas_per_sm``) across its variants
@@ -124,11 +125,11 @@ def plan_splits(total_len: int, rows: int, block_n: int, sm_count: int, config: 
     ``min_blocks`` tiles (unless the sequence is shorter) and none is empty.
     Returns ``(splits, tokens_per_split)``; ``tokens_per_split`` is a multiple of ``block_n``.
     """
-    blocks = max(triton.cdiv(total_len, block_n), 1)
+    blocks = max(_cdiv(total_len, block_n), 1)
     want = max(1, (sm_count * config.ctas_per_sm) // max(rows, 1))
     splits = max(1, min(want, blocks // config.min_blocks))
-    per_split = triton.cdiv(blocks, splits)
-    return triton.cdiv(blocks, per_split), per_split * block_n
+    per_split = _cdiv(blocks, splits)
+    return _cdiv(blocks, per_split), per_split * block_n
 
 
 # --- kernels ------------------------------------------------------------------------------------
@@ -214,35 +215,6 @@ def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC: tl.constexpr):
     return m_new, l_i, acc
 
 
-@triton.jit
-def _merge_splits(part_ptr, lse_ptr, row0, num_splits,
-                  DV: tl.constexpr, DV_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr, CACHE: tl.constexpr):
-    """``Σ_s 2^(lse_s − M)·part_s / Σ_s 2^(lse_s − M)`` over the ``num_splits`` partials of one
-    query head, stored from ``row0`` on (``part`` ``[·, DV]`` fp32 each already divided by its own
-    ``l``; ``lse`` base 2). Online over blocks of splits; all −inf (fully masked) ⇒ zeros.
-    Returns ``[DV_PAD]`` fp32.
-    """
-    offs_v = tl.arange(0, DV_PAD)
-    v_mask = offs_v < DV
-    m = tl.full([1], float("-inf"), tl.float32)
-    den = tl.full([1], 0.0, tl.float32)
-    acc = tl.full([DV_PAD], 0.0, tl.float32)
-    for s0 in range(0, num_splits, SPLIT_BLOCK):
-        offs_s = s0 + tl.arange(0, SPLIT_BLOCK)
-        inside = offs_s < num_splits
-        lse = tl.load(lse_ptr + row0 + offs_s, mask=inside, other=float("-inf"), cache_modifier=CACHE)
-        part = tl.load(part_ptr + (row0 + offs_s)[:, None] * DV + offs_v[None, :],
-                       mask=inside[:, None] & v_mask[None, :], other=0.0, cache_modifier=CACHE)
-        m_new = tl.maximum(m, tl.reduce(lse, 0, _max_op))  # [1]
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m - m_safe)
-        w = tl.math.exp2(lse - m_safe)  # [SPLIT_BLOCK]; 0 for −inf
-        den = den * alpha + tl.reduce(w, 0, _add_op)
-        acc = acc * alpha + tl.reduce(w[:, None] * part, 0, _add_op)
-        m = m_new
-    return acc / tl.where(den == 0.0, 1.0, den)
-
-
 @triton.jit(do_not_specialize=["span_len", "full_len", "tokens_per_split"])
 def _decode_split_kernel(
     q_ptr, ks_ptr, vs_ptr, ms_ptr, kf_ptr, vf_ptr, mf_ptr, out_ptr, ws_ptr,
@@ -260,7 +232,8 @@ def _decode_split_kernel(
     D: tl.constexpr, D_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
     DV: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, FULL_STAGES: tl.constexpr, SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
-    SPLIT_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, USE_GDC: tl.constexpr,
+    G_P2: tl.constexpr, FUSE_SPLITS: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     """One (split, row·KV head) program over tokens ``[lo, hi)`` of ``[span | full]``.
 
@@ -269,7 +242,9 @@ def _decode_split_kernel(
     their ``lse`` ``[B, Hq, splits]`` at ``lse_off``.
     ``SPLIT``: write the normalised partial ``acc / l`` and ``lse = m + log2(l)`` (base 2, −inf for
     an all-masked range); with ``FUSED_MERGE`` the last of the row's programs to arrive at its
-    counter merges all splits into ``out``. Without ``SPLIT``: write ``out`` ``[B, Hq, DV]``.
+    counter merges the splits (≤ ``FUSE_SPLITS``) of all ``G`` heads (``G_P2`` = ``G`` rounded up
+    to a power of 2) in one ``[G_P2·FUSE_SPLITS, DV]`` tile into ``out``. Without ``SPLIT``: write
+    ``out`` ``[B, Hq, DV]``.
     ``FULL_STAGES``: pipelining depth of the full-segment loop (short in RotateK: prompt, text and
     generated tokens); lower than the span loop's, it saves shared memory, hence occupancy.
     ``UPCAST``: compute in fp32 from the load on (the interpreter cannot compute in bf16).
@@ -375,11 +350,29 @@ def _decode_split_kernel(
             tl.debug_barrier()
             arrived = tl.atomic_add(ws_ptr + cnt_off + pid, 1.0, sem="acq_rel")  # fp32: exact below 2²⁴
             if arrived == (num_splits - 1).to(tl.float32):
-                for g in range(GROUP):
-                    row0 = (b64 * (NUM_HEADS * GROUP) + h * GROUP + g) * num_splits
-                    merged = _merge_splits(part_ptr, lse_ptr, row0, num_splits, DV, DV_PAD, SPLIT_BLOCK, ".cg")
-                    ptrs = out_ptr + b64 * stride_ob + (h * GROUP + g).to(tl.int64) * stride_oh + offs_v * stride_od
-                    tl.store(ptrs, merged.to(out_ptr.dtype.element_ty), mask=v_mask)
+                # rows (g, s) of the tile: g-major; 2^(lse − M_g)-weighted sum over s, per g
+                offs_gs = tl.arange(0, G_P2 * FUSE_SPLITS)
+                g_idx = offs_gs // FUSE_SPLITS
+                s_idx = offs_gs % FUSE_SPLITS
+                valid = (g_idx < GROUP) & (s_idx < num_splits)
+                rows = (b64 * (NUM_HEADS * GROUP) + h * GROUP + g_idx) * num_splits + s_idx
+                lse_t = tl.load(lse_ptr + rows, mask=valid, other=float("-inf"), cache_modifier=".cg")
+                part = tl.load(part_ptr + rows[:, None] * DV + offs_v[None, :],
+                               mask=valid[:, None] & v_mask[None, :], other=0.0,
+                               cache_modifier=".cg")  # [G_P2·FUSE_SPLITS, DV_PAD]
+                lse2 = tl.reshape(lse_t, [G_P2, FUSE_SPLITS])
+                m = tl.reduce(lse2, 1, _max_op)  # [G_P2]
+                m_safe = tl.where(m == float("-inf"), 0.0, m)
+                w2 = tl.math.exp2(lse2 - m_safe[:, None])  # 0 for −inf
+                den = tl.reduce(w2, 1, _add_op)  # [G_P2]
+                weighted = tl.reshape(tl.reshape(w2, [G_P2 * FUSE_SPLITS])[:, None] * part,
+                                      [G_P2, FUSE_SPLITS, DV_PAD])
+                merged = tl.reduce(weighted, 1, _add_op) / tl.where(den == 0.0, 1.0, den)[:, None]
+                offs_g2 = tl.arange(0, G_P2)
+                ptrs = (out_ptr + b64 * stride_ob + (h * GROUP + offs_g2).to(tl.int64)[:, None] * stride_oh
+                        + offs_v[None, :] * stride_od)
+                tl.store(ptrs, merged.to(out_ptr.dtype.element_ty),
+                         mask=(offs_g2 < GROUP)[:, None] & v_mask[None, :])
     else:
         ptrs = out_ptr + b64 * stride_ob + hq[:, None] * stride_oh + offs_v[None, :] * stride_od
         tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=store_mask)
@@ -431,45 +424,24 @@ def _spec_key(args: tuple) -> tuple:
         for a in args])
 
 
-class _Launcher:
-    """Launches one ``@triton.jit`` kernel, through the compiled binary once it is known.
-
-    Triton's per-launch binding, specialisation and cache lookup cost tens of µs of host time per
-    kernel, which at B = 1 is longer than the kernel itself. The first launch for a key goes through
-    ``kernel[grid](...)`` (compiling if needed), which returns the compiled kernel; later launches
-    with the same key (:func:`_spec_key` of the runtime arguments, constexprs, options, device) call
-    it directly, with the same arguments in signature order. Runtime arguments come first in every
-    kernel here, constexprs last.
-    """
-
-    def __init__(self, kernel: Any):
-        self.kernel = kernel
-        self.compiled: dict = {}
-
-    def __call__(self, grid: tuple[int, int, int], args: tuple, constexprs: dict, options: dict, device: int):
-        if not FAST_LAUNCH or INTERPRETED:
-            self.kernel[grid](*args, **constexprs, **options)
-            return
-        key = (device, _spec_key(args), tuple(constexprs.values()), tuple(options.items()))
-        hit = self.compiled.get(key)
-        if hit is not None:
-            hit[0][grid](*args, *hit[1])
-            return
-        compiled = self.kernel[grid](*args, **constexprs, **options)
-        names = self.kernel.arg_names[len(args):]
-        if hasattr(compiled, "__getitem__") and sorted(names) == sorted(constexprs):
-            self.compiled[key] = (compiled, tuple(constexprs[n] for n in names))
-        else:
-            logger.warning("rotatek decode: no fast launch for %s", self.kernel.__name__)
+# Compiled kernels by (device, plan, _spec_key of all arguments): see _decode_attention.
+_COMPILED: dict = {}
 
 
-_launch_prologue = _Launcher(_query_prologue_kernel)
-_launch_split = _Launcher(_decode_split_kernel)
-_launch_merge = _Launcher(_merge_kernel)
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def _pad(n: int) -> int:
-    return max(triton.next_power_of_2(n), _MIN_DOT)
+    return max(_next_pow2(n), _MIN_DOT)
+
+
+def _align16(n: int) -> int:
+    return (n + 15) // 16 * 16
 
 
 def _placeholder(like: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -515,6 +487,12 @@ def _decode_attention(
     """:func:`decode_attention_triton` with the launch parameters exposed (tests, benchmarks).
 
     ``num_splits`` forces the split count (clamped to the number of tiles); ``None`` plans it.
+
+    Host cost: Triton's per-launch binding, specialisation and cache lookup take tens of µs per
+    kernel, longer than the kernels themselves at B = 1. So the first call for a *plan* (everything
+    the constexprs derive from) and a specialisation key goes through ``kernel[grid](...)``
+    (compiling if needed), which returns the compiled kernels; later calls with the same key launch
+    those directly, ``compiled[grid](*args, *constexprs)`` (``FAST_LAUNCH``).
     """
     batch, q_heads, dim = query.shape
     _, kv_heads, span_len, rank = span_keys.shape
@@ -543,7 +521,6 @@ def _decode_attention(
 
     if config is None:
         config = default_config(span_values.dtype, dim, value_dim)
-    g_pad, d_pad, r_pad, dv_pad = _pad(group), _pad(dim), _pad(rank), _pad(value_dim)
     rows = batch * kv_heads
     on_gpu = query.is_cuda
     device_index = (device.index or 0) if on_gpu else -1
@@ -551,18 +528,22 @@ def _decode_attention(
         sm_count = _sm_count(device_index) if on_gpu else _CPU_SM_COUNT
         splits, per_split = plan_splits(total, rows, config.block_n, sm_count, config)
     else:
-        blocks = triton.cdiv(total, config.block_n)
-        per_split = triton.cdiv(blocks, max(1, min(num_splits, blocks)))
-        splits, per_split = triton.cdiv(blocks, per_split), per_split * config.block_n
+        blocks = _cdiv(total, config.block_n)
+        per_split = _cdiv(blocks, max(1, min(num_splits, blocks)))
+        splits, per_split = _cdiv(blocks, per_split), per_split * config.block_n
     split = splits > 1
-    fused = split and splits <= config.fused_merge_max
-    qk_scale = float(scale) * _LOG2E
+    g_p2, splits_p2 = _next_pow2(group), _next_pow2(splits)
+    fused = split and splits <= config.fused_merge_max and g_p2 * splits_p2 <= _FUSED_TILE_ROWS
+    merge = split and not fused
     dtypes = (span_keys.dtype, span_values.dtype, keys.dtype, values.dtype)
     # The interpreter computes bf16 wrongly unless values are widened right after the load.
     upcast = INTERPRETED and torch.bfloat16 in dtypes
     dot_prec = "ieee" if upcast or torch.float32 in dtypes else "tf32"  # only fp32 operands heed it
     use_pdl = config.pdl and on_gpu and not INTERPRETED and _has_pdl(device_index)
-    options = {"num_warps": config.num_warps, "launch_pdl": True} if use_pdl else {"num_warps": config.num_warps}
+    qk_scale = float(scale) * _LOG2E
+    g_pad, d_pad, r_pad, dv_pad = _pad(group), _pad(dim), _pad(rank), _pad(value_dim)
+    r_block = min(r_pad, 64)
+    dv_block = max(1, min(_next_pow2(value_dim), _MERGE_TILE // splits_p2))
 
     # One fp32 workspace, regions 16-element aligned: qR, q·δμ, counters, partials, their lse.
     qdm_off = rows * g_pad * r_pad
@@ -571,44 +552,60 @@ def _decode_attention(
     lse_off = part_off + (batch * q_heads * splits * value_dim if split else 0)
     workspace = torch.empty(lse_off + (batch * q_heads * splits if split else 0), dtype=torch.float32, device=device)
 
-    # 1. qR, q·δμ once per (row, KV head); zero the counters
-    r_block = min(r_pad, 64)
-    _launch_prologue(
-        (rows, r_pad // r_block, 1),
+    grids = [(rows, r_pad // r_block, 1), (splits, rows, 1)]
+    launches = [
+        # 1. qR, q·δμ once per (row, KV head); zero the counters
         (query, rotation, mean_residual, workspace, qdm_off, cnt_off, qk_scale,
          *query.stride(), *rotation.stride(), *mean_residual.stride()),
-        dict(NUM_HEADS=kv_heads, GROUP=group, G_PAD=g_pad, D=dim, D_PAD=d_pad, R=rank, R_PAD=r_pad,
-             R_BLOCK=r_block, ZERO_COUNTER=fused, USE_GDC=use_pdl),
-        options, device_index)
-
-    # 2. split kernel (+ merge by the last program of each row and KV head when fused)
-    _launch_split(
-        (splits, rows, 1),
+        # 2. split kernel (+ merge by the last program of each row and KV head when fused)
         (query, span_keys, span_values, span_mask, keys, values, mask, out, workspace,
          qdm_off, cnt_off, part_off, lse_off, span_len, full_len, per_split, qk_scale,
          *query.stride(), *span_keys.stride(), *span_values.stride(), *span_mask.stride(),
          *keys.stride(), *values.stride(), *mask.stride(), *out.stride()),
-        dict(NUM_HEADS=kv_heads, GROUP=group, G_PAD=g_pad, D=dim, D_PAD=d_pad, R=rank, R_PAD=r_pad,
-             DV=value_dim, DV_PAD=dv_pad, BLOCK_N=config.block_n, FULL_STAGES=config.full_stages,
-             SPLIT=split, FUSED_MERGE=fused, SPLIT_BLOCK=_SPLIT_BLOCK, DOT_PREC=dot_prec, UPCAST=upcast,
-             USE_GDC=use_pdl),
-        dict(options, num_stages=config.num_stages, **({"maxnreg": config.maxnreg} if config.maxnreg else {})),
-        device_index)
+    ]
+    if merge:  # 3. merge in a launch of its own (many splits)
+        grids.append((batch * q_heads, _cdiv(value_dim, dv_block), 1))
+        launches.append((workspace, out, part_off, lse_off, splits, *out.stride()))
 
-    # 3. merge in a launch of its own (many splits)
-    if split and not fused:
-        splits_pad = triton.next_power_of_2(splits)
-        dv_block = max(1, min(triton.next_power_of_2(value_dim), _MERGE_TILE // splits_pad))
-        _launch_merge(
-            (batch * q_heads, triton.cdiv(value_dim, dv_block), 1),
-            (workspace, out, part_off, lse_off, splits, *out.stride()),
-            dict(NUM_Q_HEADS=q_heads, DV=value_dim, DV_BLOCK=dv_block, SPLITS_PAD=splits_pad, USE_GDC=use_pdl),
-            options, device_index)
+    fast = FAST_LAUNCH and on_gpu and not INTERPRETED
+    if fast:
+        plan = (kv_heads, group, dim, rank, value_dim, config, split, fused, merge,
+                splits_p2 if split else 0, dot_prec, upcast, use_pdl)
+        key = (device_index, plan, _spec_key(launches[0] + launches[1] + (launches[2] if merge else ())))
+        hit = _COMPILED.get(key)
+        if hit is not None:
+            for (compiled, constexprs), grid, args in zip(hit, grids, launches):
+                compiled[grid](*args, *constexprs)
+            return out
+
+    options = {"num_warps": config.num_warps, "launch_pdl": True} if use_pdl else {"num_warps": config.num_warps}
+    split_options = dict(options, num_stages=config.num_stages)
+    if config.maxnreg:
+        split_options["maxnreg"] = config.maxnreg
+    kernels = [
+        (_query_prologue_kernel, options,
+         dict(NUM_HEADS=kv_heads, GROUP=group, G_PAD=g_pad, D=dim, D_PAD=d_pad, R=rank, R_PAD=r_pad,
+              R_BLOCK=r_block, ZERO_COUNTER=fused, USE_GDC=use_pdl)),
+        (_decode_split_kernel, split_options,
+         dict(NUM_HEADS=kv_heads, GROUP=group, G_PAD=g_pad, D=dim, D_PAD=d_pad, R=rank, R_PAD=r_pad,
+              DV=value_dim, DV_PAD=dv_pad, BLOCK_N=config.block_n, FULL_STAGES=config.full_stages,
+              SPLIT=split, FUSED_MERGE=fused, G_P2=g_p2, FUSE_SPLITS=splits_p2 if fused else 1,
+              DOT_PREC=dot_prec, UPCAST=upcast, USE_GDC=use_pdl)),
+        (_merge_kernel, options,
+         dict(NUM_Q_HEADS=q_heads, DV=value_dim, DV_BLOCK=dv_block, SPLITS_PAD=splits_p2, USE_GDC=use_pdl)),
+    ]
+    compiled_kernels = []
+    for (kernel, opts, constexprs), grid, args in zip(kernels, grids, launches):
+        compiled = kernel[grid](*args, **constexprs, **opts)
+        names = kernel.arg_names[len(args):]
+        if hasattr(compiled, "__getitem__") and sorted(names) == sorted(constexprs):
+            compiled_kernels.append((compiled, tuple(constexprs[n] for n in names)))
+    if fast:
+        if len(compiled_kernels) == len(launches):
+            _COMPILED[key] = tuple(compiled_kernels)
+        else:
+            logger.warning("rotatek decode: no fast launch for this plan; Triton's launcher is used")
     return out
-
-
-def _align16(n: int) -> int:
-    return (n + 15) // 16 * 16
 
 
 # True when this module was imported under ``TRITON_INTERPRET=1`` (kernels then run on CPU tensors).
