@@ -24,7 +24,7 @@ import torch.fx as fx
 
 import rotatek_compile.ops  # noqa: F401  (registers torch.ops.rotatek.*)
 from rotatek_compile.config import RotateKConfig
-from rotatek_compile.passes.find_attention import SkippedSite
+from rotatek_compile.passes.find_attention import sites_and_skips
 from rotatek_compile.passes.rewrite import RewrittenGraph, rewrite_decode, rewrite_merge, rewrite_prefill
 from rotatek_compile.passes.visual_span import to_token_mask
 from rotatek_compile.state import attached, compress_layer, derived_from_stand_in, stand_in
@@ -40,7 +40,7 @@ class RotateKCacheError(RuntimeError):
 class GraphReport:
     """What the backend did to one graph (``rotatek_compile.explain`` collects these)."""
 
-    phase: str  # "prefill" | "decode" | "other"
+    phase: str  # "prefill" | "decode" | "other" (graphs left unchanged that hold attention)
     rewritten: list[str]
     skipped: list[tuple[str, str]]
 
@@ -71,7 +71,7 @@ class RotateKBackend:
             return self._plain(gm, example_inputs)
         if plan.phase == "merge":
             return _MergeRunner(plan, self._compile(plan.module, list(example_inputs)))
-        self._report(plan, example_inputs)
+        self._report(plan)
         if plan.phase == "prefill":
             return _PrefillRunner(plan, self._compile(plan.module, list(example_inputs)), self.config)
         extra, symbols = _state_inputs(plan, example_inputs), []
@@ -91,8 +91,6 @@ class RotateKBackend:
         return compile_fx(module, example_inputs, config_patches=patches)
 
     def _plain(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        from rotatek_compile.passes.find_attention import sites_and_skips
-
         sites, skipped = sites_and_skips(gm.graph)
         compiled = self._compile(gm, list(example_inputs))
         if not sites and not skipped:
@@ -106,7 +104,7 @@ class RotateKBackend:
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         return _guard_stand_ins(compiled, [placeholders.index(s.past_keys) for s in decode])
 
-    def _report(self, plan: RewrittenGraph, example_inputs: Sequence[Any]) -> None:
+    def _report(self, plan: RewrittenGraph) -> None:
         report = GraphReport(plan.phase, [s.layer for s in plan.sites],
                              [(s.layer, s.reason) for s in plan.skipped])
         self.reports.append(report)
