@@ -59,10 +59,13 @@ class CompressionTimer:
 
     def __init__(self):
         self.seconds = 0.0
+        self.peak_before = None  # peak memory when the first layer starts compressing
         self._inner = rotatek_backend.compress_layer
 
     def __call__(self, *args, **kwargs):
         _sync()
+        if self.peak_before is None:
+            self.peak_before = _peak_bytes()
         start = time.perf_counter()
         layer = self._inner(*args, **kwargs)
         _sync()
@@ -79,7 +82,7 @@ def _peak_bytes() -> int:
     return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
 
 
-def run_case(model, batch: int, span: int, steps: int, device: str) -> dict:
+def run_case(model, batch: int, span: int, steps: int, device: str, profile: bool = False) -> dict:
     """Prefill ``batch`` prompts of ``30 + span + 30`` tokens, then ``steps`` greedy decode steps."""
     length = PROMPT + span + TEXT
     generator = torch.Generator(device="cpu").manual_seed(1)
@@ -109,12 +112,20 @@ def run_case(model, batch: int, span: int, steps: int, device: str) -> dict:
                 token = out.logits[:, -1:].argmax(-1)
                 _sync()
                 step_seconds.append(time.perf_counter() - start)
+        if profile:
+            with torch.profiler.profile() as prof, torch.no_grad():
+                for _ in range(3):
+                    out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                    token = out.logits[:, -1:].argmax(-1)
+                _sync()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
         memory = rotatek_compile.cache_bytes(cache)
         return dict(
             batch=batch, span=span, tokens=length,
             prefill_ms=1e3 * prefill, compression_ms=1e3 * timer.seconds,
             decode_ms=1e3 * statistics.median(step_seconds[2:] if steps > 4 else step_seconds),
             peak_gb=_peak_bytes() / 1e9, key_bytes=memory.keys, kv_bytes=memory.total,
+            peak_before_compression_gb=(timer.peak_before or 0) / 1e9,
             span_key_bytes=memory.span_keys,
             recompiles=torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before,
         )
@@ -130,6 +141,9 @@ def main() -> None:
                         help="comma-separated BATCHxSPAN")
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--layers", type=int, default=32, help="decoder layers of the 8B shape")
+    parser.add_argument("--profile", action="store_true", help="print a profile of 3 decode steps (first case)")
+    parser.add_argument("--sdpa", choices=["flash", "default"], default="flash",
+                        help="flash: turn cuDNN SDPA off for both backends (it re-plans every decode step)")
     parser.add_argument("--key-channels", type=int, default=32)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
@@ -137,6 +151,9 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     cases = [tuple(int(x) for x in case.split("x")) for case in args.cases.split(",")]
+    if args.sdpa == "flash" and device == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    torch._dynamo.config.recompile_limit = 64  # warm-ups over several batch sizes and lengths
     model = build_model(args.tiny, device, dtype, args.layers)
     os.makedirs(args.out, exist_ok=True)
     lines = open(os.path.join(args.out, "model_decode.jsonl"), "a")
@@ -158,7 +175,7 @@ def main() -> None:
         logger.info("%s: compiled in %.0f s", backend_name, time.perf_counter() - started)
         for batch, span in cases:
             try:
-                row = run_case(model, batch, span, args.steps, device)
+                row = run_case(model, batch, span, args.steps, device, profile=args.profile and span == cases[0][1])
             except torch.cuda.OutOfMemoryError:
                 row = dict(batch=batch, span=span, error="out of memory")
                 torch.cuda.empty_cache()
@@ -169,7 +186,7 @@ def main() -> None:
             lines.flush()
     report = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                   torch=torch.__version__, weight_bytes=weight_bytes, key_channels=args.key_channels,
-                  steps=args.steps, layers=model.config.num_hidden_layers, results=results)
+                  steps=args.steps, layers=model.config.num_hidden_layers, sdpa=args.sdpa, results=results)
     with open(os.path.join(args.out, "model_decode.json"), "w") as handle:
         json.dump(report, handle, indent=1)
     print_table(report)

@@ -200,30 +200,42 @@ class StateShapeChecks:
     def __init__(self, symbols: list):
         self.symbols = symbols
         self.expressions: list = []
+        self._checks: list = []
 
     def take_guards(self) -> None:
         fake_mode = torch._guards.detect_fake_mode()
         if not self.symbols or fake_mode is None:
             return
         ours = {symbol for symbol, _ in self.symbols}
-        kept = []
+        kept, taken = [], []
         for guard in fake_mode.shape_env.guards:
-            (self.expressions if guard.expr.free_symbols & ours else kept).append(guard)
+            (taken if guard.expr.free_symbols & ours else kept).append(guard)
         fake_mode.shape_env.guards[:] = kept
-        self.expressions = [guard.expr for guard in self.expressions]
+        self.expressions = [guard.expr for guard in taken]
+        logger.debug("rotatek: state-length guards checked at run time: %s", self.expressions)
+        self._compile_checks()
+
+    def _compile_checks(self) -> None:
+        """Each guard over our symbols alone as a Python function of the lengths (fast per call);
+        guards that also involve Dynamo's symbols are Dynamo's to check."""
+        import sympy
+
+        ordered = [symbol for symbol, _ in self.symbols]
+        self._checks = [(expression, sympy.lambdify(ordered, expression))
+                        for expression in self.expressions
+                        if expression.free_symbols <= set(ordered)]
 
     def check(self, state: list[torch.Tensor]) -> None:
         if not self.expressions:
             return
         per_site = len(state) // (len(self.symbols) // 2)
-        values = {}
+        lengths = []
         for i in range(len(self.symbols) // 2):
-            values[self.symbols[2 * i][0]] = state[i * per_site + 3].shape[2]
-            values[self.symbols[2 * i + 1][0]] = state[i * per_site + 5].shape[2]
-        for expression in self.expressions:
-            if not bool(expression.xreplace(values)):
+            lengths += [state[i * per_site + 3].shape[2], state[i * per_site + 5].shape[2]]  # span, rest
+        for expression, holds in self._checks:
+            if not holds(*lengths):
                 raise RotateKCacheError(f"rotatek: the compressed cache breaks an assumption of the "
-                                        f"compiled decode step ({expression} with {values})")
+                                        f"compiled decode step ({expression} with lengths {lengths})")
 
 
 _SPAN_TAG = "_rotatek_span"
@@ -291,7 +303,7 @@ def _valid_tokens(mask: Optional[torch.Tensor], keys: torch.Tensor) -> torch.Ten
     batch, length = keys.shape[0], keys.shape[2]
     if mask is None:
         return torch.ones(batch, length, dtype=torch.bool, device=keys.device)
-    last = mask[:, 0, -1, :]  # [B, S] the last query row: every real token under a causal mask
+    last = mask  # [B, S]: the prefill graph returns the last query's row of the mask
     if last.dtype != torch.bool:
         last = last > torch.finfo(last.dtype).min / 2
     return last.expand(batch, length)

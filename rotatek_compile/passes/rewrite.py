@@ -4,7 +4,7 @@ Prefill (the cache was empty): attention stays exact. The graph additionally ret
 the last ``W`` post-RoPE queries and the attention mask, plus the image-merge masks; the runtime
 (:mod:`rotatek_compile.backend`) compresses each layer's returned Keys/Values from them::
 
-    outputs += [q[:, :, -W:, :] for each site] + [site masks] + [span masks]
+    outputs += [q[:, :, -W:, :] for each site] + [mask[:, 0, -1, :] per mask] + [span masks]
 
 Decode (one new token on a compressed cache)::
 
@@ -106,13 +106,19 @@ def rewrite_prefill(gm: fx.GraphModule, query_window: int) -> Optional[Rewritten
     mask_slot: dict[fx.Node, int] = {}
     for site in sites:
         with graph.inserting_before(output):
-            window = graph.call_function(
-                torch.ops.aten.slice.Tensor, (site.query, 2, -query_window))  # [B, Hq, W, d]
+            # copies, so that the returned window and mask row keep no whole q or [S, S] mask alive
+            window = graph.call_function(torch.ops.aten.slice.Tensor, (site.query, 2, -query_window))
+            window = graph.call_function(torch.clone, (window,))  # [B, Hq, W, d]
         (query_output,) = _append_outputs(graph, [window])
         mask_output = -1
         if site.mask is not None:
             if site.mask not in mask_slot:
-                (mask_slot[site.mask],) = _append_outputs(graph, [site.mask])
+                with graph.inserting_before(output):
+                    # the last query's row: every real token under a causal mask
+                    row = graph.call_function(torch.select, (site.mask, -2, -1))  # [B, 1|Hq, S]
+                    row = graph.call_function(torch.select, (row, 1, 0))  # [B, S]
+                    row = graph.call_function(torch.clone, (row,))
+                (mask_slot[site.mask],) = _append_outputs(graph, [row])
             mask_output = mask_slot[site.mask]
         slots.append(SiteSlots(
             layer=site.layer, scale=site.scale,
