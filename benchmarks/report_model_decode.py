@@ -1,0 +1,95 @@
+"""Table and plot of ``benchmarks/model_decode.py`` results (JSON files), for docs/performance.md.
+
+    python benchmarks/report_model_decode.py benchmarks/results/model_decode_h100.json \
+        benchmarks/results/model_decode_h100_rotatek_final.json --plot docs/model_decode.png
+
+Later files override earlier ones for the same (backend, batch, span).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+LAYERS_OF_8B = 32
+
+
+def load(paths: list[str]) -> tuple[dict, dict]:
+    rows, meta = {}, {}
+    for path in paths:
+        with open(path) as handle:
+            report = json.load(handle)
+        meta = report
+        for row in report["results"]:
+            if "error" not in row:
+                rows[(row["backend"], row["batch"], row["span"])] = row
+    return rows, meta
+
+
+def table(rows: dict, meta: dict) -> str:
+    weights = meta["weight_bytes"]
+    lines = ["| B | N | decode ms/step inductor | rotatek | speedup | byte-ratio ideal | prefill ms inductor | "
+             "rotatek | of which compression | peak GB inductor | rotatek | Key bytes rotatek/inductor | "
+             "KV bytes | recompiles (timed steps) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (backend, batch, span), base in sorted(rows.items(), key=lambda item: (item[0][1], item[0][2])):
+        ours = rows.get(("rotatek", batch, span))
+        if backend != "inductor" or ours is None:
+            continue
+        ideal = (weights + base["kv_bytes"]) / (weights + ours["kv_bytes"])
+        lines.append(
+            f"| {batch} | {span} | {base['decode_ms']:.2f} | {ours['decode_ms']:.2f} | "
+            f"{base['decode_ms'] / ours['decode_ms']:.2f}× | {ideal:.3f}× | {base['prefill_ms']:.0f} | "
+            f"{ours['prefill_ms']:.0f} | {ours['compression_ms']:.0f} | {base['peak_gb']:.1f} | {ours['peak_gb']:.1f} | "
+            f"{ours['key_bytes'] / base['key_bytes']:.3f} | {ours['kv_bytes'] / base['kv_bytes']:.3f} | "
+            f"{base['recompiles']} / {ours['recompiles']} |")
+    return "\n".join(lines)
+
+
+def kv_per_sequence(rows: dict, meta: dict, span: int) -> str:
+    """Measured KV bytes of one ``span``-token sequence, scaled from the layers that ran to 32."""
+    parts = []
+    for backend in ("inductor", "rotatek"):
+        row = rows.get((backend, 1, span))
+        if row is not None:
+            kv_32 = row["kv_bytes"] / meta["layers"] * LAYERS_OF_8B / 1e9
+            parts.append(f"{backend}: {kv_32:.2f} GB")
+    return "; ".join(parts)
+
+
+def plot(rows: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5.5, 3.6))
+    for backend, style in (("inductor", "o-"), ("rotatek", "s-")):
+        points = sorted((span + 60, row["decode_ms"]) for (b, batch, span), row in rows.items()
+                        if b == backend and batch == 1)
+        axis.plot([p[0] for p in points], [p[1] for p in points], style, label=f'backend="{backend}"')
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("context tokens (batch 1)")
+    axis.set_ylabel("decode ms / step (median)")
+    axis.set_title("8B-shaped Llama, 8 of 32 layers, bf16, H100")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+")
+    parser.add_argument("--plot")
+    args = parser.parse_args()
+    rows, meta = load(args.results)
+    print(table(rows, meta))
+    print()
+    print("KV per 64k-token sequence, 32 layers:", kv_per_sequence(rows, meta, 65536))
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()
