@@ -145,7 +145,8 @@ def _is_rope(node: fx.Node) -> bool:
         _is_call(arg, torch.cat) for mul in muls for arg in mul.args if isinstance(arg, fx.Node))
 
 
-def _graph_outputs(graph: fx.Graph) -> set[fx.Node]:
+def graph_outputs(graph: fx.Graph) -> set[fx.Node]:
+    """Every node the graph returns."""
     (output,) = graph.find_nodes(op="output")
     return set(_flatten_nodes(output.args))
 
@@ -194,7 +195,7 @@ def _head_dim(query: fx.Node) -> Optional[int]:
 
 def find_attention_sites(graph: fx.Graph) -> list[Match]:
     """Every attention in ``graph``, as an :class:`AttentionSite` or a :class:`SkippedSite`."""
-    outputs = _graph_outputs(graph)
+    outputs = graph_outputs(graph)
     matches: list[Match] = []
     for node in graph.nodes:
         if _is_call(node, *_SDPA):

@@ -27,7 +27,8 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from rotatek_compile.passes.find_attention import AttentionSite, SkippedSite, example_value, sites_and_skips
+from rotatek_compile.passes.find_attention import (
+    AttentionSite, SkippedSite, example_value, graph_outputs, sites_and_skips)
 from rotatek_compile.passes.visual_span import find_merges, find_span_masks
 
 logger = logging.getLogger("rotatek_compile")
@@ -140,7 +141,7 @@ def rewrite_merge(gm: fx.GraphModule) -> Optional[RewrittenGraph]:
     """
     module = copy_module(gm)
     graph = module.graph
-    returned = set(_flatten_nodes(_output_node(graph).args))
+    returned = graph_outputs(graph)
     merges = [(merged, mask) for merged, mask in find_merges(graph) if merged in returned]
     if not merges:
         return None
@@ -150,12 +151,6 @@ def rewrite_merge(gm: fx.GraphModule) -> Optional[RewrittenGraph]:
     graph.lint()
     module.recompile()
     return RewrittenGraph("merge", module, (), (), num_outputs, span_outputs, merge_outputs)
-
-
-def _flatten_nodes(args) -> list[fx.Node]:
-    found: list[fx.Node] = []
-    fx.node.map_arg(args, found.append)
-    return found
 
 
 def rewrite_decode(gm: fx.GraphModule, method: str, kernel: str,
