@@ -27,7 +27,7 @@ from rotatek_compile.config import RotateKConfig
 from rotatek_compile.passes.find_attention import sites_and_skips
 from rotatek_compile.passes.rewrite import RewrittenGraph, rewrite_decode, rewrite_merge, rewrite_prefill
 from rotatek_compile.passes.visual_span import to_token_mask
-from rotatek_compile.state import attached, compress_layer, derived_from_stand_in, stand_in
+from rotatek_compile.state import CompressedLayer, attached, compress_layer, derived_from_stand_in, stand_in
 
 logger = logging.getLogger("rotatek_compile")
 
@@ -74,7 +74,7 @@ class RotateKBackend:
         self._report(plan)
         if plan.phase == "prefill":
             return _PrefillRunner(plan, self._compile(plan.module, list(example_inputs)), self.config)
-        extra, symbols = _state_inputs(plan, example_inputs), []
+        extra, symbols = _state_inputs(_compressed_layers(plan, example_inputs)), []
         if self.inner == "inductor":
             extra, symbols = _symbolic_state(plan, extra, self.config.method)
         checks = StateShapeChecks(symbols)
@@ -128,9 +128,9 @@ def _guard_stand_ins(compiled: Callable, past_keys_inputs: list[int]) -> Callabl
     return run
 
 
-def _state_inputs(plan: RewrittenGraph, args: Sequence[Any]) -> list[torch.Tensor]:
-    """The compressed state of every site, flattened in the order of ``STATE_INPUTS``."""
-    tensors = []
+def _compressed_layers(plan: RewrittenGraph, args: Sequence[Any]) -> list[CompressedLayer]:
+    """The compressed layer each site's past Keys carry; a clear error where one carries none."""
+    layers = []
     for slot in plan.sites:
         layer = attached(args[slot.past_keys_input])
         if layer is None:
@@ -138,6 +138,14 @@ def _state_inputs(plan: RewrittenGraph, args: Sequence[Any]) -> list[torch.Tenso
                 f"rotatek: the Key cache of {slot.layer} was not produced by a rotatek-compiled "
                 "prefill (beam search reordering, cache cropping and caches filled outside the "
                 "compiled model are not supported)")
+        layers.append(layer)
+    return layers
+
+
+def _state_inputs(layers: list[CompressedLayer]) -> list[torch.Tensor]:
+    """The layers' tensors, flattened in the order of ``STATE_INPUTS``."""
+    tensors = []
+    for layer in layers:
         tensors += [*layer.span_key_parts, layer.span_values, layer.span_mask,
                     layer.keys, layer.values, layer.mask]
     return tensors
@@ -323,15 +331,15 @@ class _DecodeRunner:
 
     def __call__(self, *args):
         plan = self.plan
-        state = _state_inputs(plan, args)
+        layers = _compressed_layers(plan, args)
+        state = _state_inputs(layers)
         self.checks.check(state)
         outputs = list(self.compiled(*args, *state))
         del state
         grown = outputs[plan.num_outputs:]
-        for i, slot in enumerate(plan.sites):
+        for i, (slot, layer) in enumerate(zip(plan.sites, layers)):
             keys, values, mask = grown[3 * i: 3 * i + 3]
             past_keys, past_values = args[slot.past_keys_input], args[slot.past_values_input]
-            layer = attached(past_keys)
             added = keys.shape[2] - layer.keys.shape[2]
             key_shape = (*past_keys.shape[:2], past_keys.shape[2] + added, past_keys.shape[3])
             value_shape = (*past_values.shape[:2], past_values.shape[2] + added, past_values.shape[3])
