@@ -38,6 +38,12 @@ def _use_triton(implementation: str, device: torch.device) -> bool:
     return device.type == "cuda" and _triton_decode() is not None
 
 
+def _attention_output_like(query: Tensor, values: Tensor) -> Tensor:
+    """The decode ops' output for fake tensors: ``[B, Hq, dv]`` in ``query``'s dtype."""
+    batch, q_heads, _ = query.shape
+    return query.new_empty(batch, q_heads, values.shape[-1])
+
+
 @torch.library.custom_op("rotatek::decode_attention", mutates_args=())
 def decode_attention(
     query: Tensor,
@@ -67,8 +73,7 @@ def decode_attention(
 @decode_attention.register_fake
 def _(query, span_keys, rotation, mean_residual, span_values, span_mask, keys, values, mask, scale,
       implementation="auto"):
-    batch, q_heads, _ = query.shape
-    return query.new_empty(batch, q_heads, values.shape[-1])
+    return _attention_output_like(query, values)
 
 
 @torch.library.custom_op("rotatek::sparse_decode_attention", mutates_args=())
@@ -100,5 +105,4 @@ def sparse_decode_attention(
 
 @sparse_decode_attention.register_fake
 def _(query, span_key_values, span_key_channels, span_key_fill, span_values, span_mask, keys, values, mask, scale):
-    batch, q_heads, _ = query.shape
-    return query.new_empty(batch, q_heads, values.shape[-1])
+    return _attention_output_like(query, values)
