@@ -387,7 +387,7 @@ def baseline_run(model, input_ids: torch.Tensor, heldout: torch.Tensor, steps: i
 
 @torch.no_grad()
 def cell_run(compiled, model, backend, cell: Cell, group: int, input_ids: torch.Tensor,
-             base: dict, measure: bool = True) -> dict:
+             base: dict, measure: bool = True, keep_logits: bool = False) -> dict:
     """One cell on one prompt group through the compiled model; per-prompt metrics.
 
     Rows ``2i`` are teacher-forced on the exact model's greedy continuation (KL, greedy agreement,
@@ -403,21 +403,22 @@ def cell_run(compiled, model, backend, cell: Cell, group: int, input_ids: torch.
                    logits_to_keep=1)
     cache = out.past_key_values
     bytes_ = measure_cache(cache, cell, input_ids.shape[1]) if measure else None
+    # positions 1..steps-1 in one call: the fed tokens appended to the compressed cache as one
+    # chunk, which attends exactly as steps-1 one-token decode steps would (teacher forcing)
+    chunk = compiled(input_ids=feed[:, : steps - 1], past_key_values=cache, use_cache=True)
+    logits = [out.logits[:, -1]] + list(chunk.logits.unbind(1))  # steps × [2n, V]
+    kept = (out.logits[:, -1].clone(), chunk.logits.clone()) if keep_logits else None  # verify_against_fresh
+    del out, chunk, cache
     kl = torch.empty(rows.shape[0], steps)
     match = torch.empty(rows.shape[0], steps, dtype=torch.bool)
     logprob = torch.empty(rows.shape[0], steps)
-    logits_log = []
     for j in range(steps):
-        if j:
-            out = compiled(input_ids=feed[:, j - 1: j], past_key_values=cache, use_cache=True)
-        step = torch.log_softmax(out.logits[:, -1].float(), -1)  # [2n, V]
+        step = torch.log_softmax(logits[j].float(), -1)  # [2n, V]
         cross = (ref["probs"][:, j] * step).sum(-1)  # Σ p log q (a CPU bmm here lost 5e-5 nats)
         kl[:, j] = ref["neg_entropy"][:, j] - cross
         match[:, j] = step.argmax(-1) == ref["argmax"][:, j]
         logprob[:, j] = step.gather(1, feed[:, j: j + 1])[:, 0]
-        if j < 2:
-            logits_log.append(out.logits[:, -1].float().clone())
-    del cache, out
+    del logits
     mism = ~match[0::2]
     n = input_ids.shape[0]
     first = torch.where(mism.any(1), mism.float().argmax(1), torch.full((n,), float(steps)))
@@ -431,7 +432,7 @@ def cell_run(compiled, model, backend, cell: Cell, group: int, input_ids: torch.
         "ppl": (-logprob[1::2].mean(1)).exp().tolist(),
         "ppl_exact": (-ref["logprob"][1::2].mean(1)).exp().tolist(),
     }
-    return {"per_prompt": per_prompt, "bytes": bytes_, "kl_all_max": float(kl.max()), "logits": logits_log}
+    return {"per_prompt": per_prompt, "bytes": bytes_, "kl_all_max": float(kl.max()), "logits": kept}
 
 
 def summarize(per_prompt: dict[str, list[float]]) -> dict[str, float]:
@@ -494,7 +495,8 @@ def run_model(model_name: str, lengths: tuple[int, ...], cells: Optional[list[Ce
         for cell in cells:
             bar.set_postfix_str(f"{length} tok × {len(members)}: {cell.name}")
             t0 = time.perf_counter()
-            run = cell_run(compiled, model, backend, cell, group, input_ids, base)
+            verify_this = verify and group == 0 and cell.label == "rotatek" and cell.token_keep < 1 and verification is None
+            run = cell_run(compiled, model, backend, cell, group, input_ids, base, keep_logits=verify_this)
             record = results[cell.name]
             record["seconds"] += time.perf_counter() - t0
             for key, values in run["per_prompt"].items():
@@ -502,8 +504,8 @@ def run_model(model_name: str, lengths: tuple[int, ...], cells: Optional[list[Ce
             record["bytes"].append(run["bytes"])
             record.setdefault("kl_all_max", 0.0)
             record["kl_all_max"] = max(record["kl_all_max"], run["kl_all_max"])
-            if verify and group == 0 and cell.label == "rotatek" and cell.token_keep < 1 and verification is None:
-                verification = {"cell": cell.name, "logits": run["logits"]}
+            if verify_this:
+                verification = {"cell": cell.name, "logits": run["logits"], "feed": base["feed"]}
             bar.update(1)
         del base
     bar.close()
@@ -539,19 +541,17 @@ def verify_against_fresh(model, cells, verification, groups) -> dict:
     cell = next(c for c in cells if c.name == verification["cell"])
     members = next(iter(groups.values()))
     rows = torch.tensor([p.input_ids for p in members]).repeat_interleave(2, 0)
-    heldout = torch.tensor([p.continuation_ids for p in members]).repeat_interleave(2, 0)
+    feed = verification["feed"]
     torch._dynamo.reset()
     backend = RotateKBackend(cell.config(), inner="eager")
     fresh = torch.compile(model.forward, backend=backend)
     out = fresh(input_ids=rows, past_key_values=DynamicCache(config=model.config), use_cache=True,
                 logits_to_keep=1)
-    logits = [out.logits[:, -1].float()]
-    # step 1: the sweep fed rows 2i the greedy token and rows 2i+1 the held-out one; compare rows 2i+1
-    out2 = fresh(input_ids=heldout[:, :1], past_key_values=out.past_key_values, use_cache=True)
-    logits.append(out2.logits[:, -1].float())
-    diffs = [float((a[1::2] - b[1::2]).abs().max()) for a, b in zip(verification["logits"], logits)]
+    chunk = fresh(input_ids=feed[:, :-1], past_key_values=out.past_key_values, use_cache=True)
+    swept_last, swept_chunk = verification["logits"]
+    diff = max(float((out.logits[:, -1] - swept_last).abs().max()), float((chunk.logits - swept_chunk).abs().max()))
     torch._dynamo.reset()
-    return {"cell": cell.name, "max_abs_logit_diff": max(diffs), "reports": len(backend.reports)}
+    return {"cell": cell.name, "max_abs_logit_diff": diff, "reports": len(backend.reports)}
 
 
 # --- report ----------------------------------------------------------------------------------------
@@ -779,7 +779,7 @@ def write_report(results: list[dict], out_dir: Path, command: str, wall_s: float
 def _jsonable(result: dict) -> dict:
     out = dict(result)
     if out.get("verification"):
-        out["verification"] = {k: v for k, v in out["verification"].items() if k != "logits"}
+        out["verification"] = {k: v for k, v in out["verification"].items() if k not in ("logits", "feed")}
     return out
 
 

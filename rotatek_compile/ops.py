@@ -39,9 +39,8 @@ def _use_triton(implementation: str, device: torch.device) -> bool:
 
 
 def _attention_output_like(query: Tensor, values: Tensor) -> Tensor:
-    """The decode ops' output for fake tensors: ``[B, Hq, dv]`` in ``query``'s dtype."""
-    batch, q_heads, _ = query.shape
-    return query.new_empty(batch, q_heads, values.shape[-1])
+    """The decode ops' output for fake tensors: ``[B, Hq, (T,) dv]`` in ``query``'s dtype."""
+    return query.new_empty(*query.shape[:-1], values.shape[-1])
 
 
 @torch.library.custom_op("rotatek::decode_attention", mutates_args=())
@@ -60,12 +59,14 @@ def decode_attention(
 ) -> Tensor:
     """Decode attention over the compressed span plus the full-channel segment.
 
-    Shapes as :func:`rotatek_compile.kernels.reference.decode_attention`; returns ``[B, Hq, dv]``.
-    ``implementation`` is the ``kernel`` option (the name ``kernel`` would collide with
-    Inductor's fallback-kernel keyword).
+    Shapes as :func:`rotatek_compile.kernels.reference.decode_attention`: ``query`` ``[B, Hq, d]``
+    (one new token) → ``[B, Hq, dv]``, or ``[B, Hq, T, d]`` (a chunk of ``T`` new tokens, the last
+    ``T`` of ``keys``, causal) → ``[B, Hq, T, dv]``. The Triton kernel serves one-token steps;
+    chunks run the reference. ``implementation`` is the ``kernel`` option (the name ``kernel``
+    would collide with Inductor's fallback-kernel keyword).
     """
     args = (query, span_keys, rotation, mean_residual, span_values, span_mask, keys, values, mask, scale)
-    if _use_triton(implementation, query.device):
+    if query.dim() == 3 and _use_triton(implementation, query.device):
         return _triton_decode()(*args)
     return reference.decode_attention(*args)
 
@@ -92,15 +93,10 @@ def sparse_decode_attention(
     """Decode attention when each span token keeps its own channels (SparK-style).
 
     ``span_key_values``/``span_key_channels`` ``[B, H, Sv, r]``, ``span_key_fill`` ``[B, H, Sv]``;
-    the span's Keys are rebuilt to full width on the fly, then attention is exact on them.
+    the span's logits are read off the sparse form, so the Keys are never rebuilt to full width.
     """
-    dim = query.shape[-1]
-    sparse = reference.SparseKeys(span_key_values, span_key_channels, span_key_fill)
-    span_keys = reference.spark_reconstruct(sparse, dim)  # [B, H, Sv, d]
-    eye = torch.eye(dim, device=query.device).expand(*span_keys.shape[:2], dim, dim)
-    zeros = query.new_zeros(*span_keys.shape[:2], dim, dtype=torch.float32)
-    return reference.decode_attention(
-        query, span_keys, eye, zeros, span_values, span_mask, keys, values, mask, scale)
+    return reference.sparse_decode_attention(query, span_key_values, span_key_channels, span_key_fill,
+                                             span_values, span_mask, keys, values, mask, scale)
 
 
 @sparse_decode_attention.register_fake

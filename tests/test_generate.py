@@ -177,13 +177,68 @@ def test_cropped_cache_is_refused():
         decode(model, token, cache)
 
 
-def test_second_prompt_chunk_on_compressed_cache_is_refused():
+def chunk_then_step(model, prompt, chunk):
+    """Prefill ``prompt``, append ``chunk`` ``[B, T]`` in one call, then one decode step."""
+    _, cache = prefill(model, prompt)
+    with torch.no_grad():
+        out = model(input_ids=chunk, past_key_values=cache, use_cache=True)
+    token = out.logits[:, -1:].argmax(-1)
+    _, last = decode(model, token, cache)
+    return out.logits, last, cache
+
+
+def test_chunk_on_compressed_cache_equals_token_by_token():
+    # T tokens appended in one call (teacher forcing, a second prompt turn) attend exactly as T
+    # one-token steps would: the span stays compressed, the chunk is causal among itself.
     model = tiny_llama()
     model.compile(backend="rotatek", options={"key_channels": 4, "inner": "eager"})
-    _, cache = prefill(model, torch.randint(0, 128, (1, 40)))
-    with pytest.raises(Exception, match="more than one token"):
-        with torch.no_grad():
-            model(input_ids=torch.randint(0, 128, (1, 5)), past_key_values=cache, use_cache=True)
+    generator = torch.Generator().manual_seed(5)
+    prompt, chunk = torch.randint(0, 128, (2, 40), generator=generator), torch.randint(0, 128, (2, 6), generator=generator)
+    chunk_logits, after_chunk, cache = chunk_then_step(model, prompt, chunk)
+    assert all(attached(layer.keys) is not None for layer in cache.layers)
+    assert cache.get_seq_length() == 40 + 6 + 1
+
+    _, stepped = prefill(model, prompt)
+    step_logits = [decode(model, chunk[:, t: t + 1], stepped)[1] for t in range(chunk.shape[1])]
+    torch.testing.assert_close(chunk_logits, torch.stack(step_logits, dim=1), atol=1e-5, rtol=1e-5)
+    _, step_after = decode(model, chunk_logits[:, -1:].argmax(-1), stepped)
+    torch.testing.assert_close(after_chunk, step_after, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["rotatek", "spark"])
+def test_full_rank_chunk_matches_uncompiled_model(method):
+    prompt = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(6))
+    chunk = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(7))
+    model = tiny_llama()
+    exact_logits, exact_last, _ = chunk_then_step(model, prompt, chunk)
+    model.compile(backend="rotatek", options={"key_channels": HEAD_DIM, "method": method, "inner": "eager"})
+    logits, last, _ = chunk_then_step(model, prompt, chunk)
+    assert (logits - exact_logits).abs().max().item() < 1e-4
+    assert (last - exact_last).abs().max().item() < 1e-4
+
+
+def test_second_turn_of_generate_on_a_compressed_cache():
+    # multi-turn chat: generate, append the next user turn, generate again on the same cache; the
+    # second row's turn is shorter, padded inside the sequence (its mask zeros must be honoured)
+    model, inputs = tiny_llama(), padded_prompt()
+    turn = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(8))
+    turn_mask = torch.ones_like(turn)
+    turn_mask[1, :4] = 0
+
+    def two_turns():
+        first = generate(model, inputs, steps=5)
+        ids = torch.cat([first.sequences, turn], dim=1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(first.sequences[:, inputs["input_ids"].shape[1]:]),
+                          turn_mask], dim=1)
+        return generate(model, {"input_ids": ids, "attention_mask": mask}, steps=5,
+                        past_key_values=first.past_key_values)
+
+    exact = two_turns()
+    model.compile(backend="rotatek", options={"key_channels": HEAD_DIM, "inner": "eager"})
+    compressed = two_turns()
+    assert torch.equal(exact.sequences, compressed.sequences)
+    assert max_logit_error(exact, compressed) < 1e-4
+    assert all(attached(layer.keys) is not None for layer in compressed.past_key_values.layers)
 
 
 def test_reports_and_explain():

@@ -76,6 +76,77 @@ def test_sparse_decode_op_equals_attention_on_reconstructed_keys():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+def _as_chunk(args, new_tokens, seed=3):
+    """``args`` with a ``[B, Hq, T, d]`` query whose tokens are the last ``T`` of the rest segment."""
+    gen = torch.Generator().manual_seed(seed)
+    query = args[0]
+    chunk = torch.randn(*query.shape[:2], new_tokens, query.shape[-1], generator=gen).to(query.dtype)
+    return (chunk, *args[1:])
+
+
+@pytest.mark.parametrize("op, make_args", [("decode_attention", _decode_args), ("sparse_decode_attention", _sparse_args)])
+def test_opcheck_chunk_query(op, make_args):
+    torch.library.opcheck(getattr(torch.ops.rotatek, op).default, _as_chunk(make_args(), 2))
+
+
+@pytest.mark.parametrize("op, make_args", [("decode_attention", _decode_args), ("sparse_decode_attention", _sparse_args)])
+def test_chunk_equals_one_token_steps(op, make_args):
+    # query t of a T-token chunk sees the span and the rest up to its own token (the T last are
+    # the chunk's): exactly a one-token step on the rest cut after that token
+    new_tokens = 3
+    args = _as_chunk(make_args(), new_tokens)
+    query, *span, keys, values, mask, scale = args
+    out = getattr(torch.ops.rotatek, op)(*args)
+    assert out.shape == (*query.shape[:-1], values.shape[-1])
+    full = keys.shape[2]
+    for t in range(new_tokens):
+        cut = full - new_tokens + t + 1
+        step = getattr(torch.ops.rotatek, op)(query[:, :, t], *span, keys[:, :, :cut], values[:, :, :cut],
+                                              mask[:, :cut], scale)
+        torch.testing.assert_close(out[:, :, t], step, atol=1e-6, rtol=1e-5)
+
+
+class _LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the element count of the largest new tensor any aten op returns (views and
+    results that alias an input do not count)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+@pytest.mark.parametrize("op", ["decode_attention", "sparse_decode_attention"])
+def test_cpu_decode_copies_nothing_cache_sized(op):  # the CPU path of the two ops
+    # A decode step must read the cache where it lies: no concatenation of span and rest Values,
+    # no full-width rebuild of SparK Keys. Long span, d = dv = 64, r = 16, G = 2: the largest
+    # temporary allowed is the logits-sized one, far below one segment of Values.
+    gen = torch.Generator().manual_seed(0)
+    batch, kv_heads, group, dim, rank, span_len, rest_len = 2, 2, 2, 64, 16, 512, 8
+    span_keys = torch.randn(batch, kv_heads, span_len, dim, generator=gen)
+    window = torch.randn(batch, kv_heads * group, 4, dim, generator=gen)
+    if op == "decode_attention":
+        span_key_parts = tuple(ref.rotatek_compress(span_keys, rank, None, window))
+    else:
+        span_key_parts = tuple(ref.spark_select(span_keys, window, rank))
+    span_values = torch.randn(batch, kv_heads, span_len, dim, generator=gen)
+    args = (torch.randn(batch, kv_heads * group, dim, generator=gen), *span_key_parts, span_values,
+            torch.ones(batch, span_len, dtype=torch.bool), torch.randn(batch, kv_heads, rest_len, dim, generator=gen),
+            torch.randn(batch, kv_heads, rest_len, dim, generator=gen), torch.ones(batch, rest_len, dtype=torch.bool),
+            0.125)
+    with _LargestAllocation() as mode:
+        getattr(ref, op)(*args)
+    assert mode.largest < span_values.numel() // 2, (mode.largest, span_values.numel())
+
+
 def _decode_then_project(query, span_keys, rotation, mean_residual, span_values, span_mask, keys, values, mask):
     out = torch.ops.rotatek.decode_attention(query * 2, span_keys, rotation, mean_residual, span_values,
                                              span_mask, keys, values, mask, 0.25)

@@ -103,6 +103,38 @@ def test_decode_rewrite_replaces_every_sdpa(sdpa_graphs, method, op):
         assert all(user.op == "output" for n in past for user in n.users)
 
 
+@pytest.fixture(scope="module")
+def chunk_graph():
+    """The graph of a 5-token chunk appended to a filled cache (a second prompt turn)."""
+    torch._dynamo.reset()
+    model, recorder = tiny_llama(), RecordingBackend()
+    model.compile(backend=recorder)
+    ids = torch.randint(0, 128, (1, 45), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :40], use_cache=True)
+        model(input_ids=ids[:, 40:], past_key_values=out.past_key_values, use_cache=True)
+    torch._dynamo.reset()
+    (gm, _), = recorder.graphs[1:]
+    return gm
+
+
+def _op_queries(graph: fx.Graph, op) -> list[fx.Node]:
+    return [n.args[0] for n in graph.nodes if n.op == "call_function" and n.target is op]
+
+
+def test_chunk_rewrite_passes_the_whole_query(chunk_graph, sdpa_graphs):
+    # T new tokens: the op gets q [B, Hq, T, d] and its output replaces attention's as is
+    plan = rewrite_decode(chunk_graph, "rotatek", "auto", compressed=past_key_inputs(chunk_graph))
+    graph = plan.module.graph
+    assert count(graph, SDPA) == 0 and count(graph, DECODE_OP) == LAYERS
+    for query in _op_queries(graph, DECODE_OP):
+        assert query.meta["example_value"].shape[2] == 5 and query.target is not torch.select
+    # one new token: the op's one-token form, q[:, :, 0] → [B, Hq, d]
+    gm, _ = sdpa_graphs[1]
+    step = rewrite_decode(gm, "rotatek", "auto", compressed=past_key_inputs(gm)).module.graph
+    assert all(query.target is torch.select for query in _op_queries(step, DECODE_OP))
+
+
 def test_decode_rewrite_of_eager_attention(eager_graphs):
     gm, _ = eager_graphs[1]
     assert count(gm.graph, torch.matmul) == 2 * LAYERS

@@ -215,12 +215,13 @@ def decode_attention(
     mask: Tensor,
     scale: float,
 ) -> Tensor:
-    """One decode step of attention over a mixed cache, by one softmax over both segments.
+    """Attention of the newest tokens over a mixed cache, by one softmax over both segments.
 
     Parameters
     ----------
     query : Tensor
-        ``[B, Hq, d]`` the new token's post-RoPE query.
+        ``[B, Hq, d]``: the new token's post-RoPE query (a decode step), or ``[B, Hq, T, d]``:
+        ``T`` new tokens appended at once (a chunk: teacher forcing, a second prompt turn).
     span_keys, rotation, mean_residual : Tensor
         The compressed span: ``K̃`` ``[B, H, Sv, r]``, ``R`` ``[B, H, d, r]``, ``δμ`` ``[B, H, d]``.
     span_values : Tensor
@@ -229,6 +230,7 @@ def decode_attention(
         ``[B, Sv]`` bool.
     keys, values : Tensor
         The full-channel segment (prompt, text, generated): ``[B, H, Sf, d]``, ``[B, H, Sf, dv]``.
+        Its last ``T`` tokens are the queries' own; query ``t`` sees those up to itself (causal).
     mask : Tensor
         ``[B, Sf]`` bool.
     scale : float
@@ -237,23 +239,60 @@ def decode_attention(
     Returns
     -------
     Tensor
-        ``[B, Hq, dv]`` in ``query``'s dtype. A row whose tokens are all masked gives zeros.
+        ``[B, Hq, dv]`` (or ``[B, Hq, T, dv]``) in ``query``'s dtype. A query whose tokens are all
+        masked gives zeros.
     """
-    batch, q_heads, dim = query.shape
-    kv_heads = keys.shape[1]
-    group = q_heads // kv_heads
-    q = query.float().view(batch, kv_heads, group, dim)  # [B, H, G, d]
-    q_rot = q @ rotation.float()  # [B, H, G, r]
-    span_logits = q_rot @ span_keys.float().transpose(-1, -2)  # [B, H, G, Sv]
+    q = _group_queries(query, keys.shape[1])  # [B, H, G·T, d]
+    q_rot = q @ rotation.float()  # [B, H, G·T, r]
+    span_logits = q_rot @ span_keys.float().transpose(-1, -2)  # [B, H, G·T, Sv]
     span_logits = span_logits + (q * mean_residual.float()[:, :, None, :]).sum(-1, keepdim=True)
-    full_logits = q @ keys.float().transpose(-1, -2)  # [B, H, G, Sf]
-    logits = torch.cat([span_logits, full_logits], dim=-1) * scale  # [B, H, G, Sv + Sf]
+    out = attend_two_segments(q, span_logits, span_values, span_mask, keys, values, mask, scale,
+                              new_tokens=_new_tokens(query))
+    return _ungroup(out, query)
+
+
+def _new_tokens(query: Tensor) -> int:
+    return 1 if query.dim() == 3 else query.shape[2]
+
+
+def _group_queries(query: Tensor, kv_heads: int) -> Tensor:
+    """``[B, Hq, d]`` or ``[B, Hq, T, d]`` → fp32 ``[B, H, G·T, d]``: each KV head's query rows,
+    ordered (query head of the group, new token)."""
+    batch, q_heads, dim = query.shape[0], query.shape[1], query.shape[-1]
+    return query.float().reshape(batch, kv_heads, -1, dim)
+
+
+def _ungroup(out: Tensor, query: Tensor) -> Tensor:
+    """``[B, H, G·T, dv]`` → ``query``'s layout (``[B, Hq, dv]`` or ``[B, Hq, T, dv]``) and dtype."""
+    return out.reshape(*query.shape[:-1], out.shape[-1]).to(query.dtype)
+
+
+def attend_two_segments(q: Tensor, span_logits: Tensor, span_values: Tensor, span_mask: Tensor,
+                        keys: Tensor, values: Tensor, mask: Tensor, scale: float,
+                        new_tokens: int = 1) -> Tensor:
+    """One softmax over ``[span | full]`` logits; each segment's Values are read where they lie.
+
+    ``q`` ``[B, H, G·T, d]`` fp32 (rows ordered (group member, new token), ``T = new_tokens``),
+    ``span_logits`` ``[B, H, G·T, Sv]`` (unscaled) → ``[B, H, G·T, dv]`` fp32. The last ``T`` tokens
+    of the full segment are the new ones, seen causally. Only the logits (``Sv + Sf`` per query)
+    are concatenated, never the Values: attention reads the cache once and copies none of it.
+    A query whose tokens are all masked gives zeros.
+    """
+    full_logits = q @ keys.float().transpose(-1, -2)  # [B, H, G·T, Sf]
+    logits = torch.cat([span_logits, full_logits], dim=-1) * scale  # [B, H, G·T, Sv + Sf]
     valid = torch.cat([span_mask, mask], dim=-1)[:, None, None, :]  # [B, 1, 1, Sv + Sf]
-    logits = logits.masked_fill(~valid, -math.inf)
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all-masked rows → 0
-    vals = torch.cat([span_values, values], dim=2).float()  # [B, H, Sv + Sf, dv]
-    out = probs @ vals  # [B, H, G, dv]
-    return out.reshape(batch, q_heads, -1).to(query.dtype)
+    if new_tokens > 1:
+        valid = valid & _causal_tail(valid.shape[-1], new_tokens, q.shape[2] // new_tokens, valid.device)
+    probs = torch.softmax(logits.masked_fill(~valid, -math.inf), dim=-1).nan_to_num(0.0)
+    span_probs, full_probs = probs.split([span_logits.shape[-1], full_logits.shape[-1]], dim=-1)
+    return span_probs @ span_values.float() + full_probs @ values.float()  # [B, H, G·T, dv]
+
+
+def _causal_tail(length: int, new_tokens: int, group: int, device: torch.device) -> Tensor:
+    """``[G·T, length]`` bool: new token ``t`` (the ``T`` last positions) sees positions ``≤ its own``."""
+    own_position = length - new_tokens + torch.arange(new_tokens, device=device)  # [T]
+    visible = torch.arange(length, device=device)[None, :] <= own_position[:, None]  # [T, length]
+    return visible.repeat(group, 1)  # rows ordered (group member, new token)
 
 
 # --- baselines at the same interface -----------------------------------------------------------
@@ -305,6 +344,38 @@ def spark_select(keys: Tensor, queries: Tensor, rank: int) -> SparseKeys:
     pruned_count = max(dim - rank, 1)
     fill = ((total - kept.float().sum(-1)) / pruned_count).to(keys.dtype)
     return SparseKeys(kept, channels.to(torch.int16), fill)
+
+
+def sparse_span_logits(q: Tensor, sparse: SparseKeys) -> Tensor:
+    """``q·k_s`` for SparK-style span tokens, read off what the cache keeps.
+
+    ``k_s`` is ``fill_s`` on every channel except the kept ones, so
+    ``q·k_s = fill_s·Σ_c q_c + Σ_j q[ch_sj]·(v_sj − fill_s)``.
+    ``q`` ``[B, H, Q, d]`` fp32 (``Q`` query rows per KV head) → ``[B, H, Q, Sv]`` fp32. Of the
+    two ways to evaluate it, the one with the smaller temporary runs: per query row, gather its
+    ``Sv·r`` kept entries (``Q·Sv·r``), or rebuild the Keys to full width once (``Sv·d``).
+    """
+    batch, kv_heads, tokens, rank = sparse.channels.shape
+    dim = q.shape[-1]
+    if q.shape[2] * rank >= dim:  # many query rows (a chunk): rebuilding once is cheaper
+        return q @ spark_reconstruct(sparse, dim).float().transpose(-1, -2)
+    index = sparse.channels.long().view(batch, kv_heads, tokens * rank)  # [B, H, Sv·r]
+    fill = sparse.fill.float()  # [B, H, Sv]
+    offsets = sparse.values.float() - fill[..., None]  # [B, H, Sv, r]
+    kept = [(q_row.gather(2, index).view(batch, kv_heads, tokens, rank) * offsets).sum(-1)  # [B, H, Sv]
+            for q_row in q.unbind(2)]  # one query row at a time: [B, H, d]
+    return torch.stack(kept, dim=2) + q.sum(-1, keepdim=True) * fill[:, :, None, :]  # [B, H, Q, Sv]
+
+
+def sparse_decode_attention(query: Tensor, span_key_values: Tensor, span_key_channels: Tensor,
+                            span_key_fill: Tensor, span_values: Tensor, span_mask: Tensor, keys: Tensor,
+                            values: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """:func:`decode_attention` for a SparK-style span (:class:`SparseKeys`), same shapes."""
+    q = _group_queries(query, keys.shape[1])  # [B, H, G·T, d]
+    span_logits = sparse_span_logits(q, SparseKeys(span_key_values, span_key_channels, span_key_fill))
+    out = attend_two_segments(q, span_logits, span_values, span_mask, keys, values, mask, scale,
+                              new_tokens=_new_tokens(query))
+    return _ungroup(out, query)
 
 
 def spark_reconstruct(sparse: SparseKeys, dim: int) -> Tensor:

@@ -6,7 +6,7 @@ the last ``W`` post-RoPE queries and the attention mask, plus the image-merge ma
 
     outputs += [q[:, :, -W:, :] for each site] + [mask[:, 0, -1, :] per mask] + [span masks]
 
-Decode (one new token on a compressed cache)::
+Decode (new tokens on a compressed cache: one per step, or a chunk of ``T``)::
 
     keys   = cat([past_keys, k_new], -2)            rest_keys   = cat([rest_keys, k_new], -2)
     values = cat([past_values, v_new], -2)    →     rest_values = cat([rest_values, v_new], -2)
@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import operator
 from typing import Optional
 
 import torch
@@ -173,11 +174,6 @@ def rewrite_decode(gm: fx.GraphModule, method: str, kernel: str,
             skipped.append(SkippedSite(site.layer, site.attention,
                                        "its cache was not filled by a rotatek-compiled prefill"))
             continue
-        query = example_value(site.query)
-        if query is None or query.shape[2] != 1:
-            raise NotImplementedError(
-                f"rotatek: {site.layer} appends more than one token to a compressed cache "
-                "(chunked prefill, multi-turn reuse or assisted decoding are not supported)")
         rewritable.append(site)
     if not rewritable:
         return None
@@ -205,6 +201,36 @@ def rewrite_decode(gm: fx.GraphModule, method: str, kernel: str,
     return RewrittenGraph("decode", module, tuple(slots), tuple(skipped), num_outputs)
 
 
+def _new_token_mask(graph: fx.Graph, site: AttentionSite) -> fx.Node:
+    """``[B, L]`` bool: which of the ``L`` new tokens are real.
+
+    Without a mask, all. With one, the last query's row over the last ``L`` key positions (the
+    new tokens; under a causal mask that query sees every real one): a second prompt turn may be
+    padded inside the sequence, and those zeros must hold.
+    """
+    first_channel = graph.call_function(torch.select, (site.new_keys, 3, 0))  # [B, H, L]
+    first_head = graph.call_function(torch.select, (first_channel, 1, 0))  # [B, L]
+    real = graph.call_function(torch.ones_like, (first_head,), {"dtype": torch.bool})
+    mask_value = example_value(site.mask)
+    if mask_value is None:
+        return real
+    length = example_value(site.new_keys).shape[2]
+    if not isinstance(length, int):
+        length = graph.call_function(torch.ops.aten.sym_size.int, (site.new_keys, 2))
+    start = graph.call_function(operator.neg, (length,))
+    row = graph.call_function(torch.select, (site.mask, -2, -1))  # [B|1, 1|Hq, S]
+    row = graph.call_function(torch.select, (row, 1, 0))  # [B|1, S]
+    tail = graph.call_function(torch.ops.aten.slice.Tensor, (row, 1, start))  # [B|1, L]
+    if mask_value.dtype != torch.bool:  # additive: 0 where allowed, a large negative where not
+        tail = graph.call_function(operator.gt, (tail, torch.finfo(mask_value.dtype).min / 2))
+    return graph.call_function(torch.logical_and, (real, tail))
+
+
+def _is_one(length) -> bool:
+    """A query length known to be 1 (a symbolic length may be anything: it takes the chunk form)."""
+    return isinstance(length, int) and length == 1
+
+
 def _replace_output(graph: fx.Graph, old: fx.Node, new: fx.Node) -> None:
     output = _output_node(graph)
     output.args = (tuple(new if value is old else value for value in output.args[0]),)
@@ -217,12 +243,12 @@ def _replace_attention(graph: fx.Graph, site: AttentionSite, state: list[fx.Node
     with graph.inserting_before(site.attention):
         keys = graph.call_function(torch.cat, ([rest_keys, site.new_keys],), {"dim": -2})
         values = graph.call_function(torch.cat, ([rest_values, site.new_values],), {"dim": -2})
-        # [B, L] all-True: every new token is real
-        first_channel = graph.call_function(torch.select, (site.new_keys, 3, 0))  # [B, H, L]
-        first_head = graph.call_function(torch.select, (first_channel, 1, 0))  # [B, L]
-        new_mask = graph.call_function(torch.ones_like, (first_head,), {"dtype": torch.bool})
-        mask = graph.call_function(torch.cat, ([rest_mask, new_mask],), {"dim": -1})
-        query = graph.call_function(torch.select, (site.query, 2, 0))  # [B, Hq, d]
+        mask = graph.call_function(torch.cat, ([rest_mask, _new_token_mask(graph, site)],), {"dim": -1})
+        # one new token: the op's one-token form [B, Hq, d] (the Triton kernel's); a chunk of
+        # T tokens (teacher forcing, a second prompt turn): [B, Hq, T, d], causal inside the op
+        query_value = example_value(site.query)
+        one_token = query_value is not None and _is_one(query_value.shape[2])
+        query = graph.call_function(torch.select, (site.query, 2, 0)) if one_token else site.query
         if method == "spark":
             out = graph.call_function(torch.ops.rotatek.sparse_decode_attention.default, (
                 query, span_0, span_1, span_2, span_values, span_mask, keys, values, mask, site.scale))
@@ -230,6 +256,7 @@ def _replace_attention(graph: fx.Graph, site: AttentionSite, state: list[fx.Node
             out = graph.call_function(torch.ops.rotatek.decode_attention.default, (
                 query, span_0, span_1, span_2, span_values, span_mask, keys, values, mask,
                 site.scale, kernel))
-        out = graph.call_function(torch.unsqueeze, (out, 2))  # [B, Hq, 1, dv]
+        if one_token:
+            out = graph.call_function(torch.unsqueeze, (out, 2))  # [B, Hq, 1, dv]
     site.attention.replace_all_uses_with(out)
     return [keys, values, mask]
