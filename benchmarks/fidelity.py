@@ -10,7 +10,9 @@ Per prompt, against the uncompressed model (plain eager Hugging Face, its own ``
 
 - **KL**: next-token ``KL(p_exact ‖ p_compressed)`` in nats, mean over the exact model's own
   64-token greedy continuation, teacher-forced. Position 0 is predicted by the (exact) prefill,
-  positions 1–63 by decode steps on the compressed cache.
+  positions 1–63 by the compressed cache: the 63 fed tokens are appended to it as one chunk,
+  which attends exactly as 63 one-token decode steps would (the op is causal inside a chunk;
+  ``tests/test_generate.py::test_chunk_on_compressed_cache_equals_token_by_token``).
 - **greedy agreement**: on the same run, ``agree`` is the fraction of the compressed model's 64
   greedy choices equal to the exact model's, ``prefix`` the fraction before the first mismatch
   (= how much of a 64-token free-running greedy generation is identical: until the first
@@ -19,14 +21,13 @@ Per prompt, against the uncompressed model (plain eager Hugging Face, its own ``
   verbatim), teacher-forced, compressed / exact (geometric mean over prompts); the KL on that text
   is kept in the JSON as ``kl_heldout``.
 
-Both continuations run as rows of one batch (each prompt twice), so one decode step serves both:
-on this CPU a decode step costs about the same for 8 or 40 rows (weight traffic dominates), and
-prompts of one length share a batch. Every cell goes through
+Both continuations run as rows of one batch (each prompt twice), and prompts of one length
+share a batch. Every cell goes through
 ``torch.compile(model.forward, backend=...)``: the backend is ``SweepBackend``, a
 :class:`rotatek_compile.RotateKBackend` whose compiled graphs serve every cell. The prefill
 graph's outputs do not depend on the cell (the rewrite only adds the query window, fixed at 32,
 and the mask), so they are computed once per prompt group and reused; the per-cell compression
-(``compress_layer``), the stand-ins handed to HF and every decode step are the product's own
+(``compress_layer``), the stand-ins handed to HF and the chunk's attention are the product's own
 code. ``--quick`` checks that this gives bit-identical logits to a fresh
 ``torch.compile(..., backend=RotateKBackend(config))``.
 

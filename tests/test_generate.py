@@ -217,10 +217,11 @@ def test_full_rank_chunk_matches_uncompiled_model(method):
     assert (last - exact_last).abs().max().item() < 1e-4
 
 
-def test_second_turn_of_generate_on_a_compressed_cache():
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])  # boolean / additive masks
+def test_second_turn_of_generate_on_a_compressed_cache(attn_implementation):
     # multi-turn chat: generate, append the next user turn, generate again on the same cache; the
     # second row's turn is shorter, padded inside the sequence (its mask zeros must be honoured)
-    model, inputs = tiny_llama(), padded_prompt()
+    model, inputs = tiny_llama(attn_implementation), padded_prompt()
     turn = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(8))
     turn_mask = torch.ones_like(turn)
     turn_mask[1, :4] = 0

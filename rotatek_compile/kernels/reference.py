@@ -242,11 +242,11 @@ def decode_attention(
         ``[B, Hq, dv]`` (or ``[B, Hq, T, dv]``) in ``query``'s dtype. A query whose tokens are all
         masked gives zeros.
     """
-    q = _group_queries(query, keys.shape[1])  # [B, H, G·T, d]
+    q = _group_queries(query, keys.shape[1]) * scale  # [B, H, G·T, d], scaled: logits come out scaled
     q_rot = q @ rotation.float()  # [B, H, G·T, r]
     span_logits = q_rot @ span_keys.float().transpose(-1, -2)  # [B, H, G·T, Sv]
-    span_logits = span_logits + (q * mean_residual.float()[:, :, None, :]).sum(-1, keepdim=True)
-    out = attend_two_segments(q, span_logits, span_values, span_mask, keys, values, mask, scale,
+    span_logits += (q * mean_residual.float()[:, :, None, :]).sum(-1, keepdim=True)
+    out = attend_two_segments(q, span_logits, span_values, span_mask, keys, values, mask,
                               new_tokens=_new_tokens(query))
     return _ungroup(out, query)
 
@@ -268,24 +268,37 @@ def _ungroup(out: Tensor, query: Tensor) -> Tensor:
 
 
 def attend_two_segments(q: Tensor, span_logits: Tensor, span_values: Tensor, span_mask: Tensor,
-                        keys: Tensor, values: Tensor, mask: Tensor, scale: float,
-                        new_tokens: int = 1) -> Tensor:
+                        keys: Tensor, values: Tensor, mask: Tensor, new_tokens: int = 1) -> Tensor:
     """One softmax over ``[span | full]`` logits; each segment's Values are read where they lie.
 
-    ``q`` ``[B, H, G·T, d]`` fp32 (rows ordered (group member, new token), ``T = new_tokens``),
-    ``span_logits`` ``[B, H, G·T, Sv]`` (unscaled) → ``[B, H, G·T, dv]`` fp32. The last ``T`` tokens
-    of the full segment are the new ones, seen causally. Only the logits (``Sv + Sf`` per query)
-    are concatenated, never the Values: attention reads the cache once and copies none of it.
-    A query whose tokens are all masked gives zeros.
+    ``q`` ``[B, H, G·T, d]`` fp32, already multiplied by the softmax scale (rows ordered (group
+    member, new token), ``T = new_tokens``); ``span_logits`` ``[B, H, G·T, Sv]`` from that ``q``
+    (overwritten) → ``[B, H, G·T, dv]`` fp32. The last ``T`` tokens of the full segment are the new
+    ones, seen causally. Softmax over the two blocks without joining them::
+
+        m = max over both blocks ;  p = exp(logits − m) per block
+        out = (p_span·V_span + p_full·V_full) / (Σ p_span + Σ p_full)
+
+    computed in place on the two logit blocks: attention copies none of the cache. A query whose
+    tokens are all masked gives zeros.
     """
     full_logits = q @ keys.float().transpose(-1, -2)  # [B, H, G·T, Sf]
-    logits = torch.cat([span_logits, full_logits], dim=-1) * scale  # [B, H, G·T, Sv + Sf]
-    valid = torch.cat([span_mask, mask], dim=-1)[:, None, None, :]  # [B, 1, 1, Sv + Sf]
+    full_valid = mask[:, None, None, :]  # [B, 1, 1, Sf]
     if new_tokens > 1:
-        valid = valid & _causal_tail(valid.shape[-1], new_tokens, q.shape[2] // new_tokens, valid.device)
-    probs = torch.softmax(logits.masked_fill(~valid, -math.inf), dim=-1).nan_to_num(0.0)
-    span_probs, full_probs = probs.split([span_logits.shape[-1], full_logits.shape[-1]], dim=-1)
-    return span_probs @ span_values.float() + full_probs @ values.float()  # [B, H, G·T, dv]
+        full_valid = full_valid & _causal_tail(mask.shape[-1], new_tokens, q.shape[2] // new_tokens, mask.device)
+    blocks = [(span_logits, span_mask[:, None, None, :], span_values), (full_logits, full_valid, values)]
+    peak = torch.full_like(q[..., :1], -math.inf)  # [B, H, G·T, 1]
+    for logits, valid, _ in blocks:
+        logits.masked_fill_(~valid, -math.inf)
+        if logits.shape[-1]:
+            peak = torch.maximum(peak, logits.amax(-1, keepdim=True))
+    peak = peak.nan_to_num(0.0, neginf=0.0)  # all masked: every exp below is 0
+    out, total = 0.0, 0.0
+    for logits, _, block_values in blocks:
+        probs = logits.sub_(peak).exp_()
+        total = total + probs.sum(-1, keepdim=True)
+        out = out + probs @ block_values.float()  # [B, H, G·T, dv]
+    return out / total.clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def _causal_tail(length: int, new_tokens: int, group: int, device: torch.device) -> Tensor:
@@ -371,9 +384,9 @@ def sparse_decode_attention(query: Tensor, span_key_values: Tensor, span_key_cha
                             span_key_fill: Tensor, span_values: Tensor, span_mask: Tensor, keys: Tensor,
                             values: Tensor, mask: Tensor, scale: float) -> Tensor:
     """:func:`decode_attention` for a SparK-style span (:class:`SparseKeys`), same shapes."""
-    q = _group_queries(query, keys.shape[1])  # [B, H, G·T, d]
+    q = _group_queries(query, keys.shape[1]) * scale  # [B, H, G·T, d], scaled
     span_logits = sparse_span_logits(q, SparseKeys(span_key_values, span_key_channels, span_key_fill))
-    out = attend_two_segments(q, span_logits, span_values, span_mask, keys, values, mask, scale,
+    out = attend_two_segments(q, span_logits, span_values, span_mask, keys, values, mask,
                               new_tokens=_new_tokens(query))
     return _ungroup(out, query)
 
