@@ -253,20 +253,27 @@ def expected_span_bytes(method: str, batch: int, heads: int, tokens: int, dim: i
                         rank: int, element: int) -> dict[str, int]:
     """Bytes a method must keep for a compressed span of ``tokens`` tokens per (row, head).
 
-    RotateK / ThinK: ``K̃`` ``tokens·r·elt`` plus, per (row, head), ``R`` ``d·r`` and ``δμ`` ``d``
-    in fp32 (ThinK's ``R`` is one-hot and ``δμ`` zero, as the product stores it). SparK-style:
-    per token ``r`` values, ``r`` int16 indices and one fill value. Values: ``tokens·dv·elt``.
+    RotateK: ``K̃`` ``tokens·r·elt`` plus, per (row, head), ``R`` ``d·r`` and ``δμ`` ``d`` in fp32.
+    ThinK: the kept channels ``tokens·r·elt`` plus their ``r`` int16 indices per (row, head).
+    SparK-style: per token ``r`` values, ``r`` int16 indices and one fill value. Values:
+    ``tokens·dv·elt``. Keys are listed in the order of ``CompressedLayer.span_key_parts``.
     """
     per_head = batch * heads
-    if method in ("rotatek", "think"):
+    if method == "rotatek":
         keys = {"keys": per_head * tokens * rank * element, "rotation": per_head * dim * rank * 4,
                 "mean_residual": per_head * dim * 4}
+    elif method == "think":
+        keys = {"keys": per_head * tokens * rank * element, "channels": per_head * rank * 2}
     elif method == "spark":
         keys = {"keys": per_head * tokens * rank * element, "channels": per_head * tokens * rank * 2,
                 "fill": per_head * tokens * element}
     else:
         raise ValueError(method)
     return {**keys, "values": per_head * tokens * value_dim * element}
+
+
+# per method: the parts stored per span token; the rest of the Key parts are per (row, head)
+PER_TOKEN = {"rotatek": ("keys",), "think": ("keys",), "spark": ("keys", "channels", "fill")}
 
 
 def measure_cache(cache, cell: Cell, prompt_length: int) -> dict[str, Any]:
@@ -297,7 +304,9 @@ def measure_cache(cache, cell: Cell, prompt_length: int) -> dict[str, Any]:
         kept = math.ceil(cell.token_keep * span_tokens) if cell.token_keep < 1 else span_tokens
         rank = cell.rank(dim)
         expected = expected_span_bytes(state.method, batch, heads, kept, dim, value_dim, rank, element)
-        tensors = dict(zip(list(expected)[:3], state.span_key_parts))
+        tensors = dict(zip(list(expected)[:len(state.span_key_parts)], state.span_key_parts))
+        if len(tensors) != len(expected) - 1:
+            problems.append(f"layer {index}: {len(state.span_key_parts)} Key parts stored, {len(expected) - 1} expected")
         tensors["values"] = state.span_values
         for part, tensor in tensors.items():
             size = tensor.numel() * tensor.element_size()
@@ -307,8 +316,8 @@ def measure_cache(cache, cell: Cell, prompt_length: int) -> dict[str, Any]:
             if storage != size:
                 problems.append(f"layer {index} {part}: storage {storage} B ≠ tensor {size} B")
             measured_span += storage
-        per_token = ("keys", "channels", "fill") if state.method == "spark" else ("keys",)
-        per_head = () if state.method == "spark" else ("rotation", "mean_residual")
+        per_token = PER_TOKEN[state.method]
+        per_head = tuple(k for k in expected if k not in per_token and k != "values")
         token_keys = sum(expected[k] for k in per_token)
         expected_token_keys += token_keys
         expected_span += sum(expected.values())

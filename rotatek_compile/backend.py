@@ -27,7 +27,8 @@ from rotatek_compile.config import RotateKConfig
 from rotatek_compile.passes.find_attention import sites_and_skips
 from rotatek_compile.passes.rewrite import RewrittenGraph, rewrite_decode, rewrite_merge, rewrite_prefill
 from rotatek_compile.passes.visual_span import to_token_mask
-from rotatek_compile.state import CompressedLayer, attached, compress_layer, derived_from_stand_in, stand_in
+from rotatek_compile.state import (
+    SPAN_KEY_PARTS, CompressedLayer, attached, compress_layer, derived_from_stand_in, stand_in)
 
 logger = logging.getLogger("rotatek_compile")
 
@@ -143,7 +144,7 @@ def _compressed_layers(plan: RewrittenGraph, args: Sequence[Any]) -> list[Compre
 
 
 def _state_inputs(layers: list[CompressedLayer]) -> list[torch.Tensor]:
-    """The layers' tensors, flattened in the order of ``STATE_INPUTS``."""
+    """The layers' tensors, flattened in the order of ``rewrite.state_inputs(method)``."""
     tensors = []
     for layer in layers:
         tensors += [*layer.span_key_parts, layer.span_values, layer.span_mask,
@@ -183,13 +184,15 @@ def _symbolic_state(plan: RewrittenGraph, state: list[torch.Tensor],
         real = state[i * per_site:(i + 1) * per_site]
         batch, heads, _, dim = placeholders[slot.past_keys_input].meta["example_value"].shape
         value_dim = placeholders[slot.past_values_input].meta["example_value"].shape[-1]
-        span = length(real[3].shape[2], f"rotatek_span_{i}")
-        rest = length(real[5].shape[2], f"rotatek_rest_{i}")
+        parts = len(SPAN_KEY_PARTS[method])
+        span = length(real[parts].shape[2], f"rotatek_span_{i}")
+        rest = length(real[parts + 2].shape[2], f"rotatek_rest_{i}")
         rank = real[0].shape[-1]
-        if method == "spark":
-            key_shapes = [(batch, heads, span, rank), (batch, heads, span, rank), (batch, heads, span)]
-        else:
-            key_shapes = [(batch, heads, span, rank), (batch, heads, dim, rank), (batch, heads, dim)]
+        key_shapes = {
+            "rotatek": [(batch, heads, span, rank), (batch, heads, dim, rank), (batch, heads, dim)],
+            "think": [(batch, heads, span, rank), (batch, heads, rank)],
+            "spark": [(batch, heads, span, rank), (batch, heads, span, rank), (batch, heads, span)],
+        }[method]
         shapes = key_shapes + [(batch, heads, span, value_dim), (batch, span),
                                (batch, heads, rest, dim), (batch, heads, rest, value_dim), (batch, rest)]
         with fake_mode:

@@ -30,19 +30,26 @@ from rotatek_compile.kernels import reference
 
 _ATTRIBUTE = "_rotatek_layer"
 
+# What each method keeps of the span's Keys, in the order of ``CompressedLayer.span_key_parts``
+SPAN_KEY_PARTS = {
+    "rotatek": ("span_keys", "rotation", "mean_residual"),
+    "think": ("span_keys", "channels"),
+    "spark": ("span_key_values", "span_key_channels", "span_key_fill"),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class CompressedLayer:
     """One layer's KV cache after prefill. ``H`` KV heads, ``Sv`` span and ``Sf`` rest tokens.
 
-    ``span_key_parts`` depends on the method:
-    RotateK / ThinK: ``(K̃ [B, H, Sv, r], R [B, H, d, r] fp32, δμ [B, H, d] fp32)`` (ThinK: R
-    one-hot, δμ = 0); SparK-style: ``(kept values [B, H, Sv, r], channels [B, H, Sv, r] int16,
-    fill [B, H, Sv])``.
+    ``span_key_parts`` depends on the method (:data:`SPAN_KEY_PARTS` names them):
+    RotateK: ``(K̃ [B, H, Sv, r], R [B, H, d, r] fp32, δμ [B, H, d] fp32)``; ThinK: ``(kept
+    channels [B, H, Sv, r], their indices [B, H, r] int16)``; SparK-style: ``(kept values
+    [B, H, Sv, r], channels [B, H, Sv, r] int16, fill [B, H, Sv])``.
     """
 
     method: str
-    span_key_parts: tuple[Tensor, Tensor, Tensor]
+    span_key_parts: tuple[Tensor, ...]
     span_values: Tensor  # [B, H, Sv, dv]
     span_mask: Tensor  # [B, Sv] bool
     keys: Tensor  # [B, H, Sf, d]
@@ -52,13 +59,15 @@ class CompressedLayer:
 
     @property
     def span_key_bytes(self) -> int:
-        """Bytes kept per span token for its Key: K̃ (RotateK, ThinK) or values+channels+fill (SparK)."""
+        """Bytes of the span's per-token Key parts: K̃ (RotateK), kept channels (ThinK), or
+        values+channels+fill (SparK)."""
         per_token = self.span_key_parts if self.method == "spark" else self.span_key_parts[:1]
         return sum(_nbytes(t) for t in per_token)
 
     @property
     def basis_bytes(self) -> int:
-        """Bytes kept per (row, head) to read the span: R and δμ (none for SparK)."""
+        """Bytes kept per (row, head) to read the span: R and δμ (RotateK), the channel indices
+        (ThinK), none (SparK)."""
         return 0 if self.method == "spark" else sum(_nbytes(t) for t in self.span_key_parts[1:])
 
     @property
@@ -194,7 +203,7 @@ def compress_layer(
 
 def _compress_keys(
     keys: Tensor, mask: Tensor, queries: Tensor, rank: int, config: RotateKConfig
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, ...]:
     if config.method == "rotatek":
         window = queries if config.query_aware else None
         compressed = reference.rotatek_compress(
@@ -202,9 +211,7 @@ def _compress_keys(
         return compressed.keys.contiguous(), compressed.rotation, compressed.mean_residual
     if config.method == "think":
         channels = reference.think_channels(keys, queries, rank, mask)  # [B, H, r]
-        rotation = reference.selection_matrix(channels, keys.shape[-1])  # [B, H, d, r]
-        kept = keys.gather(-1, channels[:, :, None, :].expand(-1, -1, keys.shape[2], -1))
-        zeros = keys.new_zeros(keys.shape[0], keys.shape[1], keys.shape[-1], dtype=torch.float32)
-        return kept.contiguous(), rotation, zeros
+        kept = keys.gather(-1, channels[:, :, None, :].expand(-1, -1, keys.shape[2], -1))  # [B, H, Sv, r]
+        return kept.contiguous(), channels.to(torch.int16)
     sparse = reference.spark_select(keys, queries, rank)
     return sparse.values.contiguous(), sparse.channels.contiguous(), sparse.fill.contiguous()

@@ -161,6 +161,21 @@ def test_state_dies_with_the_cache():
     assert live_compressed_layers() == baseline
 
 
+def test_think_keeps_channels_and_their_indices():
+    # ThinK stores what it needs: the r kept channels per token and r int16 indices per head
+    model = tiny_llama()
+    model.compile(backend="rotatek", options={"key_channels": 4, "method": "think", "inner": "eager"})
+    token, cache = prefill(model, torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(9)))
+    decode(model, token, cache)
+    for layer in cache.layers:
+        state = attached(layer.keys)
+        kept, channels = state.span_key_parts
+        batch, heads, span, rank = kept.shape
+        assert rank == 4 and channels.shape == (batch, heads, 4) and channels.dtype == torch.int16
+        assert state.basis_bytes == batch * heads * 4 * 2
+        assert state.span_key_bytes == batch * heads * span * 4 * kept.element_size()
+
+
 def test_beam_search_is_refused():
     model, inputs = tiny_llama(), padded_prompt(batch=1)
     model.compile(backend="rotatek", options={"key_channels": 4, "inner": "eager"})
@@ -205,7 +220,7 @@ def test_chunk_on_compressed_cache_equals_token_by_token():
     torch.testing.assert_close(after_chunk, step_after, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["rotatek", "spark"])
+@pytest.mark.parametrize("method", ["rotatek", "think", "spark"])
 def test_full_rank_chunk_matches_uncompiled_model(method):
     prompt = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(6))
     chunk = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(7))

@@ -12,7 +12,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from rotatek_compile.passes.find_attention import AttentionSite, SkippedSite, find_attention_sites
-from rotatek_compile.passes.rewrite import STATE_INPUTS, STATE_OUTPUTS, rewrite_decode, rewrite_prefill
+from rotatek_compile.passes.rewrite import STATE_OUTPUTS, rewrite_decode, rewrite_prefill, state_inputs
 from tests.test_generate import LAYERS, padded_prompt, tiny_llama
 
 SDPA = torch._C._nn.scaled_dot_product_attention
@@ -92,7 +92,7 @@ def test_decode_rewrite_replaces_every_sdpa(sdpa_graphs, method, op):
         assert count(gm.graph, SDPA) == LAYERS and count(gm.graph, op) == 0
         assert count(graph, SDPA) == 0 and count(graph, op) == LAYERS
         inputs_added = len(graph.find_nodes(op="placeholder")) - len(gm.graph.find_nodes(op="placeholder"))
-        assert inputs_added == LAYERS * len(STATE_INPUTS)
+        assert inputs_added == LAYERS * len(state_inputs(method))
         (output,) = graph.find_nodes(op="output")
         assert len(output.args[0]) - plan.num_outputs == LAYERS * len(STATE_OUTPUTS)
         # HF's cache outputs are the past stand-ins, returned as they came

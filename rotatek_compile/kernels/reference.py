@@ -330,8 +330,15 @@ def think_channels(keys: Tensor, queries: Tensor, rank: int, key_mask: Optional[
 
 def selection_matrix(channels: Tensor, dim: int) -> Tensor:
     """One-hot columns ``[B, H, d, r]`` fp32 that pick ``channels`` ``[B, H, r]`` out of ``d``."""
-    onehot = torch.nn.functional.one_hot(channels, dim).float()  # [B, H, r, d]
-    return onehot.transpose(-1, -2).contiguous()
+    rows = torch.arange(dim, device=channels.device)[:, None]  # [d, 1]
+    return (rows == channels[..., None, :].long()).float()  # [B, H, d, r]
+
+
+def think_basis(channels: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """ThinK's cache keeps only the ``r`` channel indices ``[B, H, r]``; at decode they become the
+    basis :func:`decode_attention` reads with: ``R`` one-hot ``[B, H, d, r]``, ``δμ = 0`` ``[B, H, d]``."""
+    rotation = selection_matrix(channels, dim)
+    return rotation, rotation.new_zeros(*rotation.shape[:-1])
 
 
 class SparseKeys(NamedTuple):

@@ -28,16 +28,20 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from rotatek_compile.kernels import reference
 from rotatek_compile.passes.find_attention import (
     AttentionSite, SkippedSite, example_value, graph_outputs, sites_and_skips)
 from rotatek_compile.passes.visual_span import find_merges, find_span_masks
+from rotatek_compile.state import SPAN_KEY_PARTS
 
 logger = logging.getLogger("rotatek_compile")
 
-# Inputs the decode graph takes per site, in order (see CompressedLayer)
-STATE_INPUTS = ("span_key_0", "span_key_1", "span_key_2", "span_values", "span_mask",
-                "rest_keys", "rest_values", "rest_mask")
 STATE_OUTPUTS = ("rest_keys", "rest_values", "rest_mask")
+
+
+def state_inputs(method: str) -> tuple[str, ...]:
+    """Inputs the decode graph takes per site, in order (see ``CompressedLayer``)."""
+    return SPAN_KEY_PARTS[method] + ("span_values", "span_mask") + STATE_OUTPUTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +187,7 @@ def rewrite_decode(gm: fx.GraphModule, method: str, kernel: str,
     slots = []
     for site in rewritable:
         with graph.inserting_before(first_computation):  # new inputs go last, in order
-            state = [graph.placeholder(f"rotatek_{site.key_update.name}_{name}") for name in STATE_INPUTS]
+            state = [graph.placeholder(f"rotatek_{site.key_update.name}_{name}") for name in state_inputs(method)]
         new_rest = _replace_attention(graph, site, state, method, kernel)
         slots.append(SiteSlots(
             layer=site.layer, scale=site.scale,
@@ -239,7 +243,7 @@ def _replace_output(graph: fx.Graph, old: fx.Node, new: fx.Node) -> None:
 def _replace_attention(graph: fx.Graph, site: AttentionSite, state: list[fx.Node],
                        method: str, kernel: str) -> list[fx.Node]:
     """Insert the decode op for ``site``; returns the grown rest segment (keys, values, mask)."""
-    span_0, span_1, span_2, span_values, span_mask, rest_keys, rest_values, rest_mask = state
+    *span_keys, span_values, span_mask, rest_keys, rest_values, rest_mask = state
     with graph.inserting_before(site.attention):
         keys = graph.call_function(torch.cat, ([rest_keys, site.new_keys],), {"dim": -2})
         values = graph.call_function(torch.cat, ([rest_values, site.new_values],), {"dim": -2})
@@ -251,11 +255,14 @@ def _replace_attention(graph: fx.Graph, site: AttentionSite, state: list[fx.Node
         query = graph.call_function(torch.select, (site.query, 2, 0)) if one_token else site.query
         if method == "spark":
             out = graph.call_function(torch.ops.rotatek.sparse_decode_attention.default, (
-                query, span_0, span_1, span_2, span_values, span_mask, keys, values, mask, site.scale))
+                query, *span_keys, span_values, span_mask, keys, values, mask, site.scale))
         else:
+            if method == "think":  # channel indices → the one-hot basis the op reads, δμ = 0
+                kept, channels = span_keys
+                basis = graph.call_function(reference.think_basis, (channels, example_value(site.query).shape[-1]))
+                span_keys = [kept] + [graph.call_function(operator.getitem, (basis, i)) for i in range(2)]
             out = graph.call_function(torch.ops.rotatek.decode_attention.default, (
-                query, span_0, span_1, span_2, span_values, span_mask, keys, values, mask,
-                site.scale, kernel))
+                query, *span_keys, span_values, span_mask, keys, values, mask, site.scale, kernel))
         if one_token:
             out = graph.call_function(torch.unsqueeze, (out, 2))  # [B, Hq, 1, dv]
     site.attention.replace_all_uses_with(out)
