@@ -204,7 +204,7 @@ def sweep_backend(inner: str = "eager"):
         """A :class:`RotateKBackend` whose compiled graphs serve every cell of the sweep.
 
         ``select(config, memo_key)`` switches the config that the prefill runtime compresses with
-        and the decode op (SparK-style or not); the prefill graph's outputs are memoised per
+        and the decode graph (one per method: each reads its own state layout); the prefill graph's outputs are memoised per
         ``memo_key``. Relies on the prefill runner's ``plan``/``config``/``compiled`` attributes.
         """
 
@@ -227,12 +227,12 @@ def sweep_backend(inner: str = "eager"):
             if any(attached(x) is not None for x in example_inputs):  # a decode graph
                 chosen, by_op = self.config, {}
                 try:
-                    for method in ("rotatek", "spark"):  # ThinK runs on RotateK's op
+                    for method in ("rotatek", "think", "spark"):  # each reads its own state layout
                         self.config = dataclasses.replace(chosen, method=method)
                         by_op[method] = RotateKBackend.__call__(self, gm, example_inputs)
                 finally:
                     self.config = chosen
-                return lambda *args: by_op["spark" if self.config.method == "spark" else "rotatek"](*args)
+                return lambda *args: by_op[self.config.method](*args)
             runner = RotateKBackend.__call__(self, gm, example_inputs)
             plan = getattr(runner, "plan", None)
             if plan is not None and plan.phase == "prefill":
