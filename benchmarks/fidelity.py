@@ -633,12 +633,14 @@ def matched_tables(results: list[dict]) -> str:
     """The comparisons behind the four questions, at matched measured bytes."""
     out = []
     keys = [("kl", False), ("agree", False), ("ppl_ratio", True)]  # KL → 0 at r = d: interpolate linearly
-    out.append("#### Q1: RotateK vs ThinK (same r: same bytes) and vs SparK-style at SparK's bytes\n")
-    out.append("SparK-style keeps, per token, r values + r int16 indices + a fill value, so at equal r it "
-               "stores more than RotateK/ThinK; RotateK's value at SparK's measured bytes is interpolated "
+    out.append("#### Q1: RotateK vs ThinK (same r) and vs SparK-style at SparK's bytes\n")
+    out.append("At equal r ThinK stores slightly fewer bytes than RotateK (r int16 indices per head instead of "
+               "RotateK's fp32 `R` and `δμ`), so a ThinK win at equal r holds at equal bytes too. "
+               "SparK-style keeps, per token, r values + r int16 indices + a fill value, so at equal r it "
+               "stores more; RotateK's value at SparK's measured bytes is interpolated "
                "on RotateK's own curve (linearly in bytes; the curve is closed at r = d by the exact / token-only "
                "row, which keeps every channel).\n")
-    out.append("| model | tk | r/d | bytes R/T | KL RotateK | KL ThinK | bytes SparK | KL SparK | KL RotateK @SparK bytes "
+    out.append("| model | tk | r/d | bytes RotateK / ThinK | KL RotateK | KL ThinK | bytes SparK | KL SparK | KL RotateK @SparK bytes "
                "| agree RotateK / ThinK / SparK / RotateK@SparK | PPL ratio RotateK / ThinK / SparK / RotateK@SparK |")
     out.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for result in results:
@@ -652,7 +654,7 @@ def matched_tables(results: list[dict]) -> str:
                     continue
                 at = {k: _interp(_curve(rows, "rotatek", keep, k), sp[1], log) for k, log in keys}
                 out.append(
-                    f"| {result['model']} | {keep:g} | {_frac(ratio)} | {rk[1]:.3f} | {rk[3]['kl']:.3f} | "
+                    f"| {result['model']} | {keep:g} | {_frac(ratio)} | {rk[1]:.3f} / {th[1]:.3f} | {rk[3]['kl']:.3f} | "
                     f"{th[3]['kl']:.3f} | {sp[1]:.3f} | {sp[3]['kl']:.3f} | {_fmt('kl', at['kl'])} | "
                     + " / ".join(_fmt("agree", v) for v in (rk[3]["agree"], th[3]["agree"], sp[3]["agree"], at["agree"]))
                     + " | "

@@ -78,7 +78,7 @@ class RotateKBackend:
         extra, symbols = _state_inputs(_compressed_layers(plan, example_inputs)), []
         if self.inner == "inductor":
             extra, symbols = _symbolic_state(plan, extra, self.config.method)
-        checks = StateShapeChecks(symbols)
+        checks = StateShapeChecks(symbols, len(SPAN_KEY_PARTS[self.config.method]))
         compiled = self._compile(plan.module, list(example_inputs) + extra)
         checks.take_guards()
         return _DecodeRunner(plan, compiled, checks)
@@ -208,8 +208,9 @@ class StateShapeChecks:
     environment and evaluated here from the real state. A call that breaks one raises.
     """
 
-    def __init__(self, symbols: list):
+    def __init__(self, symbols: list, span_key_parts: int):
         self.symbols = symbols
+        self.span_key_parts = span_key_parts  # per site, the state inputs start with these
         self.expressions: list = []
         self._checks: list = []
 
@@ -240,9 +241,11 @@ class StateShapeChecks:
         if not self.expressions:
             return
         per_site = len(state) // (len(self.symbols) // 2)
+        span_values, rest_keys = self.span_key_parts, self.span_key_parts + 2  # see rewrite.state_inputs
         lengths = []
         for i in range(len(self.symbols) // 2):
-            lengths += [state[i * per_site + 3].shape[2], state[i * per_site + 5].shape[2]]  # span, rest
+            site = state[i * per_site: (i + 1) * per_site]
+            lengths += [site[span_values].shape[2], site[rest_keys].shape[2]]
         for expression, holds in self._checks:
             if not holds(*lengths):
                 raise RotateKCacheError(f"rotatek: the compressed cache breaks an assumption of the "

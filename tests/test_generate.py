@@ -66,10 +66,11 @@ def test_full_rank_matches_uncompiled_model(attn_implementation):
 
 
 @pytest.mark.slow
-def test_full_rank_matches_under_inductor():
+@pytest.mark.parametrize("method", ["rotatek", "think"])  # state layouts of 3 and 2 Key parts
+def test_full_rank_matches_under_inductor(method):
     model, inputs = tiny_llama(), padded_prompt()
     exact = generate(model, inputs, steps=4)
-    model.compile(backend="rotatek", options={"key_channels": HEAD_DIM})
+    model.compile(backend="rotatek", options={"key_channels": HEAD_DIM, "method": method})
     compressed = generate(model, inputs, steps=4)
     assert torch.equal(exact.sequences, compressed.sequences)
     assert max_logit_error(exact, compressed) < 1e-4
