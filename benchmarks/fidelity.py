@@ -634,15 +634,17 @@ def matched_tables(results: list[dict]) -> str:
     out = []
     keys = [("kl", False), ("agree", False), ("ppl_ratio", True)]  # KL → 0 at r = d: interpolate linearly
     out.append("#### Q1: RotateK vs ThinK (same r) and vs SparK-style at SparK's bytes\n")
-    out.append("At equal r ThinK stores slightly fewer bytes than RotateK (r int16 indices per head instead of "
-               "RotateK's fp32 `R` and `δμ`), so a ThinK win at equal r holds at equal bytes too. "
+    out.append("At equal r ThinK stores fewer bytes than RotateK (r int16 indices per head instead of "
+               "RotateK's fp32 `R` and `δμ`), so a ThinK win at equal r holds at equal bytes too; ThinK at "
+               "RotateK's bytes is read off ThinK's own curve. "
                "SparK-style keeps, per token, r values + r int16 indices + a fill value, so at equal r it "
                "stores more; RotateK's value at SparK's measured bytes is interpolated "
                "on RotateK's own curve (linearly in bytes; the curve is closed at r = d by the exact / token-only "
                "row, which keeps every channel).\n")
-    out.append("| model | tk | r/d | bytes RotateK / ThinK | KL RotateK | KL ThinK | bytes SparK | KL SparK | KL RotateK @SparK bytes "
-               "| agree RotateK / ThinK / SparK / RotateK@SparK | PPL ratio RotateK / ThinK / SparK / RotateK@SparK |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    out.append("| model | tk | r/d | bytes RotateK / ThinK | KL RotateK | KL ThinK | KL ThinK @RotateK bytes | bytes SparK | KL SparK "
+               "| KL RotateK @SparK bytes | agree RotateK / ThinK / SparK / RotateK@SparK "
+               "| PPL ratio RotateK / ThinK / SparK / RotateK@SparK |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for result in results:
         rows = _rows(result)
         find = lambda label, ratio, keep: next((r for r in rows if r[2].label == label and  # noqa: E731
@@ -653,9 +655,10 @@ def matched_tables(results: list[dict]) -> str:
                 if not (rk and th and sp):
                     continue
                 at = {k: _interp(_curve(rows, "rotatek", keep, k), sp[1], log) for k, log in keys}
+                think_at = _interp(_curve(rows, "think", keep, "kl"), rk[1], False)
                 out.append(
                     f"| {result['model']} | {keep:g} | {_frac(ratio)} | {rk[1]:.3f} / {th[1]:.3f} | {rk[3]['kl']:.3f} | "
-                    f"{th[3]['kl']:.3f} | {sp[1]:.3f} | {sp[3]['kl']:.3f} | {_fmt('kl', at['kl'])} | "
+                    f"{th[3]['kl']:.3f} | {_fmt('kl', think_at)} | {sp[1]:.3f} | {sp[3]['kl']:.3f} | {_fmt('kl', at['kl'])} | "
                     + " / ".join(_fmt("agree", v) for v in (rk[3]["agree"], th[3]["agree"], sp[3]["agree"], at["agree"]))
                     + " | "
                     + " / ".join(_fmt("ppl_ratio", v) for v in (rk[3]["ppl_ratio"], th[3]["ppl_ratio"],
