@@ -145,6 +145,7 @@ def main() -> None:
     parser.add_argument("--sdpa", choices=["flash", "default"], default="flash",
                         help="flash: turn cuDNN SDPA off for both backends (it re-plans every decode step)")
     parser.add_argument("--key-channels", type=int, default=32)
+    parser.add_argument("--solver", default="auto", help="rotatek's basis solver: auto, eigh or subspace")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
@@ -163,7 +164,7 @@ def main() -> None:
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
         if backend_name == "rotatek":
-            backend = rotatek_compile.backend(key_channels=args.key_channels, span="prompt")
+            backend = rotatek_compile.backend(key_channels=args.key_channels, span="prompt", solver=args.solver)
         else:
             backend = backend_name
         model.compile(backend=backend)  # automatic dynamic shapes; dynamic=True slowed inductor decode ~40x
@@ -185,7 +186,7 @@ def main() -> None:
             lines.write(json.dumps(row) + "\n")
             lines.flush()
     report = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                  torch=torch.__version__, weight_bytes=weight_bytes, key_channels=args.key_channels,
+                  torch=torch.__version__, weight_bytes=weight_bytes, key_channels=args.key_channels, solver=args.solver,
                   steps=args.steps, layers=model.config.num_hidden_layers, sdpa=args.sdpa, results=results)
     with open(os.path.join(args.out, "model_decode.json"), "w") as handle:
         json.dump(report, handle, indent=1)

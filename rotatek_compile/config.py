@@ -11,7 +11,7 @@ import dataclasses
 import math
 from typing import Any, Mapping, Optional
 
-SOLVERS = ("eigh", "subspace")
+SOLVERS = ("auto", "eigh", "subspace")
 SPANS = ("visual", "prompt")
 KERNELS = ("auto", "triton", "reference")
 METHODS = ("rotatek", "think", "spark")
@@ -32,9 +32,11 @@ class RotateKConfig:
         default). ``False`` gives plain K-only PCA.
     query_window : int
         ``W``: how many of the last prompt queries weight the covariance.
-    solver : {"eigh", "subspace"}
-        Exact eigendecomposition, or 5 steps of subspace iteration with Cholesky
-        orthonormalisation (the official code's choice).
+    solver : {"auto", "eigh", "subspace"}
+        Exact eigendecomposition, or ``subspace_iters`` steps of subspace iteration with Cholesky
+        orthonormalisation (the official code's choice). ``"auto"``: ``"subspace"`` on CUDA, where
+        batched ``eigh`` of ``d×d`` matrices dominates the prefill-time cost (about 11 of 13.5 ms per
+        8B-shaped layer on an H100, ``benchmarks/compress_cost.py``), ``"eigh"`` elsewhere.
     subspace_iters : int
         Iterations of the subspace solver.
     span : {"visual", "prompt"}
@@ -54,7 +56,7 @@ class RotateKConfig:
     key_keep_ratio: Optional[float] = None
     query_aware: bool = True
     query_window: int = 32
-    solver: str = "eigh"
+    solver: str = "auto"
     subspace_iters: int = 5
     span: str = "visual"
     kernel: str = "auto"
@@ -92,6 +94,12 @@ class RotateKConfig:
                 raise ValueError(
                     f"rotatek option {key!r} is unknown; known options: {', '.join(sorted(known))}")
         return cls(**options)
+
+    def solver_for(self, device: Any) -> str:
+        """The solver that runs on ``device`` (a ``torch.device``): ``solver``, with ``"auto"`` resolved."""
+        if self.solver != "auto":
+            return self.solver
+        return "subspace" if getattr(device, "type", device) == "cuda" else "eigh"
 
     def channels_for(self, head_dim: int) -> int:
         """``r`` for a layer of this ``head_dim``: ``key_channels`` clipped, or the ratio rounded up."""

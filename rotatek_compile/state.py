@@ -207,7 +207,7 @@ def _compress_keys(
     if config.method == "rotatek":
         window = queries if config.query_aware else None
         compressed = reference.rotatek_compress(
-            keys, rank, mask, window, config.solver, config.subspace_iters)
+            keys, rank, mask, window, config.solver_for(keys.device), config.subspace_iters)
         return compressed.keys.contiguous(), compressed.rotation, compressed.mean_residual
     if config.method == "think":
         channels = reference.think_channels(keys, queries, rank, mask)  # [B, H, r]

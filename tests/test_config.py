@@ -78,7 +78,16 @@ def test_from_options_defaults_and_values():
 def test_defaults_follow_the_paper():
     config = RotateKConfig()
     assert (config.query_aware, config.query_window, config.solver, config.kernel, config.method,
-            config.token_keep, config.span) == (True, 32, "eigh", "auto", "rotatek", 1.0, "visual")
+            config.token_keep, config.span) == (True, 32, "auto", "auto", "rotatek", 1.0, "visual")
+
+
+def test_auto_solver_is_exact_on_cpu_and_subspace_on_cuda():
+    import torch
+
+    assert RotateKConfig().solver_for(torch.device("cpu")) == "eigh"
+    assert RotateKConfig().solver_for(torch.device("cuda")) == "subspace"
+    assert RotateKConfig(solver="eigh").solver_for(torch.device("cuda")) == "eigh"
+    assert RotateKConfig(solver="subspace").solver_for(torch.device("cpu")) == "subspace"
 
 
 @pytest.mark.parametrize("ratio", [1e-6, 0.25, 0.5, 1, 1.0])

@@ -1,0 +1,121 @@
+"""What building one layer's compressed cache costs after prefill, by step and by solver.
+
+    python benchmarks/compress_cost.py --out $OUT          # GPU: 8B-shaped layer, bf16
+    python benchmarks/compress_cost.py --lengths 512 --reps 2   # CPU smoke run
+
+One decoder layer of the 8B shape (Hq 32, H 8, d 128, r 32, W 32) with a span of ``N`` tokens:
+``compress_layer`` (the product's prefill-time work per layer) timed whole, and its steps timed
+alone: token gathers, query norms + covariance, the basis solver (``eigh`` and ``subspace``),
+``K̃ = K R``. Also how close the subspace basis is to the exact one (the share of the weighted
+covariance's top-r energy it captures). JSON goes to ``--out``; a table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from rotatek_compile import RotateKConfig  # noqa: E402
+from rotatek_compile.kernels import reference  # noqa: E402
+from rotatek_compile.state import compress_layer  # noqa: E402
+
+logger = logging.getLogger("compress_cost")
+Q_HEADS, KV_HEADS, DIM, RANK, WINDOW = 32, 8, 128, 32, 32
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, device: torch.device, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def layer_inputs(length: int, device: torch.device, dtype: torch.dtype) -> dict:
+    generator = torch.Generator(device=device).manual_seed(0)
+    total = length + WINDOW
+    keys = torch.randn(1, KV_HEADS, total, DIM, device=device, dtype=dtype, generator=generator)
+    keys[..., :DIM // 4] *= 4  # a few dominant channels, as real Keys have
+    values = torch.randn(1, KV_HEADS, total, DIM, device=device, dtype=dtype, generator=generator)
+    queries = torch.randn(1, Q_HEADS, WINDOW, DIM, device=device, dtype=dtype, generator=generator)
+    span = torch.zeros(1, total, dtype=torch.bool, device=device)
+    span[:, :length] = True
+    valid = torch.ones_like(span)
+    return dict(keys=keys, values=values, queries=queries, span=span, valid=valid)
+
+
+def captured_energy(covariance: torch.Tensor, basis: torch.Tensor, exact: torch.Tensor) -> float:
+    """``tr(Rᵀ C R) / tr(R*ᵀ C R*)``, worst head: 1 when the basis spans the exact top-r subspace."""
+    def energy(r):
+        return (r.transpose(-1, -2) @ covariance @ r).diagonal(dim1=-2, dim2=-1).sum(-1)
+
+    return float((energy(basis) / energy(exact)).min())
+
+
+def measure(length: int, device: torch.device, dtype: torch.dtype, reps: int) -> dict:
+    inputs = layer_inputs(length, device, dtype)
+    row: dict = {"tokens": length}
+    for solver in ("eigh", "subspace"):
+        config = RotateKConfig(key_channels=RANK, span="prompt", query_window=WINDOW, solver=solver)
+        row[f"compress_layer_{solver}_ms"] = median_ms(
+            lambda: compress_layer(**inputs, config=config, scale=DIM ** -0.5), device, reps)
+    span_keys = inputs["keys"][:, :, :length]
+    positions = torch.arange(length, device=device)[None, :]
+    index = positions[:, None, :, None].expand(-1, KV_HEADS, -1, DIM)
+    row["gather_span_kv_ms"] = median_ms(
+        lambda: (inputs["keys"].gather(2, index), inputs["values"].gather(2, index)), device, reps)
+    norms = reference.query_channel_norms(inputs["queries"], KV_HEADS)
+    row["covariance_ms"] = median_ms(lambda: reference.span_covariance(span_keys, None, norms), device, reps)
+    covariance, mean = reference.span_covariance(span_keys, None, norms)
+    row["eigh_ms"] = median_ms(lambda: reference.top_eigenvectors(covariance, RANK), device, reps)
+    row["subspace_ms"] = median_ms(lambda: reference.subspace_iteration(covariance, RANK), device, reps)
+    exact = reference.top_eigenvectors(covariance, RANK)
+    row["subspace_energy_vs_exact"] = captured_energy(covariance, reference.subspace_iteration(covariance, RANK), exact)
+    row["project_ms"] = median_ms(lambda: reference.compress_span(span_keys, exact, mean), device, reps)
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", default="16384,32768,65536")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--out", default=None, help="folder for compress_cost.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = [measure(int(n), device, dtype, args.reps) for n in args.lengths.split(",")]
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    keys = ["compress_layer_eigh_ms", "compress_layer_subspace_ms", "gather_span_kv_ms", "covariance_ms",
+            "eigh_ms", "subspace_ms", "project_ms", "subspace_energy_vs_exact"]
+    logger.info("%s, %s, one layer (H %d, d %d, r %d), ms (median of %d)", device_name, dtype, KV_HEADS, DIM,
+                RANK, args.reps)
+    logger.info("%8s " + " ".join(f"{k[:-3] if k.endswith('_ms') else k:>26}" for k in keys), "N")
+    for row in rows:
+        logger.info("%8d " + " ".join(f"{row[k]:>26.3f}" for k in keys), row["tokens"])
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "compress_cost.json"), "w") as f:
+            json.dump({"device": device_name, "dtype": str(dtype), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
