@@ -282,14 +282,14 @@ def measure_cache(cache, cell: Cell, prompt_length: int) -> dict[str, Any]:
     Checks, per compressed layer: every span tensor has the analytic size of what the method must
     keep (:func:`expected_span_bytes`) and owns exactly that much storage; the product's own
     accounting (``span_key_bytes`` per token, ``basis_bytes`` per head, and
-    ``rotatek_compile.cache_bytes(cache).span_keys``) reports the same numbers; the Key stand-in
-    HF holds has no storage of its own; the exact rest segment is the ``query_window`` tail.
+    ``rotatek_compile.cache_bytes(cache).span_keys``/``.span_basis``) reports the same numbers; the
+    Key stand-in HF holds has no storage of its own; the exact rest segment is the ``query_window`` tail.
     """
     from rotatek_compile import cache_bytes
     from rotatek_compile.state import attached
 
     reported = cache_bytes(cache)
-    measured_span = expected_span = full_span = expected_token_keys = 0
+    measured_span = expected_span = full_span = expected_token_keys = expected_basis = 0
     problems: list[str] = []
     layers = 0
     for index, layer in enumerate(cache.layers):
@@ -327,6 +327,7 @@ def measure_cache(cache, cell: Cell, prompt_length: int) -> dict[str, Any]:
         if state.span_key_bytes != token_keys:
             problems.append(f"layer {index}: span_key_bytes {state.span_key_bytes} ≠ expected {token_keys}")
         basis = sum(expected[k] for k in per_head)
+        expected_basis += basis
         if getattr(state, "basis_bytes", basis) != basis:
             problems.append(f"layer {index}: basis_bytes {state.basis_bytes} ≠ expected {basis}")
         if layer.keys.untyped_storage().nbytes() > element:
@@ -335,6 +336,8 @@ def measure_cache(cache, cell: Cell, prompt_length: int) -> dict[str, Any]:
             problems.append(f"layer {index}: {state.keys.shape[2]} exact tokens, {WINDOW} expected")
     if reported.span_keys != expected_token_keys:
         problems.append(f"cache_bytes().span_keys {reported.span_keys} ≠ expected {expected_token_keys}")
+    if reported.span_basis != expected_basis:
+        problems.append(f"cache_bytes().span_basis {reported.span_basis} ≠ expected {expected_basis}")
     if layers == 0:
         problems.append("no compressed layer in the cache")
     return {"ok": not problems, "problems": problems[:8], "layers": layers,

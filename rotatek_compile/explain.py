@@ -18,8 +18,9 @@ class CacheBytes:
 
     keys: int
     values: int
-    span_keys: int  # Keys of the compressed span (0 for an uncompressed cache)
+    span_keys: int  # per-token Key parts of the compressed span (0 for an uncompressed cache)
     compressed_layers: int
+    span_basis: int = 0  # per-head parts that read the span: R and δμ, or ThinK's channel indices
 
     @property
     def total(self) -> int:
@@ -32,18 +33,19 @@ def _storage_bytes(tensor: torch.Tensor) -> int:
 
 def cache_bytes(cache: Any) -> CacheBytes:
     """Measure an HF cache (``DynamicCache`` or anything with ``.layers[i].keys/.values``)."""
-    keys = values = span = compressed = 0
+    keys = values = span = basis = compressed = 0
     for layer in cache.layers:
         state = attached(layer.keys)
         if state is not None:
             keys += state.key_bytes
             values += state.value_bytes + _storage_bytes(layer.values)
             span += state.span_key_bytes
+            basis += state.basis_bytes
             compressed += 1
         elif layer.keys is not None and isinstance(layer.keys, torch.Tensor):
             keys += _storage_bytes(layer.keys)
             values += _storage_bytes(layer.values)
-    return CacheBytes(keys, values, span, compressed)
+    return CacheBytes(keys, values, span, compressed, basis)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +58,7 @@ class Explanation:
     rank: dict[str, int]
     baseline: CacheBytes
     compressed: CacheBytes
+    config: Optional[RotateKConfig] = None
 
     def __str__(self) -> str:
         lines = [f"attention sites rewritten: {len(self.rewritten)}"]
@@ -65,6 +68,12 @@ class Explanation:
         ratio = self.compressed.keys / max(self.baseline.keys, 1)
         lines.append(f"Key cache bytes: {self.baseline.keys} → {self.compressed.keys} ({ratio:.1%})")
         lines.append(f"KV cache bytes: {self.baseline.total} → {self.compressed.total}")
+        if self.compressed.compressed_layers:
+            how = "" if self.config is None else (
+                f" ({self.config.method}, token_keep {self.config.token_keep:g})")
+            lines.append(f"compressed span{how}: {self.compressed.span_keys} bytes of per-token Key parts "
+                         f"+ {self.compressed.span_basis} bytes of per-head basis/indices, "
+                         f"{self.compressed.compressed_layers} layers")
         return "\n".join(lines)
 
 
@@ -86,4 +95,4 @@ def explain(model: torch.nn.Module, example_inputs: Mapping[str, Any],
     states = [attached(layer.keys) for layer in result.layers]
     states = [state for state in states if state is not None]  # in layer order, like the sites
     rank = {name: state.rank for name, state in zip(rewritten, states)}
-    return Explanation(backend.reports, rewritten, skipped, rank, cache_bytes(baseline), cache_bytes(result))
+    return Explanation(backend.reports, rewritten, skipped, rank, cache_bytes(baseline), cache_bytes(result), config)

@@ -273,3 +273,21 @@ def test_reports_and_explain():
     assert explanation.rank == {name: 4 for name in explanation.rewritten}
     assert explanation.compressed.keys < explanation.baseline.keys
     assert "Key cache bytes" in str(explanation)
+
+
+@pytest.mark.parametrize("method, basis_per_head", [
+    ("rotatek", (HEAD_DIM * 4 + HEAD_DIM) * 4),  # R (d·r) and δμ (d), fp32, r = 4
+    ("think", 4 * 2),  # r int16 channel indices
+    ("spark", 0),  # every part is per token
+])
+def test_explain_reports_the_span_budget(method, basis_per_head):
+    # per method, the span's per-token Key parts and its per-head basis (R and δμ / indices / none)
+    inputs = padded_prompt()
+    explanation = rotatek_compile.explain(tiny_llama(), inputs, key_channels=4, method=method, inner="eager")
+    compressed = explanation.compressed
+    heads = 2 * inputs["input_ids"].shape[0]  # 2 KV heads per row
+    assert compressed.compressed_layers == LAYERS
+    assert compressed.span_basis == LAYERS * heads * basis_per_head
+    assert compressed.span_keys > 0
+    assert f"({method}, token_keep 1)" in str(explanation)
+    assert f"{compressed.span_basis} bytes of per-head basis/indices" in str(explanation)
