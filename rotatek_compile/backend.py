@@ -25,10 +25,10 @@ import torch.fx as fx
 import rotatek_compile.ops  # noqa: F401  (registers torch.ops.rotatek.*)
 from rotatek_compile.config import RotateKConfig
 from rotatek_compile.passes.find_attention import sites_and_skips
-from rotatek_compile.passes.rewrite import RewrittenGraph, rewrite_decode, rewrite_merge, rewrite_prefill
+from rotatek_compile.passes.rewrite import (
+    RewrittenGraph, rewrite_decode, rewrite_merge, rewrite_prefill, state_inputs)
 from rotatek_compile.passes.visual_span import to_token_mask
-from rotatek_compile.state import (
-    SPAN_KEY_PARTS, CompressedLayer, attached, compress_layer, derived_from_stand_in, stand_in)
+from rotatek_compile.state import CompressedLayer, attached, compress_layer, derived_from_stand_in, stand_in
 
 logger = logging.getLogger("rotatek_compile")
 
@@ -78,7 +78,7 @@ class RotateKBackend:
         extra, symbols = _state_inputs(_compressed_layers(plan, example_inputs)), []
         if self.inner == "inductor":
             extra, symbols = _symbolic_state(plan, extra, self.config.method)
-        checks = StateShapeChecks(symbols, len(SPAN_KEY_PARTS[self.config.method]))
+        checks = StateShapeChecks(symbols, self.config.method)
         compiled = self._compile(plan.module, list(example_inputs) + extra)
         checks.take_guards()
         return _DecodeRunner(plan, compiled, checks)
@@ -179,14 +179,13 @@ def _symbolic_state(plan: RewrittenGraph, state: list[torch.Tensor],
 
     placeholders = list(plan.module.graph.find_nodes(op="placeholder"))
     fakes = []
-    per_site = len(state) // len(plan.sites)
+    names = state_inputs(method)
     for i, slot in enumerate(plan.sites):
-        real = state[i * per_site:(i + 1) * per_site]
+        real = state[i * len(names):(i + 1) * len(names)]
         batch, heads, _, dim = placeholders[slot.past_keys_input].meta["example_value"].shape
         value_dim = placeholders[slot.past_values_input].meta["example_value"].shape[-1]
-        parts = len(SPAN_KEY_PARTS[method])
-        span = length(real[parts].shape[2], f"rotatek_span_{i}")
-        rest = length(real[parts + 2].shape[2], f"rotatek_rest_{i}")
+        span = length(real[names.index("span_values")].shape[2], f"rotatek_span_{i}")
+        rest = length(real[names.index("rest_keys")].shape[2], f"rotatek_rest_{i}")
         rank = real[0].shape[-1]
         key_shapes = {
             "rotatek": [(batch, heads, span, rank), (batch, heads, dim, rank), (batch, heads, dim)],
@@ -208,9 +207,9 @@ class StateShapeChecks:
     environment and evaluated here from the real state. A call that breaks one raises.
     """
 
-    def __init__(self, symbols: list, span_key_parts: int):
+    def __init__(self, symbols: list, method: str):
         self.symbols = symbols
-        self.span_key_parts = span_key_parts  # per site, the state inputs start with these
+        self.state_names = state_inputs(method)  # one site's state inputs, in order
         self.expressions: list = []
         self._checks: list = []
 
@@ -240,10 +239,10 @@ class StateShapeChecks:
     def check(self, state: list[torch.Tensor]) -> None:
         if not self.expressions:
             return
-        per_site = len(state) // (len(self.symbols) // 2)
-        span_values, rest_keys = self.span_key_parts, self.span_key_parts + 2  # see rewrite.state_inputs
+        per_site = len(self.state_names)
+        span_values, rest_keys = self.state_names.index("span_values"), self.state_names.index("rest_keys")
         lengths = []
-        for i in range(len(self.symbols) // 2):
+        for i in range(len(self.symbols) // 2):  # a span and a rest symbol per site
             site = state[i * per_site: (i + 1) * per_site]
             lengths += [site[span_values].shape[2], site[rest_keys].shape[2]]
         for expression, holds in self._checks:

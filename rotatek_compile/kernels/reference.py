@@ -258,8 +258,7 @@ def _new_tokens(query: Tensor) -> int:
 def _group_queries(query: Tensor, kv_heads: int) -> Tensor:
     """``[B, Hq, d]`` or ``[B, Hq, T, d]`` → fp32 ``[B, H, G·T, d]``: each KV head's query rows,
     ordered (query head of the group, new token)."""
-    batch, q_heads, dim = query.shape[0], query.shape[1], query.shape[-1]
-    return query.float().reshape(batch, kv_heads, -1, dim)
+    return query.float().reshape(query.shape[0], kv_heads, -1, query.shape[-1])
 
 
 def _ungroup(out: Tensor, query: Tensor) -> Tensor:

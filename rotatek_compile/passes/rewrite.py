@@ -259,7 +259,7 @@ def _replace_attention(graph: fx.Graph, site: AttentionSite, state: list[fx.Node
         else:
             if method == "think":  # channel indices → the one-hot basis the op reads, δμ = 0
                 kept, channels = span_keys
-                basis = graph.call_function(reference.think_basis, (channels, example_value(site.query).shape[-1]))
+                basis = graph.call_function(reference.think_basis, (channels, query_value.shape[-1]))
                 span_keys = [kept] + [graph.call_function(operator.getitem, (basis, i)) for i in range(2)]
             out = graph.call_function(torch.ops.rotatek.decode_attention.default, (
                 query, *span_keys, span_values, span_mask, keys, values, mask, site.scale, kernel))
