@@ -47,7 +47,12 @@ def count(graph: fx.Graph, target) -> int:
 
 def past_key_inputs(gm: fx.GraphModule) -> set[int]:
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    return {i for i, n in enumerate(placeholders) if n.name.endswith("_keys") and "past_key_values" in n.name}
+    return {i for i, n in enumerate(placeholders) if n.name.endswith("_keys") and _is_cache_input(n.name)}
+
+
+def _is_cache_input(name: str) -> bool:
+    """HF's cache argument: ``past_key_values`` up to transformers 5.23, ``cache`` from 5.24."""
+    return "past_key_values" in name or "_kwargs_cache_" in name
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +104,7 @@ def test_decode_rewrite_replaces_every_sdpa(sdpa_graphs, method, op):
         for slot in plan.sites:
             assert output.args[0][slot.keys_output].op == "placeholder"
         # the old cache appends (full-width concatenation of the whole past) are gone
-        past = [n for n in graph.find_nodes(op="placeholder") if "past_key_values" in n.name]
+        past = [n for n in graph.find_nodes(op="placeholder") if _is_cache_input(n.name)]
         assert all(user.op == "output" for n in past for user in n.users)
 
 

@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import math
 import operator
+import re
 from typing import Optional, Union
 
 import torch
@@ -82,9 +83,14 @@ def layer_of(node: fx.Node) -> str:
     return _clean_path(path) or node.name
 
 
+# Dynamo's source of the root module: "L['self']" (a bound method), "L['args'][0]" (transformers
+# >= 5.24 calls the forward through a wrapper), "L['fn'].__self__", ...
+_ROOT_SOURCE = re.compile(r"^L\[[^\]]*\](\[\d+\])*(\.__self__)?\.?")
+
+
 def _clean_path(path: str) -> str:
-    # "L['self'].model.layers[0].self_attn" / "L['self'].model.layers.0.self_attn" → "model.layers.0.self_attn"
-    path = path.replace("L['self'].", "").replace("L['self']", "")
+    """``"L['args'][0].model.layers[0].self_attn"`` → ``"model.layers.0.self_attn"``."""
+    path = _ROOT_SOURCE.sub("", path)
     return path.replace("[", ".").replace("]", "").replace("'", "")
 
 
