@@ -14,7 +14,8 @@ import torch
 import transformers as tf
 
 from tests.tiny_models import (
-    BOS, DECODER, IMAGE, ROWS, VISION, TinyModel, _clip, _image_rows, _left_pad, _pixels, _siglip, _text)
+    BOS, DECODER, IMAGE, ROWS, VISION, TinyModel, _clip, _image_rows, _left_pad, _pixels, _qwen_inputs, _siglip,
+    _text)
 
 _VIDEO = 247
 
@@ -23,14 +24,15 @@ def _llama(**extra):
     return tf.LlamaConfig(num_hidden_layers=2, **DECODER, **extra)
 
 
-def _class(module: str, name: str):
-    """A model class by name, resolved at build time (missing from older transformers → the
-    harness skips)."""
+def _lazy(name: str):
+    """``transformers.<name>(config)``, the class looked up when the model is built: importing this
+    file works on a transformers without it (``make_config`` raises first and the harness skips)."""
 
-    def resolve():
-        return getattr(__import__(f"transformers.models.{module}", fromlist=[name]), name)
+    def build(config):
+        return getattr(tf, name)(config)
 
-    return resolve
+    build.__name__ = build.__qualname__ = name
+    return build
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,6 +110,73 @@ def _gemma3_like_inputs(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------
+# Qwen3-VL (+ MoE): 32×32 image, patch 4 → 8×8 patches, merge 2×2 → 16 tokens (the prompts of
+# tests/tiny_models.py's Qwen2-VL); M-RoPE (interleaved); DeepStack adds vision-layer-0 features to
+# the image tokens after decoder layer 0
+
+
+_QWEN_DECODER = {k: v for k, v in DECODER.items()}
+_MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+_QWEN_TOKENS = dict(image_token_id=IMAGE, video_token_id=_VIDEO, vision_start_token_id=248,
+                    vision_end_token_id=249)
+
+
+def _qwen3_vision(config_class, **extra):
+    return config_class(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                        patch_size=4, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                        **extra)
+
+
+def _qwen3_vl_config():
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import (
+        Qwen3VLConfig, Qwen3VLTextConfig, Qwen3VLVisionConfig)
+
+    text = Qwen3VLTextConfig(num_hidden_layers=2, rope_parameters=dict(_MROPE), **_QWEN_DECODER)
+    return Qwen3VLConfig(vision_config=_qwen3_vision(Qwen3VLVisionConfig, deepstack_visual_indexes=[0]),
+                         text_config=text, **_QWEN_TOKENS)
+
+
+def _qwen3_vl_moe_config():
+    from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import (
+        Qwen3VLMoeConfig, Qwen3VLMoeTextConfig, Qwen3VLMoeVisionConfig)
+
+    text = Qwen3VLMoeTextConfig(num_hidden_layers=2, rope_parameters=dict(_MROPE), num_experts=4,
+                                num_experts_per_tok=2, moe_intermediate_size=32, **_QWEN_DECODER)
+    return Qwen3VLMoeConfig(vision_config=_qwen3_vision(Qwen3VLMoeVisionConfig, deepstack_visual_indexes=[0]),
+                            text_config=text, **_QWEN_TOKENS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Qwen3.5 (+ MoE): layer 0 Gated DeltaNet linear attention (no KV cache to compress), layer 1 full
+# attention with an output gate and partial RoPE (half of head_dim); Qwen3-VL's vision tower
+# without DeepStack
+
+
+_LINEAR = dict(layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=4,
+               linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4)
+_MROPE_HALF = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True,
+               "partial_rotary_factor": 0.5}
+
+
+def _qwen3_5_config():
+    from transformers.models.qwen3_5.configuration_qwen3_5 import (
+        Qwen3_5Config, Qwen3_5TextConfig, Qwen3_5VisionConfig)
+
+    text = Qwen3_5TextConfig(num_hidden_layers=2, rope_parameters=dict(_MROPE_HALF), **_LINEAR, **_QWEN_DECODER)
+    return Qwen3_5Config(vision_config=_qwen3_vision(Qwen3_5VisionConfig), text_config=text, **_QWEN_TOKENS)
+
+
+def _qwen3_5_moe_config():
+    from transformers.models.qwen3_5_moe.configuration_qwen3_5_moe import (
+        Qwen3_5MoeConfig, Qwen3_5MoeTextConfig, Qwen3_5MoeVisionConfig)
+
+    text = Qwen3_5MoeTextConfig(num_hidden_layers=2, rope_parameters=dict(_MROPE_HALF), num_experts=4,
+                                num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                **_LINEAR, **{k: v for k, v in _QWEN_DECODER.items() if k != "intermediate_size"})
+    return Qwen3_5MoeConfig(vision_config=_qwen3_vision(Qwen3_5MoeVisionConfig), text_config=text, **_QWEN_TOKENS)
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 MODELS: list[TinyModel] = [
@@ -119,6 +188,14 @@ MODELS: list[TinyModel] = [
               _perception_lm_inputs, full_attention=2),
     TinyModel("shieldgemma2", _shieldgemma2_config, tf.Gemma3ForConditionalGeneration, _gemma3_like_inputs,
               full_attention=1, skipped=("layers.0.self_attn",)),
+    TinyModel("qwen3_vl", _qwen3_vl_config, _lazy("Qwen3VLForConditionalGeneration"), _qwen_inputs,
+              full_attention=2),
+    TinyModel("qwen3_vl_moe", _qwen3_vl_moe_config, _lazy("Qwen3VLMoeForConditionalGeneration"),
+              _qwen_inputs, full_attention=2),
+    TinyModel("qwen3_5", _qwen3_5_config, _lazy("Qwen3_5ForConditionalGeneration"), _qwen_inputs,
+              full_attention=1, skipped=("layers.0.linear_attn",)),
+    TinyModel("qwen3_5_moe", _qwen3_5_moe_config, _lazy("Qwen3_5MoeForConditionalGeneration"), _qwen_inputs,
+              full_attention=1, skipped=("layers.0.linear_attn",)),
 ]
 
 NOT_BUILDABLE: dict[str, str] = {}
