@@ -177,6 +177,55 @@ def _qwen3_5_moe_config():
 
 
 # ---------------------------------------------------------------------------------------------
+# Qwen4-Exp: Qwen3.5's layout (layer 0 Gated DeltaNet, layer 1 softmax attention) with MoE,
+# 2 hyper-connection streams, and the full-attention layer masked by its QSA token indexer
+# (blocks of 4 Keys, a budget of 8 tokens per query: its "indexed_attention")
+
+
+def _qwen4_exp_config():
+    from transformers.models.qwen4_exp.configuration_qwen4_exp import (
+        Qwen4ExpConfig, Qwen4ExpTextConfig, Qwen4ExpVisionConfig)
+
+    text = Qwen4ExpTextConfig(num_hidden_layers=2, rope_parameters=dict(_MROPE_HALF), num_experts=4,
+                              num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                              hc_count=2, hc_lowrank=8, indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16,
+                              indexer_budget=8, indexer_compress_ratio=4, **_LINEAR,
+                              **{k: v for k, v in _QWEN_DECODER.items() if k != "intermediate_size"})
+    return Qwen4ExpConfig(vision_config=_qwen3_vision(Qwen4ExpVisionConfig), text_config=text, **_QWEN_TOKENS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Qwen2.5-Omni thinker: Qwen2.5-VL's vision tower and prompts (plus an audio tower, unused here)
+
+
+_MROPE_PLAIN = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+
+
+def _qwen2_5_omni_thinker_config():
+    from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import (
+        Qwen2_5OmniAudioEncoderConfig, Qwen2_5OmniTextConfig, Qwen2_5OmniThinkerConfig,
+        Qwen2_5OmniVisionEncoderConfig)
+
+    vision = Qwen2_5OmniVisionEncoderConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                            out_hidden_size=64, patch_size=4, spatial_merge_size=2,
+                                            temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1])
+    audio = Qwen2_5OmniAudioEncoderConfig(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2,
+                                          encoder_ffn_dim=64, d_model=32, output_dim=64)
+    text = Qwen2_5OmniTextConfig(num_hidden_layers=2, rope_parameters=dict(_MROPE_PLAIN),
+                                 **{k: v for k, v in _QWEN_DECODER.items() if k != "head_dim"})
+    return Qwen2_5OmniThinkerConfig(vision_config=vision, audio_config=audio, text_config=text,
+                                    image_token_index=IMAGE, video_token_index=_VIDEO, audio_token_index=244,
+                                    audio_start_token_id=242, audio_end_token_id=243, vision_start_token_id=248,
+                                    vision_end_token_id=249)
+
+
+def _qwen_inputs_no_types(model, batch):
+    inputs = _qwen_inputs(model, batch)
+    del inputs["mm_token_type_ids"]  # M-RoPE positions come from the vision-start tokens
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 MODELS: list[TinyModel] = [
@@ -195,6 +244,10 @@ MODELS: list[TinyModel] = [
     TinyModel("qwen3_5", _qwen3_5_config, _lazy("Qwen3_5ForConditionalGeneration"), _qwen_inputs,
               full_attention=1, skipped=("layers.0.linear_attn",)),
     TinyModel("qwen3_5_moe", _qwen3_5_moe_config, _lazy("Qwen3_5MoeForConditionalGeneration"), _qwen_inputs,
+              full_attention=1, skipped=("layers.0.linear_attn",)),
+    TinyModel("qwen2_5_omni_thinker", _qwen2_5_omni_thinker_config,
+              _lazy("Qwen2_5OmniThinkerForConditionalGeneration"), _qwen_inputs_no_types, full_attention=2),
+    TinyModel("qwen4_exp", _qwen4_exp_config, _lazy("Qwen4ExpForConditionalGeneration"), _qwen_inputs,
               full_attention=1, skipped=("layers.0.linear_attn",)),
 ]
 
