@@ -10,6 +10,8 @@ part are not; :data:`KNOWN_GAPS` (check → model type → cause) are product ga
 
 from __future__ import annotations
 
+import types
+
 import torch
 import transformers as tf
 
@@ -226,6 +228,59 @@ def _qwen_inputs_no_types(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------
+# Qwen3-Omni-MoE thinker: Qwen3-VL's vision tower (DeepStack) and prompts, MoE decoder, audio tower
+# unused
+
+
+def _qwen3_omni_moe_thinker_config():
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (
+        Qwen3OmniMoeAudioEncoderConfig, Qwen3OmniMoeTextConfig, Qwen3OmniMoeThinkerConfig,
+        Qwen3OmniMoeVisionEncoderConfig)
+
+    audio = Qwen3OmniMoeAudioEncoderConfig(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2,
+                                           encoder_ffn_dim=64, d_model=32, output_dim=64, downsample_hidden_size=16)
+    text = Qwen3OmniMoeTextConfig(num_hidden_layers=2, rope_parameters=dict(_MROPE), num_experts=4,
+                                  num_experts_per_tok=2, moe_intermediate_size=32,
+                                  **{k: v for k, v in _QWEN_DECODER.items() if k != "head_dim"})
+    vision = _qwen3_vision(Qwen3OmniMoeVisionEncoderConfig, deepstack_visual_indexes=[0])
+    return Qwen3OmniMoeThinkerConfig(vision_config=vision, audio_config=audio, text_config=text,
+                                     image_token_id=IMAGE, video_token_id=_VIDEO, audio_token_id=244,
+                                     audio_start_token_id=242, vision_start_token_id=248)
+
+
+# ---------------------------------------------------------------------------------------------
+# Qwen2.5-Omni / Qwen3-Omni-MoE, the whole model with audio output off: ``generate()`` is their own,
+# and calls ``self.thinker.generate()`` (the thinker's own ``max_new_tokens`` is
+# ``thinker_max_new_tokens``); Qwen2.5-Omni checks the speaker even for text output and wants
+# ``generation_mode="text"`` without a talker
+
+
+def _qwen2_5_omni_config():
+    from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniConfig
+
+    return Qwen2_5OmniConfig(thinker_config=_qwen2_5_omni_thinker_config(), enable_audio_output=False)
+
+
+def _qwen3_omni_moe_config():
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeConfig
+
+    return Qwen3OmniMoeConfig(thinker_config=_qwen3_omni_moe_thinker_config(), enable_audio_output=False)
+
+
+def _omni_prepare(model):
+    if hasattr(model, "speaker_map"):  # Qwen2.5-Omni
+        model.speaker_map = {"Chelsie": {}}  # the default speaker's entry (a hub file in real checkpoints)
+        # its generate() reads the talker's pad token even for text output, without a talker
+        model.talker = types.SimpleNamespace(codec_pad_token=0)
+    model.thinker.generation_config.eos_token_id = None
+    model.thinker.generation_config.pad_token_id = 0
+
+
+def _omni_inputs(model, batch):
+    return dict(_qwen_inputs_no_types(model, batch), thinker_max_new_tokens=4, generation_mode="text")
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 MODELS: list[TinyModel] = [
@@ -247,6 +302,12 @@ MODELS: list[TinyModel] = [
               full_attention=1, skipped=("layers.0.linear_attn",)),
     TinyModel("qwen2_5_omni_thinker", _qwen2_5_omni_thinker_config,
               _lazy("Qwen2_5OmniThinkerForConditionalGeneration"), _qwen_inputs_no_types, full_attention=2),
+    TinyModel("qwen3_omni_moe_thinker", _qwen3_omni_moe_thinker_config,
+              _lazy("Qwen3OmniMoeThinkerForConditionalGeneration"), _qwen_inputs_no_types, full_attention=2),
+    TinyModel("qwen2_5_omni", _qwen2_5_omni_config, _lazy("Qwen2_5OmniForConditionalGeneration"), _omni_inputs,
+              full_attention=2, prepare=_omni_prepare),
+    TinyModel("qwen3_omni_moe", _qwen3_omni_moe_config, _lazy("Qwen3OmniMoeForConditionalGeneration"),
+              _omni_inputs, full_attention=2, prepare=_omni_prepare),
     TinyModel("qwen4_exp", _qwen4_exp_config, _lazy("Qwen4ExpForConditionalGeneration"), _qwen_inputs,
               full_attention=1, skipped=("layers.0.linear_attn",)),
 ]
