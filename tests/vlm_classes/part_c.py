@@ -281,6 +281,30 @@ def _omni_inputs(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------
+# Ovis2: 16×16 image, patch 4 → 16 visual-vocabulary tokens (a visual vocabulary of 64); the image
+# sits between two visual indicator tokens, whose embeddings the model writes by boolean index
+
+
+_INDICATORS = [240, 241, 242, 243, 244]
+
+
+def _ovis2_config():
+    from transformers.models.ovis2.configuration_ovis2 import Ovis2Config, Ovis2VisionConfig
+
+    vision = Ovis2VisionConfig(image_size=16, patch_size=4, vocab_size=64, hidden_stride=1,
+                               num_visual_indicator_tokens=len(_INDICATORS), **VISION)
+    return Ovis2Config(vision_config=vision, text_config=tf.Qwen2Config(num_hidden_layers=2, **DECODER),
+                       image_token_id=IMAGE, visual_indicator_token_ids=_INDICATORS, vocab_size=DECODER["vocab_size"],
+                       hidden_size=DECODER["hidden_size"])
+
+
+def _ovis2_inputs(model, batch):
+    rows, _ = _image_rows(batch, [IMAGE] * 16, [_INDICATORS[0]], [_INDICATORS[1]])
+    ids, mask = _left_pad(rows)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=_pixels(batch, 3, 16, 16))
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 MODELS: list[TinyModel] = [
@@ -308,6 +332,7 @@ MODELS: list[TinyModel] = [
               full_attention=2, prepare=_omni_prepare),
     TinyModel("qwen3_omni_moe", _qwen3_omni_moe_config, _lazy("Qwen3OmniMoeForConditionalGeneration"),
               _omni_inputs, full_attention=2, prepare=_omni_prepare),
+    TinyModel("ovis2", _ovis2_config, _lazy("Ovis2ForConditionalGeneration"), _ovis2_inputs, full_attention=2),
     TinyModel("qwen4_exp", _qwen4_exp_config, _lazy("Qwen4ExpForConditionalGeneration"), _qwen_inputs,
               full_attention=1, skipped=("layers.0.linear_attn",)),
 ]
