@@ -305,6 +305,26 @@ def _ovis2_inputs(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------
+# PaddleOCR-VL: 32×32 image as 8×8 patches of 4×4 (a flat patch list), merge 2×2 → 16 tokens;
+# ERNIE-4.5 decoder with M-RoPE; Qwen-style vision start/end tokens
+
+
+def _paddleocr_vl_config():
+    from transformers.models.paddleocr_vl.configuration_paddleocr_vl import (
+        PaddleOCRTextConfig, PaddleOCRVisionConfig, PaddleOCRVLConfig)
+
+    vision = PaddleOCRVisionConfig(image_size=32, patch_size=4, spatial_merge_size=2, **VISION)
+    text = PaddleOCRTextConfig(num_hidden_layers=2, rope_parameters=dict(_MROPE_PLAIN), **DECODER)
+    return PaddleOCRVLConfig(vision_config=vision, text_config=text, **_QWEN_TOKENS)
+
+
+def _paddleocr_vl_inputs(model, batch):
+    inputs = _qwen_inputs(model, batch)
+    inputs["pixel_values"] = _pixels(batch * 64, 3, 4, 4)  # [patches, C, p, p]
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 MODELS: list[TinyModel] = [
@@ -333,6 +353,8 @@ MODELS: list[TinyModel] = [
     TinyModel("qwen3_omni_moe", _qwen3_omni_moe_config, _lazy("Qwen3OmniMoeForConditionalGeneration"),
               _omni_inputs, full_attention=2, prepare=_omni_prepare),
     TinyModel("ovis2", _ovis2_config, _lazy("Ovis2ForConditionalGeneration"), _ovis2_inputs, full_attention=2),
+    TinyModel("paddleocr_vl", _paddleocr_vl_config, _lazy("PaddleOCRVLForConditionalGeneration"),
+              _paddleocr_vl_inputs, full_attention=2),
     TinyModel("qwen4_exp", _qwen4_exp_config, _lazy("Qwen4ExpForConditionalGeneration"), _qwen_inputs,
               full_attention=1, skipped=("layers.0.linear_attn",)),
 ]
