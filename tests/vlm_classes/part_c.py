@@ -325,6 +325,26 @@ def _paddleocr_vl_inputs(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------
+# VideoLLaMA3: 32×32 image as 8×8 flat patches of 4×4, merge size 2 → 16 tokens; Qwen2 decoder
+
+
+def _video_llama_3_config():
+    from transformers.models.video_llama_3.configuration_video_llama_3 import (
+        VideoLlama3Config, VideoLlama3VisionConfig)
+
+    vision = VideoLlama3VisionConfig(patch_size=4, **VISION)
+    return VideoLlama3Config(vision_config=vision, text_config=tf.Qwen2Config(num_hidden_layers=2, **DECODER),
+                             image_token_id=IMAGE, video_token_id=_VIDEO)
+
+
+def _video_llama_3_inputs(model, batch):
+    rows, _ = _image_rows(batch, [IMAGE] * 16)
+    ids, mask = _left_pad(rows)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=_pixels(batch * 64, 3 * 4 * 4),
+                image_grid_thw=torch.tensor([[1, 8, 8]] * batch), image_merge_sizes=torch.tensor([2] * batch))
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 MODELS: list[TinyModel] = [
@@ -355,6 +375,8 @@ MODELS: list[TinyModel] = [
     TinyModel("ovis2", _ovis2_config, _lazy("Ovis2ForConditionalGeneration"), _ovis2_inputs, full_attention=2),
     TinyModel("paddleocr_vl", _paddleocr_vl_config, _lazy("PaddleOCRVLForConditionalGeneration"),
               _paddleocr_vl_inputs, full_attention=2),
+    TinyModel("video_llama_3", _video_llama_3_config, _lazy("VideoLlama3ForConditionalGeneration"),
+              _video_llama_3_inputs, full_attention=2),
     TinyModel("qwen4_exp", _qwen4_exp_config, _lazy("Qwen4ExpForConditionalGeneration"), _qwen_inputs,
               full_attention=1, skipped=("layers.0.linear_attn",)),
 ]
