@@ -52,6 +52,12 @@ def _llava_like_inputs(model, batch):
     return dict(input_ids=ids, attention_mask=mask, pixel_values=_pixels(batch, 3, 16, 16))
 
 
+def _llava_like_32(model, batch):
+    rows, _ = _image_rows(batch, [IMAGE] * 16)
+    ids, mask = _left_pad(rows)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=_pixels(batch, 3, 32, 32))
+
+
 # ---------------------------------------------------------------------------------------------
 # Video-LLaVA: image tower CLIP 16×16, patch 4 → 16 tokens (CLS dropped, strategy "default")
 
@@ -345,6 +351,19 @@ def _video_llama_3_inputs(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------
+# Qianfan-OCR (InternVL layout): 32×32 image, patch 4 → 64 patches (CLS dropped), pixel shuffle
+# 0.5 → 16 tokens; Qwen3 decoder (QK-norm)
+
+
+def _qianfan_ocr_config():
+    from transformers.models.qianfan_ocr.configuration_qianfan_ocr import QianfanOCRConfig, QianfanOCRVisionConfig
+
+    vision = QianfanOCRVisionConfig(image_size=32, patch_size=4, drop_path_rate=0.0, **VISION)
+    return QianfanOCRConfig(vision_config=vision, text_config=tf.Qwen3Config(num_hidden_layers=2, **DECODER),
+                            image_token_id=IMAGE, image_seq_length=16)
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 MODELS: list[TinyModel] = [
@@ -377,6 +396,8 @@ MODELS: list[TinyModel] = [
               _paddleocr_vl_inputs, full_attention=2),
     TinyModel("video_llama_3", _video_llama_3_config, _lazy("VideoLlama3ForConditionalGeneration"),
               _video_llama_3_inputs, full_attention=2),
+    TinyModel("qianfan_ocr", _qianfan_ocr_config, _lazy("QianfanOCRForConditionalGeneration"), _llava_like_32,
+              full_attention=2),
     TinyModel("qwen4_exp", _qwen4_exp_config, _lazy("Qwen4ExpForConditionalGeneration"), _qwen_inputs,
               full_attention=1, skipped=("layers.0.linear_attn",)),
 ]
