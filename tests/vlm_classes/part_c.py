@@ -364,6 +364,29 @@ def _qianfan_ocr_config():
 
 
 # ---------------------------------------------------------------------------------------------
+# Step3.7: 64×64 image, patch 4 → 16×16 patches, the projector's stride-2 convolutions → 4×4 = 16
+# tokens; MoE decoder with gated heads, layer 0 sliding (window 8), layer 1 full
+
+
+def _step3p7_config():
+    from transformers.models.step3p7.configuration_step3p7 import (
+        Step3p7Config, Step3p7TextConfig, Step3p7VisionConfig)
+
+    vision = Step3p7VisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                                 patch_size=4, max_position_embeddings=256)
+    text = Step3p7TextConfig(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"], sliding_window=8,
+                             mlp_layer_types=["dense", "sparse"], n_routed_experts=4, num_experts_per_tok=2,
+                             moe_intermediate_size=32, share_expert_dim=32, **DECODER)
+    return Step3p7Config(vision_config=vision, text_config=text, image_token_id=IMAGE)
+
+
+def _step3p7_inputs(model, batch):
+    rows, _ = _image_rows(batch, [IMAGE] * 16)
+    ids, mask = _left_pad(rows)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=_pixels(batch, 3, 64, 64))
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 MODELS: list[TinyModel] = [
@@ -398,6 +421,8 @@ MODELS: list[TinyModel] = [
               _video_llama_3_inputs, full_attention=2),
     TinyModel("qianfan_ocr", _qianfan_ocr_config, _lazy("QianfanOCRForConditionalGeneration"), _llava_like_32,
               full_attention=2),
+    TinyModel("step3p7", _step3p7_config, _lazy("Step3p7ForConditionalGeneration"), _step3p7_inputs,
+              full_attention=1, skipped=("layers.0.self_attn",)),
     TinyModel("qwen4_exp", _qwen4_exp_config, _lazy("Qwen4ExpForConditionalGeneration"), _qwen_inputs,
               full_attention=1, skipped=("layers.0.linear_attn",)),
 ]
