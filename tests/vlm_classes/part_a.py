@@ -1,9 +1,301 @@
-"""Tiny models, part a of the VLM class registry (see :mod:`tests.vlm_classes`)."""
+"""Tiny models, part a of the VLM class registry (see :mod:`tests.vlm_classes`).
+
+Every decoder follows ``tests/tiny_models.py``: 2 layers (sliding-window models: one sliding +
+one full), hidden 64, 4 query / 2 KV heads, head_dim 16, vocabulary 256, fp32; vision towers of
+1–2 layers; 16 image tokens (``IMAGE``) per row, batch rows as ``_image_rows`` lays them out.
+Classes and configs that older transformers releases lack are looked up by name at build time
+(:mod:`tests.vlm_classes.common`).
+"""
 
 from __future__ import annotations
 
-from tests.tiny_models import TinyModel
+import torch
+import transformers as tf
 
-MODELS: list[TinyModel] = []
+from tests.tiny_models import (
+    _VISION_END, _VISION_START, DECODER, IMAGE, VISION, TinyModel, _image_rows, _left_pad, _pixels, _qwen_inputs, _siglip)
+from tests.vlm_classes.common import LazyClass, tf_class
+
+_NO_HEAD_DIM = {k: v for k, v in DECODER.items() if k != "head_dim"}
+
+
+def _image_inputs(tokens: int, *, before=(), after=(), **image):
+    """``make_inputs`` for a prompt with ``tokens`` image placeholders and the image kwargs given
+    as ``name=lambda batch: tensor``."""
+
+    def make(model, batch):
+        rows, _ = _image_rows(batch, [IMAGE] * tokens, before, after)
+        ids, mask = _left_pad(rows)
+        return dict(input_ids=ids, attention_mask=mask, **{k: f(batch) for k, f in image.items()})
+
+    return make
+
+
+def _sliding_full():
+    return dict(layer_types=["sliding_attention", "full_attention"], sliding_window=8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Aya Vision / Cohere2-Vision: SigLIP 32×32, patch 4 → 8×8, pixel shuffle ×2 → 16 tokens;
+# Cohere2 decoder: layer 0 sliding (window 8), layer 1 full
+
+
+def _cohere2_text():
+    return dict(model_type="cohere2", num_hidden_layers=2, **_NO_HEAD_DIM, **_sliding_full())
+
+
+def _aya_vision_config():
+    return tf_class("AyaVisionConfig")(vision_config=_siglip(32, 4), text_config=_cohere2_text(),
+                                       image_token_index=IMAGE, downsample_factor=2,
+                                       vision_feature_layer=-1, vision_feature_select_strategy="full")
+
+
+def _cohere2_vision_config():
+    return tf_class("Cohere2VisionConfig")(vision_config=_siglip(32, 4), text_config=_cohere2_text(),
+                                           image_token_id=IMAGE, downsample_factor=2,
+                                           alignment_intermediate_size=64)
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSeek-VL: SigLIP 16×16, patch 4 → 16 tokens; Llama decoder
+
+
+def _deepseek_vl_config():
+    return tf_class("DeepseekVLConfig")(vision_config=_siglip(16, 4),
+                                        text_config=dict(model_type="llama", num_hidden_layers=2, **DECODER),
+                                        image_token_id=IMAGE)
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSeek-VL-Hybrid: SigLIP 16×16 / 4 → 16 tokens, joined with a SAM tower on 32×32 (patch 4, 8×8,
+# interpolated to 16×16, two stride-2 convs → 4×4)
+
+
+def _sam(config_name: str, module: str = ""):
+    return tf_class(config_name, module)(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2,
+                                         image_size=32, patch_size=4, window_size=4, global_attn_indexes=[1],
+                                         mlp_dim=64)
+
+
+def _deepseek_vl_hybrid_config():
+    return tf_class("DeepseekVLHybridConfig")(
+        vision_config=_siglip(16, 4), high_res_vision_config=_sam("SamVisionConfig"),
+        text_config=dict(model_type="llama", num_hidden_layers=2, **DECODER), image_token_id=IMAGE)
+
+
+# ---------------------------------------------------------------------------------------------
+# GOT-OCR2: SAM-style tower 64×64 / 4 → 16×16, two stride-2 convs → 4×4 = 16 tokens; Qwen2 decoder
+
+
+def _got_ocr2_config():
+    vision = tf_class("GotOcr2VisionConfig", "got_ocr2")(
+        hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+        patch_size=4, window_size=4, global_attn_indexes=[1], mlp_dim=64)
+    return tf_class("GotOcr2Config")(vision_config=vision, image_token_index=IMAGE, image_seq_length=16,
+                                     text_config=dict(model_type="qwen2", num_hidden_layers=2, **DECODER))
+
+
+# ---------------------------------------------------------------------------------------------
+# FastVLM: its FastViT tower is a timm model (timm is not a dependency); a 2-stage ResNet stands in
+# (same [B, C, H, W] output): 32×32 → stride 8 → 4×4 = 16 tokens. Qwen2 decoder.
+
+
+def _fast_vlm_config():
+    vision = tf.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], hidden_size=32,
+                             layer_type="basic")
+    return tf_class("FastVlmConfig")(vision_config=vision, image_token_index=IMAGE, image_seq_length=16,
+                                     text_config=dict(model_type="qwen2", num_hidden_layers=2, **DECODER))
+
+
+# ---------------------------------------------------------------------------------------------
+# Aria: Idefics3 tower 32×32 / 4 → 64 patches, cross-attention projector to 16 queries; MoE decoder
+
+
+def _aria_config():
+    from tests.tiny_models import _idefics3_vision
+
+    text = tf_class("AriaTextConfig", "aria")(num_hidden_layers=2, moe_num_experts=4, moe_topk=2,
+                                              moe_num_shared_experts=1, **DECODER)
+    return tf_class("AriaConfig")(vision_config=_idefics3_vision(tf_class("Idefics3VisionConfig", "idefics3")),
+                                  text_config=text, image_token_index=IMAGE,
+                                  projector_patch_to_query_dict={64: 16})
+
+
+# ---------------------------------------------------------------------------------------------
+# GLM-4V family (GLM-4.1V, GLM-4.6V, GLM-OCR, GLM-4.5V MoE): Qwen2-VL-style tower, 32×32 / patch 4
+# → 8×8, merge 2×2 → 16 tokens between image start/end tokens; M-RoPE on half the head
+# (partial_rotary_factor 0.5: 8 of 16 channels, sections [2, 1, 1]). Inputs: ``_qwen_inputs``.
+
+_GLM_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+             "partial_rotary_factor": 0.5}
+_GLM_VISION = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, image_size=32, patch_size=4,
+                   spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64)
+
+
+def _glm_config(config: str, vision: dict, text: dict):
+    return tf_class(config)(vision_config=vision, text_config=text, image_token_id=IMAGE, video_token_id=247,
+                            image_start_token_id=_VISION_START, image_end_token_id=_VISION_END)
+
+
+def _glm_text(model_type: str, **extra):
+    return dict(model_type=model_type, num_hidden_layers=2, rope_parameters=dict(_GLM_ROPE), **_NO_HEAD_DIM, **extra)
+
+
+def _glm4v_config():
+    return _glm_config("Glm4vConfig", dict(model_type="glm4v_vision", **_GLM_VISION), _glm_text("glm4v_text"))
+
+
+def _glm46v_config():
+    return _glm_config("Glm46VConfig", dict(model_type="glm4v_vision", **_GLM_VISION), _glm_text("glm4v_text"))
+
+
+def _glmga_config():
+    return _glm_config("GlmgaConfig", dict(model_type="glm4v_vision", **_GLM_VISION), _glm_text("glm4v_text"))
+
+
+def _glm_ocr_config():
+    return _glm_config("GlmOcrConfig", dict(model_type="glm_ocr_vision", **_GLM_VISION), _glm_text("glm_ocr_text"))
+
+
+def _glm4v_moe_config():
+    # layer 0 dense MLP, layer 1 MoE: 4 routed experts, top 2, one shared
+    moe = dict(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+               first_k_dense_replace=1)
+    return _glm_config("Glm4vMoeConfig", dict(model_type="glm4v_moe_vision", **_GLM_VISION),
+                       _glm_text("glm4v_moe_text", **moe))
+
+
+# ---------------------------------------------------------------------------------------------
+# Gemma 4: vision tower on 8×8 patches of 4×4 pixels (given as [B, 64, 48] with (x, y) positions),
+# pooled 2×2 → 16 tokens between BOI/EOI; decoder layer 0 sliding (window 8), layer 1 full (its
+# "global" head_dim also 16), per-layer inputs (PLE) of width 16
+
+_BOI, _EOI = 246, 247
+
+
+def _gemma4_vision(config: str = "Gemma4VisionConfig", **extra):
+    return tf_class(config)(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=2,
+                            position_embedding_size=64, **extra)
+
+
+def _gemma4_text(config: str = "Gemma4TextConfig", **extra):
+    return tf_class(config)(num_hidden_layers=2, global_head_dim=16, vocab_size_per_layer_input=256,
+                            hidden_size_per_layer_input=16, **_sliding_full(), **DECODER, **extra)
+
+
+_GEMMA4_TOKENS = dict(boi_token_id=_BOI, eoi_token_id=_EOI, image_token_id=IMAGE, video_token_id=245,
+                      boa_token_id=244, eoa_token_index=243, audio_token_id=242)
+
+
+def _gemma4_config():
+    return tf_class("Gemma4Config")(text_config=_gemma4_text(), vision_config=_gemma4_vision(), audio_config=None,
+                                    **_GEMMA4_TOKENS)
+
+
+def _gemma4_patches(batch: int, side: int = 8, patch: int = 4) -> dict:
+    """``pixel_values`` ``[B, side², 3·patch²]`` in [0, 1] and their (x, y) ``image_position_ids``."""
+    ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    positions = torch.stack([xs.flatten(), ys.flatten()], dim=-1)  # [side², 2]
+    return dict(pixel_values=torch.rand(batch, side * side, 3 * patch * patch),
+                image_position_ids=positions.expand(batch, -1, -1).clone())
+
+
+def _gemma4_inputs(model, batch):
+    rows, types = _image_rows(batch, [IMAGE] * 16, [_BOI], [_EOI])
+    ids, mask, mm_types = _left_pad(rows, types)
+    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm_types, **_gemma4_patches(batch))
+
+
+# Gemma 4 unified: no vision tower; 4×4 "model patches" of 8×8 pixels (patch 4, merge 2) embedded
+# directly → 16 tokens; image tokens attend bidirectionally (use_bidirectional_attention="vision")
+
+
+def _gemma4_unified_config():
+    text = tf_class("Gemma4UnifiedTextConfig")(num_hidden_layers=2, global_head_dim=16, **_sliding_full(), **DECODER)
+    vision = tf_class("Gemma4UnifiedVisionConfig")(patch_size=4, pooling_kernel_size=2, mm_embed_dim=32,
+                                                   mm_posemb_size=16, output_proj_dims=32)
+    return tf_class("Gemma4UnifiedConfig")(text_config=text, vision_config=vision, audio_config=None,
+                                           **_GEMMA4_TOKENS)
+
+
+def _gemma4_unified_inputs(model, batch):
+    rows, types = _image_rows(batch, [IMAGE] * 16, [_BOI], [_EOI])
+    ids, mask, mm_types = _left_pad(rows, types)
+    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm_types,
+                **_gemma4_patches(batch, side=4, patch=8))
+
+
+# ---------------------------------------------------------------------------------------------
+# Chameleon: a VQ-VAE turns a 16×16 image into 4×4 = 16 codes (2 downsamplings), mapped to BPE
+# tokens 200–215 and embedded like text
+
+
+_VQ_CODES = 16
+_VQ_FIRST = 200
+
+
+def _vq_name(code: int) -> str:
+    """Chameleon's BPE name of a VQ code: digits as letters A–J, wrapped in IMGIMG…Z."""
+    return "IMGIMG" + "".join(chr(ord("A") + int(c)) for c in str(code)) + "Z"
+
+
+def _chameleon_config():
+    vq = tf_class("ChameleonVQVAEConfig", "chameleon")(
+        embed_dim=16, num_embeddings=_VQ_CODES, latent_channels=32, resolution=16, base_channels=32,
+        channel_multiplier=[1, 1, 2], num_res_blocks=1)
+    vocabulary = {"<image>": IMAGE, **{_vq_name(c): _VQ_FIRST + c for c in range(_VQ_CODES)}}
+    return tf_class("ChameleonConfig")(num_hidden_layers=2, vq_config=vq, vocabulary_map=vocabulary, **DECODER)
+
+
+# Emu3: a VQ-VAE (2 spatial downsamplings, f = 4) turns a 16×12 image into 4×3 codes; each row of
+# codes ends with an end-of-line token: 4 × (3 + 1) = 16 tokens. Codes → BPE tokens 200–215, EOL 216
+
+
+def _emu3_config():
+    vq = tf_class("Emu3VQVAEConfig", "emu3")(
+        codebook_size=_VQ_CODES, embed_dim=4, latent_channels=4, base_channels=32, channel_multiplier=[1, 1, 1],
+        num_res_blocks=1, attn_resolutions=[], temporal_downsample_factor=2, hidden_size=32, num_attention_heads=1)
+    vocabulary = {"<image>": IMAGE, "<|extra_200|>": _VQ_FIRST + _VQ_CODES,
+                  **{f"<|visual token{c:06d}|>": _VQ_FIRST + c for c in range(_VQ_CODES)}}
+    text = tf_class("Emu3TextConfig", "emu3")(num_hidden_layers=2, attention_dropout=0.0, **DECODER)
+    return tf_class("Emu3Config")(vq_config=vq, text_config=text, vocabulary_map=vocabulary)
+
+
+MODELS: list[TinyModel] = [
+    TinyModel("aya_vision", _aya_vision_config, LazyClass("AyaVisionForConditionalGeneration"),
+              _image_inputs(16, pixel_values=lambda b: _pixels(b, 3, 32, 32)), full_attention=1,
+              skipped=("layers.0.self_attn",)),
+    TinyModel("cohere2_vision", _cohere2_vision_config, LazyClass("Cohere2VisionForConditionalGeneration"),
+              _image_inputs(16, pixel_values=lambda b: _pixels(b, 3, 32, 32)), full_attention=1,
+              skipped=("layers.0.self_attn",)),
+    TinyModel("deepseek_vl", _deepseek_vl_config, LazyClass("DeepseekVLForConditionalGeneration"),
+              _image_inputs(16, pixel_values=lambda b: _pixels(b, 3, 16, 16)), full_attention=2),
+    TinyModel("deepseek_vl_hybrid", _deepseek_vl_hybrid_config, LazyClass("DeepseekVLHybridForConditionalGeneration"),
+              _image_inputs(16, pixel_values=lambda b: _pixels(b, 3, 16, 16),
+                            high_res_pixel_values=lambda b: _pixels(b, 3, 32, 32)), full_attention=2),
+    TinyModel("got_ocr2", _got_ocr2_config, LazyClass("GotOcr2ForConditionalGeneration", eager=("", "vision_config")),
+              _image_inputs(16, pixel_values=lambda b: _pixels(b, 3, 64, 64)), full_attention=2),
+    TinyModel("fast_vlm", _fast_vlm_config, LazyClass("FastVlmForConditionalGeneration", eager=("vision_config",)),
+              _image_inputs(16, pixel_values=lambda b: _pixels(b, 3, 32, 32)), full_attention=2),
+    TinyModel("glm4v", _glm4v_config, LazyClass("Glm4vForConditionalGeneration"), _qwen_inputs, full_attention=2),
+    TinyModel("glm46v", _glm46v_config, LazyClass("Glm46VForConditionalGeneration"), _qwen_inputs, full_attention=2),
+    TinyModel("glmga", _glmga_config, LazyClass("Glm46VForConditionalGeneration"), _qwen_inputs, full_attention=2),
+    TinyModel("glm_ocr", _glm_ocr_config, LazyClass("GlmOcrForConditionalGeneration"), _qwen_inputs, full_attention=2),
+    TinyModel("glm4v_moe", _glm4v_moe_config, LazyClass("Glm4vMoeForConditionalGeneration"), _qwen_inputs,
+              full_attention=2),
+    TinyModel("gemma4", _gemma4_config, LazyClass("Gemma4ForConditionalGeneration"), _gemma4_inputs,
+              full_attention=1, skipped=("layers.0.self_attn",)),
+    TinyModel("gemma4_unified", _gemma4_unified_config, LazyClass("Gemma4UnifiedForConditionalGeneration"),
+              _gemma4_unified_inputs, full_attention=1, skipped=("layers.0.self_attn",)),
+    TinyModel("chameleon", _chameleon_config, LazyClass("ChameleonForConditionalGeneration"),
+              _image_inputs(16, pixel_values=lambda b: _pixels(b, 3, 16, 16)), full_attention=2),
+    TinyModel("emu3", _emu3_config, LazyClass("Emu3ForConditionalGeneration"),
+              _image_inputs(16, pixel_values=lambda b: _pixels(b, 3, 16, 12),
+                            image_sizes=lambda b: torch.tensor([[16, 12]] * b)), full_attention=2),
+    TinyModel("aria", _aria_config, LazyClass("AriaForConditionalGeneration"),
+              _image_inputs(16, pixel_values=lambda b: _pixels(b, 3, 32, 32),
+                            pixel_mask=lambda b: torch.ones(b, 32, 32, dtype=torch.bool)), full_attention=2),
+]
 NOT_BUILDABLE: dict[str, str] = {}
 KNOWN_GAPS: dict[str, dict[str, str]] = {}
