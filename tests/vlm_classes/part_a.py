@@ -13,7 +13,7 @@ import torch
 import transformers as tf
 
 from tests.tiny_models import (
-    _VISION_END, _VISION_START, DECODER, IMAGE, VISION, TinyModel, _image_rows, _left_pad, _pixels, _qwen_inputs, _siglip)
+    _VISION_END, _VISION_START, BOS, DECODER, IMAGE, TEXT_ROWS, VISION, TinyModel, _image_rows, _left_pad, _pixels, _qwen_inputs, _siglip, _text)
 from tests.vlm_classes.common import LazyClass, tf_class
 
 _NO_HEAD_DIM = {k: v for k, v in DECODER.items() if k != "head_dim"}
@@ -262,6 +262,78 @@ def _emu3_config():
     return tf_class("Emu3Config")(vq_config=vq, text_config=text, vocabulary_map=vocabulary)
 
 
+# ---------------------------------------------------------------------------------------------
+# Fuyu: no vision tower, 16 patches of 4×4 pixels linearly embedded; Persimmon decoder (MHA)
+
+
+def _fuyu_config():
+    return tf_class("FuyuConfig")(patch_size=4, image_size=16, image_token_id=IMAGE,
+                                  text_config=dict(model_type="persimmon", num_hidden_layers=2, **_NO_HEAD_DIM))
+
+
+# ---------------------------------------------------------------------------------------------
+# BLIP-2: BLIP vision 16×16 / 4, a 1-layer Q-Former with 16 queries → 16 image tokens; Llama
+# decoder. Its generate() merges the image itself and calls the inner language model's generate().
+
+
+def _blip_2_config():
+    vision = tf_class("Blip2VisionConfig")(image_size=16, patch_size=4, **VISION)
+    qformer = tf_class("Blip2QFormerConfig")(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=64, encoder_hidden_size=32, vocab_size=256)
+    return tf_class("Blip2Config")(vision_config=vision, qformer_config=qformer, num_query_tokens=16,
+                                   text_config=dict(model_type="llama", num_hidden_layers=2, **DECODER),
+                                   image_token_index=IMAGE)
+
+
+# BLIP: BLIP vision 16×16 / 4; a BERT-style text decoder that reads the image through
+# cross-attention (no image placeholders: the span is the prompt's head); generate() calls the text
+# decoder's own generate()
+
+
+def _blip_config():
+    text = tf_class("BlipTextConfig")(vocab_size=256, hidden_size=64, encoder_hidden_size=32, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, bos_token_id=1, eos_token_id=2,
+                                      pad_token_id=0, sep_token_id=251)
+    return tf_class("BlipConfig")(text_config=text, vision_config=tf_class("BlipVisionConfig")(
+        image_size=16, patch_size=4, **VISION))
+
+
+def _text_inputs(**image):
+    def make(model, batch):
+        ids, mask = _left_pad([[BOS] + _text(n - 1) for n in TEXT_ROWS[batch]])
+        return dict(input_ids=ids, attention_mask=mask, **{k: f(batch) for k, f in image.items()})
+
+    return make
+
+
+# GIT: CLIP-style vision 16×16 / 4 (16 patches + CLS), projected and concatenated in front of the
+# text embeddings (no placeholder tokens: the span is the prompt's head); BERT-style decoder
+
+
+def _git_config():
+    vision = tf_class("GitVisionConfig", "git")(image_size=16, patch_size=4, **VISION)
+    return tf_class("GitConfig")(vision_config=vision, vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=128, hidden_dropout_prob=0.0,
+                                 attention_probs_dropout_prob=0.0, bos_token_id=1, eos_token_id=2)
+
+
+# Florence-2: encoder-decoder (BART). DaViT vision 32×32, two stages (stride 4, 2) → 4×4 + 1 pooled
+# = 17 image tokens merged into the *encoder* input; the decoder's self-attention cache holds
+# generated tokens only
+
+
+def _florence2_config():
+    vision = tf_class("Florence2VisionConfig", "florence2")(
+        depths=[1, 1], patch_size=[7, 3], patch_stride=[4, 2], patch_padding=[3, 1], patch_prenorm=[False, True],
+        embed_dim=[32, 64], num_heads=[2, 4], num_groups=[2, 4], window_size=2, drop_path_rate=0.0,
+        projection_dim=64, max_position_embeddings=16)
+    text = dict(model_type="bart", vocab_size=256, d_model=64, encoder_layers=1, decoder_layers=2,
+                encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                decoder_start_token_id=2, forced_eos_token_id=None)
+    return tf_class("Florence2Config")(vision_config=vision, text_config=text, image_token_id=IMAGE)
+
+
 MODELS: list[TinyModel] = [
     TinyModel("aya_vision", _aya_vision_config, LazyClass("AyaVisionForConditionalGeneration"),
               _image_inputs(16, pixel_values=lambda b: _pixels(b, 3, 32, 32)), full_attention=1,
@@ -293,6 +365,17 @@ MODELS: list[TinyModel] = [
     TinyModel("emu3", _emu3_config, LazyClass("Emu3ForConditionalGeneration"),
               _image_inputs(16, pixel_values=lambda b: _pixels(b, 3, 16, 12),
                             image_sizes=lambda b: torch.tensor([[16, 12]] * b)), full_attention=2),
+    TinyModel("fuyu", _fuyu_config, LazyClass("FuyuForCausalLM"),
+              _image_inputs(16, pixel_values=lambda b: _pixels(b, 16, 3 * 4 * 4)), full_attention=2),
+    TinyModel("blip-2", _blip_2_config, LazyClass("Blip2ForConditionalGeneration"),
+              _image_inputs(16, pixel_values=lambda b: _pixels(b, 3, 16, 16)), full_attention=2),
+    TinyModel("blip", _blip_config, LazyClass("BlipForConditionalGeneration", eager=("", "text_config", "vision_config")),
+              _text_inputs(pixel_values=lambda b: _pixels(b, 3, 16, 16)), full_attention=2, has_image=False),
+    TinyModel("git", _git_config, LazyClass("GitForCausalLM", eager=("", "vision_config")),
+              _text_inputs(pixel_values=lambda b: _pixels(b, 3, 16, 16)), full_attention=2, has_image=False),
+    TinyModel("florence2", _florence2_config, LazyClass("Florence2ForConditionalGeneration"),
+              _image_inputs(17, pixel_values=lambda b: _pixels(b, 3, 32, 32)), full_attention=2,
+              skipped=("encoder.", "encoder_attn")),
     TinyModel("aria", _aria_config, LazyClass("AriaForConditionalGeneration"),
               _image_inputs(16, pixel_values=lambda b: _pixels(b, 3, 32, 32),
                             pixel_mask=lambda b: torch.ones(b, 32, 32, dtype=torch.bool)), full_attention=2),
