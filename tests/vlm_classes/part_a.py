@@ -334,6 +334,83 @@ def _florence2_config():
     return tf_class("Florence2Config")(vision_config=vision, text_config=text, image_token_id=IMAGE)
 
 
+# Apertus 1.5: an IBQ vision tokenizer (f = 4) turns a 16×16 image into 4×4 codes, offset to
+# tokens 200–215 and embedded like text; a small WavTokenizer stands in the (unused) audio slot
+
+
+def _apertus1p5_config():
+    vision = tf_class("Apertus1p5VisionTokenizerConfig", "apertus1p5")(
+        codebook_size=_VQ_CODES, embed_dim=16, latent_channels=32, base_channels=32, channel_multiplier=[1, 1, 2],
+        num_res_blocks=1, attn_resolutions=[], resolution=16)
+    audio = dict(model_type="wavtokenizer_encoder", num_filters=8, upsampling_ratios=[2, 2], hidden_size=16,
+                 codebook_size=_VQ_CODES, codebook_dim=16, num_lstm_layers=1)
+    text = tf_class("Apertus1p5TextConfig", "apertus1p5")(  # llama3 RoPE: positions up to its 8192
+        num_hidden_layers=2, **{**DECODER, "max_position_embeddings": 16384})
+    return tf_class("Apertus1p5Config")(text_config=text, vision_config=vision, audio_config=audio,
+                                        image_token_id=IMAGE, audio_token_id=249, image_token_offset=_VQ_FIRST,
+                                        audio_token_offset=_VQ_FIRST + _VQ_CODES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cohere Compass: Qwen3-VL-style tower (32×32 / 4 → 8×8, merge 2×2 → 16 tokens) with one DeepStack
+# feature added to the image positions after decoder layer 0; interleaved M-RoPE. Inputs:
+# ``_qwen_inputs``.
+
+
+def _cohere_compass_config():
+    vision = tf_class("CohereCompassVisionConfig", "cohere_compass")(
+        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+        temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64, deepstack_visual_indexes=[0])
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]}
+    text = tf_class("CohereCompassTextConfig", "cohere_compass")(
+        num_hidden_layers=2, rope_parameters={"full_attention": rope}, **_NO_HEAD_DIM)
+    return tf_class("CohereCompassConfig")(vision_config=vision, text_config=text, image_token_id=IMAGE,
+                                           video_token_id=247, vision_start_token_id=_VISION_START,
+                                           vision_end_token_id=_VISION_END)
+
+
+# Cosmos3-Edge: SigLIP2-style packed patches (64 patches of 4×4, no temporal patch) merged 2×2 by
+# the projector → 16 tokens; M-RoPE (sections [4, 2, 2] of the 8 frequencies)
+
+
+def _cosmos3_edge_config():
+    vision = tf_class("Cosmos3EdgeVisionConfig", "cosmos3_edge")(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=4,
+        num_patches=64, spatial_merge_size=2)
+    text = tf_class("Cosmos3EdgeTextConfig", "cosmos3_edge")(
+        num_hidden_layers=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                              "mrope_section": [4, 2, 2]}, **DECODER)
+    return tf_class("Cosmos3EdgeConfig")(vision_config=vision, text_config=text, projector_hidden_size=64,
+                                         image_token_id=IMAGE, video_token_id=247,
+                                         vision_start_token_id=_VISION_START, vision_end_token_id=_VISION_END)
+
+
+def _packed_qwen_inputs(channels_per_patch: int):
+    """``_qwen_inputs`` with ``pixel_values`` ``[B·64, channels_per_patch]``."""
+
+    def make(model, batch):
+        inputs = _qwen_inputs(model, batch)
+        inputs["pixel_values"] = _pixels(inputs["pixel_values"].shape[0], channels_per_patch)
+        return inputs
+
+    return make
+
+
+# Cosmos3-Omni: Qwen3-VL tower and decoder (DeepStack after layer 0, interleaved M-RoPE)
+
+
+def _cosmos3_omni_config():
+    vision = dict(model_type="qwen3_vl_vision", depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                  patch_size=4, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                  num_position_embeddings=64, deepstack_visual_indexes=[0])
+    text = dict(model_type="qwen3_vl_text", num_hidden_layers=2, **DECODER,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
+                                 "mrope_interleaved": True})
+    return tf_class("Cosmos3OmniConfig")(vision_config=vision, text_config=text, image_token_id=IMAGE,
+                                         video_token_id=247, vision_start_token_id=_VISION_START,
+                                         vision_end_token_id=_VISION_END)
+
+
 MODELS: list[TinyModel] = [
     TinyModel("aya_vision", _aya_vision_config, LazyClass("AyaVisionForConditionalGeneration"),
               _image_inputs(16, pixel_values=lambda b: _pixels(b, 3, 32, 32)), full_attention=1,
@@ -376,6 +453,15 @@ MODELS: list[TinyModel] = [
     TinyModel("florence2", _florence2_config, LazyClass("Florence2ForConditionalGeneration"),
               _image_inputs(17, pixel_values=lambda b: _pixels(b, 3, 32, 32)), full_attention=2,
               skipped=("encoder.", "encoder_attn")),
+    TinyModel("apertus1p5", _apertus1p5_config, LazyClass("Apertus1p5ForConditionalGeneration", eager=("vision_config", "audio_config")),
+              _image_inputs(16, pixel_values=lambda b: _pixels(b, 3, 16, 16),
+                            image_sizes=lambda b: torch.tensor([[16, 16]] * b)), full_attention=2),
+    TinyModel("cohere_compass", _cohere_compass_config, LazyClass("CohereCompassForConditionalGeneration"),
+              _qwen_inputs, full_attention=2),
+    TinyModel("cosmos3_edge", _cosmos3_edge_config, LazyClass("Cosmos3EdgeForConditionalGeneration"),
+              _packed_qwen_inputs(3 * 4 * 4), full_attention=2),
+    TinyModel("cosmos3_omni", _cosmos3_omni_config, LazyClass("Cosmos3OmniForConditionalGeneration"),
+              _qwen_inputs, full_attention=2),
     TinyModel("aria", _aria_config, LazyClass("AriaForConditionalGeneration"),
               _image_inputs(16, pixel_values=lambda b: _pixels(b, 3, 32, 32),
                             pixel_mask=lambda b: torch.ones(b, 32, 32, dtype=torch.bool)), full_attention=2),
