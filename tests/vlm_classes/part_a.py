@@ -411,6 +411,49 @@ def _cosmos3_omni_config():
                                          vision_end_token_id=_VISION_END)
 
 
+# ---------------------------------------------------------------------------------------------
+# DeepSeek-OCR-2: SAM tower 32×32 / 4 → 8×8, two stride-2 convs → 2×2; a Qwen2-style encoder reads
+# those 4 patches and its fixed 144 learned queries (12×12, the checkpoint's smallest set): 144 query
+# tokens + 1 view separator = 145 image tokens. Decoder: layer 0 dense, layer 1 MoE (greedy top 2 of 4)
+
+
+def _deepseek_ocr2_config():
+    sam = dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+               patch_size=4, window_size=4, global_attn_indexes=[1], downsample_channels=[32, 64])
+    encoder = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=256)
+    vision = tf_class("DeepseekOcr2VisionConfig", "deepseek_ocr2")(sam_config=sam, encoder_config=encoder)
+    text = tf_class("DeepseekOcr2TextConfig", "deepseek_ocr2")(
+        num_hidden_layers=2, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
+        mlp_layer_types=["dense", "sparse"], **_NO_HEAD_DIM)
+    return tf_class("DeepseekOcr2Config")(vision_config=vision, text_config=text, image_token_id=IMAGE)
+
+
+# EXAONE 4.5: Qwen2.5-VL-style windowed tower (GQA), 32×32 / 4 → 8×8, merge 2×2 → 16 tokens;
+# EXAONE 4 decoder with 1-D RoPE, layer 0 sliding (window 8), layer 1 full
+
+
+def _exaone4_5_config():
+    vision = tf_class("Exaone4_5_VisionConfig", "exaone4_5")(
+        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_key_value_heads=1, patch_size=4,
+        spatial_merge_size=2, temporal_patch_size=2, window_size=16, out_hidden_size=64, fullatt_block_indexes=[1])
+    text = dict(model_type="exaone4", num_hidden_layers=2, **_sliding_full(), **DECODER)
+    return tf_class("Exaone4_5_Config")(vision_config=vision, text_config=text, image_token_id=IMAGE,
+                                        video_token_id=247)
+
+
+def _without(make_inputs, *names: str):
+    """``make_inputs`` minus the keyword arguments ``names`` (a model that takes no token types)."""
+
+    def make(model, batch):
+        inputs = make_inputs(model, batch)
+        for name in names:
+            inputs.pop(name)
+        return inputs
+
+    return make
+
+
 MODELS: list[TinyModel] = [
     TinyModel("aya_vision", _aya_vision_config, LazyClass("AyaVisionForConditionalGeneration"),
               _image_inputs(16, pixel_values=lambda b: _pixels(b, 3, 32, 32)), full_attention=1,
@@ -452,7 +495,7 @@ MODELS: list[TinyModel] = [
               _text_inputs(pixel_values=lambda b: _pixels(b, 3, 16, 16)), full_attention=2, has_image=False),
     TinyModel("florence2", _florence2_config, LazyClass("Florence2ForConditionalGeneration"),
               _image_inputs(17, pixel_values=lambda b: _pixels(b, 3, 32, 32)), full_attention=2,
-              skipped=("encoder.", "encoder_attn")),
+              skipped=("encoder_attn",)),
     TinyModel("apertus1p5", _apertus1p5_config, LazyClass("Apertus1p5ForConditionalGeneration", eager=("vision_config", "audio_config")),
               _image_inputs(16, pixel_values=lambda b: _pixels(b, 3, 16, 16),
                             image_sizes=lambda b: torch.tensor([[16, 16]] * b)), full_attention=2),
@@ -462,6 +505,11 @@ MODELS: list[TinyModel] = [
               _packed_qwen_inputs(3 * 4 * 4), full_attention=2),
     TinyModel("cosmos3_omni", _cosmos3_omni_config, LazyClass("Cosmos3OmniForConditionalGeneration"),
               _qwen_inputs, full_attention=2),
+    TinyModel("deepseek_ocr2", _deepseek_ocr2_config, LazyClass("DeepseekOcr2ForConditionalGeneration"),
+              _image_inputs(145, pixel_values=lambda b: _pixels(b, 3, 32, 32)), full_attention=2),
+    TinyModel("exaone4_5", _exaone4_5_config, LazyClass("Exaone4_5_ForConditionalGeneration"),
+              _without(_qwen_inputs, "mm_token_type_ids"),
+              full_attention=1, skipped=("layers.0.self_attn",)),
     TinyModel("aria", _aria_config, LazyClass("AriaForConditionalGeneration"),
               _image_inputs(16, pixel_values=lambda b: _pixels(b, 3, 32, 32),
                             pixel_mask=lambda b: torch.ones(b, 32, 32, dtype=torch.bool)), full_attention=2),
