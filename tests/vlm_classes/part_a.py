@@ -454,6 +454,45 @@ def _without(make_inputs, *names: str):
     return make
 
 
+# dots3-note: 32×32 / 4 → 8×8 patches, merged 2×2 → 16 tokens (no temporal patch; dense vision
+# MLPs); decoder with multi-head latent attention (q/kv LoRA, 8 + 8 nope/rope channels: head_dim 16),
+# both layers full attention, layer 1 MoE; a 1-layer audio encoder fills the (unused) audio slot
+
+
+def _dots3_note_config():
+    vision = tf_class("Dots3NoteVisionConfig", "dots3_note")(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=4,
+        spatial_merge_size=2, pyramid_num_routed=[-1, -1], adapter_in_dim=32, adapter_out_dim=64, adapter_merge_size=2)
+    audio = tf_class("Dots3NoteAudioConfig", "dots3_note")(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, feature_size=16,
+        downsample_hidden_size=16, adapter_input_size=32, adapter_out_dim=64)
+    text = tf_class("Dots3NoteTextConfig", "dots3_note")(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, head_dim=16, kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=16, moe_intermediate_size=32, shared_experts_intermediate_size=32, n_routed_experts=4,
+        num_experts_per_tok=2, mlp_layer_types=["dense", "sparse"], layer_types=["full_attention"] * 2,
+        use_dsa=False, use_sliding_window=False, max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2)
+    return tf_class("Dots3NoteConfig")(text_config=text, vision_config=vision, audio_config=audio,
+                                       image_token_id=IMAGE, video_token_id=247, audio_token_id=244)
+
+
+# ERNIE 4.5-VL MoE: 32×32 / 4 → 8×8 patches, merged 2×2 → 16 tokens; 3-D RoPE (sections [3, 3, 2]);
+# layer 0 dense, layer 1 modality-routed MoE (text and vision experts)
+
+
+def _ernie4_5_vl_moe_config():
+    vision = dict(model_type="ernie4_5_vl_moe_vision", depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                  patch_size=4, spatial_merge_size=2, temporal_merge_size=2)
+    text = dict(model_type="ernie4_5_vl_moe_text", num_hidden_layers=2, moe_intermediate_size=[32, 32], moe_k=2,
+                moe_num_experts=4, moe_num_shared_experts=1, mlp_layer_types=["dense", "sparse"],
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]},
+                **DECODER)
+    return tf_class("Ernie4_5_VLMoeConfig")(vision_config=vision, text_config=text, image_token_id=IMAGE,
+                                            image_start_token_id=_VISION_START, image_end_token_id=_VISION_END,
+                                            video_token_id=247, video_start_token_id=246, video_end_token_id=245)
+
+
 MODELS: list[TinyModel] = [
     TinyModel("aya_vision", _aya_vision_config, LazyClass("AyaVisionForConditionalGeneration"),
               _image_inputs(16, pixel_values=lambda b: _pixels(b, 3, 32, 32)), full_attention=1,
@@ -510,6 +549,10 @@ MODELS: list[TinyModel] = [
     TinyModel("exaone4_5", _exaone4_5_config, LazyClass("Exaone4_5_ForConditionalGeneration"),
               _without(_qwen_inputs, "mm_token_type_ids"),
               full_attention=1, skipped=("layers.0.self_attn",)),
+    TinyModel("dots3_note", _dots3_note_config, LazyClass("Dots3NoteForConditionalGeneration"),
+              _without(_packed_qwen_inputs(3 * 4 * 4), "mm_token_type_ids"), full_attention=2),
+    TinyModel("ernie4_5_vl_moe", _ernie4_5_vl_moe_config, LazyClass("Ernie4_5_VLMoeForConditionalGeneration"),
+              _packed_qwen_inputs(3 * 4 * 4), full_attention=2),
     TinyModel("aria", _aria_config, LazyClass("AriaForConditionalGeneration"),
               _image_inputs(16, pixel_values=lambda b: _pixels(b, 3, 32, 32),
                             pixel_mask=lambda b: torch.ones(b, 32, 32, dtype=torch.bool)), full_attention=2),
