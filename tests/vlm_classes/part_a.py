@@ -493,6 +493,67 @@ def _ernie4_5_vl_moe_config():
                                             video_token_id=247, video_start_token_id=246, video_end_token_id=245)
 
 
+# GLM-5-Next: GLM-4V-style tower (32×32 / 4, merge 2×2 → 16 tokens); decoder layer 0 linear
+# attention (KDA), layer 1 indexed (DSA) multi-head latent attention without RoPE (16 nope channels);
+# both dense MLPs; hyper-connections ×2
+
+
+def _glm5_next_config():
+    vision = dict(model_type="glm5_next_vision", projection_intermediate_size=64, **_GLM_VISION)
+    text = dict(model_type="glm5_next_text", vocab_size=256, hidden_size=64, intermediate_size=128,
+                moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=0,
+                qk_nope_head_dim=16, v_head_dim=16, index_topk=64, index_head_dim=16, index_n_heads=2,
+                layer_types=["linear_attention", "indexed_attention"], mlp_layer_types=["dense", "dense"],
+                linear_head_dim=16, linear_num_heads=4, hc_mult=2, max_position_embeddings=512, pad_token_id=0)
+    return _glm_config("Glm5NextConfig", vision, text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Granite 4 Vision: LLaVA-NeXT anyres (a 16×32 image: 1 base + 2 tiles of 16×16, CLIP patch 4 →
+# 4×4 per tile), window Q-Former projectors (downsample 1/2); every feature is injected *inside* the
+# decoder (DeepStack): one vision layer at decoder layer 0, the 4 spatial groups at layer 1
+
+
+def _granite4_vision_config():
+    vision = tf.CLIPVisionConfig(image_size=16, patch_size=4, projection_dim=64, hidden_size=64, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=2)
+    text = tf_class("Granite4VisionTextConfig", "granite4_vision")(num_hidden_layers=2, **_NO_HEAD_DIM)
+    return tf_class("Granite4VisionConfig")(
+        vision_config=vision, text_config=text, image_token_index=IMAGE, image_grid_pinpoints=[[16, 32], [32, 16]],
+        downsample_rate="1/2", deepstack_layer_map=[[-2, 0]], spatial_vision_layer=-1,
+        spatial_target_layers=[1, 1, 1, 1], qformer_config=dict(intermediate_size=64), projector_dropout=0.0)
+
+
+def _granite4_vision_inputs(model, batch):
+    image_sizes = torch.tensor([[16, 32]] * batch)
+    pixel_values = _pixels(batch, 3, 3, 16, 16)  # [B, 1 base + 2 tiles, C, H, W]
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values, image_sizes, return_dict=True).deepstack_features
+    tokens = features[0][1][0].shape[0]
+    return _image_inputs(tokens, pixel_values=lambda b: pixel_values, image_sizes=lambda b: image_sizes)(model, batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evolla: a protein sequence (SaProt encoder, 12 residues) read through a resampler and
+# cross-attention adapters in the Llama decoder; no placeholder tokens: the span is the prompt's head
+
+
+def _evolla_config():
+    protein = dict(vocab_size=446, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                   max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return tf_class("EvollaConfig")(
+        protein_encoder_config=protein, num_hidden_layers=2, aligner_num_add_layers=1, resampler_depth=1,
+        resampler_dim_head=16, resampler_heads=2, resampler_num_latents=16, aligner_attention_probs_dropout_prob=0.0,
+        use_cache=True, **DECODER)
+
+
+def _evolla_inputs(model, batch):
+    inputs = _text_inputs()(model, batch)
+    residues = torch.randint(5, 446, (batch, 12))
+    return dict(inputs, protein_input_ids=residues, protein_attention_mask=torch.ones_like(residues))
+
+
 MODELS: list[TinyModel] = [
     TinyModel("aya_vision", _aya_vision_config, LazyClass("AyaVisionForConditionalGeneration"),
               _image_inputs(16, pixel_values=lambda b: _pixels(b, 3, 32, 32)), full_attention=1,
@@ -553,9 +614,53 @@ MODELS: list[TinyModel] = [
               _without(_packed_qwen_inputs(3 * 4 * 4), "mm_token_type_ids"), full_attention=2),
     TinyModel("ernie4_5_vl_moe", _ernie4_5_vl_moe_config, LazyClass("Ernie4_5_VLMoeForConditionalGeneration"),
               _packed_qwen_inputs(3 * 4 * 4), full_attention=2),
+    TinyModel("glm5_next", _glm5_next_config, LazyClass("Glm5NextForConditionalGeneration"), _qwen_inputs,
+              full_attention=1),
+    TinyModel("granite4_vision", _granite4_vision_config, LazyClass("Granite4VisionForConditionalGeneration"),
+              _granite4_vision_inputs, full_attention=2),
+    TinyModel("evolla", _evolla_config, LazyClass("EvollaForProteinText2Text"), _evolla_inputs, full_attention=2,
+              has_image=False),
     TinyModel("aria", _aria_config, LazyClass("AriaForConditionalGeneration"),
               _image_inputs(16, pixel_values=lambda b: _pixels(b, 3, 32, 32),
                             pixel_mask=lambda b: torch.ones(b, 32, 32, dtype=torch.bool)), full_attention=2),
 ]
-NOT_BUILDABLE: dict[str, str] = {}
-KNOWN_GAPS: dict[str, dict[str, str]] = {}
+NOT_BUILDABLE: dict[str, str] = {
+    "gemma3n": "its vision tower is a timm MobileNetV5 (TimmWrapperModel): timm is not a dependency",
+    "fun_asr_nano": "audio-only: no image input",
+    "glmasr": "audio-only: no image input",
+    "diffusion_gemma": "block-diffusion generate() (canvases denoised against a prompt cache): no greedy "
+                       "token-by-token decode to compare",
+}
+
+_DEEPSTACK = ("DeepStack adds image features after decoder layer 0 by boolean-index assignment "
+              "(hidden[visual_pos_masks, :] = ...): Dynamo breaks the prefill graph there, the second graph "
+              "holds no image merge, so layer 1 falls back to the prompt-head span (empty here) and its "
+              "site is named 'self_attn'")
+_INNER_GENERATE = ("generate() merges the image itself and calls the inner language model's generate(): "
+                   "model.compile() never sees the decoder, nothing is compressed and nothing is reported")
+
+KNOWN_GAPS: dict[str, dict[str, str]] = {
+    "sites": {
+        "blip": _INNER_GENERATE,
+        "blip-2": _INNER_GENERATE,
+        "git": ("its eager attention scales by division (scores / sqrt(d)), which the eager matcher does not "
+                "recognise: left exact, but reported as 'intermediates reused elsewhere'"),
+        "cohere_compass": _DEEPSTACK,
+        "cosmos3_omni": _DEEPSTACK,
+    },
+    "exact": {
+        "glm4v_moe": ("FX dead-code elimination in the decode rewrite deletes the MoE router's in-place "
+                      "group_mask.scatter_(...) (an unused call_method): every expert group is masked and the "
+                      "decode steps route to the wrong experts"),
+    },
+    "span": {
+        "blip": _INNER_GENERATE,
+        "blip-2": _INNER_GENERATE,
+        "git": "no layer is rewritten (see sites); the image is concatenated in front of the text, not merged",
+        "cohere_compass": _DEEPSTACK,
+        "cosmos3_omni": _DEEPSTACK,
+        "florence2": ("encoder-decoder: the image sits in the encoder (cross-attention cache, never compressed); "
+                      "the decoder self-attention span is empty, yet its layers are compressed and hold 2.6x the "
+                      "Key bytes of the uncompiled cache"),
+    },
+}
