@@ -525,13 +525,10 @@ def _granite4_vision_config():
         spatial_target_layers=[1, 1, 1, 1], qformer_config=dict(intermediate_size=64), projector_dropout=0.0)
 
 
-def _granite4_vision_inputs(model, batch):
-    image_sizes = torch.tensor([[16, 32]] * batch)
-    pixel_values = _pixels(batch, 3, 3, 16, 16)  # [B, 1 base + 2 tiles, C, H, W]
-    with torch.no_grad():
-        features = model.model.get_image_features(pixel_values, image_sizes, return_dict=True).deepstack_features
-    tokens = features[0][1][0].shape[0]
-    return _image_inputs(tokens, pixel_values=lambda b: pixel_values, image_sizes=lambda b: image_sizes)(model, batch)
+# base tile: 4×4 patches → 2×2; the 16×32 image's 2 tiles → 2×4, one newline per row: 4 + 2·(4 + 1)
+_GRANITE4_TOKENS = 14
+_granite4_vision_inputs = _image_inputs(_GRANITE4_TOKENS, pixel_values=lambda b: _pixels(b, 3, 3, 16, 16),
+                                        image_sizes=lambda b: torch.tensor([[16, 32]] * b))
 
 
 # ---------------------------------------------------------------------------------------------
