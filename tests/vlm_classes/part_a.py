@@ -636,8 +636,14 @@ _DEEPSTACK = ("DeepStack adds image features after decoder layer 0 by boolean-in
 _INNER_GENERATE = ("generate() merges the image itself and calls the inner language model's generate(): "
                    "model.compile() never sees the decoder, nothing is compressed and nothing is reported")
 
+_MLA = ("multi-head latent attention: the cache keeps the latent (k_pass [B, 1, S, kv_lora_rank]) and the "
+        "shared RoPE Key; Keys are up-projected after the cache read, so the layer is left exact with the "
+        "reason 'no KV-cache append feeds its Keys (vision tower, encoder or cross-attention)'")
+
 KNOWN_GAPS: dict[str, dict[str, str]] = {
     "sites": {
+        "dots3_note": _MLA,
+        "glm5_next": _MLA + "; its linear-attention layer is not reported at all",
         "blip": _INNER_GENERATE,
         "blip-2": _INNER_GENERATE,
         "git": ("its eager attention scales by division (scores / sqrt(d)), which the eager matcher does not "
@@ -651,6 +657,9 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
                       "decode steps route to the wrong experts"),
     },
     "span": {
+        "dots3_note": _MLA,
+        "glm5_next": ("no layer is rewritten (MLA, see sites), and rotatek_compile.cache_bytes() raises "
+                      "AttributeError on the hybrid cache: LinearAttentionLayer has no .keys"),
         "blip": _INNER_GENERATE,
         "blip-2": _INNER_GENERATE,
         "git": "no layer is rewritten (see sites); the image is concatenated in front of the text, not merged",
