@@ -15,6 +15,8 @@ import types
 import torch
 import transformers as tf
 
+from tests.vlm_classes.checks import NEW_TOKENS
+from tests.vlm_classes.common import LazyClass
 from tests.tiny_models import (
     BOS, DECODER, IMAGE, ROWS, VISION, TinyModel, _clip, _image_rows, _left_pad, _pixels, _qwen_inputs, _siglip,
     _text)
@@ -24,17 +26,6 @@ _VIDEO = 247
 
 def _llama(**extra):
     return tf.LlamaConfig(num_hidden_layers=2, **DECODER, **extra)
-
-
-def _lazy(name: str):
-    """``transformers.<name>(config)``, the class looked up when the model is built: importing this
-    file works on a transformers without it (``make_config`` raises first and the harness skips)."""
-
-    def build(config):
-        return getattr(tf, name)(config)
-
-    build.__name__ = build.__qualname__ = name
-    return build
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +274,7 @@ def _omni_prepare(model):
 
 
 def _omni_inputs(model, batch):
-    return dict(_qwen_inputs_no_types(model, batch), thinker_max_new_tokens=4, generation_mode="text")
+    return dict(_qwen_inputs_no_types(model, batch), thinker_max_new_tokens=NEW_TOKENS, generation_mode="text")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,35 +389,88 @@ MODELS: list[TinyModel] = [
               _perception_lm_inputs, full_attention=2),
     TinyModel("shieldgemma2", _shieldgemma2_config, tf.Gemma3ForConditionalGeneration, _gemma3_like_inputs,
               full_attention=1, skipped=("layers.0.self_attn",)),
-    TinyModel("qwen3_vl", _qwen3_vl_config, _lazy("Qwen3VLForConditionalGeneration"), _qwen_inputs,
+    TinyModel("qwen3_vl", _qwen3_vl_config, LazyClass("Qwen3VLForConditionalGeneration"), _qwen_inputs,
               full_attention=2),
-    TinyModel("qwen3_vl_moe", _qwen3_vl_moe_config, _lazy("Qwen3VLMoeForConditionalGeneration"),
+    TinyModel("qwen3_vl_moe", _qwen3_vl_moe_config, LazyClass("Qwen3VLMoeForConditionalGeneration"),
               _qwen_inputs, full_attention=2),
-    TinyModel("qwen3_5", _qwen3_5_config, _lazy("Qwen3_5ForConditionalGeneration"), _qwen_inputs,
+    TinyModel("qwen3_5", _qwen3_5_config, LazyClass("Qwen3_5ForConditionalGeneration"), _qwen_inputs,
               full_attention=1, skipped=("layers.0.linear_attn",)),
-    TinyModel("qwen3_5_moe", _qwen3_5_moe_config, _lazy("Qwen3_5MoeForConditionalGeneration"), _qwen_inputs,
+    TinyModel("qwen3_5_moe", _qwen3_5_moe_config, LazyClass("Qwen3_5MoeForConditionalGeneration"), _qwen_inputs,
               full_attention=1, skipped=("layers.0.linear_attn",)),
     TinyModel("qwen2_5_omni_thinker", _qwen2_5_omni_thinker_config,
-              _lazy("Qwen2_5OmniThinkerForConditionalGeneration"), _qwen_inputs_no_types, full_attention=2),
+              LazyClass("Qwen2_5OmniThinkerForConditionalGeneration"), _qwen_inputs_no_types, full_attention=2),
     TinyModel("qwen3_omni_moe_thinker", _qwen3_omni_moe_thinker_config,
-              _lazy("Qwen3OmniMoeThinkerForConditionalGeneration"), _qwen_inputs_no_types, full_attention=2),
-    TinyModel("qwen2_5_omni", _qwen2_5_omni_config, _lazy("Qwen2_5OmniForConditionalGeneration"), _omni_inputs,
+              LazyClass("Qwen3OmniMoeThinkerForConditionalGeneration"), _qwen_inputs_no_types, full_attention=2),
+    TinyModel("qwen2_5_omni", _qwen2_5_omni_config, LazyClass("Qwen2_5OmniForConditionalGeneration"), _omni_inputs,
               full_attention=2, prepare=_omni_prepare),
-    TinyModel("qwen3_omni_moe", _qwen3_omni_moe_config, _lazy("Qwen3OmniMoeForConditionalGeneration"),
+    TinyModel("qwen3_omni_moe", _qwen3_omni_moe_config, LazyClass("Qwen3OmniMoeForConditionalGeneration"),
               _omni_inputs, full_attention=2, prepare=_omni_prepare),
-    TinyModel("ovis2", _ovis2_config, _lazy("Ovis2ForConditionalGeneration"), _ovis2_inputs, full_attention=2),
-    TinyModel("paddleocr_vl", _paddleocr_vl_config, _lazy("PaddleOCRVLForConditionalGeneration"),
+    TinyModel("ovis2", _ovis2_config, LazyClass("Ovis2ForConditionalGeneration"), _ovis2_inputs, full_attention=2),
+    TinyModel("paddleocr_vl", _paddleocr_vl_config, LazyClass("PaddleOCRVLForConditionalGeneration"),
               _paddleocr_vl_inputs, full_attention=2),
-    TinyModel("video_llama_3", _video_llama_3_config, _lazy("VideoLlama3ForConditionalGeneration"),
+    TinyModel("video_llama_3", _video_llama_3_config, LazyClass("VideoLlama3ForConditionalGeneration"),
               _video_llama_3_inputs, full_attention=2),
-    TinyModel("qianfan_ocr", _qianfan_ocr_config, _lazy("QianfanOCRForConditionalGeneration"), _llava_like_32,
+    TinyModel("qianfan_ocr", _qianfan_ocr_config, LazyClass("QianfanOCRForConditionalGeneration"), _llava_like_32,
               full_attention=2),
-    TinyModel("step3p7", _step3p7_config, _lazy("Step3p7ForConditionalGeneration"), _step3p7_inputs,
+    TinyModel("step3p7", _step3p7_config, LazyClass("Step3p7ForConditionalGeneration"), _step3p7_inputs,
               full_attention=1, skipped=("layers.0.self_attn",)),
-    TinyModel("qwen4_exp", _qwen4_exp_config, _lazy("Qwen4ExpForConditionalGeneration"), _qwen_inputs,
+    TinyModel("qwen4_exp", _qwen4_exp_config, LazyClass("Qwen4ExpForConditionalGeneration"), _qwen_inputs,
               full_attention=1, skipped=("layers.0.linear_attn",)),
 ]
 
 NOT_BUILDABLE: dict[str, str] = {}
 
-KNOWN_GAPS: dict[str, dict[str, str]] = {}
+_DEEPSTACK = ("DeepStack adds image features after decoder layer 0 by boolean-index assignment "
+              "(hidden_states[visual_pos_masks, :] = ...): a data-dependent shape, so Dynamo skips the text "
+              "model's frame and compiles each decoder layer alone; the prefill sites are named 'self_attn' and "
+              "layer 1's graph has no image merge nor tagged input, so it falls back to the prompt-head span "
+              "(empty here)")
+_LINEAR_STATE = ("FX dead-code elimination in the decode rewrite deletes the Gated DeltaNet layer's in-place "
+                 "conv_state.copy_(...) / recurrent_state.copy_(...) (unused call_method results): the "
+                 "linear-attention state stops advancing and the logits drift from decode step 2")
+_LINEAR_SITES = ("the Gated DeltaNet (linear-attention) layer 0 is not reported at all: the finder only sees "
+                 "softmax attention")
+_HYBRID_BYTES = ("rotatek_compile.cache_bytes() raises AttributeError on the hybrid cache: "
+                 "LinearAttentionLayer has no .keys")
+_INNER_GENERATE = ("generate() is the model's own and calls self.thinker.generate(): model.compile() compiles "
+                   "the outer forward, which never runs; nothing is compressed and nothing is reported")
+_RECOMPILE_NAN = ("graph breaks in every decoder layer; transformers' shared deprecate_kwarg wrapper is "
+                  "recompiled per module type until Dynamo's recompile_limit (8), then runs uncompiled: the "
+                  "decode step's cache append reads the NaN stand-in eagerly and the logits are NaN, with no error")
+
+KNOWN_GAPS: dict[str, dict[str, str]] = {
+    "sites": {
+        "qwen3_vl": _DEEPSTACK,
+        "qwen3_vl_moe": _DEEPSTACK,
+        "qwen3_omni_moe_thinker": _DEEPSTACK,
+        "qwen3_5": _LINEAR_SITES,
+        "qwen3_5_moe": _LINEAR_SITES,
+        "qwen4_exp": ("the QSA indexer's per-query Python loop (nonzero) breaks every graph: the prefill site is "
+                      "named 'attn_output', decode is not rewritten (see exact)"),
+        "qwen2_5_omni": _INNER_GENERATE,
+        "qwen3_omni_moe": _INNER_GENERATE,
+        "step3p7": _RECOMPILE_NAN + "; the prefill sites are named 'self_attn'",
+    },
+    "exact": {
+        "qwen3_5": _LINEAR_STATE,
+        "qwen3_5_moe": _LINEAR_STATE,
+        "qwen4_exp": _RECOMPILE_NAN + "; the decode mask also carries the indexer's token selection, which "
+                                      "the decode rewrite would drop",
+        "step3p7": _RECOMPILE_NAN,
+    },
+    "span": {
+        "qwen3_vl": _DEEPSTACK,
+        "qwen3_vl_moe": _DEEPSTACK,
+        "qwen3_omni_moe_thinker": _DEEPSTACK,
+        "qwen3_5": _HYBRID_BYTES,
+        "qwen3_5_moe": _HYBRID_BYTES,
+        "qwen4_exp": _RECOMPILE_NAN,
+        "qwen2_5_omni": _INNER_GENERATE,
+        "qwen3_omni_moe": _INNER_GENERATE,
+        "ovis2": ("the image merge sits in a frame that Dynamo skips (`if mask.any():` before the visual "
+                  "indicator tokens' boolean-index writes) and runs eagerly: no graph holds the merge, the span "
+                  "falls back to the prompt head (empty here), and the empty span's basis and padding slots "
+                  "make the Key cache 1.16x the uncompiled one"),
+        "step3p7": _RECOMPILE_NAN,
+    },
+}
