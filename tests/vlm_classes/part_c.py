@@ -378,6 +378,37 @@ def _step3p7_inputs(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------
+# Phi-4-multimodal: SigLIP-like 16×16 crops, patch 4 → 4×4, 2×2 average pool → 2×2 per crop; one
+# global view + one sub-crop, each row of 2 followed by a separator: 2·3 + 1 + 2·3 = 13 image tokens,
+# written into the embeddings by index_put on nonzero() positions. The vision tower gets eager
+# attention: its attention module says is_causal=True, which SDPA honours uncompiled (the all-ones
+# patch mask becomes None) but not under torch.compile, so SDPA runs would differ before any rewrite
+
+
+_PHI4_IMAGE_TOKENS = 13
+
+
+def _phi4_multimodal_config():
+    from transformers.models.phi4_multimodal.configuration_phi4_multimodal import (
+        Phi4MultimodalAudioConfig, Phi4MultimodalConfig, Phi4MultimodalVisionConfig)
+
+    vision = Phi4MultimodalVisionConfig(image_size=16, crop_size=16, patch_size=4, image_token_id=IMAGE, **VISION)
+    audio = Phi4MultimodalAudioConfig(hidden_size=32, intermediate_size=64, num_blocks=1, num_attention_heads=2,
+                                      ext_pw_out_channel=32, depthwise_separable_out_channel=32, nemo_conv_channels=32,
+                                      input_size=16, audio_token_id=244)
+    decoder = {k: v for k, v in DECODER.items() if k != "head_dim"}
+    return Phi4MultimodalConfig(num_hidden_layers=2, vision_config=vision, audio_config=audio, **decoder)
+
+
+def _phi4_multimodal_inputs(model, batch):
+    rows, _ = _image_rows(batch, [IMAGE] * _PHI4_IMAGE_TOKENS)
+    ids, mask = _left_pad(rows)
+    return dict(input_ids=ids, attention_mask=mask, image_pixel_values=_pixels(batch, 2, 3, 16, 16),
+                image_sizes=torch.tensor([[16, 16]] * batch),
+                image_attention_mask=torch.ones(batch, 2, 4, 4, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 MODELS: list[TinyModel] = [
@@ -414,6 +445,8 @@ MODELS: list[TinyModel] = [
               full_attention=2),
     TinyModel("step3p7", _step3p7_config, LazyClass("Step3p7ForConditionalGeneration"), _step3p7_inputs,
               full_attention=1, skipped=("layers.0.self_attn",)),
+    TinyModel("phi4_multimodal", _phi4_multimodal_config, LazyClass("Phi4MultimodalForCausalLM", eager=("vision_config",)),
+              _phi4_multimodal_inputs, full_attention=2),
     TinyModel("qwen4_exp", _qwen4_exp_config, LazyClass("Qwen4ExpForConditionalGeneration"), _qwen_inputs,
               full_attention=1, skipped=("layers.0.linear_attn",)),
 ]
