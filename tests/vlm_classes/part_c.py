@@ -409,6 +409,38 @@ def _phi4_multimodal_inputs(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------
+# Unlimited-OCR (DeepSeek-OCR layout): SAM 64×64, patch 4 → 16×16, two stride-2 convolutions → 4×4
+# fed to a CLIP encoder; 4 rows of 4 + a newline each, + a view separator = 21 image tokens.
+# MoE decoder: layer 0 "reference sliding" (the prompt kept whole, a window of 8 after it), layer 1 full
+
+
+_UNLIMITED_OCR_IMAGE_TOKENS = 21
+
+
+def _unlimited_ocr_config():
+    from transformers.models.unlimited_ocr.configuration_unlimited_ocr import (
+        UnlimitedOcrConfig, UnlimitedOcrSamVisionConfig, UnlimitedOcrTextConfig, UnlimitedOcrVisionConfig,
+        UnlimitedOcrVisionEncoderConfig)
+
+    sam = UnlimitedOcrSamVisionConfig(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2,
+                                      image_size=64, patch_size=4, window_size=4, global_attn_indexes=[1], mlp_dim=64,
+                                      downsample_channels=[32, 64])
+    encoder = UnlimitedOcrVisionEncoderConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                              num_attention_heads=2, image_size=16, patch_size=4)
+    text = UnlimitedOcrTextConfig(num_hidden_layers=2, layer_types=["reference_sliding_attention", "full_attention"],
+                                  sliding_window=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                  n_shared_experts=1, **{k: v for k, v in DECODER.items() if k != "head_dim"})
+    return UnlimitedOcrConfig(vision_config=UnlimitedOcrVisionConfig(sam_config=sam, encoder_config=encoder),
+                              text_config=text, image_token_id=IMAGE)
+
+
+def _unlimited_ocr_inputs(model, batch):
+    rows, _ = _image_rows(batch, [IMAGE] * _UNLIMITED_OCR_IMAGE_TOKENS)
+    ids, mask = _left_pad(rows)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=_pixels(batch, 3, 64, 64))
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 MODELS: list[TinyModel] = [
@@ -447,6 +479,8 @@ MODELS: list[TinyModel] = [
               full_attention=1, skipped=("layers.0.self_attn",)),
     TinyModel("phi4_multimodal", _phi4_multimodal_config, LazyClass("Phi4MultimodalForCausalLM", eager=("vision_config",)),
               _phi4_multimodal_inputs, full_attention=2),
+    TinyModel("unlimited_ocr", _unlimited_ocr_config, LazyClass("UnlimitedOcrForConditionalGeneration"),
+              _unlimited_ocr_inputs, full_attention=1, skipped=("layers.0.self_attn",)),
     TinyModel("qwen4_exp", _qwen4_exp_config, LazyClass("Qwen4ExpForConditionalGeneration"), _qwen_inputs,
               full_attention=1, skipped=("layers.0.linear_attn",)),
 ]
@@ -471,6 +505,14 @@ _RECOMPILE_NAN = ("graph breaks in every decoder layer; transformers' shared dep
                   "recompiled per module type until Dynamo's recompile_limit (8), then runs uncompiled: the "
                   "decode step's cache append reads the NaN stand-in eagerly and the logits are NaN, with no error")
 
+_RSWA = ("reference sliding attention (the prompt kept whole, a sliding window after it): its prefill looks "
+         "like full attention and is compressed, but its decode cache keeps a slice, which the decode rewrite "
+         "does not match; the first decode step raises RotateKCacheError ('compressed Key caches reach code "
+         "that was not rewritten')")
+_INDEX_LIST_MERGE = ("image features are written by index_put on torch.nonzero() positions (index lists, not a "
+                     "boolean mask): no span is found, the prompt-head fallback is empty here, and the empty "
+                     "span's basis and padding slots make the Key cache 1.19x the uncompiled one")
+
 KNOWN_GAPS: dict[str, dict[str, str]] = {
     "sites": {
         "qwen3_vl": _DEEPSTACK,
@@ -483,6 +525,7 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "qwen2_5_omni": _INNER_GENERATE,
         "qwen3_omni_moe": _INNER_GENERATE,
         "step3p7": _RECOMPILE_NAN + "; the prefill sites are named 'self_attn'",
+        "unlimited_ocr": _RSWA,
     },
     "exact": {
         "qwen3_5": _LINEAR_STATE,
@@ -490,6 +533,7 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "qwen4_exp": _RECOMPILE_NAN + "; the decode mask also carries the indexer's token selection, which "
                                       "the decode rewrite would drop",
         "step3p7": _RECOMPILE_NAN,
+        "unlimited_ocr": _RSWA,
     },
     "span": {
         "qwen3_vl": _DEEPSTACK,
@@ -505,5 +549,7 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
                   "falls back to the prompt head (empty here), and the empty span's basis and padding slots "
                   "make the Key cache 1.16x the uncompiled one"),
         "step3p7": _RECOMPILE_NAN,
+        "unlimited_ocr": _RSWA,
+        "phi4_multimodal": _INDEX_LIST_MERGE,
     },
 }
