@@ -441,6 +441,31 @@ def _unlimited_ocr_inputs(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------
+# Nemotron-H Omni: RADIO tower on 8×8 flat patches of 4×4, pixel shuffle 0.5 → 16 tokens; Nemotron-H
+# decoder of one Mamba-2 block (layer 0) and one attention block (layer 1)
+
+
+def _nemotron_h_omni_config():
+    from transformers.models.nemotron_h_omni.configuration_nemotron_h_omni import (
+        NemotronH_Omni_Reasoning_V3_Config)
+
+    vision = dict(model_type="radio", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=4,
+                  image_size=32, max_img_size=64, num_cls_tokens=1, num_registers=0, video_temporal_patch_size=2)
+    text = dict(model_type="nemotron_h", num_hidden_layers=2, layers_block_type=["mamba", "attention"],
+                ssm_state_size=16, mamba_num_heads=4, mamba_head_dim=16, n_groups=2, chunk_size=16, **DECODER)
+    return NemotronH_Omni_Reasoning_V3_Config(vision_config=vision, text_config=text, image_token_id=IMAGE,
+                                              video_token_id=_VIDEO, projector_hidden_size=64,
+                                              vision_hidden_size=32)
+
+
+def _nemotron_h_omni_inputs(model, batch):
+    rows, _ = _image_rows(batch, [IMAGE] * 16)
+    ids, mask = _left_pad(rows)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=_pixels(batch * 64, 3 * 4 * 4),
+                image_grid_hw=torch.tensor([[8, 8]] * batch))
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 MODELS: list[TinyModel] = [
@@ -481,6 +506,8 @@ MODELS: list[TinyModel] = [
               _phi4_multimodal_inputs, full_attention=2),
     TinyModel("unlimited_ocr", _unlimited_ocr_config, LazyClass("UnlimitedOcrForConditionalGeneration"),
               _unlimited_ocr_inputs, full_attention=1, skipped=("layers.0.self_attn",)),
+    TinyModel("nemotron_h_omni", _nemotron_h_omni_config, LazyClass("NemotronH_Omni_Reasoning_V3"),
+              _nemotron_h_omni_inputs, full_attention=1, skipped=("layers.0.mixer",)),
     TinyModel("qwen4_exp", _qwen4_exp_config, LazyClass("Qwen4ExpForConditionalGeneration"), _qwen_inputs,
               full_attention=1, skipped=("layers.0.linear_attn",)),
 ]
@@ -526,6 +553,7 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "qwen3_omni_moe": _INNER_GENERATE,
         "step3p7": _RECOMPILE_NAN + "; the prefill sites are named 'self_attn'",
         "unlimited_ocr": _RSWA,
+        "nemotron_h_omni": "the Mamba-2 block (layer 0) is not reported at all: the finder only sees softmax attention",
     },
     "exact": {
         "qwen3_5": _LINEAR_STATE,
@@ -534,6 +562,9 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
                                       "the decode rewrite would drop",
         "step3p7": _RECOMPILE_NAN,
         "unlimited_ocr": _RSWA,
+        "nemotron_h_omni": ("FX dead-code elimination in the decode rewrite deletes the Mamba-2 block's in-place "
+                            "conv_state.copy_(...) / ssm_state.copy_(...): the SSM state stops advancing and the "
+                            "logits drift from decode step 2"),
     },
     "span": {
         "qwen3_vl": _DEEPSTACK,
@@ -551,5 +582,6 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "step3p7": _RECOMPILE_NAN,
         "unlimited_ocr": _RSWA,
         "phi4_multimodal": _INDEX_LIST_MERGE,
+        "nemotron_h_omni": _HYBRID_BYTES,
     },
 }
