@@ -466,6 +466,22 @@ def _nemotron_h_omni_inputs(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------
+# PP-Chart2Table: GOT-OCR2 under its own config (the mapping builds GotOcr2ForConditionalGeneration):
+# SAM-style tower 64×64, patch 4 → 16×16, two stride-2 convolutions → 4×4 = 16 tokens; Qwen2 decoder.
+# The SAM tower has no SDPA implementation: eager, as from_pretrained would pick
+
+
+def _pp_chart2table_config():
+    from transformers.models.pp_chart2table.configuration_pp_chart2table import (
+        PPChart2TableConfig, PPChart2TableVisionConfig)
+
+    vision = PPChart2TableVisionConfig(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2,
+                                       image_size=64, patch_size=4, window_size=4, global_attn_indexes=[1], mlp_dim=64)
+    return PPChart2TableConfig(vision_config=vision, image_token_index=IMAGE, image_seq_length=16,
+                               text_config=dict(model_type="qwen2", num_hidden_layers=2, **DECODER))
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 MODELS: list[TinyModel] = [
@@ -508,6 +524,9 @@ MODELS: list[TinyModel] = [
               _unlimited_ocr_inputs, full_attention=1, skipped=("layers.0.self_attn",)),
     TinyModel("nemotron_h_omni", _nemotron_h_omni_config, LazyClass("NemotronH_Omni_Reasoning_V3"),
               _nemotron_h_omni_inputs, full_attention=1, skipped=("layers.0.mixer",)),
+    TinyModel("pp_chart2table", _pp_chart2table_config,
+              LazyClass("GotOcr2ForConditionalGeneration", eager=("", "vision_config")), _step3p7_inputs,
+              full_attention=2),
     TinyModel("qwen4_exp", _qwen4_exp_config, LazyClass("Qwen4ExpForConditionalGeneration"), _qwen_inputs,
               full_attention=1, skipped=("layers.0.linear_attn",)),
 ]
