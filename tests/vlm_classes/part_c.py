@@ -482,6 +482,31 @@ def _pp_chart2table_config():
 
 
 # ---------------------------------------------------------------------------------------------
+# T5Gemma 2: encoder-decoder. The encoder is Gemma 3 (SigLIP 32×32, patch 8 → 16 tokens merged into
+# its input, the tiny_models Gemma 3 prompt); the decoder (layer 0 sliding, layer 1 full) attends
+# over its own cache and the encoder output in one softmax ("merged attention"). The image reaches
+# the decoder only through the cross-attention Keys.
+
+
+def _t5gemma2_config():
+    from transformers.models.t5gemma2.configuration_t5gemma2 import (
+        T5Gemma2Config, T5Gemma2DecoderConfig, T5Gemma2EncoderConfig, T5Gemma2TextConfig)
+
+    layers = dict(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"], sliding_window=8,
+                  query_pre_attn_scalar=16, **DECODER)
+    encoder = T5Gemma2EncoderConfig(text_config=T5Gemma2TextConfig(**layers), vision_config=_siglip(32, 8),
+                                    mm_tokens_per_image=16, boi_token_index=_BOI, eoi_token_index=_EOI,
+                                    image_token_index=IMAGE)
+    return T5Gemma2Config(encoder=encoder, decoder=T5Gemma2DecoderConfig(**layers), image_token_index=IMAGE)
+
+
+def _t5gemma2_inputs(model, batch):
+    inputs = _gemma3_like_inputs(model, batch)
+    del inputs["token_type_ids"]
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 MODELS: list[TinyModel] = [
@@ -527,6 +552,8 @@ MODELS: list[TinyModel] = [
     TinyModel("pp_chart2table", _pp_chart2table_config,
               LazyClass("GotOcr2ForConditionalGeneration", eager=("", "vision_config")), _step3p7_inputs,
               full_attention=2),
+    TinyModel("t5gemma2", _t5gemma2_config, LazyClass("T5Gemma2ForConditionalGeneration"), _t5gemma2_inputs,
+              full_attention=1, skipped=("layers.0.self_attn",)),
     TinyModel("qwen4_exp", _qwen4_exp_config, LazyClass("Qwen4ExpForConditionalGeneration"), _qwen_inputs,
               full_attention=1, skipped=("layers.0.linear_attn",)),
 ]
@@ -559,6 +586,11 @@ _INDEX_LIST_MERGE = ("image features are written by index_put on torch.nonzero()
                      "boolean mask): no span is found, the prompt-head fallback is empty here, and the empty "
                      "span's basis and padding slots make the Key cache 1.19x the uncompiled one")
 
+_MERGED_ATTENTION = ("merged attention: the decoder's self-attention Keys are concatenated with the encoder's "
+                     "(cross) Keys before one softmax; the finder takes that concatenation for a cache append "
+                     "that is not returned, so every decoder layer is left exact and reported as a "
+                     "'sliding-window layer' (layer 1 is full attention)")
+
 KNOWN_GAPS: dict[str, dict[str, str]] = {
     "sites": {
         "qwen3_vl": _DEEPSTACK,
@@ -573,6 +605,7 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "step3p7": _RECOMPILE_NAN + "; the prefill sites are named 'self_attn'",
         "unlimited_ocr": _RSWA,
         "nemotron_h_omni": "the Mamba-2 block (layer 0) is not reported at all: the finder only sees softmax attention",
+        "t5gemma2": _MERGED_ATTENTION,
     },
     "exact": {
         "qwen3_5": _LINEAR_STATE,
@@ -602,5 +635,6 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "unlimited_ocr": _RSWA,
         "phi4_multimodal": _INDEX_LIST_MERGE,
         "nemotron_h_omni": _HYBRID_BYTES,
+        "t5gemma2": _MERGED_ATTENTION + "; the image is in the encoder, reached only through the cross Keys",
     },
 }
