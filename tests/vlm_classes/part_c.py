@@ -18,7 +18,7 @@ import transformers as tf
 from tests.vlm_classes.checks import NEW_TOKENS
 from tests.vlm_classes.common import LazyClass
 from tests.tiny_models import (
-    BOS, DECODER, IMAGE, ROWS, VISION, TinyModel, _clip, _image_rows, _left_pad, _pixels, _qwen_inputs, _siglip,
+    BOS, DECODER, EOS, IMAGE, PAD, ROWS, VISION, TinyModel, _clip, _image_rows, _left_pad, _pixels, _qwen_inputs, _siglip,
     _text)
 
 _VIDEO = 247
@@ -507,6 +507,47 @@ def _t5gemma2_inputs(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------
+# Pix2Struct: encoder-decoder; the encoder reads 16 flattened 4×4 patches (row, column, 48 pixels),
+# the T5-style decoder (relative position bias, no softmax scale, 4 heads of 16) starts from token 0.
+# The image is the encoder's whole input: the decoder's self-attention cache holds generated tokens
+
+
+def _pix2struct_config():
+    text = tf.Pix2StructTextConfig(vocab_size=DECODER["vocab_size"], hidden_size=64, d_kv=16, d_ff=128, num_layers=2,
+                                   num_heads=4, dropout_rate=0.0, use_cache=True, pad_token_id=PAD, eos_token_id=EOS,
+                                   decoder_start_token_id=PAD)
+    vision = tf.Pix2StructVisionConfig(hidden_size=64, patch_embed_hidden_size=3 * 4 * 4, d_ff=64, d_kv=16,
+                                       num_hidden_layers=2, num_attention_heads=4, seq_len=16)  # hidden = the decoder's
+    return tf.Pix2StructConfig(text_config=text, vision_config=vision)
+
+
+def _pix2struct_inputs(model, batch):
+    rows, columns = torch.meshgrid(torch.arange(1, 5), torch.arange(1, 5), indexing="ij")
+    positions = torch.stack([rows.flatten(), columns.flatten()], -1).float()  # [16, 2]
+    patches = torch.cat([positions.expand(batch, -1, -1), _pixels(batch, 16, 3 * 4 * 4)], -1)  # [B, 16, 50]
+    return dict(flattened_patches=patches, attention_mask=torch.ones(batch, 16, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------
+# Vision-encoder-decoder: ViT 16×16, patch 4 (16 patches + CLS) → GPT-2 decoder with cross-attention
+# (2 layers, 4 heads of 16), started from BOS. The image is the encoder's whole input
+
+
+def _vision_encoder_decoder_config():
+    encoder = tf.ViTConfig(image_size=16, patch_size=4, **VISION)
+    decoder = tf.GPT2Config(vocab_size=DECODER["vocab_size"], n_embd=64, n_layer=2, n_head=4, n_positions=512,
+                            add_cross_attention=True, is_decoder=True, bos_token_id=BOS, eos_token_id=EOS,
+                            pad_token_id=PAD)
+    config = tf.VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id, config.pad_token_id = BOS, PAD
+    return config
+
+
+def _pixels_only(model, batch):
+    return dict(pixel_values=_pixels(batch, 3, 16, 16))
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 MODELS: list[TinyModel] = [
@@ -554,6 +595,10 @@ MODELS: list[TinyModel] = [
               full_attention=2),
     TinyModel("t5gemma2", _t5gemma2_config, LazyClass("T5Gemma2ForConditionalGeneration"), _t5gemma2_inputs,
               full_attention=1, skipped=("layers.0.self_attn",)),
+    TinyModel("pix2struct", _pix2struct_config, tf.Pix2StructForConditionalGeneration, _pix2struct_inputs,
+              full_attention=2, skipped=("encoder_decoder_attention",)),
+    TinyModel("vision-encoder-decoder", _vision_encoder_decoder_config, tf.VisionEncoderDecoderModel, _pixels_only,
+              full_attention=2, skipped=("crossattention",)),
     TinyModel("qwen4_exp", _qwen4_exp_config, LazyClass("Qwen4ExpForConditionalGeneration"), _qwen_inputs,
               full_attention=1, skipped=("layers.0.linear_attn",)),
 ]
