@@ -548,6 +548,28 @@ def _pixels_only(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------
+# PP-FormulaNet: encoder-decoder; SAM-style encoder 64×64, patch 4 → 16×16, two stride-2 convolutions
+# → 16 tokens for the cross-attention of an MBart-style decoder (2 layers, 4 heads of 16)
+
+
+def _pp_formulanet_config():
+    from transformers.models.pp_formulanet.configuration_pp_formulanet import (
+        PPFormulaNetConfig, PPFormulaNetTextConfig, PPFormulaNetVisionConfig)
+
+    vision = PPFormulaNetVisionConfig(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2,
+                                      image_size=64, patch_size=4, window_size=4, global_attn_indexes=[1], mlp_dim=64,
+                                      post_conv_in_channels=16, post_conv_mid_channels=32, post_conv_out_channels=64,
+                                      decoder_hidden_size=64)
+    text = PPFormulaNetTextConfig(vocab_size=DECODER["vocab_size"], max_position_embeddings=512, decoder_layers=2,
+                                  decoder_ffn_dim=128, decoder_attention_heads=4, d_model=64, dropout=0.0)
+    return PPFormulaNetConfig(text_config=text, vision_config=vision)
+
+
+def _pixels_64(model, batch):
+    return dict(pixel_values=_pixels(batch, 3, 64, 64))
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 MODELS: list[TinyModel] = [
@@ -599,6 +621,9 @@ MODELS: list[TinyModel] = [
               full_attention=2, skipped=("encoder_decoder_attention",)),
     TinyModel("vision-encoder-decoder", _vision_encoder_decoder_config, tf.VisionEncoderDecoderModel, _pixels_only,
               full_attention=2, skipped=("crossattention",)),
+    TinyModel("pp_formulanet", _pp_formulanet_config,
+              LazyClass("PPFormulaNetForConditionalGeneration", eager=("vision_config",)), _pixels_64,
+              full_attention=2, skipped=("encoder_attn",)),
     TinyModel("qwen4_exp", _qwen4_exp_config, LazyClass("Qwen4ExpForConditionalGeneration"), _qwen_inputs,
               full_attention=1, skipped=("layers.0.linear_attn",)),
 ]
