@@ -570,6 +570,26 @@ def _pixels_64(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------
+# UDOP: T5-style encoder-decoder (relative position bias, no softmax scale, 4 heads of 16). The
+# encoder fuses the text tokens, their boxes and 16×16 / 4 = 16 image patches; the decoder starts from
+# token 0
+
+
+def _udop_config():
+    return tf.UdopConfig(vocab_size=DECODER["vocab_size"], d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                         dropout_rate=0.0, image_size=16, patch_size=4, pad_token_id=PAD, eos_token_id=EOS,
+                         decoder_start_token_id=PAD)
+
+
+def _udop_inputs(model, batch):
+    rows = [[BOS] + _text(row.pre + row.post) for row in ROWS[batch]]
+    ids, mask = _left_pad(rows)
+    corners = torch.rand(*ids.shape, 2) * 0.5
+    boxes = torch.cat([corners, corners + 0.25], -1)  # [B, S, 4]: x0, y0, x1, y1 in [0, 1]
+    return dict(input_ids=ids, attention_mask=mask, bbox=boxes, pixel_values=_pixels(batch, 3, 16, 16))
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 MODELS: list[TinyModel] = [
@@ -618,12 +638,14 @@ MODELS: list[TinyModel] = [
     TinyModel("t5gemma2", _t5gemma2_config, LazyClass("T5Gemma2ForConditionalGeneration"), _t5gemma2_inputs,
               full_attention=1, skipped=("layers.0.self_attn",)),
     TinyModel("pix2struct", _pix2struct_config, tf.Pix2StructForConditionalGeneration, _pix2struct_inputs,
-              full_attention=2, skipped=("encoder_decoder_attention",)),
+              full_attention=2, skipped=("encoder_decoder_attention",), has_image=False),
     TinyModel("vision-encoder-decoder", _vision_encoder_decoder_config, tf.VisionEncoderDecoderModel, _pixels_only,
-              full_attention=2, skipped=("crossattention",)),
+              full_attention=2, skipped=("crossattention",), has_image=False),
     TinyModel("pp_formulanet", _pp_formulanet_config,
               LazyClass("PPFormulaNetForConditionalGeneration", eager=("vision_config",)), _pixels_64,
-              full_attention=2, skipped=("encoder_attn",)),
+              full_attention=2, skipped=("encoder_attn",), has_image=False),
+    TinyModel("udop", _udop_config, tf.UdopForConditionalGeneration, _udop_inputs, full_attention=2,
+              skipped=("EncDecAttention",), has_image=False),
     TinyModel("qwen4_exp", _qwen4_exp_config, LazyClass("Qwen4ExpForConditionalGeneration"), _qwen_inputs,
               full_attention=1, skipped=("layers.0.linear_attn",)),
 ]
@@ -661,6 +683,19 @@ _MERGED_ATTENTION = ("merged attention: the decoder's self-attention Keys are co
                      "that is not returned, so every decoder layer is left exact and reported as a "
                      "'sliding-window layer' (layer 1 is full attention)")
 
+_RELATIVE_BIAS = ("the decode rewrite keeps only the new tokens' validity from the attention mask, but here the "
+                   "mask is T5's relative position bias (added to the logits, no softmax scale): the bias over "
+                   "the cached tokens is dropped, the logits drift from decode step 1, without an error")
+_T5_NAMES = ("(not a product gap) the check's layer pattern expects 'layers.N.'; T5-style decoders name "
+             "their layers '{}'")
+_ENCODER_IMAGE = ("encoder-decoder: the image is in the encoder (its cross-attention cache is left exact); the "
+                  "decoder's self-attention prompt is one start token, so the span is empty, yet each layer "
+                  "stores a basis and padding slots: {}x the uncompiled Key bytes")
+_GPT2_CROSS = ("GPT-2's cross-attention (Conv1D projections, EncoderDecoderCache) is taken for self-attention "
+               "at prefill: its cache write looks like an append and the cross-attention test only follows "
+               "`linear` projections; it is compressed, and the first decode step raises RotateKCacheError "
+               "('2 compressed Key caches reach code that was not rewritten')")
+
 KNOWN_GAPS: dict[str, dict[str, str]] = {
     "sites": {
         "qwen3_vl": _DEEPSTACK,
@@ -676,6 +711,9 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "unlimited_ocr": _RSWA,
         "nemotron_h_omni": "the Mamba-2 block (layer 0) is not reported at all: the finder only sees softmax attention",
         "t5gemma2": _MERGED_ATTENTION,
+        "pix2struct": _T5_NAMES.format("decoder.layer.N.self_attention.attention"),
+        "udop": _T5_NAMES.format("decoder.block.N.layer.0.SelfAttention"),
+        "vision-encoder-decoder": _GPT2_CROSS,
     },
     "exact": {
         "qwen3_5": _LINEAR_STATE,
@@ -687,6 +725,9 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "nemotron_h_omni": ("FX dead-code elimination in the decode rewrite deletes the Mamba-2 block's in-place "
                             "conv_state.copy_(...) / ssm_state.copy_(...): the SSM state stops advancing and the "
                             "logits drift from decode step 2"),
+        "pix2struct": _RELATIVE_BIAS,
+        "udop": _RELATIVE_BIAS,
+        "vision-encoder-decoder": _GPT2_CROSS,
     },
     "span": {
         "qwen3_vl": _DEEPSTACK,
@@ -706,5 +747,9 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "phi4_multimodal": _INDEX_LIST_MERGE,
         "nemotron_h_omni": _HYBRID_BYTES,
         "t5gemma2": _MERGED_ATTENTION + "; the image is in the encoder, reached only through the cross Keys",
+        "pix2struct": _ENCODER_IMAGE.format(2.6),
+        "udop": _ENCODER_IMAGE.format(2.6),
+        "pp_formulanet": _ENCODER_IMAGE.format(2.6),
+        "vision-encoder-decoder": _GPT2_CROSS,
     },
 }
