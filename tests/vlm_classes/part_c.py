@@ -650,7 +650,19 @@ MODELS: list[TinyModel] = [
               full_attention=1, skipped=("layers.0.linear_attn",)),
 ]
 
-NOT_BUILDABLE: dict[str, str] = {}
+_AUDIO_ONLY = "audio-only: no image input"
+
+NOT_BUILDABLE: dict[str, str] = {
+    "nemo_speechlm": _AUDIO_ONLY,
+    "omniasr": _AUDIO_ONLY,
+    "qwen2_audio": _AUDIO_ONLY,
+    "qwen3_asr": _AUDIO_ONLY,
+    "vibevoice_asr": _AUDIO_ONLY,
+    "voxtral": _AUDIO_ONLY,
+    "voxtral_realtime": _AUDIO_ONLY,
+    "pi0": ("a flow-matching action policy: no generate(), sample_actions() denoises an action chunk against "
+            "the prefix's KV cache; no greedy token decode to compare"),
+}
 
 _DEEPSTACK = ("DeepStack adds image features after decoder layer 0 by boolean-index assignment "
               "(hidden_states[visual_pos_masks, :] = ...): a data-dependent shape, so Dynamo skips the text "
