@@ -28,7 +28,8 @@ from rotatek_compile.passes.find_attention import sites_and_skips
 from rotatek_compile.passes.rewrite import (
     RewrittenGraph, rewrite_decode, rewrite_merge, rewrite_prefill, state_inputs)
 from rotatek_compile.passes.visual_span import to_token_mask
-from rotatek_compile.state import CompressedLayer, attached, compress_layer, derived_from_stand_in, stand_in
+from rotatek_compile.state import (
+    CompressedLayer, attached, compress_layer, derived_from_stand_in, plain, stand_in)
 
 logger = logging.getLogger("rotatek_compile")
 
@@ -86,6 +87,7 @@ class RotateKBackend:
     def _compile(self, module: fx.GraphModule, example_inputs: list) -> Callable:
         if self.inner == "eager":
             return module
+        example_inputs = [plain(x) for x in example_inputs]  # Inductor sees plain tensors
         from torch._inductor.compile_fx import compile_fx
 
         patches = torch._inductor.list_mode_options(self.mode) if self.mode else {}
@@ -339,7 +341,7 @@ class _DecodeRunner:
         layers = _compressed_layers(plan, args)
         state = _state_inputs(layers)
         self.checks.check(state)
-        outputs = list(self.compiled(*args, *state))
+        outputs = list(self.compiled(*map(plain, args), *state))
         del state
         grown = outputs[plan.num_outputs:]
         for i, (slot, layer) in enumerate(zip(plan.sites, layers)):
