@@ -56,6 +56,7 @@ class CompressedLayer:
     values: Tensor  # [B, H, Sf, dv]
     mask: Tensor  # [B, Sf] bool
     head_dim: int
+    span_source: str = ""  # what the span is: "image tokens" or the prompt fallback and why
 
     @property
     def span_key_bytes(self) -> int:
