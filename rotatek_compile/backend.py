@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 import rotatek_compile.ops  # noqa: F401  (registers torch.ops.rotatek.*)
-from rotatek_compile.config import RotateKConfig
+from rotatek_compile.config import INNERS, RotateKConfig
 from rotatek_compile.passes.find_attention import SkippedSite, sites_and_skips
 from rotatek_compile.passes.rewrite import (
     RewrittenGraph, rewrite_decode, rewrite_merge, rewrite_prefill, state_inputs)
@@ -85,8 +85,11 @@ class RotateKBackend:
     """A torch.compile backend object; ``reports`` lists every graph it compiled."""
 
     def __init__(self, config: RotateKConfig, inner: str = "inductor", mode: Optional[str] = None):
-        if inner not in ("inductor", "eager"):
-            raise ValueError(f"rotatek inner compiler {inner!r} is invalid: expected 'inductor' or 'eager'")
+        if inner not in INNERS:
+            raise ValueError(f"rotatek option inner={inner!r} is invalid: expected one of 'inductor', 'eager'")
+        if mode is not None and mode not in _inductor_modes():
+            raise ValueError(f"rotatek option mode={mode!r} is invalid: expected one of "
+                             f"{', '.join(repr(m) for m in _inductor_modes())}")
         self.config = config
         self.inner = inner
         self.mode = mode
@@ -172,6 +175,10 @@ class RotateKBackend:
 
 
 _NOT_FILLED = "its cache was not filled by a rotatek-compiled prefill"
+
+
+def _inductor_modes() -> tuple[str, ...]:
+    return ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _guard_stand_ins(compiled: Callable, past_keys_inputs: list[int]) -> Callable:
@@ -419,13 +426,38 @@ class _DecodeRunner:
         return outputs[: plan.num_outputs]
 
 
+class RotateKOptionError(ValueError):
+    """A bad ``rotatek`` option. Raised from the first graph, it reaches the caller as is:
+    Dynamo passes :class:`torch._dynamo.exc.ShortenTraceback` errors through unwrapped."""
+
+
+def _option_error(error: ValueError) -> Exception:
+    try:
+        from torch._dynamo.exc import ShortenTraceback
+    except ImportError:  # pragma: no cover (torch without it: Dynamo wraps the ValueError)
+        return error
+
+    class _Unwrapped(RotateKOptionError, ShortenTraceback):
+        pass
+
+    unwrapped = _Unwrapped(str(error))
+    unwrapped.first_useful_frame = None  # ShortenTraceback's: keep the whole traceback
+    return unwrapped
+
+
 def rotatek_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
                     options: Optional[dict] = None, mode: Optional[str] = None) -> Callable:
     """``torch.compile(..., backend="rotatek", options={...})`` lands here (entry point).
 
     ``options`` are :class:`RotateKConfig` fields plus ``inner`` ("inductor" or "eager": what
-    compiles the rewritten graph).
+    compiles the rewritten graph). torch calls a registered backend only with the first graph,
+    so a bad option is reported then, as a :class:`RotateKOptionError` (a ``ValueError``) whose
+    one-line message names the option; ``rotatek_compile.backend(**options)`` checks at once.
     """
     options = dict(options or {})
     inner = options.pop("inner", "inductor")
-    return RotateKBackend(RotateKConfig.from_options(options), inner=inner, mode=mode)(gm, example_inputs)
+    try:
+        backend = RotateKBackend(RotateKConfig.from_options(options), inner=inner, mode=mode)
+    except ValueError as error:
+        raise _option_error(error) from None
+    return backend(gm, example_inputs)
