@@ -47,14 +47,9 @@ class _RecompileLimitWarning(logging.Filter):
     called then, so this filter on Dynamo's logger is the one place that sees it happen.
     """
 
-    def __init__(self):
-        super().__init__()
-        self.warned = False
-
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if not self.warned and "recompile_limit" in message and "hit config" in message:
-            self.warned = True
+        message = record.getMessage()  # Dynamo logs it once per frame that hits the limit
+        if "recompile_limit" in message and "hit config" in message:
             logger.warning(
                 "rotatek: Dynamo hit its recompile limit (torch._dynamo.config.recompile_limit): "
                 "new request shapes now run uncompiled, every layer exact and uncompressed, and a "
@@ -457,7 +452,19 @@ def rotatek_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
     options = dict(options or {})
     inner = options.pop("inner", "inductor")
     try:
-        backend = RotateKBackend(RotateKConfig.from_options(options), inner=inner, mode=mode)
+        backend = _shared_backend(RotateKConfig.from_options(options), inner, mode)
     except ValueError as error:
         raise _option_error(error) from None
     return backend(gm, example_inputs)
+
+
+_SHARED: dict[tuple, RotateKBackend] = {}
+
+
+def _shared_backend(config: RotateKConfig, inner: str, mode: Optional[str]) -> RotateKBackend:
+    """One backend object per set of options: torch calls the registered function once per graph,
+    and what one graph learns (images seen, warnings given) must reach the next."""
+    key = (config, inner, mode)
+    if key not in _SHARED:
+        _SHARED[key] = RotateKBackend(config, inner=inner, mode=mode)
+    return _SHARED[key]
