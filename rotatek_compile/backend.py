@@ -61,6 +61,25 @@ class _RecompileLimitWarning(logging.Filter):
 _RECOMPILE_LIMIT_WARNING = _RecompileLimitWarning()
 
 
+# Graphs one model needs for ordinary traffic: prefill and decode, batch 1 and batch > 1 (Dynamo
+# specialises size 1), first and later turns, each first traced static and then dynamic.
+RECOMPILE_LIMIT = 64
+_TORCH_DEFAULT_RECOMPILE_LIMIT = 8
+
+
+def _raise_recompile_limit() -> None:
+    """Raise Dynamo's per-function recompile limit from torch's default to :data:`RECOMPILE_LIMIT`.
+
+    Past the limit the model would run uncompiled (exact, uncompressed, or refused on a compressed
+    cache). A limit the user set (anything but torch's default) is kept.
+    """
+    config = torch._dynamo.config
+    if config.recompile_limit == _TORCH_DEFAULT_RECOMPILE_LIMIT:
+        config.recompile_limit = RECOMPILE_LIMIT
+        logger.info("rotatek: torch._dynamo.config.recompile_limit raised from %d to %d",
+                    _TORCH_DEFAULT_RECOMPILE_LIMIT, RECOMPILE_LIMIT)
+
+
 def _watch_recompile_limit() -> None:
     dynamo_logger = logging.getLogger("torch._dynamo.convert_frame")
     if _RECOMPILE_LIMIT_WARNING not in dynamo_logger.filters:
@@ -92,6 +111,7 @@ class RotateKBackend:
         self._warned: set[str] = set()  # reasons already given in a WARNING
         self.saw_image_input = False  # some graph took pixel_values: the model sees images
         _watch_recompile_limit()
+        _raise_recompile_limit()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         if any("pixel_values" in node.name for node in gm.graph.find_nodes(op="placeholder")):

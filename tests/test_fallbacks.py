@@ -57,9 +57,9 @@ def test_recompile_limit_is_loud(caplog):
 
 
 def test_mixed_traffic_is_exact_or_refused(caplog):
-    # requests of several batch sizes, each with a second turn: each answer equals the
-    # uncompiled model's, at full rank, whether it ran compressed or (past the limit) exact
-    lengths = [[45], [50, 41], [44, 58, 47]]
+    # past a (low) recompile limit: each request, with its second turn, either answers exactly
+    # as the uncompiled model (compressed, or run exact by the fallback) or is refused loudly
+    lengths = [[45], [50, 41], [44, 58, 47], [52], [40, 55]]
 
     def serve(model):
         answers = []
@@ -70,8 +70,12 @@ def test_mixed_traffic_is_exact_or_refused(caplog):
             for b, n in enumerate(rows):
                 mask[b, width - n:] = 1
             inputs = {"input_ids": ids, "attention_mask": mask}
-            first = generate(model, inputs, steps=3)
-            second = _second_turn(model, first, inputs)
+            try:
+                first = generate(model, inputs, steps=3)
+                second = _second_turn(model, first, inputs)
+            except RotateKCacheError as error:
+                answers.append(error)
+                continue
             answers.append((first.sequences, second.sequences, torch.stack(second.logits)))
         return answers
 
@@ -80,11 +84,34 @@ def test_mixed_traffic_is_exact_or_refused(caplog):
     model.compile(backend="rotatek", options={"key_channels": HEAD_DIM, "inner": "eager"})
     with torch._dynamo.config.patch(recompile_limit=4), caplog.at_level(logging.WARNING):
         compiled = serve(model)
-    for (a1, a2, a_logits), (b1, b2, b_logits) in zip(exact, compiled):
+    for expected, got in zip(exact, compiled):
+        if isinstance(got, RotateKCacheError):
+            assert "recompile limit" in str(got)
+            continue
+        (a1, a2, a_logits), (b1, b2, b_logits) = expected, got
         assert torch.isfinite(b_logits).all()
         assert torch.equal(a1, b1) and torch.equal(a2, b2)
         assert (a_logits - b_logits).abs().max() < 1e-4
     assert any("recompile limit" in r.getMessage() for r in caplog.records if r.name == "rotatek_compile")
+    assert not isinstance(compiled[0], Exception)  # the first request is served compressed
+
+
+def test_ordinary_traffic_stays_compiled_and_compressed(caplog):
+    # batch sizes 1–8, different lengths, each with a second turn: every returned cache is
+    # compressed (no request fell back to the uncompiled model), and nothing warned
+    from rotatek_compile.backend import RECOMPILE_LIMIT
+
+    model = tiny_llama()
+    model.compile(backend="rotatek", options={"key_channels": 4, "inner": "eager"})
+    with caplog.at_level(logging.WARNING):
+        for i, batch in enumerate([1, 2, 5, 1, 8, 3]):
+            inputs = padded_prompt(batch, length=40 + 3 * i)
+            first = generate(model, inputs, steps=2)
+            second = _second_turn(model, first, inputs, steps=2)
+            for out in (first, second):
+                assert all(attached(layer.keys) is not None for layer in out.past_key_values.layers), i
+    assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "rotatek" in r.name]
 
 
 def test_returned_attention_weights_warn(caplog):
