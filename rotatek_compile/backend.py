@@ -368,7 +368,10 @@ class _PrefillRunner:
             outputs[slot.keys_output] = stand_in(keys.shape, keys, layer)
             outputs[slot.values_output] = stand_in(values.shape, values, None)
             del keys, values
-        return outputs[: plan.num_outputs]
+        outputs = outputs[: plan.num_outputs]
+        if span is not None:
+            _tag_hidden_states(outputs, span)
+        return outputs
 
     def _span(self, outputs: list, args: tuple) -> tuple[Optional[torch.Tensor], str]:
         """``[B, S]`` image-token mask (``None`` for the prompt fallback), and what it is.
@@ -397,6 +400,14 @@ class _PrefillRunner:
             logger.warning("rotatek: the model takes images but %s: compressing %s instead (an image "
                            "merge the pass does not recognise, or a text-only prompt)", why, head)
         return None, f"{head} ({why})"
+
+
+def _tag_hidden_states(outputs: list, span: torch.Tensor) -> None:
+    """Tag the returned ``[B, S, ...]`` tensors with the image span, for a later graph of the same
+    prefill (Dynamo splits some decoders, e.g. at DeepStack's feature injection after layer 0)."""
+    for output in outputs:
+        if isinstance(output, torch.Tensor) and output.dim() >= 2 and tuple(output.shape[:2]) == tuple(span.shape):
+            setattr(output, _SPAN_TAG, span)
 
 
 def _valid_tokens(mask: Optional[torch.Tensor], keys: torch.Tensor) -> torch.Tensor:
