@@ -10,11 +10,12 @@ from rotatek_compile.explain import CacheBytes, Explanation, cache_bytes, explai
 
 
 def backend(config: RotateKConfig | None = None, **options) -> RotateKBackend:
-    """A backend object for ``torch.compile(backend=...)``, from a config or option keywords."""
+    """A backend object for ``torch.compile(backend=...)``, from a config or option keywords
+    (plus ``inner`` and ``mode``, as in ``options=`` of :func:`rotatek_compile.backend.rotatek_backend`)."""
     if config is not None and options:
         raise ValueError("rotatek: pass a RotateKConfig or option keywords, not both")
-    inner = options.pop("inner", "inductor")
-    return RotateKBackend(config or RotateKConfig.from_options(options), inner=inner)
+    inner, mode = options.pop("inner", "inductor"), options.pop("mode", None)
+    return RotateKBackend(config or RotateKConfig.from_options(options), inner=inner, mode=mode)
 
 
 __all__ = ["RotateKBackend", "RotateKCacheError", "RotateKConfig", "CacheBytes", "Explanation",

@@ -52,12 +52,20 @@ class RotateKBackend:
     def __init__(self, config: RotateKConfig, inner: str = "inductor", mode: Optional[str] = None):
         if inner not in ("inductor", "eager"):
             raise ValueError(f"rotatek inner compiler {inner!r} is invalid: expected 'inductor' or 'eager'")
+        if mode is not None and mode not in torch._inductor.list_mode_options():
+            raise ValueError(f"rotatek option mode={mode!r} is invalid: expected one of "
+                             f"{', '.join(repr(m) for m in torch._inductor.list_mode_options())}")
         self.config = config
         self.inner = inner
         self.mode = mode
         self.reports: list[GraphReport] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        from rotatek_compile.static_cache import compile_static  # imports this module
+
+        static = compile_static(self, gm, example_inputs)  # graphs on HF's StaticCache
+        if static is not None:
+            return static
         compressed = {i for i, x in enumerate(example_inputs) if attached(x) is not None}
         if compressed:
             plan = rewrite_decode(gm, self.config.method, self.config.kernel, compressed)
@@ -358,8 +366,10 @@ def rotatek_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
     """``torch.compile(..., backend="rotatek", options={...})`` lands here (entry point).
 
     ``options`` are :class:`RotateKConfig` fields plus ``inner`` ("inductor" or "eager": what
-    compiles the rewritten graph).
+    compiles the rewritten graph) and ``mode`` (Inductor's mode, e.g. "reduce-overhead" for CUDA
+    graphs: ``torch.compile`` refuses ``mode=`` and ``options=`` together).
     """
     options = dict(options or {})
     inner = options.pop("inner", "inductor")
+    mode = options.pop("mode", mode)
     return RotateKBackend(RotateKConfig.from_options(options), inner=inner, mode=mode)(gm, example_inputs)
