@@ -68,31 +68,29 @@ class StaticSite:
     new_values: fx.Node
     mask: Optional[fx.Node]  # [B|1, 1, T, L], boolean or additive
     scale: float
+    prefix_read: bool = False  # causal attention over the first T positions (prefill, no padding)
 
     @property
     def new_tokens(self) -> Optional[int]:
-        value = example_value(self.new_keys)
-        size = value.shape[2] if value is not None else None
-        return size if isinstance(size, int) else None
+        return _static_size(self.new_keys, 2)
 
     @property
     def capacity(self) -> Optional[int]:
-        value = example_value(self.keys)
-        return value.shape[2] if value is not None and isinstance(value.shape[2], int) else None
+        return _static_size(self.keys, 2)
 
 
 def _attention_operands(node: fx.Node):
-    """``(query, keys, values, mask, scale)`` of an SDPA or eager attention, a skip reason, or None."""
+    """``(query, keys, values, mask, scale, is_causal)`` of an SDPA or eager attention, a skip
+    reason, or None."""
     if _is_call(node, *_SDPA):
         if node.kwargs.get("dropout_p", 0.0):
             return "attention dropout is on (training)"
-        if node.kwargs.get("is_causal", False):
-            return "causal attention without a mask cannot read a static cache"
         query, keys, values = node.args[:3]
         mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
-        return query, keys, values, mask, node.kwargs.get("scale")
+        return query, keys, values, mask, node.kwargs.get("scale"), bool(node.kwargs.get("is_causal", False))
     if _is_call(node, torch.matmul) and _is_eager_final(node):
-        return _match_eager(node) or "eager attention whose intermediates are reused elsewhere"
+        match = _match_eager(node)
+        return (*match, False) if match else "eager attention whose intermediates are reused elsewhere"
     return None
 
 
@@ -102,15 +100,32 @@ def _is_full_index(index) -> bool:
     return all(i is None or i is Ellipsis or i == slice(None) for i in items)
 
 
-def _buffer_behind(node: fx.Node) -> tuple[fx.Node, Optional[fx.Node]]:
-    """Walk back through repeat_kv; returns the source and the first node after it (or None)."""
-    after = None
+def _prefix_length(index) -> Optional[int]:
+    """``n`` for ``x[:, :, :n]`` / ``x[:, :, :n, :]`` (the first ``n`` cache positions), else None."""
+    if not isinstance(index, tuple) or len(index) not in (3, 4) or any(i != slice(None) for i in index[:2] + index[3:]):
+        return None
+    positions = index[2]
+    if isinstance(positions, slice) and positions.start in (None, 0) and positions.step in (None, 1) \
+            and isinstance(positions.stop, int):
+        return positions.stop
+    return None
+
+
+def _buffer_behind(node: fx.Node) -> tuple[fx.Node, Optional[fx.Node], Optional[int]]:
+    """Walk back through repeat_kv (and a prefix slice); returns the source, the first node after
+    it (or None), and the prefix length read (None: all of it)."""
+    after, prefix = None, None
     while True:
         if _is_method(node, *_REPEAT_KV_METHODS) or (
                 _is_call(node, operator.getitem) and isinstance(node.args[0], fx.Node) and _is_full_index(node.args[1])):
             node, after = node.args[0], node
             continue
-        return node, after
+        if _is_call(node, operator.getitem) and prefix is None and isinstance(node.args[0], fx.Node) \
+                and _prefix_length(node.args[1]) is not None:
+            prefix = _prefix_length(node.args[1])
+            node, after = node.args[0], node
+            continue
+        return node, after, prefix
 
 
 def _in_place_write(buffer: fx.Node) -> Optional[fx.Node]:
@@ -128,10 +143,11 @@ def _match(node: fx.Node, order: dict[fx.Node, int]):
     operands = _attention_operands(node)
     if operands is None or isinstance(operands, str):
         return operands
-    query, keys, values, mask, scale = operands
-    buffers = []
+    query, keys, values, mask, scale, is_causal = operands
+    buffers, prefixes = [], []
     for source in (keys, values):
-        buffer, first_read = _buffer_behind(source)
+        buffer, first_read, prefix = _buffer_behind(source)
+        prefixes.append(prefix)
         write = _in_place_write(buffer)
         if write is None:
             return None  # not a static cache (DynamicCache's cat, an encoder, ...)
@@ -142,6 +158,13 @@ def _match(node: fx.Node, order: dict[fx.Node, int]):
             return "its static cache buffer is written after the attention"
         buffers.append((buffer, write))
     (key_buffer, key_write), (value_buffer, value_write) = buffers
+    # HF's SDPA path on an empty StaticCache without padding: causal, over the first T positions
+    new_tokens = _static_size(key_write.args[3], 2)
+    prefix_read = prefixes[0] is not None
+    if prefixes[0] != prefixes[1] or (prefix_read and (not is_causal or prefixes[0] != new_tokens)):
+        return "attention reads part of its static cache buffer"
+    if is_causal and not prefix_read:
+        return "causal attention over a whole static cache buffer"
     if key_write.args[2] is not value_write.args[2]:
         return "Keys and Values are written at different positions"
     if not isinstance(mask, (fx.Node, type(None))):
@@ -154,7 +177,14 @@ def _match(node: fx.Node, order: dict[fx.Node, int]):
         return "unknown head_dim for the default scale"
     return StaticSite(layer=layer_of(node), attention=node, query=query, keys=key_buffer, values=value_buffer,
                       key_write=key_write, value_write=value_write, positions=key_write.args[2],
-                      new_keys=key_write.args[3], new_values=value_write.args[3], mask=mask, scale=float(scale))
+                      new_keys=key_write.args[3], new_values=value_write.args[3], mask=mask, scale=float(scale),
+                      prefix_read=prefix_read)
+
+
+def _static_size(node: fx.Node, dim: int) -> Optional[int]:
+    value = example_value(node)
+    size = value.shape[dim] if value is not None and value.dim() > dim else None
+    return size if isinstance(size, int) else None
 
 
 def find_static_sites(graph: fx.Graph) -> tuple[list[StaticSite], list[SkippedSite]]:
@@ -311,7 +341,7 @@ def rewrite_static_decode(gm: fx.GraphModule, method: str, kernel: str,
     placeholders = list(graph.find_nodes(op="placeholder"))
     rewritable = []
     for site in sites:
-        if site.keys.op == "placeholder" and placeholders.index(site.keys) in compressed:
+        if site.keys.op == "placeholder" and placeholders.index(site.keys) in compressed and not site.prefix_read:
             rewritable.append(site)
         else:
             skipped.append(SkippedSite(site.layer, site.attention,
