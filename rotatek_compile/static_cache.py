@@ -100,7 +100,20 @@ def compile_static(backend: Any, gm: fx.GraphModule, example_inputs: Sequence[An
         return None  # one token on an uncompressed static cache: stays exact
     plan = rewrite_static_prefill(gm, backend.config.query_window)
     backend._report(plan)
-    return _StaticPrefillRunner(plan, backend._compile(plan.module, list(example_inputs)), backend.config)
+    return _StaticPrefillRunner(plan, _compile_prefill(backend, plan.module, list(example_inputs)), backend.config)
+
+
+def _compile_prefill(backend: Any, module: fx.GraphModule, example_inputs: list) -> Callable:
+    """The backend's inner compiler without CUDA graphs: a prefill runs once per request, at a new
+    length each time, and a recording would keep its activations (the full-width Keys among them)
+    in the CUDA-graph memory pool. HF's recipe runs the prefill uncaptured too."""
+    if backend.inner == "eager":
+        return module
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = dict(torch._inductor.list_mode_options(backend.mode)) if backend.mode else {}
+    patches["triton.cudagraphs"] = False
+    return compile_fx(module, example_inputs, config_patches=patches)
 
 
 def _compile_decode(backend: Any, gm: fx.GraphModule, example_inputs: Sequence[Any],

@@ -72,11 +72,14 @@ class StaticSite:
 
     @property
     def new_tokens(self) -> Optional[int]:
-        return _static_size(self.new_keys, 2)
+        """``T``, or None where it is symbolic."""
+        size = _size(self.new_keys, 2)
+        return size if isinstance(size, int) else None
 
     @property
-    def capacity(self) -> Optional[int]:
-        return _static_size(self.keys, 2)
+    def capacity(self):
+        """``L``: an int, or a sympy expression when symbolic."""
+        return _size(self.keys, 2)
 
 
 def _attention_operands(node: fx.Node):
@@ -100,15 +103,25 @@ def _is_full_index(index) -> bool:
     return all(i is None or i is Ellipsis or i == slice(None) for i in items)
 
 
-def _prefix_length(index) -> Optional[int]:
-    """``n`` for ``x[:, :, :n]`` / ``x[:, :, :n, :]`` (the first ``n`` cache positions), else None."""
+def _prefix_length(index):
+    """``n`` (an int, or the node of a symbolic size) for ``x[:, :, :n]`` / ``x[:, :, :n, :]``
+    (the first ``n`` cache positions), else None."""
     if not isinstance(index, tuple) or len(index) not in (3, 4) or any(i != slice(None) for i in index[:2] + index[3:]):
         return None
     positions = index[2]
     if isinstance(positions, slice) and positions.start in (None, 0) and positions.step in (None, 1) \
-            and isinstance(positions.stop, int):
-        return positions.stop
+            and isinstance(positions.stop, (int, fx.Node)):
+        return _size_of(positions.stop)
     return None
+
+
+def _size_of(value):
+    """An int, or the expression of a symbolic size (from a node's example value), or None."""
+    if isinstance(value, fx.Node):
+        value = value.meta.get("example_value")
+    if isinstance(value, torch.SymInt):
+        return value.node.expr
+    return value if isinstance(value, int) else None
 
 
 def _buffer_behind(node: fx.Node) -> tuple[fx.Node, Optional[fx.Node], Optional[int]]:
@@ -159,7 +172,7 @@ def _match(node: fx.Node, order: dict[fx.Node, int]):
         buffers.append((buffer, write))
     (key_buffer, key_write), (value_buffer, value_write) = buffers
     # HF's SDPA path on an empty StaticCache without padding: causal, over the first T positions
-    new_tokens = _static_size(key_write.args[3], 2)
+    new_tokens = _size(key_write.args[3], 2)
     prefix_read = prefixes[0] is not None
     if prefixes[0] != prefixes[1] or (prefix_read and (not is_causal or prefixes[0] != new_tokens)):
         return "attention reads part of its static cache buffer"
@@ -181,10 +194,10 @@ def _match(node: fx.Node, order: dict[fx.Node, int]):
                       prefix_read=prefix_read)
 
 
-def _static_size(node: fx.Node, dim: int) -> Optional[int]:
+def _size(node: fx.Node, dim: int):
+    """Size ``dim`` of ``node``'s value: an int, a sympy expression when symbolic, or None."""
     value = example_value(node)
-    size = value.shape[dim] if value is not None and value.dim() > dim else None
-    return size if isinstance(size, int) else None
+    return _size_of(value.shape[dim]) if value is not None and value.dim() > dim else None
 
 
 def find_static_sites(graph: fx.Graph) -> tuple[list[StaticSite], list[SkippedSite]]:
@@ -202,9 +215,8 @@ def find_static_sites(graph: fx.Graph) -> tuple[list[StaticSite], list[SkippedSi
             sites.append(match)
         elif isinstance(match, str):
             skipped.append(SkippedSite(layer_of(node), node, match))
-    capacities = [s.capacity for s in sites if s.capacity is not None]
-    longest = max(capacities, default=None)
     kept = []
+    longest = _longest(site.capacity for site in sites)
     for site in sites:
         if site.capacity is None or site.capacity != longest:
             skipped.append(SkippedSite(site.layer, site.attention,
@@ -212,6 +224,16 @@ def find_static_sites(graph: fx.Graph) -> tuple[list[StaticSite], list[SkippedSi
         else:
             kept.append(site)
     return kept, skipped
+
+
+def _longest(capacities):
+    """The cache's full length: the largest int, or a symbolic length (a sliding-window buffer is
+    the window, a constant, while the cache length may have become symbolic)."""
+    capacities = [c for c in capacities if c is not None]
+    symbolic = [c for c in capacities if not isinstance(c, int)]
+    if symbolic:
+        return symbolic[0]
+    return max(capacities, default=None)
 
 
 # --- copies that keep what Dynamo's graph tells AOTAutograd ------------------------------------
