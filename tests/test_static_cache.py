@@ -131,6 +131,24 @@ def test_static_state_dies_with_the_cache():
     assert sum(isinstance(o, StaticCompressedLayer) for o in gc.get_objects()) == 0
 
 
+def test_requests_of_other_lengths_reuse_the_decode_graph():
+    # unpadded prompts: HF's SDPA prefill reads the first T positions causally (no mask); the
+    # second length makes the prefill graph symbolic in T. generate() keeps the cache length (the
+    # longest so far), so the one decode graph serves the shorter request too, on its own state.
+    model = tiny_llama()
+    prompts = [{"input_ids": torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(n))}
+               for n in (44, 40, 36)]
+    exact = [static(model, prompt, steps=4) for prompt in prompts]
+    model.compile(backend="rotatek", options={"key_channels": HEAD_DIM, "inner": "eager"})
+    compressed = [static(model, prompt, steps=4) for prompt in prompts]
+    for e, c in zip(exact, compressed):
+        assert torch.equal(e.sequences, c.sequences) and max_logit_error(e, c) < 1e-4
+        assert all(isinstance(attached(layer.keys), StaticCompressedLayer) for layer in c.past_key_values.layers)
+    spans = [attached(c.past_key_values.layers[0].keys).span_tokens for c in compressed]
+    assert spans == [12, 8, 4]  # each prompt minus its last 32 tokens
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3  # prefill, decode, symbolic prefill
+
+
 def test_chunk_on_a_compressed_static_cache_is_refused():
     # a second prompt turn of 3 tokens at once: the static decode graph serves one token per call
     model = tiny_llama()
