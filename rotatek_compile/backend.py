@@ -24,17 +24,52 @@ import torch.fx as fx
 
 import rotatek_compile.ops  # noqa: F401  (registers torch.ops.rotatek.*)
 from rotatek_compile.config import RotateKConfig
-from rotatek_compile.passes.find_attention import sites_and_skips
+from rotatek_compile.passes.find_attention import SkippedSite, sites_and_skips
 from rotatek_compile.passes.rewrite import (
     RewrittenGraph, rewrite_decode, rewrite_merge, rewrite_prefill, state_inputs)
 from rotatek_compile.passes.visual_span import to_token_mask
-from rotatek_compile.state import CompressedLayer, attached, compress_layer, derived_from_stand_in, stand_in
+from rotatek_compile.state import (
+    CompressedLayer, attached, compress_layer, derived_from_stand_in, plain, stand_in)
 
 logger = logging.getLogger("rotatek_compile")
 
 
 class RotateKCacheError(RuntimeError):
     """A compressed cache reached code that cannot read it (e.g. beam search reordered it)."""
+
+
+class _RecompileLimitWarning(logging.Filter):
+    """Turns Dynamo's "hit config.recompile_limit" log record into one WARNING of ours.
+
+    Past that limit Dynamo runs the frame uncompiled: new requests get an exact, uncompressed
+    cache (compression silently off), and a compressed cache reaching that code raises
+    :class:`RotateKCacheError` (see :class:`rotatek_compile.state.StandIn`). The backend is not
+    called then, so this filter on Dynamo's logger is the one place that sees it happen.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.warned = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not self.warned and "recompile_limit" in message and "hit config" in message:
+            self.warned = True
+            logger.warning(
+                "rotatek: Dynamo hit its recompile limit (torch._dynamo.config.recompile_limit): "
+                "new request shapes now run uncompiled, every layer exact and uncompressed, and a "
+                "compressed cache that reaches them raises RotateKCacheError; raise the limit "
+                "(README, 'Many request shapes')")
+        return True
+
+
+_RECOMPILE_LIMIT_WARNING = _RecompileLimitWarning()
+
+
+def _watch_recompile_limit() -> None:
+    dynamo_logger = logging.getLogger("torch._dynamo.convert_frame")
+    if _RECOMPILE_LIMIT_WARNING not in dynamo_logger.filters:
+        dynamo_logger.addFilter(_RECOMPILE_LIMIT_WARNING)
 
 
 @dataclasses.dataclass
@@ -59,8 +94,13 @@ class RotateKBackend:
         self.inner = inner
         self.mode = mode
         self.reports: list[GraphReport] = []
+        self._warned: set[str] = set()  # reasons already given in a WARNING
+        self.saw_image_input = False  # some graph took pixel_values: the model sees images
+        _watch_recompile_limit()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        if any("pixel_values" in node.name for node in gm.graph.find_nodes(op="placeholder")):
+            self.saw_image_input = True
         from rotatek_compile.static_cache import compile_static  # imports this module
 
         static = compile_static(self, gm, example_inputs)  # graphs on HF's StaticCache
@@ -82,7 +122,7 @@ class RotateKBackend:
             return _MergeRunner(plan, self._compile(plan.module, list(example_inputs)))
         self._report(plan)
         if plan.phase == "prefill":
-            return _PrefillRunner(plan, self._compile(plan.module, list(example_inputs)), self.config)
+            return _PrefillRunner(plan, self._compile(plan.module, list(example_inputs)), self)
         extra, symbols = _state_inputs(_compressed_layers(plan, example_inputs)), []
         if self.inner == "inductor":
             extra, symbols = _symbolic_state(plan, extra, self.config.method)
@@ -94,6 +134,7 @@ class RotateKBackend:
     def _compile(self, module: fx.GraphModule, example_inputs: list) -> Callable:
         if self.inner == "eager":
             return module
+        example_inputs = [plain(x) for x in example_inputs]  # Inductor sees plain tensors
         from torch._inductor.compile_fx import compile_fx
 
         patches = torch._inductor.list_mode_options(self.mode) if self.mode else {}
@@ -104,12 +145,10 @@ class RotateKBackend:
         compiled = self._compile(gm, list(example_inputs))
         if not sites and not skipped:
             return compiled
-        skipped = [(s.layer, s.reason) for s in skipped]
         decode = [s for s in sites if not s.is_prefill and s.past_keys.op == "placeholder"]
-        skipped += [(s.layer, "its cache was not filled by a rotatek-compiled prefill") for s in decode]
-        self.reports.append(GraphReport("other", [], skipped))
-        for layer, reason in skipped:
-            logger.info("rotatek: %s left exact: %s", layer, reason)
+        skipped = list(skipped) + [SkippedSite(s.layer, s.attention, _NOT_FILLED) for s in decode]
+        self.reports.append(GraphReport("other", [], [(s.layer, s.reason) for s in skipped]))
+        self._tell(skipped, rewritten=0)
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         return _guard_stand_ins(compiled, [placeholders.index(s.past_keys) for s in decode])
 
@@ -119,8 +158,28 @@ class RotateKBackend:
         self.reports.append(report)
         logger.info("rotatek: %s graph, %d attention sites rewritten, %d left exact",
                     plan.phase, len(plan.sites), len(plan.skipped))
-        for skipped in plan.skipped:
-            logger.info("rotatek: %s left exact: %s", skipped.layer, skipped.reason)
+        self._tell(plan.skipped, rewritten=len(plan.sites))
+
+    def _tell(self, skipped: Sequence[SkippedSite], rewritten: int) -> None:
+        """Log each layer left exact: one WARNING per reason (per backend) where compression is
+        off although the layer could be compressed, INFO otherwise.
+
+        A graph where no layer is compressed at all (every decoder layer a sliding window, say)
+        warns for every reason.
+        """
+        by_reason: dict[str, list[str]] = {}
+        for site in skipped:
+            logger.info("rotatek: %s left exact: %s", site.layer, site.reason)
+            if site.compressible or (rewritten == 0 and "sliding-window" in site.reason):
+                by_reason.setdefault(site.reason, []).append(site.layer)
+        for reason, layers in by_reason.items():
+            if reason not in self._warned:
+                self._warned.add(reason)
+                logger.warning("rotatek: compression is off for %d layer(s) (%s): %s",
+                               len(layers), ", ".join(dict.fromkeys(layers)), reason)
+
+
+_NOT_FILLED = "its cache was not filled by a rotatek-compiled prefill"
 
 
 def _guard_stand_ins(compiled: Callable, past_keys_inputs: list[int]) -> Callable:
@@ -278,45 +337,57 @@ class _MergeRunner:
 class _PrefillRunner:
     """Runs the prefill graph, then compresses each site's Keys and hands HF stand-ins."""
 
-    def __init__(self, plan: RewrittenGraph, compiled: Callable, config: RotateKConfig):
-        self.plan, self.compiled, self.config = plan, compiled, config
+    def __init__(self, plan: RewrittenGraph, compiled: Callable, backend: RotateKBackend):
+        self.plan, self.compiled, self.backend, self.config = plan, compiled, backend, backend.config
 
     def __call__(self, *args):
         outputs = list(self.compiled(*args))
         plan = self.plan
-        span = self._span(outputs, args)
+        span, source = self._span(outputs, args)
         for slot in plan.sites:
             keys, values = outputs[slot.keys_output], outputs[slot.values_output]
             valid = _valid_tokens(outputs[slot.mask_output] if slot.mask_output >= 0 else None, keys)
             layer_span = span if span is not None else _prompt_head(valid, self.config.query_window)
             layer = compress_layer(keys, values, outputs[slot.query_output], layer_span, valid,
                                    self.config, slot.scale)
+            layer = dataclasses.replace(layer, span_source=source)
             outputs[slot.keys_output] = stand_in(keys.shape, keys, layer)
             outputs[slot.values_output] = stand_in(values.shape, values, None)
             del keys, values
         return outputs[: plan.num_outputs]
 
-    def _span(self, outputs: list, args: tuple) -> Optional[torch.Tensor]:
-        """``[B, S]`` image-token mask, or ``None`` for the prompt fallback.
+    def _span(self, outputs: list, args: tuple) -> tuple[Optional[torch.Tensor], str]:
+        """``[B, S]`` image-token mask (``None`` for the prompt fallback), and what it is.
 
         From this graph's own image merges, or else from merged embeddings that an earlier graph
         returned and tagged (:class:`_MergeRunner`) and that come in as inputs here.
         """
+        head = f"the prompt minus its last {self.config.query_window} tokens"
         if self.config.span != "visual":
-            return None
+            return None, f"{head} (span='prompt')"
         masks = [outputs[index] for index in self.plan.span_outputs]
         if not masks:
             masks = [getattr(a, _SPAN_TAG) for a in args if isinstance(a, torch.Tensor) and hasattr(a, _SPAN_TAG)]
-        keys = outputs[self.plan.sites[0].keys_output]
-        batch, length = keys.shape[0], keys.shape[2]
+        batch, length = self._token_grid(outputs)
         span = None
         for candidate in masks:
             mask = to_token_mask(candidate, batch, length)
             if mask is not None:
                 span = mask if span is None else span | mask
-        if span is None or not bool(span.any()):
-            return None
-        return span
+        if span is not None and bool(span.any()):
+            return span, "image tokens"
+        why = "no image tokens in the prompt" if masks else "no image merge found in the graph"
+        if self.backend.saw_image_input and why not in self.backend._warned:
+            self.backend._warned.add(why)
+            logger.warning("rotatek: the model takes images but %s: compressing %s instead (an image "
+                           "merge the pass does not recognise, or a text-only prompt)", why, head)
+        return None, f"{head} ({why})"
+
+
+    def _token_grid(self, outputs: list) -> tuple[int, int]:
+        """Rows and positions of the prompt (the shape of the span mask)."""
+        keys = outputs[self.plan.sites[0].keys_output]
+        return keys.shape[0], keys.shape[2]
 
 
 def _valid_tokens(mask: Optional[torch.Tensor], keys: torch.Tensor) -> torch.Tensor:
@@ -347,7 +418,7 @@ class _DecodeRunner:
         layers = _compressed_layers(plan, args)
         state = _state_inputs(layers)
         self.checks.check(state)
-        outputs = list(self.compiled(*args, *state))
+        outputs = list(self.compiled(*map(plain, args), *state))
         del state
         grown = outputs[plan.num_outputs:]
         for i, (slot, layer) in enumerate(zip(plan.sites, layers)):

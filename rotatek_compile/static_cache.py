@@ -29,12 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rotatek_compile.backend import (
-    _SPAN_TAG, RotateKCacheError, StateShapeChecks, _prompt_head, _symbolic_state, _valid_tokens)
+    RotateKCacheError, StateShapeChecks, _PrefillRunner, _prompt_head, _symbolic_state, _valid_tokens)
 from rotatek_compile.config import RotateKConfig
 from rotatek_compile.passes.static_cache import (
     StaticPlan, find_static_sites, rewrite_static_decode, rewrite_static_prefill)
-from rotatek_compile.passes.visual_span import to_token_mask
-from rotatek_compile.state import CompressedLayer, attached, compress_layer, stand_in
+from rotatek_compile.state import _ATTRIBUTE, CompressedLayer, StandIn, attached, compress_layer, plain, stand_in
 
 logger = logging.getLogger("rotatek_compile")
 
@@ -47,7 +46,7 @@ class StaticCompressedLayer(CompressedLayer):
     kept at prefill, then free slots (mask ``False``) that the decode graph fills in place.
     """
 
-    rest_offset: Tensor  # [] int64: HF position p is rest slot p - rest_offset
+    rest_offset: Tensor = dataclasses.field(kw_only=True)  # [] int64: HF position p is rest slot p - rest_offset
 
     @property
     def capacity(self) -> int:
@@ -76,11 +75,12 @@ def static_state_inputs(layers: Sequence[StaticCompressedLayer]) -> list[Tensor]
 
 
 def become_stand_in(tensor: Tensor, layer: Optional[CompressedLayer]) -> None:
-    """Turn HF's buffer itself into a stand-in (same object, one NaN element): its memory is freed
-    while the cache keeps pointing at it."""
-    nan = torch.full((1,), float("nan"), dtype=tensor.dtype, device=tensor.device)
-    tensor.set_(nan.untyped_storage(), 0, tensor.shape, (0,) * tensor.dim())
-    setattr(tensor, "_rotatek_layer", layer)
+    """Turn HF's buffer itself into a :class:`~rotatek_compile.state.StandIn` (same object, one NaN
+    element, all strides 0): its memory is freed while the cache keeps pointing at it."""
+    like = stand_in(tensor.shape, tensor, layer)
+    tensor.set_(like.untyped_storage(), 0, tensor.shape, like.stride())
+    tensor.__class__ = StandIn
+    setattr(tensor, _ATTRIBUTE, layer)
 
 
 def compile_static(backend: Any, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Optional[Callable]:
@@ -100,7 +100,7 @@ def compile_static(backend: Any, gm: fx.GraphModule, example_inputs: Sequence[An
         return None  # one token on an uncompressed static cache: stays exact
     plan = rewrite_static_prefill(gm, backend.config.query_window)
     backend._report(plan)
-    return _StaticPrefillRunner(plan, _compile_prefill(backend, plan.module, list(example_inputs)), backend.config)
+    return _StaticPrefillRunner(plan, _compile_prefill(backend, plan.module, list(example_inputs)), backend)
 
 
 def _compile_prefill(backend: Any, module: fx.GraphModule, example_inputs: list) -> Callable:
@@ -113,7 +113,7 @@ def _compile_prefill(backend: Any, module: fx.GraphModule, example_inputs: list)
 
     patches = dict(torch._inductor.list_mode_options(backend.mode)) if backend.mode else {}
     patches["triton.cudagraphs"] = False
-    return compile_fx(module, example_inputs, config_patches=patches)
+    return compile_fx(module, [plain(x) for x in example_inputs], config_patches=patches)
 
 
 def _compile_decode(backend: Any, gm: fx.GraphModule, example_inputs: Sequence[Any],
@@ -155,12 +155,9 @@ def _static_fakes(tensors: list[Tensor]) -> list[Tensor]:
     return [fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
 
 
-class _StaticPrefillRunner:
+class _StaticPrefillRunner(_PrefillRunner):
     """Runs the prefill graph, compresses each layer into a :class:`StaticCompressedLayer` and
     turns HF's buffers into stand-ins."""
-
-    def __init__(self, plan: StaticPlan, compiled: Callable, config: RotateKConfig):
-        self.plan, self.compiled, self.config = plan, compiled, config
 
     def __call__(self, *args):
         outputs = list(self.compiled(*args))
@@ -170,27 +167,31 @@ class _StaticPrefillRunner:
         if first != 0:  # tokens appended to a cache that was filled without compression
             logger.info("rotatek: static cache written from position %d, not compressed", first)
             return outputs[: plan.num_outputs]
-        prompt_end = last + 1
-        span = None
-        for slot in plan.sites:
-            keys = self._buffer(outputs, args, slot.keys_output, slot.past_keys_input)
-            values = self._buffer(outputs, args, slot.values_output, slot.past_values_input)
-            length = keys.shape[2]
+        self._grid = (self._buffer(outputs, args, 0, "keys").shape[0], last + 1)
+        span, source = self._span(outputs, args)  # [B, S] or None
+        for site, slot in enumerate(plan.sites):
+            keys, values = self._buffer(outputs, args, site, "keys"), self._buffer(outputs, args, site, "values")
+            length, prompt_end = keys.shape[2], last + 1
             valid = _valid_tokens(outputs[slot.mask_output] if slot.mask_output >= 0 else None, keys)
             valid = valid & (torch.arange(length, device=keys.device) < prompt_end)  # [B, L]
-            if span is None:
-                span = self._span(outputs, args, keys.shape[0], prompt_end, length)
-            layer_span = span if span is not None else _prompt_head(valid, self.config.query_window)
+            layer_span = (F.pad(span, (0, length - prompt_end), value=False) if span is not None
+                          else _prompt_head(valid, self.config.query_window))
             layer = compress_layer(keys, values, outputs[slot.query_output], layer_span, valid,
                                    self.config, slot.scale)
-            layer = to_static(layer, prompt_end, length)
+            layer = to_static(dataclasses.replace(layer, span_source=source), prompt_end, length)
             self._hand_stand_in(outputs, args, slot.keys_output, slot.past_keys_input, layer)
             self._hand_stand_in(outputs, args, slot.values_output, slot.past_values_input, None)
             del keys, values
         return outputs[: plan.num_outputs]
 
-    @staticmethod
-    def _buffer(outputs: list, args: tuple, output: int, input_: int) -> Tensor:
+    def _token_grid(self, outputs: list) -> tuple[int, int]:
+        return self._grid  # the prompt's rows and positions (the buffers are longer)
+
+    def _buffer(self, outputs: list, args: tuple, site: int, kind: str) -> Tensor:
+        """HF's ``kind`` buffer of ``site``: a graph output (created in the graph) or an input."""
+        slot = self.plan.sites[site]
+        output, input_ = ((slot.keys_output, slot.past_keys_input) if kind == "keys"
+                          else (slot.values_output, slot.past_values_input))
         return outputs[output] if output >= 0 else args[input_]
 
     @staticmethod
@@ -200,22 +201,6 @@ class _StaticPrefillRunner:
             outputs[output] = stand_in(outputs[output].shape, outputs[output], layer)
         if input_ >= 0:  # the cache's own tensor: emptied in place
             become_stand_in(args[input_], layer)
-
-    def _span(self, outputs: list, args: tuple, batch: int, prompt_end: int, length: int) -> Optional[Tensor]:
-        """``[B, L]`` image-token mask over the cache positions, or ``None`` (prompt fallback)."""
-        if self.config.span != "visual":
-            return None
-        masks = [outputs[i] for i in self.plan.span_outputs]
-        if not masks:
-            masks = [getattr(a, _SPAN_TAG) for a in args if isinstance(a, Tensor) and hasattr(a, _SPAN_TAG)]
-        span = None
-        for candidate in masks:
-            mask = to_token_mask(candidate, batch, prompt_end)  # [B, S]
-            if mask is not None:
-                span = mask if span is None else span | mask
-        if span is None or not bool(span.any()):
-            return None
-        return F.pad(span, (0, length - prompt_end), value=False)  # [B, L]
 
 
 _STATE_LIST = "_rotatek_static_state"
@@ -236,9 +221,15 @@ class _StaticDecodeRunner:
         first = args[self.key_inputs[0]]
         kept = getattr(first, _STATE_LIST, None)
         if kept is None or kept[0] is not self:
-            kept = (self, self._state(args))
+            stand_ins = {i: (a, plain(a)) for i, a in enumerate(args) if isinstance(a, StandIn)}
+            kept = (self, self._state(args), stand_ins)
             setattr(first, _STATE_LIST, kept)
-        return self.compiled(*args, *kept[1])
+        _, state, stand_ins = kept
+        args = list(args)
+        for i, (original, as_plain) in stand_ins.items():  # the graph gets them as plain tensors
+            if args[i] is original:
+                args[i] = as_plain
+        return self.compiled(*args, *state)
 
     def _state(self, args: tuple) -> list[Tensor]:
         layers = []

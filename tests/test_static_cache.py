@@ -149,6 +149,34 @@ def test_requests_of_other_lengths_reuse_the_decode_graph():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3  # prefill, decode, symbolic prefill
 
 
+def test_preallocated_cache_is_emptied_in_place():
+    # a StaticCache allocated before the first call (``early_initialization``, as chunked prefill
+    # does): its buffers are graph inputs; after the prefill they are the same tensor objects,
+    # holding one element each, and decoding on them matches the uncompiled model at r = d
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(5))
+
+    def run():
+        cache = StaticCache(config=model.config, max_cache_len=48)
+        cache.early_initialization(batch_size=2, num_heads=2, head_dim=HEAD_DIM, dtype=torch.float32, device="cpu")
+        buffers = [(layer.keys, layer.values) for layer in cache.layers]
+        logits, token = [], ids
+        with torch.no_grad():
+            for _ in range(5):
+                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                logits.append(out.logits[:, -1])
+                token = out.logits[:, -1:].argmax(-1)
+        return torch.stack(logits), cache, buffers
+
+    exact, _, _ = run()
+    model.compile(backend="rotatek", options={"key_channels": HEAD_DIM, "inner": "eager"})
+    compressed, cache, buffers = run()
+    assert (compressed - exact).abs().max().item() < 1e-4
+    assert all(layer.keys is keys and layer.values is values for layer, (keys, values) in zip(cache.layers, buffers))
+    assert hf_buffers_are_stand_ins(cache)
+    assert all(isinstance(attached(layer.keys), StaticCompressedLayer) for layer in cache.layers)
+
+
 def test_chunk_on_a_compressed_static_cache_is_refused():
     # a second prompt turn of 3 tokens at once: the static decode graph serves one token per call
     model = tiny_llama()

@@ -43,7 +43,7 @@ from rotatek_compile.kernels import reference
 from rotatek_compile.passes.find_attention import (
     SkippedSite, _constant_scale, _head_dim, _is_call, _is_eager_final, _is_method, _match_eager,
     example_value, layer_of)
-from rotatek_compile.passes.rewrite import SiteSlots, copy_module, state_inputs
+from rotatek_compile.passes.rewrite import SiteSlots, copy_module, has_side_effects, state_inputs
 from rotatek_compile.passes.visual_span import find_span_masks
 
 _SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
@@ -220,7 +220,8 @@ def find_static_sites(graph: fx.Graph) -> tuple[list[StaticSite], list[SkippedSi
     for site in sites:
         if site.capacity is None or site.capacity != longest:
             skipped.append(SkippedSite(site.layer, site.attention,
-                                       "sliding-window layer (its static buffer is shorter than the cache)"))
+                                       "sliding-window layer (its static buffer is shorter than the cache)",
+                                       compressible=False))
         else:
             kept.append(site)
     return kept, skipped
@@ -386,10 +387,10 @@ def rewrite_static_decode(gm: fx.GraphModule, method: str, kernel: str,
                                past_keys_input=placeholders.index(site.keys),
                                past_values_input=placeholders.index(site.values),
                                keys_output=-1, values_output=-1))
-    _remove_dead_code(graph)
+    graph.eliminate_dead_code(is_impure_node=has_side_effects)
     # inputs HF mutates in place (``cumulative_length.add_``) must keep their address for CUDA graphs
     for node in graph.find_nodes(op="placeholder"):
-        if any(_is_in_place(user) and user.args[0] is node for user in node.users):
+        if any(has_side_effects(user) and user.args and user.args[0] is node for user in node.users):
             mark_static_input(node)
     graph.lint()
     module.recompile()
@@ -442,30 +443,3 @@ def _replace_static_attention(graph: fx.Graph, site: StaticSite, state: list[fx.
         if write.users:
             write.replace_all_uses_with(write.args[0])
         graph.erase_node(write)
-
-
-def _is_in_place(node: fx.Node) -> bool:
-    """An in-place op: a ``x.op_(...)`` method, or an ATen overload whose schema mutates an argument."""
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("_")
-    if node.op == "call_function":
-        schema = getattr(node.target, "_schema", None)
-        if schema is not None:
-            return schema.is_mutable
-        return getattr(node.target, "__name__", "").endswith("_")
-    return False
-
-
-def _remove_dead_code(graph: fx.Graph) -> None:
-    """Erase nodes nobody uses, keeping in-place ops (FX's own pass drops ``x.add_(1)``) and
-    anything FX calls impure."""
-    changed = True
-    while changed:
-        changed = False
-        for node in reversed(list(graph.nodes)):
-            if node.op in ("placeholder", "output") or node.users or _is_in_place(node):
-                continue
-            if node.op == "call_function" and node.is_impure():
-                continue
-            graph.erase_node(node)
-            changed = True
