@@ -273,10 +273,16 @@ def test_static_decode_writes_the_state_in_place(static_graphs):
     for slot in plan.sites:
         assert not placeholders[slot.past_keys_input].users and not placeholders[slot.past_values_input].users
     assert _count(graph, "add_") == _count(before, "add_") == LAYERS
-    # the state inputs keep their address across calls (CUDA graphs replay them in place)
+    # the state inputs keep their address across calls (CUDA graphs replay them in place), and so
+    # does what HF mutates; Inductor reads that off Dynamo's metadata, which the copy keeps
     added = placeholders[len(before.find_nodes(op="placeholder")):]
     assert len(added) == LAYERS * (len(state_inputs("rotatek")) + 1)
     assert all(n.meta["tensor_dict"]["_dynamo_static_input_type"] for n in added)
+    counters = [n for n in placeholders if n.name.endswith("cumulative_length")]
+    assert len(counters) == LAYERS and all(n.meta["tensor_dict"]["_dynamo_static_input_type"] for n in counters)
+    assert plan.module.meta["dynamo_compile_id"] == gm.meta["dynamo_compile_id"]
+    assert [n._dynamo_source for n in placeholders[:len(before.find_nodes(op="placeholder"))]] == [
+        n._dynamo_source for n in before.find_nodes(op="placeholder")]
 
 
 def test_static_decode_needs_a_compressed_cache(static_graphs):
