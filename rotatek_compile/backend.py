@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 import rotatek_compile.ops  # noqa: F401  (registers torch.ops.rotatek.*)
-from rotatek_compile.config import RotateKConfig
+from rotatek_compile.config import INNERS, RotateKConfig
 from rotatek_compile.passes.find_attention import SkippedSite, sites_and_skips
 from rotatek_compile.passes.rewrite import (
     RewrittenGraph, rewrite_decode, rewrite_merge, rewrite_prefill, state_inputs)
@@ -47,14 +47,9 @@ class _RecompileLimitWarning(logging.Filter):
     called then, so this filter on Dynamo's logger is the one place that sees it happen.
     """
 
-    def __init__(self):
-        super().__init__()
-        self.warned = False
-
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if not self.warned and "recompile_limit" in message and "hit config" in message:
-            self.warned = True
+        message = record.getMessage()  # Dynamo logs it once per frame that hits the limit
+        if "recompile_limit" in message and "hit config" in message:
             logger.warning(
                 "rotatek: Dynamo hit its recompile limit (torch._dynamo.config.recompile_limit): "
                 "new request shapes now run uncompiled, every layer exact and uncompressed, and a "
@@ -64,6 +59,25 @@ class _RecompileLimitWarning(logging.Filter):
 
 
 _RECOMPILE_LIMIT_WARNING = _RecompileLimitWarning()
+
+
+# Graphs one model needs for ordinary traffic: prefill and decode, batch 1 and batch > 1 (Dynamo
+# specialises size 1), first and later turns, each first traced static and then dynamic.
+RECOMPILE_LIMIT = 64
+_TORCH_DEFAULT_RECOMPILE_LIMIT = 8
+
+
+def _raise_recompile_limit() -> None:
+    """Raise Dynamo's per-function recompile limit from torch's default to :data:`RECOMPILE_LIMIT`.
+
+    Past the limit the model would run uncompiled (exact, uncompressed, or refused on a compressed
+    cache). A limit the user set (anything but torch's default) is kept.
+    """
+    config = torch._dynamo.config
+    if config.recompile_limit == _TORCH_DEFAULT_RECOMPILE_LIMIT:
+        config.recompile_limit = RECOMPILE_LIMIT
+        logger.info("rotatek: torch._dynamo.config.recompile_limit raised from %d to %d",
+                    _TORCH_DEFAULT_RECOMPILE_LIMIT, RECOMPILE_LIMIT)
 
 
 def _watch_recompile_limit() -> None:
@@ -85,11 +99,11 @@ class RotateKBackend:
     """A torch.compile backend object; ``reports`` lists every graph it compiled."""
 
     def __init__(self, config: RotateKConfig, inner: str = "inductor", mode: Optional[str] = None):
-        if inner not in ("inductor", "eager"):
-            raise ValueError(f"rotatek inner compiler {inner!r} is invalid: expected 'inductor' or 'eager'")
-        if mode is not None and mode not in torch._inductor.list_mode_options():
+        if inner not in INNERS:
+            raise ValueError(f"rotatek option inner={inner!r} is invalid: expected one of 'inductor', 'eager'")
+        if mode is not None and mode not in _inductor_modes():
             raise ValueError(f"rotatek option mode={mode!r} is invalid: expected one of "
-                             f"{', '.join(repr(m) for m in torch._inductor.list_mode_options())}")
+                             f"{', '.join(repr(m) for m in _inductor_modes())}")
         self.config = config
         self.inner = inner
         self.mode = mode
@@ -97,6 +111,7 @@ class RotateKBackend:
         self._warned: set[str] = set()  # reasons already given in a WARNING
         self.saw_image_input = False  # some graph took pixel_values: the model sees images
         _watch_recompile_limit()
+        _raise_recompile_limit()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         if any("pixel_values" in node.name for node in gm.graph.find_nodes(op="placeholder")):
@@ -180,6 +195,10 @@ class RotateKBackend:
 
 
 _NOT_FILLED = "its cache was not filled by a rotatek-compiled prefill"
+
+
+def _inductor_modes() -> tuple[str, ...]:
+    return ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _guard_stand_ins(compiled: Callable, past_keys_inputs: list[int]) -> Callable:
@@ -432,15 +451,50 @@ class _DecodeRunner:
         return outputs[: plan.num_outputs]
 
 
+class RotateKOptionError(ValueError):
+    """A bad ``rotatek`` option. Raised from the first graph, it reaches the caller as is:
+    Dynamo passes :class:`torch._dynamo.exc.ShortenTraceback` errors through unwrapped."""
+
+
+def _option_error(error: ValueError) -> Exception:
+    try:
+        from torch._dynamo.exc import ShortenTraceback
+    except ImportError:  # pragma: no cover (torch without it: Dynamo wraps the ValueError)
+        return error
+
+    class _Unwrapped(RotateKOptionError, ShortenTraceback):
+        pass
+
+    unwrapped = _Unwrapped(str(error))
+    unwrapped.first_useful_frame = None  # ShortenTraceback's: keep the whole traceback
+    return unwrapped
+
+
 def rotatek_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
                     options: Optional[dict] = None, mode: Optional[str] = None) -> Callable:
     """``torch.compile(..., backend="rotatek", options={...})`` lands here (entry point).
 
     ``options`` are :class:`RotateKConfig` fields plus ``inner`` ("inductor" or "eager": what
-    compiles the rewritten graph) and ``mode`` (Inductor's mode, e.g. "reduce-overhead" for CUDA
-    graphs: ``torch.compile`` refuses ``mode=`` and ``options=`` together).
+    compiles the rewritten graph). torch calls a registered backend only with the first graph,
+    so a bad option is reported then, as a :class:`RotateKOptionError` (a ``ValueError``) whose
+    one-line message names the option; ``rotatek_compile.backend(**options)`` checks at once.
     """
     options = dict(options or {})
     inner = options.pop("inner", "inductor")
-    mode = options.pop("mode", mode)
-    return RotateKBackend(RotateKConfig.from_options(options), inner=inner, mode=mode)(gm, example_inputs)
+    try:
+        backend = _shared_backend(RotateKConfig.from_options(options), inner, mode)
+    except ValueError as error:
+        raise _option_error(error) from None
+    return backend(gm, example_inputs)
+
+
+_SHARED: dict[tuple, RotateKBackend] = {}
+
+
+def _shared_backend(config: RotateKConfig, inner: str, mode: Optional[str]) -> RotateKBackend:
+    """One backend object per set of options: torch calls the registered function once per graph,
+    and what one graph learns (images seen, warnings given) must reach the next."""
+    key = (config, inner, mode)
+    if key not in _SHARED:
+        _SHARED[key] = RotateKBackend(config, inner=inner, mode=mode)
+    return _SHARED[key]

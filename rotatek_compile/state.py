@@ -140,6 +140,9 @@ def stand_in(shape: torch.Size, like: Tensor, layer: Optional[CompressedLayer]) 
     tensor = torch.full((), float("nan"), dtype=like.dtype, device=like.device).expand(shape)
     tensor = tensor.as_subclass(StandIn)
     setattr(tensor, _ATTRIBUTE, layer)
+    # the cache length grows every step: trace it as a symbol from the first decode step on,
+    # instead of a first graph specialised to the prompt's length
+    torch._dynamo.maybe_mark_dynamic(tensor, 2)
     return tensor
 
 

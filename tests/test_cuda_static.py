@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import rotatek_compile
+
 from rotatek_compile.state import attached
 from rotatek_compile.static_cache import StaticCompressedLayer
 from tests.test_generate import HEAD_DIM, max_logit_error, padded_prompt, tiny_llama
@@ -38,7 +40,7 @@ def test_full_rank_static_under_cuda_graphs():
     model = tiny_llama().cuda()
     requests = [{k: v.cuda() for k, v in padded_prompt(length=n).items()} for n in (48, 44)]
     exact = [_generate(model, inputs, 12) for inputs in requests]
-    model.compile(backend="rotatek", options={"key_channels": HEAD_DIM, "mode": "reduce-overhead"})
+    model.compile(backend=rotatek_compile.backend(key_channels=HEAD_DIM, mode="reduce-overhead"))
     compressed = [_generate(model, requests[0], 12)]
     # inputs copied into the graph's memory on each replay (one recording so far): token ids,
     # positions, mask and HF's stand-ins, never the weights nor the compressed state
