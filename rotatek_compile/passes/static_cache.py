@@ -151,6 +151,12 @@ def _in_place_write(buffer: fx.Node) -> Optional[fx.Node]:
     return write if dim in (2, -2) and len(write.args) == 4 else None
 
 
+def _reads_shape(node: fx.Node) -> bool:
+    """``x.size()`` / ``x.dim()`` / ``sym_size``: reads the buffer's shape, not its values (Dynamo
+    emits them where the cache length is symbolic)."""
+    return _is_method(node, "size", "dim", "stride") or _is_call(node, torch.ops.aten.sym_size.int)
+
+
 def _match(node: fx.Node, order: dict[fx.Node, int]):
     """A :class:`StaticSite` for attention ``node``, a skip reason, or None (not a cache read)."""
     operands = _attention_operands(node)
@@ -164,7 +170,7 @@ def _match(node: fx.Node, order: dict[fx.Node, int]):
         write = _in_place_write(buffer)
         if write is None:
             return None  # not a static cache (DynamicCache's cat, an encoder, ...)
-        allowed = {write, first_read or node} | {u for u in buffer.users if u.op == "output"}
+        allowed = {write, first_read or node} | {u for u in buffer.users if u.op == "output" or _reads_shape(u)}
         if set(buffer.users) - allowed:
             return "its static cache buffer is read elsewhere in the graph"
         if order[write] > order[node]:
