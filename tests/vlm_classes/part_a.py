@@ -640,8 +640,18 @@ _MLA = ("multi-head latent attention: the cache keeps the latent (k_pass [B, 1, 
         "shared RoPE Key; Keys are up-projected after the cache read, so the layer is left exact with the "
         "reason 'no KV-cache append feeds its Keys (vision tower, encoder or cross-attention)'")
 
+_GRANITE4 = ("every image feature is injected inside the decoder loop (masked_scatter on the hidden states at "
+             "layers 0 and 1): Dynamo breaks the prefill graph per layer (sites named 'self_attn'), no merge is "
+             "found, the span is empty and the compressed layers hold 1.18x the uncompiled Key bytes")
+_EVOLLA = ("the protein cross-attention adapter breaks every decoder layer into its own frames; the shared layer "
+           "code passes Dynamo's recompile limit (8) at decode step 2, the frame then runs without the rewrite, "
+           "reads the NaN stand-ins and the logits turn NaN with no error (with recompile_limit 64 the backend "
+           "raises RotateKCacheError instead)")
+
 KNOWN_GAPS: dict[str, dict[str, str]] = {
     "sites": {
+        "evolla": _EVOLLA,
+        "granite4_vision": _GRANITE4,
         "dots3_note": _MLA,
         "glm5_next": _MLA + "; its linear-attention layer is not reported at all",
         "blip": _INNER_GENERATE,
@@ -652,11 +662,14 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "cosmos3_omni": _DEEPSTACK,
     },
     "exact": {
+        "evolla": _EVOLLA,
         "glm4v_moe": ("FX dead-code elimination in the decode rewrite deletes the MoE router's in-place "
                       "group_mask.scatter_(...) (an unused call_method): every expert group is masked and the "
                       "decode steps route to the wrong experts"),
     },
     "span": {
+        "evolla": _EVOLLA,
+        "granite4_vision": _GRANITE4,
         "dots3_note": _MLA,
         "glm5_next": ("no layer is rewritten (MLA, see sites), and rotatek_compile.cache_bytes() raises "
                       "AttributeError on the hybrid cache: LinearAttentionLayer has no .keys"),
