@@ -638,15 +638,19 @@ _INNER_GENERATE = ("generate() merges the image itself and calls the inner langu
 
 _MLA = ("multi-head latent attention: the cache keeps the latent (k_pass [B, 1, S, kv_lora_rank]) and the "
         "shared RoPE Key; Keys are up-projected after the cache read, so the layer is left exact with the "
-        "reason 'no KV-cache append feeds its Keys (vision tower, encoder or cross-attention)'")
+        "reason 'no KV-cache append feeds its Keys (... or a cache layout the pass does not know)'")
 
 _GRANITE4 = ("every image feature is injected inside the decoder loop (masked_scatter on the hidden states at "
              "layers 0 and 1): Dynamo breaks the prefill graph per layer (sites named 'self_attn'), no merge is "
              "found, the span is empty and the compressed layers hold 1.18x the uncompiled Key bytes")
-_EVOLLA = ("the protein cross-attention adapter breaks every decoder layer into its own frames; the shared layer "
-           "code passes Dynamo's recompile limit (8) at decode step 2, the frame then runs without the rewrite, "
-           "reads the NaN stand-ins and the logits turn NaN with no error (with recompile_limit 64 the backend "
-           "raises RotateKCacheError instead)")
+_EVOLLA = ("the protein cross-attention adapter breaks every decoder layer into several frames; at decode a "
+           "graph receives a compressed Key cache whose attention it does not hold, and generate() raises "
+           "RotateKCacheError ('1 compressed Key caches reach code that was not rewritten'): loudly refused")
+
+SLOW: dict[str, str] = {
+    "glm5_next": "each compiled generation takes minutes on 2 cores (its linear-attention and indexer frames "
+                 "recompile up to the backend's recompile limit of 64)",
+}
 
 KNOWN_GAPS: dict[str, dict[str, str]] = {
     "sites": {
@@ -663,16 +667,12 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
     },
     "exact": {
         "evolla": _EVOLLA,
-        "glm4v_moe": ("FX dead-code elimination in the decode rewrite deletes the MoE router's in-place "
-                      "group_mask.scatter_(...) (an unused call_method): every expert group is masked and the "
-                      "decode steps route to the wrong experts"),
     },
     "span": {
         "evolla": _EVOLLA,
         "granite4_vision": _GRANITE4,
         "dots3_note": _MLA,
-        "glm5_next": ("no layer is rewritten (MLA, see sites), and rotatek_compile.cache_bytes() raises "
-                      "AttributeError on the hybrid cache: LinearAttentionLayer has no .keys"),
+        "glm5_next": _MLA,
         "blip": _INNER_GENERATE,
         "blip-2": _INNER_GENERATE,
         "git": "no layer is rewritten (see sites); the image is concatenated in front of the text, not merged",
