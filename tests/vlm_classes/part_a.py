@@ -13,7 +13,8 @@ import torch
 import transformers as tf
 
 from tests.tiny_models import (
-    _VISION_END, _VISION_START, BOS, DECODER, IMAGE, TEXT_ROWS, VISION, TinyModel, _image_rows, _left_pad, _pixels, _qwen_inputs, _siglip, _text)
+    _VISION_END, _VISION_START, BOS, DECODER, IMAGE, TEXT_ROWS, VISION, TinyModel, _image_rows, _left_pad, _pixels,
+    _qwen_inputs, _siglip, _text)
 from tests.vlm_classes.common import LazyClass, tf_class
 
 _NO_HEAD_DIM = {k: v for k, v in DECODER.items() if k != "head_dim"}
@@ -586,14 +587,16 @@ MODELS: list[TinyModel] = [
               _image_inputs(16, pixel_values=lambda b: _pixels(b, 16, 3 * 4 * 4)), full_attention=2),
     TinyModel("blip-2", _blip_2_config, LazyClass("Blip2ForConditionalGeneration"),
               _image_inputs(16, pixel_values=lambda b: _pixels(b, 3, 16, 16)), full_attention=2),
-    TinyModel("blip", _blip_config, LazyClass("BlipForConditionalGeneration", eager=("", "text_config", "vision_config")),
+    TinyModel("blip", _blip_config,
+              LazyClass("BlipForConditionalGeneration", eager=("", "text_config", "vision_config")),
               _text_inputs(pixel_values=lambda b: _pixels(b, 3, 16, 16)), full_attention=2, has_image=False),
     TinyModel("git", _git_config, LazyClass("GitForCausalLM", eager=("", "vision_config")),
               _text_inputs(pixel_values=lambda b: _pixels(b, 3, 16, 16)), full_attention=2, has_image=False),
     TinyModel("florence2", _florence2_config, LazyClass("Florence2ForConditionalGeneration"),
               _image_inputs(17, pixel_values=lambda b: _pixels(b, 3, 32, 32)), full_attention=2,
               skipped=("encoder_attn",)),
-    TinyModel("apertus1p5", _apertus1p5_config, LazyClass("Apertus1p5ForConditionalGeneration", eager=("vision_config", "audio_config")),
+    TinyModel("apertus1p5", _apertus1p5_config,
+              LazyClass("Apertus1p5ForConditionalGeneration", eager=("vision_config", "audio_config")),
               _image_inputs(16, pixel_values=lambda b: _pixels(b, 3, 16, 16),
                             image_sizes=lambda b: torch.tensor([[16, 16]] * b)), full_attention=2),
     TinyModel("cohere_compass", _cohere_compass_config, LazyClass("CohereCompassForConditionalGeneration"),
