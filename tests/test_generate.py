@@ -102,7 +102,7 @@ def test_no_recompilation_per_decode_step():
     generate(model, inputs, steps=3)
     graphs_after_three = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     generate(model, inputs, steps=16)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_after_three == 3
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_after_three == 2  # prefill, decode
 
 
 def prefill(model, input_ids):
@@ -188,8 +188,8 @@ def test_cropped_cache_is_refused():
     model = tiny_llama()
     model.compile(backend="rotatek", options={"key_channels": 4, "inner": "eager"})
     token, cache = prefill(model, torch.randint(0, 128, (1, 40)))
-    cache.crop(-10)  # drop the last 10 tokens
     with pytest.raises(RotateKCacheError, match="cropping"):
+        cache.crop(-10)  # drop the last 10 tokens: refused at the crop itself
         decode(model, token, cache)
 
 
@@ -264,7 +264,7 @@ def test_reports_and_explain():
     model.compile(backend=backend)
     generate(model, inputs, steps=3)
     phases = [report.phase for report in backend.reports]
-    assert phases == ["prefill", "decode", "decode"]
+    assert phases == ["prefill", "decode"]  # one decode graph: the cache length is symbolic
     assert all(len(report.rewritten) == LAYERS for report in backend.reports)
 
     torch._dynamo.reset()

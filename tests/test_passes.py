@@ -6,6 +6,9 @@ Graphs are captured from a tiny Llama under ``generate()`` by a recording backen
 
 from __future__ import annotations
 
+import copy
+import operator
+
 import pytest
 import torch
 import torch.fx as fx
@@ -158,6 +161,34 @@ def test_decode_rewrite_needs_a_compressed_cache(sdpa_graphs):
     assert [s.reason for s in plan.skipped] == ["its cache was not filled by a rotatek-compiled prefill"]
 
 
+# One in-place write per family, into ``x`` (a graph input), whose result nothing reads
+IN_PLACE = {
+    "scatter_": lambda g, x: g.call_method("scatter_", (x, 1, x, x)),  # MoE routing
+    "copy_": lambda g, x: g.call_method("copy_", (x, x)),  # linear-attention / conv cache state
+    "index_copy_": lambda g, x: g.call_method("index_copy_", (x, 1, x, x)),  # static cache write
+    "add_": lambda g, x: g.call_method("add_", (x, 1)),
+    "setitem": lambda g, x: g.call_function(operator.setitem, (x, 0, 1)),  # x[i] = y
+    "aten.copy_": lambda g, x: g.call_function(torch.ops.aten.copy_.default, (x, x)),
+    "out=": lambda g, x: g.call_function(torch.add, (x, 1), {"out": x}),
+}
+
+
+@pytest.mark.parametrize("family", list(IN_PLACE))
+def test_decode_rewrite_keeps_in_place_writes(sdpa_graphs, family):
+    gm, _ = sdpa_graphs[1]
+    gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    graph = gm.graph
+    x = next(iter(graph.find_nodes(op="placeholder")))
+    (output,) = graph.find_nodes(op="output")
+    with graph.inserting_before(output):
+        write = IN_PLACE[family](graph, x)
+        dead = graph.call_method("add", (x, 1))  # pure, unused: removed
+    plan = rewrite_decode(gm, "rotatek", "auto", compressed=past_key_inputs(gm))
+    names = {n.name for n in plan.module.graph.nodes}
+    assert count(plan.module.graph, DECODE_OP) == LAYERS
+    assert write.name in names and dead.name not in names
+
+
 def test_returned_attention_weights_block_the_rewrite():
     graphs = capture("eager", output_attentions=True, return_dict_in_generate=True)
     decode_graph = graphs[-1][0]  # the returned weights add a graph; the last one decodes
@@ -196,7 +227,30 @@ def test_sliding_window_cache_is_skipped():
     past, new = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 1, 16)
     gm = trace(sliding, q, past, past, new, new)
     (match,) = find_attention_sites(gm.graph)
-    assert isinstance(match, SkippedSite) and "sliding-window" in match.reason
+    assert isinstance(match, SkippedSite) and "sliding-window" in match.reason and not match.compressible
+
+
+def test_latent_attention_is_named():
+    # MLA: the cache keeps a latent; Keys are projected from it after the cache read
+    def latent(q, past, new, up):
+        cache = torch.cat([past, new], dim=-2)  # [B, 1, S, rank]
+        keys = (cache @ up).expand(-1, 2, -1, -1)  # [B, 2, S, d]
+        return F.scaled_dot_product_attention(q, keys, keys), cache
+
+    q, past, new, up = torch.randn(1, 2, 1, 16), torch.randn(1, 1, 8, 4), torch.randn(1, 1, 1, 4), torch.randn(4, 16)
+    (match,) = find_attention_sites(trace(latent, q, past, new, up).graph)
+    assert isinstance(match, SkippedSite) and "latent attention" in match.reason and match.compressible
+
+
+def test_attention_scaled_by_division_is_matched():
+    def divided(q, past_k, past_v, k, v):
+        keys, values = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
+        probs = torch.softmax(torch.matmul(q, keys.transpose(2, 3)) / 4.0, dim=-1, dtype=torch.float32)
+        return torch.matmul(probs.to(q.dtype), values), keys, values
+
+    q, past = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 8, 16)
+    (match,) = find_attention_sites(trace(divided, q, past, past, q, q).graph)
+    assert isinstance(match, AttentionSite) and match.kind == "eager" and match.scale == pytest.approx(0.25)
 
 
 def test_static_cache_in_place_update_is_not_matched():
@@ -220,4 +274,39 @@ def test_cache_append_that_is_not_returned_is_skipped():
     q, past = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 8, 16)
     gm = trace(no_writeback, q, past, past, q, q)
     (match,) = find_attention_sites(gm.graph)
-    assert isinstance(match, SkippedSite) and "sliding-window" in match.reason
+    assert isinstance(match, SkippedSite) and "does not return its cache append" in match.reason
+    assert match.compressible  # left exact where it could be compressed: the backend warns
+
+
+def test_sliding_window_cache_is_skipped_as_such():
+    def sliding(q, past_k, past_v, k, v):
+        keys, values = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
+        out = F.scaled_dot_product_attention(q, keys, values)
+        return out, keys[:, :, -7:], values[:, :, -7:]  # the cache keeps the last window - 1 tokens
+
+    q, past = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 8, 16)
+    (match,) = find_attention_sites(trace(sliding, q, past, past, q, q).graph)
+    assert isinstance(match, SkippedSite) and "sliding-window" in match.reason and not match.compressible
+
+
+def test_latent_attention_is_named():
+    # MLA: the cache keeps a latent; Keys are projected from it after the cache read
+    def latent(q, past, new, up):
+        cache = torch.cat([past, new], dim=-2)  # [B, 1, S, rank]
+        keys = (cache @ up).expand(-1, 2, -1, -1)  # [B, 2, S, d]
+        return F.scaled_dot_product_attention(q, keys, keys), cache
+
+    q, past, new, up = torch.randn(1, 2, 1, 16), torch.randn(1, 1, 8, 4), torch.randn(1, 1, 1, 4), torch.randn(4, 16)
+    (match,) = find_attention_sites(trace(latent, q, past, new, up).graph)
+    assert isinstance(match, SkippedSite) and "latent attention" in match.reason and match.compressible
+
+
+def test_attention_scaled_by_division_is_matched():
+    def divided(q, past_k, past_v, k, v):
+        keys, values = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
+        probs = torch.softmax(torch.matmul(q, keys.transpose(2, 3)) / 4.0, dim=-1, dtype=torch.float32)
+        return torch.matmul(probs.to(q.dtype), values), keys, values
+
+    q, past = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 8, 16)
+    (match,) = find_attention_sites(trace(divided, q, past, past, q, q).graph)
+    assert isinstance(match, AttentionSite) and match.kind == "eager" and match.scale == pytest.approx(0.25)

@@ -10,6 +10,7 @@ and one of
 
     sdpa:  out = scaled_dot_product_attention(q, keys', values', attn_mask=m, scale=s, ...)
     eager: out = matmul(dropout(softmax(matmul(q, keys'ᵀ) · s [+ m], fp32).to(dtype)), values')
+           (or ``matmul(q, keys'ᵀ) / c``, scale ``1/c``)
 
 where both ``keys`` and ``values`` are graph outputs (Dynamo writes them back into the cache).
 An attention that does not fit is returned as a :class:`SkippedSite` with the reason; nothing
@@ -63,11 +64,18 @@ class AttentionSite:
 
 @dataclasses.dataclass(frozen=True)
 class SkippedSite:
-    """An attention left exact, and why."""
+    """An attention left exact, and why.
+
+    ``compressible``: the layer is a decoder self-attention whose cache could be compressed, so
+    leaving it exact turns compression off where a user expects it on (the backend warns);
+    ``False`` for attention that never has a compressible cache (vision tower, encoder,
+    cross-attention, a sliding window that keeps only the last tokens).
+    """
 
     layer: str
     node: fx.Node
     reason: str
+    compressible: bool = True
 
 
 Match = Union[AttentionSite, SkippedSite]
@@ -182,6 +190,9 @@ def _match_eager(final: fx.Node) -> Optional[tuple[fx.Node, fx.Node, fx.Node, Op
     if _is_call(logits, operator.mul, torch.mul) and isinstance(logits.args[1], (int, float)):
         chain.append(logits)
         logits, scale = logits.args[0], float(logits.args[1])
+    elif _is_call(logits, operator.truediv, torch.div) and isinstance(logits.args[1], (int, float)):
+        chain.append(logits)  # scores / sqrt(d) (GIT, BERT-style attention)
+        logits, scale = logits.args[0], 1.0 / float(logits.args[1])
     if not _is_call(logits, torch.matmul):
         return None
     chain.append(logits)
@@ -228,13 +239,22 @@ def find_attention_sites(graph: fx.Graph) -> list[Match]:
         key_source, key_repeated = _strip_repeat_kv(keys)
         value_source, _ = _strip_repeat_kv(values)
         key_update, value_update = _cache_append(key_source), _cache_append(value_source)
+        if (key_update is None or value_update is None) and _reads_a_cache_append(key_source, outputs):
+            matches.append(SkippedSite(layer, node, "multi-head latent attention: the cache keeps a latent "
+                                       "that is projected into Keys after the cache read (not supported)"))
+            continue
         if key_update is None or value_update is None:
-            matches.append(SkippedSite(layer, node,
-                                       "no KV-cache append feeds its Keys (vision tower, encoder or cross-attention)"))
+            matches.append(SkippedSite(layer, node, "no KV-cache append feeds its Keys (vision tower, "
+                                       "encoder, cross-attention or a cache layout the pass does not know)",
+                                       compressible=False))
             continue
         if key_update not in outputs or value_update not in outputs:
-            matches.append(SkippedSite(layer, node,
-                                       "the cache keeps a slice of the Keys (sliding-window layer)"))
+            if _returns_a_slice_of(key_update, outputs):
+                matches.append(SkippedSite(layer, node, "the cache keeps a slice of the Keys (sliding-window "
+                                           "layer)", compressible=False))
+            else:
+                matches.append(SkippedSite(layer, node, "the graph does not return its cache append (the "
+                                           "cache is written back some other way)"))
             continue
         scale = _constant_scale(scale)
         if not isinstance(mask, (fx.Node, type(None))):
@@ -249,7 +269,8 @@ def find_attention_sites(graph: fx.Graph) -> list[Match]:
         past_keys, new_keys = key_update.args[0]
         past_values, new_values = value_update.args[0]
         if _is_cross_attention(query, new_keys):
-            matches.append(SkippedSite(layer, node, "cross-attention: its Keys come from another sequence"))
+            matches.append(SkippedSite(layer, node, "cross-attention: its Keys come from another sequence",
+                                       compressible=False))
             continue
         gqa = "enable_gqa" if enable_gqa else ("repeat_kv" if key_repeated else "none")
         matches.append(AttentionSite(
@@ -258,6 +279,30 @@ def find_attention_sites(graph: fx.Graph) -> list[Match]:
             past_keys=past_keys, past_values=past_values, new_keys=new_keys, new_values=new_values,
             mask=mask, scale=float(scale), is_causal=is_causal, gqa=gqa, rope=_is_rope(new_keys)))
     return matches
+
+
+def _reads_a_cache_append(node: fx.Node, outputs: set[fx.Node], depth: int = 12) -> bool:
+    """A cache append that the graph returns lies upstream of ``node`` (within ``depth`` steps):
+    the Keys are computed from a cache (a latent up-projected after the read, as in MLA)."""
+    frontier, seen = [node], set()
+    for _ in range(depth):
+        frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen]
+        seen.update(frontier)
+        if any(_cache_append(n) is not None and n in outputs for n in frontier):
+            return True
+    return False
+
+
+def _returns_a_slice_of(node: fx.Node, outputs: set[fx.Node], depth: int = 4) -> bool:
+    """Some graph output is ``node`` sliced along the sequence (a sliding window's cache)."""
+    frontier = [node]
+    for _ in range(depth):
+        frontier = [user for n in frontier for user in n.users
+                    if _is_call(user, operator.getitem, torch.ops.aten.slice.Tensor)
+                    or _is_method(user, "contiguous", "clone")]
+        if any(n in outputs for n in frontier):
+            return True
+    return False
 
 
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)

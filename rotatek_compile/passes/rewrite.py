@@ -70,8 +70,22 @@ class RewrittenGraph:
 
 
 def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A fresh GraphModule over a copy of ``gm``'s graph: Dynamo keeps using its own graph."""
-    return fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    """A fresh GraphModule over a copy of ``gm``'s graph (Dynamo keeps using its own graph), with
+    Dynamo's metadata.
+
+    AOTAutograd reads the graph's ``dynamo_compile_id``, ``_param_name_to_source`` and each
+    placeholder's ``_dynamo_source`` to tell which inputs keep their address (parameters, buffers
+    marked with ``mark_static_address``); without them CUDA graphs (``mode="reduce-overhead"``)
+    would copy every weight into their own memory on each replay.
+    """
+    module = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    module.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        module._param_name_to_source = gm._param_name_to_source
+    for old, new in zip(gm.graph.find_nodes(op="placeholder"), module.graph.find_nodes(op="placeholder")):
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    return module
 
 
 def _output_node(graph: fx.Graph) -> fx.Node:
@@ -188,6 +202,8 @@ def rewrite_decode(gm: fx.GraphModule, method: str, kernel: str,
     for site in rewritable:
         with graph.inserting_before(first_computation):  # new inputs go last, in order
             state = [graph.placeholder(f"rotatek_{site.key_update.name}_{name}") for name in state_inputs(method)]
+        for node in state:
+            node._dynamo_source = None  # an input of ours, not Dynamo's (AOTAutograd reads the field)
         new_rest = _replace_attention(graph, site, state, method, kernel)
         slots.append(SiteSlots(
             layer=site.layer, scale=site.scale,
@@ -199,10 +215,30 @@ def rewrite_decode(gm: fx.GraphModule, method: str, kernel: str,
         _replace_output(graph, site.key_update, site.past_keys)
         _replace_output(graph, site.value_update, site.past_values)
         _append_outputs(graph, new_rest)
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(is_impure_node=has_side_effects)
     graph.lint()
     module.recompile()
     return RewrittenGraph("decode", module, tuple(slots), tuple(skipped), num_outputs)
+
+
+def has_side_effects(node: fx.Node) -> bool:
+    """Whether dead-code elimination must keep ``node`` although nothing reads its result.
+
+    FX's own test (``Node.is_impure``) treats every ``call_method`` as pure, but Dynamo graphs
+    mutate tensors in place through methods and functions whose result is unused: MoE routing
+    (``scatter_``), linear-attention and short-conv cache state (``copy_``), ``x[i] = y``
+    (``operator.setitem``), ``out=`` variants. PyTorch names in-place ops with a trailing ``_``.
+    """
+    if node.is_impure():
+        return True
+    if node.op not in ("call_method", "call_function"):
+        return False
+    if "out" in node.kwargs or node.target is operator.setitem:
+        return True
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.is_mutable
+    return name.endswith("_") and not name.endswith("__")
 
 
 def _new_token_mask(graph: fx.Graph, site: AttentionSite) -> fx.Node:
