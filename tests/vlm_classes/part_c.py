@@ -669,13 +669,8 @@ _DEEPSTACK = ("DeepStack adds image features after decoder layer 0 by boolean-in
               "model's frame and compiles each decoder layer alone; the prefill sites are named 'self_attn' and "
               "layer 1's graph has no image merge nor tagged input, so it falls back to the prompt-head span "
               "(empty here)")
-_LINEAR_STATE = ("FX dead-code elimination in the decode rewrite deletes the Gated DeltaNet layer's in-place "
-                 "conv_state.copy_(...) / recurrent_state.copy_(...) (unused call_method results): the "
-                 "linear-attention state stops advancing and the logits drift from decode step 2")
 _LINEAR_SITES = ("the Gated DeltaNet (linear-attention) layer 0 is not reported at all: the finder only sees "
                  "softmax attention")
-_HYBRID_BYTES = ("rotatek_compile.cache_bytes() raises AttributeError on the hybrid cache: "
-                 "LinearAttentionLayer has no .keys")
 _INNER_GENERATE = ("generate() is the model's own and calls self.thinker.generate(): model.compile() compiles "
                    "the outer forward, which never runs; nothing is compressed and nothing is reported")
 _RECOMPILE_NAN = ("graph breaks in every decoder layer; transformers' shared deprecate_kwarg wrapper is "
@@ -728,15 +723,10 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "vision-encoder-decoder": _GPT2_CROSS,
     },
     "exact": {
-        "qwen3_5": _LINEAR_STATE,
-        "qwen3_5_moe": _LINEAR_STATE,
         "qwen4_exp": _RECOMPILE_NAN + "; the decode mask also carries the indexer's token selection, which "
                                       "the decode rewrite would drop",
         "step3p7": _RECOMPILE_NAN,
         "unlimited_ocr": _RSWA,
-        "nemotron_h_omni": ("FX dead-code elimination in the decode rewrite deletes the Mamba-2 block's in-place "
-                            "conv_state.copy_(...) / ssm_state.copy_(...): the SSM state stops advancing and the "
-                            "logits drift from decode step 2"),
         "pix2struct": _RELATIVE_BIAS,
         "udop": _RELATIVE_BIAS,
         "vision-encoder-decoder": _GPT2_CROSS,
@@ -745,8 +735,6 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "qwen3_vl": _DEEPSTACK,
         "qwen3_vl_moe": _DEEPSTACK,
         "qwen3_omni_moe_thinker": _DEEPSTACK,
-        "qwen3_5": _HYBRID_BYTES,
-        "qwen3_5_moe": _HYBRID_BYTES,
         "qwen4_exp": _RECOMPILE_NAN,
         "qwen2_5_omni": _INNER_GENERATE,
         "qwen3_omni_moe": _INNER_GENERATE,
@@ -757,7 +745,6 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "step3p7": _RECOMPILE_NAN,
         "unlimited_ocr": _RSWA,
         "phi4_multimodal": _INDEX_LIST_MERGE,
-        "nemotron_h_omni": _HYBRID_BYTES,
         "t5gemma2": _MERGED_ATTENTION + "; the image is in the encoder, reached only through the cross Keys",
         "pix2struct": _ENCODER_IMAGE.format(2.6),
         "udop": _ENCODER_IMAGE.format(2.6),
