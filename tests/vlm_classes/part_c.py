@@ -665,30 +665,32 @@ NOT_BUILDABLE: dict[str, str] = {
 }
 
 _DEEPSTACK = ("DeepStack adds image features after decoder layer 0 by boolean-index assignment "
-              "(hidden_states[visual_pos_masks, :] = ...): a data-dependent shape, so Dynamo skips the text "
-              "model's frame and compiles each decoder layer alone; the prefill sites are named 'self_attn' and "
-              "layer 1's graph has no image merge nor tagged input, so it falls back to the prompt-head span "
-              "(empty here)")
+              "(hidden_states[visual_pos_masks, :] += ...): a data-dependent shape, so Dynamo compiles each "
+              "decoder layer in a graph of its own (two prefill reports, sites named 'self_attn'); layer 0's "
+              "graph tags the hidden states it returns with the span, but the DeepStack step runs as a small "
+              "graph of its own (clone + setitem, no merge pattern) whose fresh output carries no tag, so "
+              "layer 1 falls back to the prompt-head span (empty here)")
 _LINEAR_SITES = ("the Gated DeltaNet (linear-attention) layer 0 is not reported at all: the finder only sees "
                  "softmax attention")
 _INNER_GENERATE = ("generate() is the model's own and calls self.thinker.generate(): model.compile() compiles "
                    "the outer forward, which never runs; nothing is compressed and nothing is reported")
-_RECOMPILE_NAN = ("graph breaks in every decoder layer; transformers' shared deprecate_kwarg wrapper is "
-                  "recompiled per module type until Dynamo's recompile_limit (8), then runs uncompiled: the "
-                  "decode step's cache append reads the NaN stand-in eagerly and the logits are NaN, with no error")
+_MASK_GRAPH_REFUSED = ("the MoE experts' loop (nonzero) breaks every decoder layer into graphs of its own (the prefill "
+                  "site is named 'self_attn'); at the first decode step a graph that builds the causal mask "
+                  "reads only cache.layers[1].keys.numel(), and the backend refuses it: RotateKCacheError "
+                  "('1 compressed Key caches reach code that was not rewritten')")
 
-_RSWA = ("reference sliding attention (the prompt kept whole, a sliding window after it): its prefill looks "
-         "like full attention and is compressed, but its decode cache keeps a slice, which the decode rewrite "
-         "does not match; the first decode step raises RotateKCacheError ('compressed Key caches reach code "
-         "that was not rewritten')")
+_RSWA = ("reference sliding attention (the prompt kept whole in the cache layer's prefill_keys, a sliding "
+         "window after it): its prefill looks like full attention and is compressed, but its decode reads "
+         "cat([prefill_keys, window_keys]), which the decode rewrite does not match; the first decode step "
+         "raises RotateKCacheError ('compressed Key caches reach code that was not rewritten')")
 _INDEX_LIST_MERGE = ("image features are written by index_put on torch.nonzero() positions (index lists, not a "
                      "boolean mask): no span is found, the prompt-head fallback is empty here, and the empty "
                      "span's basis and padding slots make the Key cache 1.19x the uncompiled one")
 
 _MERGED_ATTENTION = ("merged attention: the decoder's self-attention Keys are concatenated with the encoder's "
-                     "(cross) Keys before one softmax; the finder takes that concatenation for a cache append "
-                     "that is not returned, so every decoder layer is left exact and reported as a "
-                     "'sliding-window layer' (layer 1 is full attention)")
+                     "(cross) Keys before one softmax; the finder does not see the cache append behind that "
+                     "concatenation, so both decoder layers are left exact ('the graph does not return its cache "
+                     "append'), layer 1 included, which is full attention")
 
 _RELATIVE_BIAS = ("the decode rewrite keeps only the new tokens' validity from the attention mask, but here the "
                    "mask is T5's relative position bias (added to the logits, no softmax scale): the bias over "
@@ -711,10 +713,10 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "qwen3_5": _LINEAR_SITES,
         "qwen3_5_moe": _LINEAR_SITES,
         "qwen4_exp": ("the QSA indexer's per-query Python loop (nonzero) breaks every graph: the prefill site is "
-                      "named 'attn_output', decode is not rewritten (see exact)"),
+                      "named 'attn_output'; decode is refused (see exact)"),
         "qwen2_5_omni": _INNER_GENERATE,
         "qwen3_omni_moe": _INNER_GENERATE,
-        "step3p7": _RECOMPILE_NAN + "; the prefill sites are named 'self_attn'",
+        "step3p7": _MASK_GRAPH_REFUSED,
         "unlimited_ocr": _RSWA,
         "nemotron_h_omni": "the Mamba-2 block (layer 0) is not reported at all: the finder only sees softmax attention",
         "t5gemma2": _MERGED_ATTENTION,
@@ -723,9 +725,10 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "vision-encoder-decoder": _GPT2_CROSS,
     },
     "exact": {
-        "qwen4_exp": _RECOMPILE_NAN + "; the decode mask also carries the indexer's token selection, which "
-                                      "the decode rewrite would drop",
-        "step3p7": _RECOMPILE_NAN,
+        "qwen4_exp": ("at the first decode step a graph that builds the causal mask reads only "
+                      "cache.layers[1].keys.numel(), and the backend refuses it: RotateKCacheError; past that, the "
+                      "decode mask carries the QSA indexer's token selection, which the decode rewrite would drop"),
+        "step3p7": _MASK_GRAPH_REFUSED,
         "unlimited_ocr": _RSWA,
         "pix2struct": _RELATIVE_BIAS,
         "udop": _RELATIVE_BIAS,
@@ -735,20 +738,20 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "qwen3_vl": _DEEPSTACK,
         "qwen3_vl_moe": _DEEPSTACK,
         "qwen3_omni_moe_thinker": _DEEPSTACK,
-        "qwen4_exp": _RECOMPILE_NAN,
+        "qwen4_exp": "decode is refused (see exact)",
         "qwen2_5_omni": _INNER_GENERATE,
         "qwen3_omni_moe": _INNER_GENERATE,
         "ovis2": ("the image merge sits in a frame that Dynamo skips (`if mask.any():` before the visual "
                   "indicator tokens' boolean-index writes) and runs eagerly: no graph holds the merge, the span "
                   "falls back to the prompt head (empty here), and the empty span's basis and padding slots "
                   "make the Key cache 1.16x the uncompiled one"),
-        "step3p7": _RECOMPILE_NAN,
+        "step3p7": _MASK_GRAPH_REFUSED,
         "unlimited_ocr": _RSWA,
         "phi4_multimodal": _INDEX_LIST_MERGE,
         "t5gemma2": _MERGED_ATTENTION + "; the image is in the encoder, reached only through the cross Keys",
         "pix2struct": _ENCODER_IMAGE.format(2.6),
         "udop": _ENCODER_IMAGE.format(2.6),
-        "pp_formulanet": _ENCODER_IMAGE.format(2.6),
+        "pp_formulanet": _ENCODER_IMAGE.format(2.6) + " (the check finds no prompt to count a span in)",
         "vision-encoder-decoder": _GPT2_CROSS,
     },
 }
