@@ -15,11 +15,11 @@ import types
 import torch
 import transformers as tf
 
+from tests.tiny_models import (
+    BOS, DECODER, EOS, IMAGE, PAD, ROWS, VISION, TinyModel, _clip, _image_rows, _left_pad, _pixels, _qwen_inputs,
+    _siglip, _text)
 from tests.vlm_classes.checks import NEW_TOKENS
 from tests.vlm_classes.common import LazyClass
-from tests.tiny_models import (
-    BOS, DECODER, EOS, IMAGE, PAD, ROWS, VISION, TinyModel, _clip, _image_rows, _left_pad, _pixels, _qwen_inputs, _siglip,
-    _text)
 
 _VIDEO = 247
 
@@ -593,13 +593,13 @@ def _udop_inputs(model, batch):
 
 
 MODELS: list[TinyModel] = [
-    TinyModel("vipllava", _vipllava_config, tf.VipLlavaForConditionalGeneration, _llava_like_inputs,
+    TinyModel("vipllava", _vipllava_config, LazyClass("VipLlavaForConditionalGeneration"), _llava_like_inputs,
               full_attention=2),
-    TinyModel("video_llava", _video_llava_config, tf.VideoLlavaForConditionalGeneration, _video_llava_inputs,
+    TinyModel("video_llava", _video_llava_config, LazyClass("VideoLlavaForConditionalGeneration"), _video_llava_inputs,
               full_attention=2),
-    TinyModel("perception_lm", _perception_lm_config, tf.PerceptionLMForConditionalGeneration,
+    TinyModel("perception_lm", _perception_lm_config, LazyClass("PerceptionLMForConditionalGeneration"),
               _perception_lm_inputs, full_attention=2),
-    TinyModel("shieldgemma2", _shieldgemma2_config, tf.Gemma3ForConditionalGeneration, _gemma3_like_inputs,
+    TinyModel("shieldgemma2", _shieldgemma2_config, LazyClass("Gemma3ForConditionalGeneration"), _gemma3_like_inputs,
               full_attention=1, skipped=("layers.0.self_attn",)),
     TinyModel("qwen3_vl", _qwen3_vl_config, LazyClass("Qwen3VLForConditionalGeneration"), _qwen_inputs,
               full_attention=2),
@@ -626,8 +626,9 @@ MODELS: list[TinyModel] = [
               full_attention=2),
     TinyModel("step3p7", _step3p7_config, LazyClass("Step3p7ForConditionalGeneration"), _step3p7_inputs,
               full_attention=1, skipped=("layers.0.self_attn",)),
-    TinyModel("phi4_multimodal", _phi4_multimodal_config, LazyClass("Phi4MultimodalForCausalLM", eager=("vision_config",)),
-              _phi4_multimodal_inputs, full_attention=2),
+    TinyModel("phi4_multimodal", _phi4_multimodal_config,
+              LazyClass("Phi4MultimodalForCausalLM", eager=("vision_config",)), _phi4_multimodal_inputs,
+              full_attention=2),
     TinyModel("unlimited_ocr", _unlimited_ocr_config, LazyClass("UnlimitedOcrForConditionalGeneration"),
               _unlimited_ocr_inputs, full_attention=1, skipped=("layers.0.self_attn",)),
     TinyModel("nemotron_h_omni", _nemotron_h_omni_config, LazyClass("NemotronH_Omni_Reasoning_V3"),
@@ -637,14 +638,14 @@ MODELS: list[TinyModel] = [
               full_attention=2),
     TinyModel("t5gemma2", _t5gemma2_config, LazyClass("T5Gemma2ForConditionalGeneration"), _t5gemma2_inputs,
               full_attention=1, skipped=("layers.0.self_attn",)),
-    TinyModel("pix2struct", _pix2struct_config, tf.Pix2StructForConditionalGeneration, _pix2struct_inputs,
+    TinyModel("pix2struct", _pix2struct_config, LazyClass("Pix2StructForConditionalGeneration"), _pix2struct_inputs,
               full_attention=2, skipped=("encoder_decoder_attention",), has_image=False),
-    TinyModel("vision-encoder-decoder", _vision_encoder_decoder_config, tf.VisionEncoderDecoderModel, _pixels_only,
-              full_attention=2, skipped=("crossattention",), has_image=False),
+    TinyModel("vision-encoder-decoder", _vision_encoder_decoder_config, LazyClass("VisionEncoderDecoderModel"),
+              _pixels_only, full_attention=2, skipped=("crossattention",), has_image=False),
     TinyModel("pp_formulanet", _pp_formulanet_config,
               LazyClass("PPFormulaNetForConditionalGeneration", eager=("vision_config",)), _pixels_64,
               full_attention=2, skipped=("encoder_attn",), has_image=False),
-    TinyModel("udop", _udop_config, tf.UdopForConditionalGeneration, _udop_inputs, full_attention=2,
+    TinyModel("udop", _udop_config, LazyClass("UdopForConditionalGeneration"), _udop_inputs, full_attention=2,
               skipped=("EncDecAttention",), has_image=False),
     TinyModel("qwen4_exp", _qwen4_exp_config, LazyClass("Qwen4ExpForConditionalGeneration"), _qwen_inputs,
               full_attention=1, skipped=("layers.0.linear_attn",)),
