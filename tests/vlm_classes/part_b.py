@@ -3,9 +3,9 @@
 
 Same shapes as ``tests/tiny_models.py``: 2 decoder layers, hidden 64, 4 query / 2 KV heads,
 head_dim 16, vocabulary 256, fp32; vision towers of 1–2 layers; one image of 16 tokens (unless
-the class fixes another count, noted per model). Every config and class is looked up inside
-``make_config`` / through :func:`_class`, so that this module imports on transformers releases
-that lack some of them (the harness skips those).
+the class fixes another count, noted per model). Every config and class is looked up by name
+when the model is built (:mod:`tests.vlm_classes.common`), so that this module imports on
+transformers releases that lack some of them (the harness skips those).
 
 :data:`NOT_BUILDABLE` lists the model types that cannot be built tiny or prompted with an image
 here, with the reason; :data:`KNOWN_GAPS` the checks a class fails because of the product, with
@@ -15,20 +15,17 @@ the cause (``xfail(strict=True)``).
 from __future__ import annotations
 
 import torch
-import transformers as tf
 
+from tests.vlm_classes.common import LazyClass, tf_class
 from tests.tiny_models import (
     DECODER, IMAGE, ROWS, VISION, TinyModel, _image_rows, _left_pad, _pixels, _text, BOS)
 
 
-def _class(name: str):
-    """``transformers.<name>``, or ``None`` on a release without it (``make_config`` then raises)."""
-    return getattr(tf, name, None)
 
 
-def _text_config(config_class, **overrides):
-    """The shared tiny decoder as ``config_class`` (2 layers unless overridden)."""
-    return config_class(**{"num_hidden_layers": 2, **DECODER, **overrides})
+def _text_config(name: str, module: str = "", **overrides):
+    """The shared tiny decoder as config class ``name`` (2 layers unless overridden)."""
+    return tf_class(name, module)(**{"num_hidden_layers": 2, **DECODER, **overrides})
 
 
 def _image_inputs(batch: int, tokens: int, before=(), after=(), **image):
@@ -44,22 +41,22 @@ def _image_inputs(batch: int, tokens: int, before=(), after=(), **image):
 
 
 def _clip(image_size=16):
-    return tf.CLIPVisionConfig(image_size=image_size, patch_size=4, projection_dim=32, **VISION)
+    return tf_class("CLIPVisionConfig")(image_size=image_size, patch_size=4, projection_dim=32, **VISION)
 
 
 def _siglip(image_size, patch_size):
-    return tf.SiglipVisionConfig(image_size=image_size, patch_size=patch_size, **VISION)
+    return tf_class("SiglipVisionConfig")(image_size=image_size, patch_size=patch_size, **VISION)
 
 
 def _llava_next_video_config():
-    return tf.LlavaNextVideoConfig(
-        vision_config=_clip(), text_config=_text_config(tf.LlamaConfig), image_token_index=IMAGE,
+    return tf_class("LlavaNextVideoConfig")(
+        vision_config=_clip(), text_config=_text_config("LlamaConfig"), image_token_index=IMAGE,
         video_token_index=249, image_grid_pinpoints=[[16, 32], [32, 16]], vision_feature_layer=-2)
 
 
 def _llava_onevision_config():
-    return tf.LlavaOnevisionConfig(
-        vision_config=_siglip(16, 4), text_config=_text_config(tf.Qwen2Config), image_token_index=IMAGE,
+    return tf_class("LlavaOnevisionConfig")(
+        vision_config=_siglip(16, 4), text_config=_text_config("Qwen2Config"), image_token_index=IMAGE,
         video_token_index=249, image_grid_pinpoints=[[16, 32], [32, 16]], vision_feature_layer=-1)
 
 
@@ -76,17 +73,17 @@ def _anyres_inputs(model, batch):
 
 
 def _pixtral():
-    return tf.PixtralVisionConfig(image_size=32, patch_size=4, head_dim=16, **VISION)
+    return tf_class("PixtralVisionConfig")(image_size=32, patch_size=4, head_dim=16, **VISION)
 
 
 def _mistral3_config():
     # Mistral-Small-3.1's decoder has no sliding window (MistralConfig's default is 4096)
-    return tf.Mistral3Config(vision_config=_pixtral(), text_config=_text_config(tf.MistralConfig, sliding_window=None),
+    return tf_class("Mistral3Config")(vision_config=_pixtral(), text_config=_text_config("MistralConfig", sliding_window=None),
                              image_token_index=IMAGE, spatial_merge_size=2)
 
 
 def _lighton_ocr_config():
-    return tf.LightOnOcrConfig(vision_config=_pixtral(), text_config=_text_config(tf.Qwen3Config),
+    return tf_class("LightOnOcrConfig")(vision_config=_pixtral(), text_config=_text_config("Qwen3Config"),
                                image_token_id=IMAGE, spatial_merge_size=2)
 
 
@@ -100,8 +97,8 @@ def _pixtral_inputs(model, batch):
 
 
 def _internvl_config():
-    vision = tf.InternVLVisionConfig(image_size=32, patch_size=4, **VISION)
-    return tf.InternVLConfig(vision_config=vision, text_config=_text_config(tf.Qwen2Config),
+    vision = tf_class("InternVLVisionConfig")(image_size=32, patch_size=4, **VISION)
+    return tf_class("InternVLConfig")(vision_config=vision, text_config=_text_config("Qwen2Config"),
                              image_token_id=IMAGE, image_seq_length=16, downsample_ratio=0.5)
 
 
@@ -114,13 +111,11 @@ def _internvl_inputs(model, batch):
 
 
 def _idefics2_config():
-    from transformers.models.idefics2.configuration_idefics2 import Idefics2PerceiverConfig, Idefics2VisionConfig
-
-    vision = Idefics2VisionConfig(image_size=32, patch_size=4, **VISION)
-    perceiver = Idefics2PerceiverConfig(hidden_size=64, resampler_n_latents=16, resampler_depth=1,
+    vision = tf_class("Idefics2VisionConfig", "idefics2")(image_size=32, patch_size=4, **VISION)
+    perceiver = tf_class("Idefics2PerceiverConfig", "idefics2")(hidden_size=64, resampler_n_latents=16, resampler_depth=1,
                                         resampler_n_heads=2, resampler_head_dim=16, num_key_value_heads=1)
-    return tf.Idefics2Config(vision_config=vision, perceiver_config=perceiver,
-                             text_config=_text_config(tf.MistralConfig, sliding_window=None), image_token_id=IMAGE)
+    return tf_class("Idefics2Config")(vision_config=vision, perceiver_config=perceiver,
+                             text_config=_text_config("MistralConfig", sliding_window=None), image_token_id=IMAGE)
 
 
 _FAKE_AROUND, _GLOBAL_IMG = 246, 247
@@ -137,13 +132,10 @@ def _idefics2_inputs(model, batch):
 
 
 def _granite_docling_config():
-    from transformers.models.granite_docling.configuration_granite_docling import (
-        GraniteDoclingTextConfig, GraniteDoclingVisionConfig)
-
-    vision = GraniteDoclingVisionConfig(image_size=32, patch_size=4, out_hidden_size=64, scale_factor=2,
+    vision = tf_class("GraniteDoclingVisionConfig", "granite_docling")(image_size=32, patch_size=4, out_hidden_size=64, scale_factor=2,
                                         deepstack_visual_indexes=[0], **VISION)
-    text = _text_config(GraniteDoclingTextConfig)
-    return tf.GraniteDoclingConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, pad_token_id=0)
+    text = _text_config("GraniteDoclingTextConfig", "granite_docling")
+    return tf_class("GraniteDoclingConfig")(vision_config=vision, text_config=text, image_token_id=IMAGE, pad_token_id=0)
 
 
 def _granite_docling_inputs(model, batch):
@@ -158,9 +150,9 @@ def _granite_docling_inputs(model, batch):
 
 
 def _lfm2_vl_config():
-    vision = tf.Siglip2VisionConfig(patch_size=4, num_patches=64, vision_use_head=False, **VISION)
-    text = _text_config(tf.Lfm2Config, layer_types=["conv", "full_attention"], norm_eps=1e-5)
-    return tf.Lfm2VlConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, projector_hidden_size=64,
+    vision = tf_class("Siglip2VisionConfig")(patch_size=4, num_patches=64, vision_use_head=False, **VISION)
+    text = _text_config("Lfm2Config", layer_types=["conv", "full_attention"], norm_eps=1e-5)
+    return tf_class("Lfm2VlConfig")(vision_config=vision, text_config=text, image_token_id=IMAGE, projector_hidden_size=64,
                            downsample_factor=2)
 
 
@@ -177,14 +169,12 @@ def _naflex_inputs(model, batch):
 
 
 def _lfm3_vl_config():
-    from transformers.models.lfm3_vl.configuration_lfm3_vl import Lfm3VlVisionConfig
-
-    vision = Lfm3VlVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+    vision = tf_class("Lfm3VlVisionConfig", "lfm3_vl")(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                 num_key_value_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=1,
                                 layer_types=["conv", "full_attention"])
-    text = _text_config(tf.Lfm3Config, num_hidden_layers=3,
+    text = _text_config("Lfm3Config", num_hidden_layers=3,
                         layer_types=["conv", "sliding_attention", "full_attention"], sliding_window=8)
-    return tf.Lfm3VlConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, video_token_id=247,
+    return tf_class("Lfm3VlConfig")(vision_config=vision, text_config=text, image_token_id=IMAGE, video_token_id=247,
                            vision_start_token_id=248, vision_end_token_id=249, projector_hidden_size=64)
 
 
@@ -197,23 +187,23 @@ def _lfm3_vl_inputs(model, batch):
 # ---------------------------------------------------------------------------------------------
 
 MODELS: list[TinyModel] = [
-    TinyModel("llava_next_video", _llava_next_video_config, _class("LlavaNextVideoForConditionalGeneration"),
+    TinyModel("llava_next_video", _llava_next_video_config, LazyClass("LlavaNextVideoForConditionalGeneration"),
               _anyres_inputs, full_attention=2),
-    TinyModel("llava_onevision", _llava_onevision_config, _class("LlavaOnevisionForConditionalGeneration"),
+    TinyModel("llava_onevision", _llava_onevision_config, LazyClass("LlavaOnevisionForConditionalGeneration"),
               _anyres_inputs, full_attention=2),
-    TinyModel("mistral3", _mistral3_config, _class("Mistral3ForConditionalGeneration"), _pixtral_inputs,
+    TinyModel("mistral3", _mistral3_config, LazyClass("Mistral3ForConditionalGeneration"), _pixtral_inputs,
               full_attention=2),
-    TinyModel("lighton_ocr", _lighton_ocr_config, _class("LightOnOcrForConditionalGeneration"), _pixtral_inputs,
+    TinyModel("lighton_ocr", _lighton_ocr_config, LazyClass("LightOnOcrForConditionalGeneration"), _pixtral_inputs,
               full_attention=2),
-    TinyModel("internvl", _internvl_config, _class("InternVLForConditionalGeneration"), _internvl_inputs,
+    TinyModel("internvl", _internvl_config, LazyClass("InternVLForConditionalGeneration"), _internvl_inputs,
               full_attention=2),
-    TinyModel("idefics2", _idefics2_config, _class("Idefics2ForConditionalGeneration"), _idefics2_inputs,
+    TinyModel("idefics2", _idefics2_config, LazyClass("Idefics2ForConditionalGeneration"), _idefics2_inputs,
               full_attention=2),
-    TinyModel("granite_docling", _granite_docling_config, _class("GraniteDoclingForConditionalGeneration"),
+    TinyModel("granite_docling", _granite_docling_config, LazyClass("GraniteDoclingForConditionalGeneration"),
               _granite_docling_inputs, full_attention=2),
-    TinyModel("lfm2_vl", _lfm2_vl_config, _class("Lfm2VlForConditionalGeneration"), _naflex_inputs,
+    TinyModel("lfm2_vl", _lfm2_vl_config, LazyClass("Lfm2VlForConditionalGeneration"), _naflex_inputs,
               full_attention=1),
-    TinyModel("lfm3_vl", _lfm3_vl_config, _class("Lfm3VlForConditionalGeneration"), _lfm3_vl_inputs,
+    TinyModel("lfm3_vl", _lfm3_vl_config, LazyClass("Lfm3VlForConditionalGeneration"), _lfm3_vl_inputs,
               full_attention=1, skipped=("layers.1.self_attn",)),
 ]
 
