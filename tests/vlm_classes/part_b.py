@@ -18,7 +18,7 @@ import torch
 
 from tests.vlm_classes.common import LazyClass, tf_class
 from tests.tiny_models import (
-    DECODER, IMAGE, ROWS, VISION, TinyModel, _image_rows, _left_pad, _pixels, _text, BOS)
+    DECODER, IMAGE, ROWS, VISION, VOCAB, TinyModel, _image_rows, _left_pad, _pixels, _text, BOS)
 
 
 
@@ -185,6 +185,66 @@ def _lfm3_vl_inputs(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------
+# Janus: SigLIP-like 16×16 image, patch 4 → 16 tokens (the VQ image generator is built, unused)
+
+
+def _janus_config():
+    vision = tf_class("JanusVisionConfig", "janus")(image_size=16, patch_size=4, projection_dim=64, depth=2,
+                                                   num_image_tokens=16, **VISION)
+    vq = tf_class("JanusVQVAEConfig", "janus")(embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32,
+                                               channel_multiplier=[1, 1], num_res_blocks=1, projection_dim=64,
+                                               image_token_embed_dim=64)
+    return tf_class("JanusConfig")(vision_config=vision, vq_config=vq, text_config=_text_config("LlamaConfig"),
+                                   image_token_id=IMAGE)
+
+
+def _janus_inputs(model, batch):
+    return _image_inputs(batch, 16, pixel_values=_pixels(batch, 3, 16, 16))
+
+
+# ---------------------------------------------------------------------------------------------
+# InstructBLIP / InstructBLIP-Video: ViT 16×16, patch 4; a 2-layer Q-Former reads the patches with
+# 16 queries (video: 2 frames × 8 queries) → 16 tokens for a Llama decoder. Their own generate()
+# runs the Q-Former, merges, then calls the inner language model's generate().
+
+
+def _blip_vision(module: str, prefix: str):
+    return tf_class(f"{prefix}VisionConfig", module)(image_size=16, patch_size=4, **VISION)
+
+
+def _qformer(module: str, prefix: str):
+    return tf_class(f"{prefix}QFormerConfig", module)(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=VOCAB,
+        cross_attention_frequency=1, encoder_hidden_size=32)
+
+
+def _instructblip_config():
+    return tf_class("InstructBlipConfig")(
+        vision_config=_blip_vision("instructblip", "InstructBlip"), qformer_config=_qformer("instructblip", "InstructBlip"),
+        text_config=_text_config("LlamaConfig"), num_query_tokens=16, image_token_index=IMAGE)
+
+
+def _instructblipvideo_config():
+    prefix = "InstructBlipVideo"
+    return tf_class("InstructBlipVideoConfig")(
+        vision_config=_blip_vision("instructblipvideo", prefix), qformer_config=_qformer("instructblipvideo", prefix),
+        text_config=_text_config("LlamaConfig"), num_query_tokens=8, video_token_index=IMAGE)
+
+
+def _qformer_text(batch):
+    ids, mask = _left_pad([_text(4) for _ in range(batch)])
+    return dict(qformer_input_ids=ids, qformer_attention_mask=mask)
+
+
+def _instructblip_inputs(model, batch):
+    return _image_inputs(batch, 16, pixel_values=_pixels(batch, 3, 16, 16), **_qformer_text(batch))
+
+
+def _instructblipvideo_inputs(model, batch):
+    return _image_inputs(batch, 16, pixel_values=_pixels(batch, 2, 3, 16, 16), **_qformer_text(batch))
+
+
+# ---------------------------------------------------------------------------------------------
 
 MODELS: list[TinyModel] = [
     TinyModel("llava_next_video", _llava_next_video_config, LazyClass("LlavaNextVideoForConditionalGeneration"),
@@ -205,8 +265,22 @@ MODELS: list[TinyModel] = [
               full_attention=1),
     TinyModel("lfm3_vl", _lfm3_vl_config, LazyClass("Lfm3VlForConditionalGeneration"), _lfm3_vl_inputs,
               full_attention=1, skipped=("layers.1.self_attn",)),
+    TinyModel("janus", _janus_config, LazyClass("JanusForConditionalGeneration"), _janus_inputs, full_attention=2),
+    TinyModel("instructblip", _instructblip_config, LazyClass("InstructBlipForConditionalGeneration"),
+              _instructblip_inputs, full_attention=2),
+    TinyModel("instructblipvideo", _instructblipvideo_config, LazyClass("InstructBlipVideoForConditionalGeneration"),
+              _instructblipvideo_inputs, full_attention=2),
 ]
 
-NOT_BUILDABLE: dict[str, str] = {}
+_AUDIO_ONLY = "audio-only: speech in, text out, no image input"
+
+NOT_BUILDABLE: dict[str, str] = {
+    "granite_speech": _AUDIO_ONLY,
+    "granite_speech_plus": _AUDIO_ONLY,
+    "kyutai_speech_to_text": _AUDIO_ONLY,
+    "moss_transcribe_diarize": _AUDIO_ONLY,
+    "llama4": ("transformers 5.24: Llama4ForConditionalGeneration.forward reads `outputs.image_outputs`, which its "
+               "language model's MoeCausalLMOutputWithPast lacks (AttributeError, uncompiled too)"),
+}
 
 KNOWN_GAPS: dict[str, dict[str, str]] = {}
