@@ -18,7 +18,7 @@ import torch
 
 from tests.vlm_classes.common import LazyClass, tf_class
 from tests.tiny_models import (
-    DECODER, IMAGE, ROWS, VISION, VOCAB, TinyModel, _image_rows, _left_pad, _pixels, _text, BOS)
+    DECODER, IMAGE, ROWS, TEXT_ROWS, VISION, VOCAB, TinyModel, _image_rows, _left_pad, _pixels, _text, BOS)
 
 
 
@@ -245,6 +245,31 @@ def _instructblipvideo_inputs(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------
+# IDEFICS (v1, Flamingo-style): CLIP-like 16×16 image, patch 4 → 17 image states read by a gated
+# cross-attention block before decoder layer 0 (gates opened: alpha 1). The image enters through
+# cross-attention only, so the compressed span is the prompt's head.
+
+
+def _idefics_config():
+    vision = tf_class("IdeficsVisionConfig", "idefics")(embed_dim=32, image_size=16, patch_size=4,
+                                                       intermediate_size=64, num_hidden_layers=2,
+                                                       num_attention_heads=2)
+    decoder = {k: v for k, v in DECODER.items() if k not in ("num_key_value_heads", "head_dim")}
+    return tf_class("IdeficsConfig")(vision_config=vision, num_hidden_layers=2, cross_layer_interval=2,
+                                     alpha_initializer="ones", **decoder)
+
+
+def _idefics_inputs(model, batch):
+    rows = [[BOS, IMAGE] + _text(n - 2) for n in TEXT_ROWS[batch]]
+    ids, mask = _left_pad(rows)
+    sees_image = torch.zeros(batch, ids.shape[1], 1, dtype=torch.long)
+    for b in range(batch):  # every token from the image token on sees the image
+        sees_image[b, int((ids[b] == IMAGE).nonzero()[0, 0]):] = 1
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=_pixels(batch, 1, 3, 16, 16),
+                image_attention_mask=sees_image)
+
+
+# ---------------------------------------------------------------------------------------------
 
 MODELS: list[TinyModel] = [
     TinyModel("llava_next_video", _llava_next_video_config, LazyClass("LlavaNextVideoForConditionalGeneration"),
@@ -270,6 +295,8 @@ MODELS: list[TinyModel] = [
               _instructblip_inputs, full_attention=2),
     TinyModel("instructblipvideo", _instructblipvideo_config, LazyClass("InstructBlipVideoForConditionalGeneration"),
               _instructblipvideo_inputs, full_attention=2),
+    TinyModel("idefics", _idefics_config, LazyClass("IdeficsForVisionText2Text"), _idefics_inputs,
+              full_attention=2, skipped=("gated_cross_attn_layers.0",), has_image=False),
 ]
 
 _AUDIO_ONLY = "audio-only: speech in, text out, no image input"
