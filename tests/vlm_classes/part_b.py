@@ -18,7 +18,7 @@ import torch
 
 from tests.vlm_classes.common import LazyClass, tf_class
 from tests.tiny_models import (
-    DECODER, IMAGE, ROWS, TEXT_ROWS, VISION, VOCAB, TinyModel, _image_rows, _left_pad, _pixels, _text, BOS)
+    DECODER, IMAGE, ROWS, TEXT_ROWS, VISION, VOCAB, TinyModel, _image_rows, _left_pad, _pixels, _text, BOS, EOS, PAD)
 
 
 
@@ -270,6 +270,54 @@ def _idefics_inputs(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------
+# KOSMOS-2 / KOSMOS-2.5: the vision features are resampled to 16 latent queries, written into the
+# embeddings at ``image_embeds_position_mask`` (boolean-index assignment). KOSMOS-2: CLIP-like
+# 16×16 image, patch 4, and its own generate() that calls the inner text model's generate().
+# KOSMOS-2.5: Pix2Struct-style flattened patches (8×8 patches of 4×4, with row/column ids).
+
+
+def _kosmos_text(module: str, prefix: str):
+    return tf_class(f"{prefix}TextConfig", module)(
+        vocab_size=VOCAB, embed_dim=64, layers=2, ffn_dim=128, attention_heads=4, max_position_embeddings=512,
+        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+
+
+def _kosmos2_config():
+    vision = tf_class("Kosmos2VisionConfig", "kosmos2")(image_size=16, patch_size=4, **VISION)
+    return tf_class("Kosmos2Config")(vision_config=vision, text_config=_kosmos_text("kosmos2", "Kosmos2"),
+                                     latent_query_num=16)
+
+
+def _kosmos2_5_config():
+    vision = tf_class("Kosmos2_5VisionConfig", "kosmos2_5")(
+        hidden_size=32, patch_embed_hidden_size=3 * 4 * 4, intermediate_size=64, head_dim=16, num_hidden_layers=2,
+        num_attention_heads=2, max_num_patches=64)
+    return tf_class("Kosmos2_5Config")(vision_config=vision, text_config=_kosmos_text("kosmos2_5", "Kosmos2_5"),
+                                       latent_query_num=16)
+
+
+def _kosmos_position_mask(ids):
+    return (ids == IMAGE).long()  # [B, S]: where the 16 latent queries go
+
+
+def _kosmos2_inputs(model, batch):
+    inputs = _image_inputs(batch, 16, pixel_values=_pixels(batch, 3, 16, 16))
+    return dict(inputs, image_embeds_position_mask=_kosmos_position_mask(inputs["input_ids"]))
+
+
+def _flattened_patches(batch: int, grid: int = 8, patch: int = 4) -> torch.Tensor:
+    """``[B, grid², 2 + patch²·3]``: 1-based row and column ids, then the patch's pixels."""
+    rows, columns = torch.meshgrid(torch.arange(1, grid + 1), torch.arange(1, grid + 1), indexing="ij")
+    ids = torch.stack([rows.flatten(), columns.flatten()], -1).float()  # [grid², 2]
+    return torch.cat([ids.expand(batch, -1, -1), _pixels(batch, grid * grid, patch * patch * 3)], -1)
+
+
+def _kosmos2_5_inputs(model, batch):
+    inputs = _image_inputs(batch, 16, flattened_patches=_flattened_patches(batch))
+    return dict(inputs, image_embeds_position_mask=_kosmos_position_mask(inputs["input_ids"]))
+
+
+# ---------------------------------------------------------------------------------------------
 
 MODELS: list[TinyModel] = [
     TinyModel("llava_next_video", _llava_next_video_config, LazyClass("LlavaNextVideoForConditionalGeneration"),
@@ -297,6 +345,10 @@ MODELS: list[TinyModel] = [
               _instructblipvideo_inputs, full_attention=2),
     TinyModel("idefics", _idefics_config, LazyClass("IdeficsForVisionText2Text"), _idefics_inputs,
               full_attention=2, skipped=("gated_cross_attn_layers.0",), has_image=False),
+    TinyModel("kosmos-2", _kosmos2_config, LazyClass("Kosmos2ForConditionalGeneration"), _kosmos2_inputs,
+              full_attention=2),
+    TinyModel("kosmos-2.5", _kosmos2_5_config, LazyClass("Kosmos2_5ForConditionalGeneration"), _kosmos2_5_inputs,
+              full_attention=2),
 ]
 
 _AUDIO_ONLY = "audio-only: speech in, text out, no image input"
