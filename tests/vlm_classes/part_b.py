@@ -318,6 +318,35 @@ def _kosmos2_5_inputs(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------
+# Mistral 4 (text only: a causal LM in the multimodal mapping): multi-head latent attention
+# (q/kv LoRA ranks 32, 8 NoPE + 8 RoPE channels per Key head = head_dim 16, 4 KV heads), layer 0
+# dense, layer 1 MoE (4 routed experts, 2 per token, 1 shared). The span is the prompt's head.
+# Mistral Large 4: Pixtral + the same latent attention with a DeepSeek-style sparse-attention
+# indexer (top-k over the cached tokens) and a latent KV cache.
+
+_MLA = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_attention_heads=4,
+            num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, kv_lora_rank=32,
+            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, vocab_size=VOCAB, pad_token_id=PAD,
+            bos_token_id=BOS, eos_token_id=EOS, max_position_embeddings=512, num_hidden_layers=2)
+
+
+def _mistral4_config():
+    return tf_class("Mistral4Config")(q_lora_rank=32, first_k_dense_replace=1, **_MLA)
+
+
+def _text_inputs(model, batch):
+    ids, mask = _left_pad([_text(n) for n in TEXT_ROWS[batch]])
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+def _mistral_large4_config():
+    text = tf_class("MistralLarge4TextConfig", "mistral_large4")(
+        first_k_dense_replace=1, index_topk=8, index_head_dim=16, index_n_heads=2, no_rope_layers=[1, 1], **_MLA)
+    return tf_class("MistralLarge4Config")(vision_config=_pixtral(), text_config=text, image_token_index=IMAGE,
+                                           spatial_merge_size=2)
+
+
+# ---------------------------------------------------------------------------------------------
 
 MODELS: list[TinyModel] = [
     TinyModel("llava_next_video", _llava_next_video_config, LazyClass("LlavaNextVideoForConditionalGeneration"),
@@ -349,6 +378,10 @@ MODELS: list[TinyModel] = [
               full_attention=2),
     TinyModel("kosmos-2.5", _kosmos2_5_config, LazyClass("Kosmos2_5ForConditionalGeneration"), _kosmos2_5_inputs,
               full_attention=2),
+    TinyModel("mistral4", _mistral4_config, LazyClass("Mistral4ForCausalLM"), _text_inputs, full_attention=2,
+              has_image=False),
+    TinyModel("mistral_large4", _mistral_large4_config, LazyClass("MistralLarge4ForConditionalGeneration"),
+              _pixtral_inputs, full_attention=2),
 ]
 
 _AUDIO_ONLY = "audio-only: speech in, text out, no image input"
