@@ -347,6 +347,33 @@ def _mistral_large4_config():
 
 
 # ---------------------------------------------------------------------------------------------
+# Molmo2: one 16×16 crop, patch 4 → 16 patches; the adapter pools one patch per token (1×1
+# pooling) → 16 tokens, added onto the placeholder embeddings; image tokens attend each other
+# bidirectionally at prefill (``mm_token_type_ids``)
+
+
+def _molmo2_config():
+    vision = tf_class("Molmo2VisionConfig", "molmo2")(num_key_value_heads=2, head_dim=16, image_size=[16, 16],
+                                                      patch_size=4, **VISION)
+    adapter = tf_class("Molmo2AdapterConfig", "molmo2")(
+        vision_feature_layer=[-1], hidden_size=32, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+        intermediate_size=64, text_hidden_size=64)
+    text = _text_config("Molmo2TextConfig", "molmo2", additional_vocab_size=0)
+    return tf_class("Molmo2Config")(vision_config=vision, adapter_config=adapter, text_config=text,
+                                    image_patch_id=IMAGE, image_start_token_id=246, low_res_image_start_token_id=245,
+                                    image_end_token_id=247, frame_start_token_id=243, frame_end_token_id=244)
+
+
+def _molmo2_inputs(model, batch):
+    rows, types = _image_rows(batch, [IMAGE] * 16, [246], [247])
+    ids, mask, mm_types = _left_pad(rows, types)
+    pooling = torch.arange(batch * 16)[:, None]  # [tokens, 1]: token i of image b pools patch b·16 + i
+    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm_types,
+                pixel_values=_pixels(batch, 16, 4 * 4 * 3), image_token_pooling=pooling,
+                image_grids=torch.tensor([[4, 4, 0, 0]] * batch))
+
+
+# ---------------------------------------------------------------------------------------------
 
 MODELS: list[TinyModel] = [
     TinyModel("llava_next_video", _llava_next_video_config, LazyClass("LlavaNextVideoForConditionalGeneration"),
@@ -382,6 +409,8 @@ MODELS: list[TinyModel] = [
               has_image=False),
     TinyModel("mistral_large4", _mistral_large4_config, LazyClass("MistralLarge4ForConditionalGeneration"),
               _pixtral_inputs, full_attention=2),
+    TinyModel("molmo2", _molmo2_config, LazyClass("Molmo2ForConditionalGeneration"), _molmo2_inputs,
+              full_attention=2),
 ]
 
 _AUDIO_ONLY = "audio-only: speech in, text out, no image input"
