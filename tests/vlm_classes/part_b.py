@@ -374,6 +374,45 @@ def _molmo2_inputs(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------
+# MiniCPM-V 4.6 / MiniCPM-OCR: NaViT-packed 32×32 image (8×8 patches of 4), "4x" downsampling
+# (one 2×2 merge) → 16 tokens; Qwen3.5 decoder: layer 0 gated-DeltaNet linear attention (its
+# recurrent and convolution states live in the cache), layer 1 full attention
+
+
+def _qwen3_5_text():
+    return _text_config("Qwen3_5TextConfig", "qwen3_5", layer_types=["linear_attention", "full_attention"],
+                        linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                        linear_num_key_heads=2, linear_num_value_heads=4)
+
+
+def _minicpm_config(name: str, module: str, **extra):
+    vision = tf_class(f"{name}VisionConfig", module)(image_size=32, patch_size=4, insert_layer_id=0, **VISION)
+    return tf_class(f"{name}Config")(vision_config=vision, text_config=_qwen3_5_text(), image_token_id=IMAGE,
+                                     video_token_id=249, image_size=32, downsample_mode="4x", **extra)
+
+
+def _minicpm_ocr_config():
+    return _minicpm_config("MiniCPMOcr", "minicpm_ocr")
+
+
+def _minicpmv4_6_config():
+    return _minicpm_config("MiniCPMV4_6", "minicpmv4_6")
+
+
+def _navit_pixels(images: int, grid: int = 8, patch: int = 4) -> torch.Tensor:
+    """``[1, C, patch, images·grid²·patch]``: every image's patches side by side (NaViT packing)."""
+    pixels = _pixels(images, 3, grid * patch, grid * patch)
+    patches = torch.nn.functional.unfold(pixels, patch, stride=patch)  # [N, C·p·p, grid²]
+    patches = patches.reshape(images, 3, patch, patch, -1).permute(0, 1, 2, 4, 3).reshape(images, 3, patch, -1)
+    return torch.cat(list(patches), dim=-1)[None]
+
+
+def _minicpm_inputs(model, batch):
+    return _image_inputs(batch, 16, pixel_values=_navit_pixels(batch),
+                         target_sizes=torch.tensor([[8, 8]] * batch, dtype=torch.int32))
+
+
+# ---------------------------------------------------------------------------------------------
 
 MODELS: list[TinyModel] = [
     TinyModel("llava_next_video", _llava_next_video_config, LazyClass("LlavaNextVideoForConditionalGeneration"),
@@ -411,6 +450,10 @@ MODELS: list[TinyModel] = [
               _pixtral_inputs, full_attention=2),
     TinyModel("molmo2", _molmo2_config, LazyClass("Molmo2ForConditionalGeneration"), _molmo2_inputs,
               full_attention=2),
+    TinyModel("minicpm_ocr", _minicpm_ocr_config, LazyClass("MiniCPMOcrForConditionalGeneration"), _minicpm_inputs,
+              full_attention=1),
+    TinyModel("minicpmv4_6", _minicpmv4_6_config, LazyClass("MiniCPMV4_6ForConditionalGeneration"), _minicpm_inputs,
+              full_attention=1),
 ]
 
 _AUDIO_ONLY = "audio-only: speech in, text out, no image input"
