@@ -412,6 +412,24 @@ def _minicpm_inputs(model, batch):
                          target_sizes=torch.tensor([[8, 8]] * batch, dtype=torch.int32))
 
 
+# MiniCPM-V 4.7: the same, plus 3-D (temporal, height, width) positions for the image tokens, found
+# from ``mm_token_type_ids`` and the ``<image>`` … ``</image>`` markers around them
+
+_MINICPM_MARKERS = dict(image_start_id=246, image_end_id=247, slice_start_id=244, slice_end_id=245,
+                        newline_id=243)
+
+
+def _minicpmv4_7_config():
+    return _minicpm_config("MiniCPMV4_7", "minicpmv4_7", **_MINICPM_MARKERS)
+
+
+def _minicpmv4_7_inputs(model, batch):
+    rows, types = _image_rows(batch, [IMAGE] * 16, [246], [247])
+    ids, mask, mm_types = _left_pad(rows, types)
+    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm_types, pixel_values=_navit_pixels(batch),
+                target_sizes=torch.tensor([[8, 8]] * batch, dtype=torch.int32))
+
+
 # ---------------------------------------------------------------------------------------------
 
 MODELS: list[TinyModel] = [
@@ -454,6 +472,8 @@ MODELS: list[TinyModel] = [
               full_attention=1),
     TinyModel("minicpmv4_6", _minicpmv4_6_config, LazyClass("MiniCPMV4_6ForConditionalGeneration"), _minicpm_inputs,
               full_attention=1),
+    TinyModel("minicpmv4_7", _minicpmv4_7_config, LazyClass("MiniCPMV4_7ForConditionalGeneration"),
+              _minicpmv4_7_inputs, full_attention=1),
 ]
 
 _AUDIO_ONLY = "audio-only: speech in, text out, no image input"
