@@ -431,6 +431,29 @@ def _minicpmv4_7_inputs(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------
+# HunYuan-VL: flattened 8×8 patches of 4×4, merge 2 → a 4×4 grid, sent with a separator after each
+# row and a boundary token at each end: 4·5 + 2 = 22 image tokens; 4-axis multimodal RoPE
+# (sequence, width, height, image index)
+
+
+def _hunyuan_vl_config():
+    vision = tf_class("HunYuanVLVisionConfig", "hunyuan_vl")(
+        patch_size=4, spatial_merge_size=2, out_hidden_size=64, text_hidden_size=64, num_key_value_heads=2,
+        **VISION)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2, 2]}
+    text = _text_config("HunYuanVLTextConfig", "hunyuan_vl", rope_parameters=rope)
+    return tf_class("HunYuanVLConfig")(vision_config=vision, text_config=text, image_token_id=IMAGE, im_start_id=246,
+                                       im_end_id=247, im_newline_id=245)
+
+
+def _hunyuan_vl_inputs(model, batch):
+    rows, types = _image_rows(batch, [IMAGE] * 22)
+    ids, mask, mm_types = _left_pad(rows, types)
+    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm_types,
+                pixel_values=_pixels(batch * 64, 3 * 4 * 4), image_grid_thw=torch.tensor([[1, 8, 8]] * batch))
+
+
+# ---------------------------------------------------------------------------------------------
 
 MODELS: list[TinyModel] = [
     TinyModel("llava_next_video", _llava_next_video_config, LazyClass("LlavaNextVideoForConditionalGeneration"),
@@ -474,6 +497,8 @@ MODELS: list[TinyModel] = [
               full_attention=1),
     TinyModel("minicpmv4_7", _minicpmv4_7_config, LazyClass("MiniCPMV4_7ForConditionalGeneration"),
               _minicpmv4_7_inputs, full_attention=1),
+    TinyModel("hunyuan_vl", _hunyuan_vl_config, LazyClass("HunYuanVLForConditionalGeneration"), _hunyuan_vl_inputs,
+              full_attention=2),
 ]
 
 _AUDIO_ONLY = "audio-only: speech in, text out, no image input"
