@@ -28,6 +28,17 @@ def _text_config(name: str, module: str = "", **overrides):
     return tf_class(name, module)(**{"num_hidden_layers": 2, **DECODER, **overrides})
 
 
+class _EagerOnly(LazyClass):
+    """A class without SDPA support: built with eager attention (what ``from_pretrained`` picks for it),
+    whatever ``TinyModel.build`` asked for."""
+
+    def __call__(self, config):
+        for sub in (config, *(getattr(config, name, None) for name in ("text_config", "vision_config"))):
+            if sub is not None:
+                sub._attn_implementation = "eager"
+        return super().__call__(config)
+
+
 def _image_inputs(batch: int, tokens: int, before=(), after=(), **image):
     """``[BOS, text, before, IMAGE × tokens, after, text]`` rows, left-padded, plus ``image``."""
     rows, _ = _image_rows(batch, [IMAGE] * tokens, before, after)
@@ -454,6 +465,29 @@ def _hunyuan_vl_inputs(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------
+# HY-V4-VL (Hy4): the HunYuan-VL vision tower (4×4 merged grid + a newline token per row = 20 image
+# tokens) and a latent-attention decoder as Mistral Large 4's (indexer, latent KV cache), with
+# hyper-connections and MoE (layer 0 dense, layer 1 sparse)
+
+
+def _hy_v4_vl_config():
+    vision = tf_class("HYV4VLVisionConfig", "hy_v4_vl")(
+        patch_size=4, spatial_merge_size=2, out_hidden_size=64, num_key_value_heads=2, **VISION)
+    mla = {k: v for k, v in _MLA.items() if k != "num_key_value_heads"}
+    text = tf_class("HYV4VLTextConfig", "hy_v4_vl")(
+        q_lora_rank=32, index_topk=8, index_head_dim=16, index_n_heads=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}, **mla)
+    return tf_class("HYV4VLConfig")(vision_config=vision, text_config=text, image_token_id=IMAGE, video_token_id=249)
+
+
+def _hy_v4_vl_inputs(model, batch):
+    rows, types = _image_rows(batch, [IMAGE] * 20)
+    ids, mask, mm_types = _left_pad(rows, types)
+    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm_types,
+                pixel_values=_pixels(batch * 64, 3 * 4 * 4), image_grid_thw=torch.tensor([[1, 8, 8]] * batch))
+
+
+# ---------------------------------------------------------------------------------------------
 
 MODELS: list[TinyModel] = [
     TinyModel("llava_next_video", _llava_next_video_config, LazyClass("LlavaNextVideoForConditionalGeneration"),
@@ -498,6 +532,8 @@ MODELS: list[TinyModel] = [
     TinyModel("minicpmv4_7", _minicpmv4_7_config, LazyClass("MiniCPMV4_7ForConditionalGeneration"),
               _minicpmv4_7_inputs, full_attention=1),
     TinyModel("hunyuan_vl", _hunyuan_vl_config, LazyClass("HunYuanVLForConditionalGeneration"), _hunyuan_vl_inputs,
+              full_attention=2),
+    TinyModel("hy_v4_vl", _hy_v4_vl_config, _EagerOnly("HYV4VLForConditionalGeneration"), _hy_v4_vl_inputs,
               full_attention=2),
 ]
 
