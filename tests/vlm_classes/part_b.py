@@ -488,6 +488,26 @@ def _hy_v4_vl_inputs(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------
+# HyperCLOVA X Vision v2: the Qwen2.5-VL vision tower (32×32 image, patch 4, merge 2 → 16 tokens)
+# and a HyperCLOVA X decoder (Granite-style multipliers, post-norms)
+
+
+def _hyperclovax_vision_v2_config():
+    vision = tf_class("Qwen2_5_VLVisionConfig", "qwen2_5_vl")(
+        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+        spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1])
+    text = _text_config("HyperCLOVAXConfig", "hyperclovax", embedding_multiplier=2.0, logits_scaling=0.5,
+                        residual_multiplier=0.5)
+    return tf_class("HyperCLOVAXVisionV2Config")(vision_config=vision, text_config=text, image_token_id=IMAGE,
+                                                 video_token_id=249)
+
+
+def _hyperclovax_vision_v2_inputs(model, batch):
+    return _image_inputs(batch, 16, pixel_values=_pixels(batch * 64, 3 * 2 * 4 * 4),
+                         image_grid_thw=torch.tensor([[1, 8, 8]] * batch))
+
+
+# ---------------------------------------------------------------------------------------------
 
 MODELS: list[TinyModel] = [
     TinyModel("llava_next_video", _llava_next_video_config, LazyClass("LlavaNextVideoForConditionalGeneration"),
@@ -534,6 +554,9 @@ MODELS: list[TinyModel] = [
     TinyModel("hunyuan_vl", _hunyuan_vl_config, LazyClass("HunYuanVLForConditionalGeneration"), _hunyuan_vl_inputs,
               full_attention=2),
     TinyModel("hy_v4_vl", _hy_v4_vl_config, _EagerOnly("HYV4VLForConditionalGeneration"), _hy_v4_vl_inputs,
+              full_attention=2),
+    TinyModel("hyperclovax_vision_v2", _hyperclovax_vision_v2_config,
+              LazyClass("HyperCLOVAXVisionV2ForConditionalGeneration"), _hyperclovax_vision_v2_inputs,
               full_attention=2),
 ]
 
