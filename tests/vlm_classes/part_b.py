@@ -508,6 +508,44 @@ def _hyperclovax_vision_v2_inputs(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------
+# Inkling: one token per 2-frame 2×2 pixel patch (an 8×8 image → 16 tokens) from linear folds;
+# decoder attention with short convolutions on Keys and Values (state in the cache), QK-norm and a
+# learned relative-position bias; layer 0 sliding window (8), layer 1 global; MoE feed-forward
+
+
+def _inkling_text(module: str, prefix: str):
+    return _text_config(f"{prefix}TextConfig", module, swa_num_attention_heads=4, swa_num_key_value_heads=2,
+                        swa_head_dim=16, sliding_window_size=8, d_rel=4, rel_extent=64,
+                        layer_types=["hybrid_sliding", "hybrid"], moe_intermediate_size=32, n_routed_experts=4,
+                        num_experts_per_tok=2, n_shared_experts=1)
+
+
+def _inkling_config():
+    # 3 folds: as many as the (t, h, w) scales of a 2-frame 2×2 patch (fewer need scipy's assignment solver)
+    vision = tf_class("InklingVisionConfig", "inkling")(text_hidden_size=64, patch_size=2, temporal_patch_size=2,
+                                                       hidden_size=32, num_hidden_layers=3)
+    audio = tf_class("InklingAudioConfig", "inkling")(n_mel_bins=8, mel_vocab_size=16, text_hidden_size=64)
+    return tf_class("InklingConfig")(text_config=_inkling_text("inkling", "Inkling"), vision_config=vision,
+                                     audio_config=audio, image_token_id=IMAGE, audio_token_id=249,
+                                     image_bos_token_id=246, audio_bos_token_id=247)
+
+
+def _inkling_weights(model):
+    # The random init leaves the relative-position bias and the short convolutions near zero, so a decode
+    # step that dropped either would still match to 1e-4: give them trained-like magnitudes
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("rel_logits_proj.proj", "self_attn.r_proj.weight")):
+                param.normal_(0.0, 0.5)
+            elif "sconv.conv1d" in name:
+                param.normal_(0.0, 0.5)
+
+
+def _inkling_inputs(model, batch):
+    return _image_inputs(batch, 16, [246], pixel_values=_pixels(batch * 16, 2, 2, 2, 3))
+
+
+# ---------------------------------------------------------------------------------------------
 
 MODELS: list[TinyModel] = [
     TinyModel("llava_next_video", _llava_next_video_config, LazyClass("LlavaNextVideoForConditionalGeneration"),
@@ -558,6 +596,8 @@ MODELS: list[TinyModel] = [
     TinyModel("hyperclovax_vision_v2", _hyperclovax_vision_v2_config,
               LazyClass("HyperCLOVAXVisionV2ForConditionalGeneration"), _hyperclovax_vision_v2_inputs,
               full_attention=2),
+    TinyModel("inkling_mm_model", _inkling_config, LazyClass("InklingForConditionalGeneration"), _inkling_inputs,
+              full_attention=1, skipped=("layers.0.self_attn",), prepare=_inkling_weights),
 ]
 
 _AUDIO_ONLY = "audio-only: speech in, text out, no image input"
