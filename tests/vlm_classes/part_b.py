@@ -545,6 +545,36 @@ def _inkling_inputs(model, batch):
     return _image_inputs(batch, 16, [246], pixel_values=_pixels(batch * 16, 2, 2, 2, 3))
 
 
+# Inkling 2 (and its looped variant): the same decoder family, without shared experts, with attention
+# residual blocks (of 1 layer here); a ViT (patch 4, merge 2) reading one 8×8 pixel patch per token:
+# a 4×4 token grid = 16 image tokens. The looped variant runs layer 1 twice per forward.
+
+
+def _inkling2_text(module: str, prefix: str, **extra):
+    return _text_config(f"{prefix}TextConfig", module, swa_num_attention_heads=4, swa_num_key_value_heads=2,
+                        swa_head_dim=16, sliding_window_size=8, d_rel=4, rel_extent=64, log_scaling_n_floor=8,
+                        layer_types=["hybrid_sliding", "hybrid"], moe_intermediate_size=32, n_routed_experts=4,
+                        num_experts_per_tok=2, unpadded_vocab_size=VOCAB, n_layers_per_attn_res_block=1, **extra)
+
+
+def _inkling2_config(module: str = "inkling2", prefix: str = "Inkling2", **loop):
+    vision = tf_class("Inkling2VisionConfig", "inkling2")(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=4, spatial_merge_size=2,
+        posemb_grid_size=8, projection_hidden_dim=64, text_hidden_size=64)
+    return tf_class(f"{prefix}Config")(text_config=_inkling2_text(module, prefix, **loop), vision_config=vision,
+                                       image_token_id=IMAGE)
+
+
+def _inkling2_loop_config():
+    return _inkling2_config("inkling2_loop", "Inkling2Loop", loop_layer_index_start=1, loop_layer_index_end=2,
+                            loop_num_passes=2, loop_gate_rank=8)
+
+
+def _inkling2_inputs(model, batch):
+    return _image_inputs(batch, 16, pixel_values=_pixels(batch * 16, 8, 8, 3).clamp(-1, 1),
+                         image_grid_thw=torch.tensor([[1, 4, 4]] * batch))
+
+
 # ---------------------------------------------------------------------------------------------
 
 MODELS: list[TinyModel] = [
@@ -598,6 +628,10 @@ MODELS: list[TinyModel] = [
               full_attention=2),
     TinyModel("inkling_mm_model", _inkling_config, LazyClass("InklingForConditionalGeneration"), _inkling_inputs,
               full_attention=1, skipped=("layers.0.self_attn",), prepare=_inkling_weights),
+    TinyModel("inkling2", _inkling2_config, _EagerOnly("Inkling2ForConditionalGeneration"), _inkling2_inputs,
+              full_attention=1, skipped=("layers.0.self_attn",), prepare=_inkling_weights),
+    TinyModel("inkling2_loop", _inkling2_loop_config, _EagerOnly("Inkling2LoopForConditionalGeneration"),
+              _inkling2_inputs, full_attention=1, skipped=("layers.0.self_attn",), prepare=_inkling_weights),
 ]
 
 _AUDIO_ONLY = "audio-only: speech in, text out, no image input"
