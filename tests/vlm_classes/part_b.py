@@ -576,6 +576,27 @@ def _inkling2_inputs(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------
+# Kimi K2.5: MoonViT (4×4 patches of a 32×32 image, merge 2×2 → 16 tokens) and a DeepSeek-V3
+# decoder: multi-head latent attention whose cache holds the expanded per-head Keys (8 NoPE + 8 RoPE
+# channels) and Values; layer 0 dense, layer 1 MoE
+
+
+def _kimi_k25_config():
+    vision = tf_class("Kimi_K25VisionConfig", "kimi_k25")(patch_size=4, pos_emb_height=8, pos_emb_width=8,
+                                                         **VISION)
+    text = tf_class("DeepseekV3Config")(q_lora_rank=32, first_k_dense_replace=1, n_group=1, topk_group=1,
+                                        num_mtp_layers=0, **_MLA)
+    return tf_class("Kimi_K25Config")(vision_config=vision, text_config=text, projection_hidden_size=32,
+                                      image_token_id=IMAGE, video_token_id=249, vision_start_token_id=246,
+                                      vision_end_token_id=247)
+
+
+def _kimi_k25_inputs(model, batch):
+    return _image_inputs(batch, 16, [246], [247], pixel_values=_pixels(batch * 64, 3, 4, 4),
+                         image_grid_thw=torch.tensor([[1, 8, 8]] * batch))
+
+
+# ---------------------------------------------------------------------------------------------
 
 MODELS: list[TinyModel] = [
     TinyModel("llava_next_video", _llava_next_video_config, LazyClass("LlavaNextVideoForConditionalGeneration"),
@@ -632,6 +653,8 @@ MODELS: list[TinyModel] = [
               full_attention=1, skipped=("layers.0.self_attn",), prepare=_inkling_weights),
     TinyModel("inkling2_loop", _inkling2_loop_config, _EagerOnly("Inkling2LoopForConditionalGeneration"),
               _inkling2_inputs, full_attention=1, skipped=("layers.0.self_attn",), prepare=_inkling_weights),
+    TinyModel("kimi_k25", _kimi_k25_config, LazyClass("Kimi_K25ForConditionalGeneration"), _kimi_k25_inputs,
+              full_attention=2),
 ]
 
 _AUDIO_ONLY = "audio-only: speech in, text out, no image input"
