@@ -597,6 +597,28 @@ def _kimi_k25_inputs(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------
+# MiniMax-M3-VL: Qwen-style flattened patches (8×8 patches of 4×4, 2 frames), merge 2 → 16 tokens;
+# decoder layer 0 block-sparse attention picked by a lightning indexer (blocks of 4 tokens, top 2
+# plus the local block), layer 1 full attention; partial RoPE (8 of 16 channels); MoE
+
+
+def _minimax_m3_vl_config():
+    vision = tf_class("MiniMaxM3VLVisionConfig", "minimax_m3_vl")(image_size=32, patch_size=4, temporal_patch_size=2,
+                                                                 spatial_merge_size=2, **VISION)
+    text = _text_config("MiniMaxM3VLTextConfig", "minimax_m3_vl", num_local_experts=4, num_experts_per_tok=2,
+                        dense_intermediate_size=128, shared_intermediate_size=32, rotary_dim=8, index_n_heads=2,
+                        index_head_dim=16, index_block_size=4, index_topk_blocks=2, index_local_blocks=1,
+                        layer_types=["minimax_m3_sparse", "full_attention"])
+    return tf_class("MiniMaxM3VLConfig")(vision_config=vision, text_config=text, image_token_index=IMAGE,
+                                         video_token_index=249, projector_hidden_size=64)
+
+
+def _minimax_m3_vl_inputs(model, batch):
+    return _image_inputs(batch, 16, pixel_values=_pixels(batch * 64, 3 * 2 * 4 * 4),
+                         image_grid_thw=torch.tensor([[1, 8, 8]] * batch))
+
+
+# ---------------------------------------------------------------------------------------------
 
 MODELS: list[TinyModel] = [
     TinyModel("llava_next_video", _llava_next_video_config, LazyClass("LlavaNextVideoForConditionalGeneration"),
@@ -655,6 +677,8 @@ MODELS: list[TinyModel] = [
               _inkling2_inputs, full_attention=1, skipped=("layers.0.self_attn",), prepare=_inkling_weights),
     TinyModel("kimi_k25", _kimi_k25_config, LazyClass("Kimi_K25ForConditionalGeneration"), _kimi_k25_inputs,
               full_attention=2),
+    TinyModel("minimax_m3_vl", _minimax_m3_vl_config, LazyClass("MiniMaxM3SparseForConditionalGeneration"),
+              _minimax_m3_vl_inputs, full_attention=1, skipped=("layers.0.self_attn",)),
 ]
 
 _AUDIO_ONLY = "audio-only: speech in, text out, no image input"
