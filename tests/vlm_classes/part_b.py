@@ -619,6 +619,28 @@ def _minimax_m3_vl_inputs(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------
+# Muse Glimmer: flattened 8×8 patches of 4×4 (2 frames) on an 8×8 position grid, pixel shuffle 2 →
+# 16 tokens; decoder layer 0 sliding window (8) with RoPE, layer 1 full attention without RoPE
+
+
+def _muse_vision(module: str, prefix: str):
+    return tf_class(f"{prefix}VisionConfig", module)(patch_size=4, pos_emb_height=8, pos_emb_width=8,
+                                                     max_position_embeddings=64, merge_size=2, **VISION)
+
+
+def _muse_glimmer_config():
+    text = _text_config("MuseGlimmerTextConfig", "muse_glimmer", sliding_window=8)
+    return tf_class("MuseGlimmerConfig")(vision_config=_muse_vision("muse_glimmer", "MuseGlimmer"), text_config=text,
+                                         image_token_id=IMAGE, video_token_id=249, out_hidden_size=32 * 2 * 2,
+                                         projector_hidden_size=64)
+
+
+def _muse_inputs(model, batch):
+    return _image_inputs(batch, 16, pixel_values=_pixels(batch * 64, 2 * 3 * 4 * 4),
+                         image_grid_thw=torch.tensor([[1, 8, 8]] * batch))
+
+
+# ---------------------------------------------------------------------------------------------
 
 MODELS: list[TinyModel] = [
     TinyModel("llava_next_video", _llava_next_video_config, LazyClass("LlavaNextVideoForConditionalGeneration"),
@@ -679,6 +701,8 @@ MODELS: list[TinyModel] = [
               full_attention=2),
     TinyModel("minimax_m3_vl", _minimax_m3_vl_config, LazyClass("MiniMaxM3SparseForConditionalGeneration"),
               _minimax_m3_vl_inputs, full_attention=1, skipped=("layers.0.self_attn",)),
+    TinyModel("muse_glimmer", _muse_glimmer_config, LazyClass("MuseGlimmerForConditionalGeneration"), _muse_inputs,
+              full_attention=1, skipped=("layers.0.self_attn",)),
 ]
 
 _AUDIO_ONLY = "audio-only: speech in, text out, no image input"
