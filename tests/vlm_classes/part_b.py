@@ -640,6 +640,20 @@ def _muse_inputs(model, batch):
                          image_grid_thw=torch.tensor([[1, 8, 8]] * batch))
 
 
+# Muse Spark: the same vision tower and decoder pattern, MoE feed-forward (4 experts, 2 per token)
+# and an audio encoder (built, unused)
+
+
+def _muse_spark_config():
+    text = _text_config("MuseSparkTextConfig", "muse_spark", sliding_window=8, moe_intermediate_size=32,
+                        moe_hidden_size=32, num_local_experts=4, num_experts_per_tok=2)
+    audio = tf_class("MuseSparkAudioConfig", "muse_spark")(patch_sizes=(2, 2), hidden_sizes=(16, 32), depths=(1, 1),
+                                                           num_hidden_layers=2, out_hidden_size=64)
+    return tf_class("MuseSparkConfig")(vision_config=_muse_vision("muse_spark", "MuseSpark"), text_config=text,
+                                       audio_config=audio, image_token_id=IMAGE, video_token_id=249,
+                                       audio_token_id=248, out_hidden_size=32 * 2 * 2, projector_hidden_size=64)
+
+
 # ---------------------------------------------------------------------------------------------
 
 MODELS: list[TinyModel] = [
@@ -702,6 +716,8 @@ MODELS: list[TinyModel] = [
     TinyModel("minimax_m3_vl", _minimax_m3_vl_config, LazyClass("MiniMaxM3SparseForConditionalGeneration"),
               _minimax_m3_vl_inputs, full_attention=1, skipped=("layers.0.self_attn",)),
     TinyModel("muse_glimmer", _muse_glimmer_config, LazyClass("MuseGlimmerForConditionalGeneration"), _muse_inputs,
+              full_attention=1, skipped=("layers.0.self_attn",)),
+    TinyModel("muse_spark", _muse_spark_config, LazyClass("MuseSparkForConditionalGeneration"), _muse_inputs,
               full_attention=1, skipped=("layers.0.self_attn",)),
 ]
 
