@@ -29,6 +29,8 @@ def _verdict(check: Callable[[], None]) -> str:
         check()
     except AssertionError as error:
         return f"no ({str(error).splitlines()[0][:80]})"
+    except Exception as error:  # noqa: BLE001 (a report row, not a test)
+        return f"error ({type(error).__name__}: {str(error).splitlines()[0][:80] if str(error) else ''})"
     return "yes"
 
 
@@ -54,11 +56,14 @@ def row(entry) -> tuple[str, dict]:
                     sites=_verdict(lambda: checks.check_sites(entry, full)),
                     exact=_verdict(lambda: checks.check_exact(reference, full)),
                     span=_verdict(lambda: checks.check_span(entry, reference, quarter)))
-    ratio = checks.key_bytes_ratio(reference, quarter)
+    try:
+        ratio = f"{checks.key_bytes_ratio(reference, quarter):.3f}"
+    except Exception as error:  # noqa: BLE001
+        ratio = f"error ({type(error).__name__})"
     sites = (f"{rewritten} / {len({layer for layer, _ in skipped})} ({'; '.join(reasons) or '-'}); "
              f"sites check {verdicts['sites']}")
     seconds = time.perf_counter() - start
-    return (name + f"| yes | {sites} | {verdicts['exact']} | {verdicts['span']} | {ratio:.3f} | {seconds:.1f} | "
+    return (name + f"| yes | {sites} | {verdicts['exact']} | {verdicts['span']} | {ratio} | {seconds:.1f} | "
             f"{gaps or '-'} |"), verdicts
 
 

@@ -149,7 +149,7 @@ def expected_span(entry: TinyModel, inputs: dict) -> torch.Tensor:
 
 def span_tokens(run: Run) -> list[torch.Tensor]:
     """``[B]`` span tokens per row of every compressed layer of ``run``'s cache."""
-    states = [attached(layer.keys) for layer in decoder_cache(run.cache).layers]
+    states = [attached(getattr(layer, "keys", None)) for layer in decoder_cache(run.cache).layers]
     return [state.span_mask.sum(-1) for state in states if state is not None]
 
 

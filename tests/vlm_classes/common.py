@@ -34,17 +34,22 @@ class LazyClass:
     """A model class named by string, resolved at build time: ``LazyClass("AriaForConditionalGeneration")``.
 
     Usable as :attr:`TinyModel.model_class` (``model_class(config)`` builds the model); ``__name__``
-    is the class name without importing it.
+    is the class name without importing it. ``eager`` names the configs (``""``: the top one,
+    ``"vision_config"``, ...) whose modules have no SDPA implementation: they get eager attention,
+    as ``from_pretrained`` would pick for them by default.
     """
 
-    def __init__(self, name: str, module: str = ""):
+    def __init__(self, name: str, module: str = "", eager: tuple[str, ...] = ()):
         self.__name__ = name
         self.module = module
+        self.eager = eager
 
     def resolve(self) -> type:
         return tf_class(self.__name__, self.module)
 
     def __call__(self, config):
+        for sub in self.eager:
+            (getattr(config, sub) if sub else config)._attn_implementation = "eager"
         return self.resolve()(config)
 
     def __repr__(self) -> str:
