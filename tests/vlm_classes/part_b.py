@@ -347,7 +347,9 @@ _MLA = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num
 
 
 def _mistral4_config():
-    return tf_class("Mistral4Config")(q_lora_rank=32, first_k_dense_replace=1, **_MLA)
+    # its default YaRN stretches 8192 positions 128×: a matching length keeps transformers from warning
+    return tf_class("Mistral4Config")(q_lora_rank=32, first_k_dense_replace=1, **{
+        **_MLA, "max_position_embeddings": 8192 * 128})
 
 
 def _text_inputs(model, batch):
@@ -735,14 +737,11 @@ NOT_BUILDABLE: dict[str, str] = {
 }
 
 # Causes shared by several classes
-_INNER_GENERATE = ("its generate() calls the inner language model's generate(), which model.compile() does not "
-                   "reach: the backend never runs, nothing is compressed, and nothing says so")
-_LATENT_CACHE = ("multi-head latent attention caches the compressed latent and expands Keys after the cache read: "
-                 "left exact, reported as 'no KV-cache append' (vision tower, encoder or cross-attention)")
-_STATE_DROPPED = ("the decode rewrite's eliminate_dead_code() deletes the in-place copy_ of the {} state "
-                  "into the cache: from the second decode step the state is stale (wrong logits)")
-_NO_KEYS = ("cache_bytes() (and the span count) read .keys of every cache layer; the {} layers' "
-            "LinearAttentionLayer has none (AttributeError)")
+_INNER_GENERATE = ("its generate() merges the image in eager code, then calls the inner language model's "
+                   "generate(), which model.compile() does not reach: nothing is compiled or compressed. The "
+                   "README's recipe (compile model.language_model) rewrites the layers but finds no span there")
+_LATENT_CACHE = ("multi-head latent attention caches the latent and expands per-head Keys after the cache read: "
+                 "left exact ('no KV-cache append … or a cache layout the pass does not know'), nothing compressed")
 _SINKS_UNSEEN = ("eager attention with an added position bias and sink logits (softmax over cat(logits, sinks), "
                  "then [..., :-1]) is not recognised: the decoder's self-attention is neither rewritten nor "
                  "reported left exact")
@@ -757,7 +756,7 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "mistral4": _LATENT_CACHE,
         "mistral_large4": _LATENT_CACHE,
         "kimi_k25": _LATENT_CACHE,
-        "hy_v4_vl": _LATENT_CACHE + "; its eager attention with sinks is not even reported",
+        "hy_v4_vl": _LATENT_CACHE + "; its eager attention with sinks is not reported at all",
         "inkling2": _SINKS_UNSEEN,
         "inkling2_loop": _SINKS_UNSEEN,
         "inkling_mm_model": ("the check reads layer_types[i] == 'full_attention'; Inkling names its global layers "
@@ -766,26 +765,20 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
                           "as a full-attention site"),
     },
     "exact": {
-        "lfm2_vl": _STATE_DROPPED.format("short-convolution"),
-        "lfm3_vl": _STATE_DROPPED.format("short-convolution"),
-        "minicpm_ocr": _STATE_DROPPED.format("gated-DeltaNet recurrent and convolution"),
-        "minicpmv4_6": _STATE_DROPPED.format("gated-DeltaNet recurrent and convolution"),
-        "minicpmv4_7": _STATE_DROPPED.format("gated-DeltaNet recurrent and convolution"),
         "inkling_mm_model": ("the relative-position bias rides in SDPA's float attn_mask, which the decode rewrite "
-                             "reduces to a validity mask (bias dropped); and " + _STATE_DROPPED.format("Key/Value "
-                             "short-convolution")),
+                             "reduces to a validity mask: the bias is dropped from every decode step"),
         "minimax_m3_vl": ("the block-sparse layer's prefill mask row is read as token validity (tokens outside the "
                           "chosen blocks are dropped from its cache) and its decode attends every block"),
     },
     "span": {
         "granite_docling": ("the image mask is tagged on the merged embeddings, but the text model scales them "
                             "(embedding multiplier) outside any graph and each layer runs in its own graph: no "
-                            "span reaches the prefill graphs; the empty span's basis makes Key bytes 1.16× baseline"),
+                            "span reaches the prefill graphs (empty span, Key bytes 1.16× baseline)"),
         "instructblip": _INNER_GENERATE,
         "instructblipvideo": _INNER_GENERATE,
         "kosmos-2": _INNER_GENERATE,
         "kosmos-2.5": ("the image features are written by boolean-mask assignment (embeds[mask] = features, FX "
-                       "operator.setitem), which the span finder does not match: empty span, Key bytes above baseline"),
+                       "operator.setitem), which the span finder does not match (empty span, Key bytes 1.17×)"),
         "molmo2": ("Dynamo breaks the graph at the masked_scatter whose source is a boolean gather "
                    "(embeds[mask] + features): the merge runs outside every graph, no span is found"),
         "mistral4": _LATENT_CACHE,
@@ -794,11 +787,6 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "hy_v4_vl": _LATENT_CACHE,
         "inkling2": _SINKS_UNSEEN,
         "inkling2_loop": _SINKS_UNSEEN,
-        "lfm2_vl": _NO_KEYS.format("convolution"),
-        "lfm3_vl": _NO_KEYS.format("convolution"),
-        "minicpm_ocr": _NO_KEYS.format("gated-DeltaNet"),
-        "minicpmv4_6": _NO_KEYS.format("gated-DeltaNet"),
-        "minicpmv4_7": _NO_KEYS.format("gated-DeltaNet"),
-        "minimax_m3_vl": "the block-sparse layer is compressed too, with a span of the prefill's chosen blocks only",
+        "minimax_m3_vl": "the block-sparse layer is compressed too, its span only the prefill's chosen blocks",
     },
 }
