@@ -102,7 +102,7 @@ def test_no_recompilation_per_decode_step():
     generate(model, inputs, steps=3)
     graphs_after_three = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     generate(model, inputs, steps=16)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_after_three == 3
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_after_three == 2  # prefill, decode
 
 
 def prefill(model, input_ids):
@@ -264,7 +264,7 @@ def test_reports_and_explain():
     model.compile(backend=backend)
     generate(model, inputs, steps=3)
     phases = [report.phase for report in backend.reports]
-    assert phases == ["prefill", "decode", "decode"]
+    assert phases == ["prefill", "decode"]  # one decode graph: the cache length is symbolic
     assert all(len(report.rewritten) == LAYERS for report in backend.reports)
 
     torch._dynamo.reset()

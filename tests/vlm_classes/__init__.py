@@ -6,7 +6,9 @@ The registry is split in three part files (``part_a``, ``part_b``, ``part_c``), 
 - ``NOT_BUILDABLE: dict[str, str]``: model_type → why it cannot be built tiny or run here;
 - ``KNOWN_GAPS: dict[str, dict[str, str]]`` (optional): check → model_type → cause, for the
   product gaps that make a check fail (``xfail(strict=True)`` in ``tests/test_vlm_classes.py``).
-  Checks: ``"sites"``, ``"exact"``, ``"span"`` (see :mod:`tests.vlm_classes.checks`).
+  Checks: ``"sites"``, ``"exact"``, ``"span"`` (see :mod:`tests.vlm_classes.checks`);
+- ``SLOW: dict[str, str]`` (optional): model_type → why its generations cost too much for the CI
+  sample of ``tests/test_vlm_classes.py`` (they still run with ``ROTATEK_VLM_CLASSES=all``).
 
 A part file that does not exist yet counts as empty.
 """
@@ -40,5 +42,7 @@ for _m in _modules:
         if _check not in KNOWN_GAPS:
             raise ValueError(f"{_m.__name__}.KNOWN_GAPS: unknown check {_check!r} (expected one of {CHECKS})")
         KNOWN_GAPS[_check].update(_gaps)
+
+SLOW: dict[str, str] = {k: v for m in _modules for k, v in getattr(m, "SLOW", {}).items()}
 
 BY_NAME: dict[str, TinyModel] = {entry.name: entry for entry in ALL}

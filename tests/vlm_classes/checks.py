@@ -166,6 +166,7 @@ def check_span(entry: TinyModel, reference: Run, compiled: Run) -> None:
     spans = span_tokens(compiled)
     assert len(spans) == entry.full_attention, f"{len(spans)} compressed layers, expected {entry.full_attention}"
     for i, span in enumerate(spans):
-        assert torch.equal(span.cpu(), expected), f"compressed layer {i}: span {span.tolist()}, expected {expected.tolist()}"
+        assert torch.equal(span.cpu(), expected), (
+            f"compressed layer {i}: span {span.tolist()}, expected {expected.tolist()}")
     ratio = key_bytes_ratio(reference, compiled)
     assert ratio < 1, f"Key cache bytes compressed / uncompressed = {ratio:.3f}"
