@@ -12,7 +12,8 @@ Layout: attention is a softmax over a *set* of tokens, so the cache keeps two se
 its own Keys, Values and validity mask, in any order:
 
 - span: the compressed tokens (image tokens, or the prompt's head for text-only models);
-- rest: every other real token at full width (prompt, text, and each generated token).
+- rest: every other real token at full width (prompt, text, and each generated token), and the
+  span's attention sinks (:mod:`rotatek_compile.tiers`), which are never compressed.
 
 Padding tokens are dropped at prefill (they are never attended).
 """
@@ -25,6 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from rotatek_compile import tiers
 from rotatek_compile.config import RotateKConfig
 from rotatek_compile.kernels import reference
 
@@ -167,7 +169,9 @@ def compress_layer(
     queries : Tensor
         ``[B, Hq, W, d]`` post-RoPE queries of the last ``W`` prompt tokens.
     span : Tensor
-        ``[B, S]`` bool, the tokens to compress.
+        ``[B, S]`` bool, the tokens to compress. Its attention sinks (the first real token of each
+        row, and tokens that take a large share of the window's attention:
+        :func:`rotatek_compile.tiers.attention_sinks`) go to the exact rest segment instead.
     valid : Tensor
         ``[B, S]`` bool, the real (non-padding) tokens.
     config : RotateKConfig
@@ -175,6 +179,7 @@ def compress_layer(
         The layer's softmax scale (token pruning scores use it).
     """
     span = span & valid
+    span = span & ~tiers.attention_sinks(queries, keys, scale, span, valid)
     span_positions, span_mask = _compact(span)
     rest_positions, rest_mask = _compact(valid & ~span)
     span_keys = _gather_positions(keys, span_positions)  # [B, H, Sv, d]
