@@ -253,15 +253,15 @@ def expected_span_bytes(method: str, batch: int, heads: int, tokens: int, dim: i
                         rank: int, element: int) -> dict[str, int]:
     """Bytes a method must keep for a compressed span of ``tokens`` tokens per (row, head).
 
-    RotateK: ``K̃`` ``tokens·r·elt`` plus, per (row, head), ``R`` ``d·r`` and ``δμ`` ``d`` in fp32.
+    RotateK: ``K̃`` ``tokens·r·elt`` plus, per (row, head), ``R`` ``d·r·elt`` and ``δμ`` ``d·elt``.
     ThinK: the kept channels ``tokens·r·elt`` plus their ``r`` int16 indices per (row, head).
     SparK-style: per token ``r`` values, ``r`` int16 indices and one fill value. Values:
     ``tokens·dv·elt``. Keys are listed in the order of ``CompressedLayer.span_key_parts``.
     """
     per_head = batch * heads
     if method == "rotatek":
-        keys = {"keys": per_head * tokens * rank * element, "rotation": per_head * dim * rank * 4,
-                "mean_residual": per_head * dim * 4}
+        keys = {"keys": per_head * tokens * rank * element, "rotation": per_head * dim * rank * element,
+                "mean_residual": per_head * dim * element}
     elif method == "think":
         keys = {"keys": per_head * tokens * rank * element, "channels": per_head * rank * 2}
     elif method == "spark":
@@ -323,7 +323,9 @@ def measure_cache(cache, cell: Cell, prompt_length: int) -> dict[str, Any]:
             if storage != size:
                 problems.append(f"layer {index} {part}: storage {storage} B ≠ tensor {size} B")
             measured_span += storage
-        measured_span += batch * heads * sinks * (dim + value_dim) * element  # the sinks, exact
+        sink_bytes = batch * heads * sinks * (dim + value_dim) * element  # the sinks, exact
+        measured_span += sink_bytes
+        expected_span += sink_bytes
         per_token = PER_TOKEN[state.method]
         per_head = tuple(k for k in expected if k not in per_token and k != "values")
         token_keys = sum(expected[k] for k in per_token)

@@ -28,7 +28,8 @@ from rotatek_compile.passes.find_attention import sites_and_skips
 from rotatek_compile.passes.rewrite import (
     RewrittenGraph, rewrite_decode, rewrite_merge, rewrite_prefill, state_inputs)
 from rotatek_compile.passes.visual_span import to_token_mask
-from rotatek_compile.state import CompressedLayer, attached, compress_layer, derived_from_stand_in, stand_in
+from rotatek_compile.state import (
+    CompressedLayer, KeptExact, attached, compress_layer, derived_from_stand_in, stand_in)
 
 logger = logging.getLogger("rotatek_compile")
 
@@ -44,6 +45,8 @@ class GraphReport:
     phase: str  # "prefill" | "decode" | "other" (graphs left unchanged that hold attention)
     rewritten: list[str]
     skipped: list[tuple[str, str]]
+    # prefill, filled at run time: rewritten sites whose last call kept the exact cache, and why
+    kept_exact: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class RotateKBackend:
@@ -72,9 +75,9 @@ class RotateKBackend:
             return self._plain(gm, example_inputs)
         if plan.phase == "merge":
             return _MergeRunner(plan, self._compile(plan.module, list(example_inputs)))
-        self._report(plan)
+        report = self._report(plan)
         if plan.phase == "prefill":
-            return _PrefillRunner(plan, self._compile(plan.module, list(example_inputs)), self.config)
+            return _PrefillRunner(plan, self._compile(plan.module, list(example_inputs)), self.config, report)
         extra, symbols = _state_inputs(_compressed_layers(plan, example_inputs)), []
         if self.inner == "inductor":
             extra, symbols = _symbolic_state(plan, extra, self.config.method)
@@ -105,7 +108,7 @@ class RotateKBackend:
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         return _guard_stand_ins(compiled, [placeholders.index(s.past_keys) for s in decode])
 
-    def _report(self, plan: RewrittenGraph) -> None:
+    def _report(self, plan: RewrittenGraph) -> GraphReport:
         report = GraphReport(plan.phase, [s.layer for s in plan.sites],
                              [(s.layer, s.reason) for s in plan.skipped])
         self.reports.append(report)
@@ -113,6 +116,7 @@ class RotateKBackend:
                     plan.phase, len(plan.sites), len(plan.skipped))
         for skipped in plan.skipped:
             logger.info("rotatek: %s left exact: %s", skipped.layer, skipped.reason)
+        return report
 
 
 def _guard_stand_ins(compiled: Callable, past_keys_inputs: list[int]) -> Callable:
@@ -268,21 +272,34 @@ class _MergeRunner:
 
 
 class _PrefillRunner:
-    """Runs the prefill graph, then compresses each site's Keys and hands HF stand-ins."""
+    """Runs the prefill graph, then compresses each site's Keys and hands HF stand-ins.
 
-    def __init__(self, plan: RewrittenGraph, compiled: Callable, config: RotateKConfig):
+    A layer that :func:`compress_layer` keeps exact (its compressed form would not be smaller)
+    hands HF its real Keys and Values; the decode graph then leaves that site exact.
+    """
+
+    def __init__(self, plan: RewrittenGraph, compiled: Callable, config: RotateKConfig,
+                 report: Optional[GraphReport] = None):
         self.plan, self.compiled, self.config = plan, compiled, config
+        self.report = report
 
     def __call__(self, *args):
         outputs = list(self.compiled(*args))
         plan = self.plan
         span = self._span(outputs, args)
+        if self.report is not None:
+            self.report.kept_exact.clear()
         for slot in plan.sites:
             keys, values = outputs[slot.keys_output], outputs[slot.values_output]
             valid = _valid_tokens(outputs[slot.mask_output] if slot.mask_output >= 0 else None, keys)
             layer_span = span if span is not None else _prompt_head(valid, self.config.query_window)
             layer = compress_layer(keys, values, outputs[slot.query_output], layer_span, valid,
                                    self.config, slot.scale)
+            if isinstance(layer, KeptExact):
+                logger.info("rotatek: %s kept exact: %s", slot.layer, layer.reason)
+                if self.report is not None:
+                    self.report.kept_exact[slot.layer] = layer.reason
+                continue
             outputs[slot.keys_output] = stand_in(keys.shape, keys, layer)
             outputs[slot.values_output] = stand_in(values.shape, values, None)
             del keys, values

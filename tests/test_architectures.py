@@ -210,7 +210,7 @@ def test_quarter_rank_bytes(name):
         batch, heads, length, _ = layer.keys.shape
         sinks = span_tokens - k_tilde.shape[2]  # span tokens kept exact (rotatek_compile.tiers)
         assert (1 if not entry.has_image else 0) <= sinks <= SINK_LIMIT
-        assert state.keys.shape[2] == int(run.inputs["attention_mask"].sum()) - span_tokens + sinks
+        assert (state.split.span, state.split.exact) == (span_tokens, sinks)  # batch 1
         assert tuple(k_tilde.shape) == (batch, heads, span_tokens - sinks, r), (
             f"K̃ {tuple(k_tilde.shape)}: expected {span_tokens - sinks} span tokens at r = {r}")
         full = batch * heads * (span_tokens - sinks) * d * k_tilde.element_size()  # those tokens' baseline Keys
