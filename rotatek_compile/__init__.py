@@ -9,12 +9,19 @@ from rotatek_compile.config import RotateKConfig
 from rotatek_compile.explain import CacheBytes, Explanation, cache_bytes, explain
 
 
-def backend(config: RotateKConfig | None = None, **options) -> RotateKBackend:
-    """A backend object for ``torch.compile(backend=...)``, from a config or option keywords."""
+def backend(config: RotateKConfig | None = None, *, inner: str = "inductor", mode: str | None = None,
+            **options) -> RotateKBackend:
+    """A backend object for ``torch.compile(backend=...)``, from a config or option keywords.
+
+    Options are checked here, at once. ``mode`` is Inductor's (``"reduce-overhead"``: CUDA graphs,
+    ``"max-autotune"``, ...): ``torch.compile`` refuses ``mode`` together with ``options``, so
+    pass both here instead::
+
+        model.compile(backend=rotatek_compile.backend(key_channels=32, mode="reduce-overhead"))
+    """
     if config is not None and options:
         raise ValueError("rotatek: pass a RotateKConfig or option keywords, not both")
-    inner = options.pop("inner", "inductor")
-    return RotateKBackend(config or RotateKConfig.from_options(options), inner=inner)
+    return RotateKBackend(config or RotateKConfig.from_options(options), inner=inner, mode=mode)
 
 
 __all__ = ["RotateKBackend", "RotateKCacheError", "RotateKConfig", "CacheBytes", "Explanation",

@@ -23,19 +23,67 @@ import torch
 import torch.fx as fx
 
 import rotatek_compile.ops  # noqa: F401  (registers torch.ops.rotatek.*)
-from rotatek_compile.config import RotateKConfig
-from rotatek_compile.passes.find_attention import sites_and_skips
+from rotatek_compile.config import INNERS, RotateKConfig
+from rotatek_compile.passes.find_attention import SkippedSite, sites_and_skips
 from rotatek_compile.passes.rewrite import (
     RewrittenGraph, rewrite_decode, rewrite_merge, rewrite_prefill, state_inputs)
 from rotatek_compile.passes.visual_span import to_token_mask
 from rotatek_compile.state import (
-    CompressedLayer, KeptExact, attached, compress_layer, derived_from_stand_in, stand_in)
+    CompressedLayer, KeptExact, attached, compress_layer, derived_from_stand_in, plain, stand_in)
 
 logger = logging.getLogger("rotatek_compile")
 
 
 class RotateKCacheError(RuntimeError):
     """A compressed cache reached code that cannot read it (e.g. beam search reordered it)."""
+
+
+class _RecompileLimitWarning(logging.Filter):
+    """Turns Dynamo's "hit config.recompile_limit" log record into one WARNING of ours.
+
+    Past that limit Dynamo runs the frame uncompiled: new requests get an exact, uncompressed
+    cache (compression silently off), and a compressed cache reaching that code raises
+    :class:`RotateKCacheError` (see :class:`rotatek_compile.state.StandIn`). The backend is not
+    called then, so this filter on Dynamo's logger is the one place that sees it happen.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()  # Dynamo logs it once per frame that hits the limit
+        if "recompile_limit" in message and "hit config" in message:
+            logger.warning(
+                "rotatek: Dynamo hit its recompile limit (torch._dynamo.config.recompile_limit): "
+                "new request shapes now run uncompiled, every layer exact and uncompressed, and a "
+                "compressed cache that reaches them raises RotateKCacheError; raise the limit "
+                "(README, 'Many request shapes')")
+        return True
+
+
+_RECOMPILE_LIMIT_WARNING = _RecompileLimitWarning()
+
+
+# Graphs one model needs for ordinary traffic: prefill and decode, batch 1 and batch > 1 (Dynamo
+# specialises size 1), first and later turns, each first traced static and then dynamic.
+RECOMPILE_LIMIT = 64
+_TORCH_DEFAULT_RECOMPILE_LIMIT = 8
+
+
+def _raise_recompile_limit() -> None:
+    """Raise Dynamo's per-function recompile limit from torch's default to :data:`RECOMPILE_LIMIT`.
+
+    Past the limit the model would run uncompiled (exact, uncompressed, or refused on a compressed
+    cache). A limit the user set (anything but torch's default) is kept.
+    """
+    config = torch._dynamo.config
+    if config.recompile_limit == _TORCH_DEFAULT_RECOMPILE_LIMIT:
+        config.recompile_limit = RECOMPILE_LIMIT
+        logger.info("rotatek: torch._dynamo.config.recompile_limit raised from %d to %d",
+                    _TORCH_DEFAULT_RECOMPILE_LIMIT, RECOMPILE_LIMIT)
+
+
+def _watch_recompile_limit() -> None:
+    dynamo_logger = logging.getLogger("torch._dynamo.convert_frame")
+    if _RECOMPILE_LIMIT_WARNING not in dynamo_logger.filters:
+        dynamo_logger.addFilter(_RECOMPILE_LIMIT_WARNING)
 
 
 @dataclasses.dataclass
@@ -53,14 +101,24 @@ class RotateKBackend:
     """A torch.compile backend object; ``reports`` lists every graph it compiled."""
 
     def __init__(self, config: RotateKConfig, inner: str = "inductor", mode: Optional[str] = None):
-        if inner not in ("inductor", "eager"):
-            raise ValueError(f"rotatek inner compiler {inner!r} is invalid: expected 'inductor' or 'eager'")
+        if inner not in INNERS:
+            raise ValueError(f"rotatek option inner={inner!r} is invalid: expected one of 'inductor', 'eager'")
+        if mode is not None and mode not in _inductor_modes():
+            raise ValueError(f"rotatek option mode={mode!r} is invalid: expected one of "
+                             f"{', '.join(repr(m) for m in _inductor_modes())}")
         self.config = config
         self.inner = inner
         self.mode = mode
         self.reports: list[GraphReport] = []
+        self._warned: set[str] = set()  # reasons already given in a WARNING
+        self.kept_exact: dict[str, str] = {}  # layer → why a prefill kept its exact cache (latest)
+        self.saw_image_input = False  # some graph took pixel_values: the model sees images
+        _watch_recompile_limit()
+        _raise_recompile_limit()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        if any("pixel_values" in node.name for node in gm.graph.find_nodes(op="placeholder")):
+            self.saw_image_input = True
         compressed = {i for i, x in enumerate(example_inputs) if attached(x) is not None}
         if compressed:
             plan = rewrite_decode(gm, self.config.method, self.config.kernel, compressed)
@@ -77,7 +135,7 @@ class RotateKBackend:
             return _MergeRunner(plan, self._compile(plan.module, list(example_inputs)))
         report = self._report(plan)
         if plan.phase == "prefill":
-            return _PrefillRunner(plan, self._compile(plan.module, list(example_inputs)), self.config, report)
+            return _PrefillRunner(plan, self._compile(plan.module, list(example_inputs)), self, report)
         extra, symbols = _state_inputs(_compressed_layers(plan, example_inputs)), []
         if self.inner == "inductor":
             extra, symbols = _symbolic_state(plan, extra, self.config.method)
@@ -89,6 +147,7 @@ class RotateKBackend:
     def _compile(self, module: fx.GraphModule, example_inputs: list) -> Callable:
         if self.inner == "eager":
             return module
+        example_inputs = [plain(x) for x in example_inputs]  # Inductor sees plain tensors
         from torch._inductor.compile_fx import compile_fx
 
         patches = torch._inductor.list_mode_options(self.mode) if self.mode else {}
@@ -99,12 +158,10 @@ class RotateKBackend:
         compiled = self._compile(gm, list(example_inputs))
         if not sites and not skipped:
             return compiled
-        skipped = [(s.layer, s.reason) for s in skipped]
         decode = [s for s in sites if not s.is_prefill and s.past_keys.op == "placeholder"]
-        skipped += [(s.layer, "its cache was not filled by a rotatek-compiled prefill") for s in decode]
-        self.reports.append(GraphReport("other", [], skipped))
-        for layer, reason in skipped:
-            logger.info("rotatek: %s left exact: %s", layer, reason)
+        skipped = list(skipped) + [SkippedSite(s.layer, s.attention, _NOT_FILLED) for s in decode]
+        self.reports.append(GraphReport("other", [], [(s.layer, s.reason) for s in skipped]))
+        self._tell(skipped, rewritten=0)
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         return _guard_stand_ins(compiled, [placeholders.index(s.past_keys) for s in decode])
 
@@ -114,9 +171,37 @@ class RotateKBackend:
         self.reports.append(report)
         logger.info("rotatek: %s graph, %d attention sites rewritten, %d left exact",
                     plan.phase, len(plan.sites), len(plan.skipped))
-        for skipped in plan.skipped:
-            logger.info("rotatek: %s left exact: %s", skipped.layer, skipped.reason)
+        self._tell(plan.skipped, rewritten=len(plan.sites))
         return report
+
+    def _tell(self, skipped: Sequence[SkippedSite], rewritten: int) -> None:
+        """Log each layer left exact: one WARNING per reason (per backend) where compression is
+        off although the layer could be compressed, INFO otherwise.
+
+        A graph where no layer is compressed at all (every decoder layer a sliding window, say)
+        warns for every reason.
+        """
+        by_reason: dict[str, list[str]] = {}
+        for site in skipped:
+            if site.reason == _NOT_FILLED and site.layer in self.kept_exact:  # by the byte rule
+                logger.info("rotatek: %s left exact: its prefill kept the exact cache (%s)",
+                            site.layer, self.kept_exact[site.layer])
+                continue
+            logger.info("rotatek: %s left exact: %s", site.layer, site.reason)
+            if site.compressible or (rewritten == 0 and "sliding-window" in site.reason):
+                by_reason.setdefault(site.reason, []).append(site.layer)
+        for reason, layers in by_reason.items():
+            if reason not in self._warned:
+                self._warned.add(reason)
+                logger.warning("rotatek: compression is off for %d layer(s) (%s): %s",
+                               len(layers), ", ".join(dict.fromkeys(layers)), reason)
+
+
+_NOT_FILLED = "its cache was not filled by a rotatek-compiled prefill"
+
+
+def _inductor_modes() -> tuple[str, ...]:
+    return ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _guard_stand_ins(compiled: Callable, past_keys_inputs: list[int]) -> Callable:
@@ -278,15 +363,15 @@ class _PrefillRunner:
     hands HF its real Keys and Values; the decode graph then leaves that site exact.
     """
 
-    def __init__(self, plan: RewrittenGraph, compiled: Callable, config: RotateKConfig,
+    def __init__(self, plan: RewrittenGraph, compiled: Callable, backend: RotateKBackend,
                  report: Optional[GraphReport] = None):
-        self.plan, self.compiled, self.config = plan, compiled, config
+        self.plan, self.compiled, self.backend, self.config = plan, compiled, backend, backend.config
         self.report = report
 
     def __call__(self, *args):
         outputs = list(self.compiled(*args))
         plan = self.plan
-        span = self._span(outputs, args)
+        span, source = self._span(outputs, args)
         if self.report is not None:
             self.report.kept_exact.clear()
         for slot in plan.sites:
@@ -297,22 +382,25 @@ class _PrefillRunner:
                                    self.config, slot.scale)
             if isinstance(layer, KeptExact):
                 logger.info("rotatek: %s kept exact: %s", slot.layer, layer.reason)
+                self.backend.kept_exact[slot.layer] = layer.reason
                 if self.report is not None:
                     self.report.kept_exact[slot.layer] = layer.reason
                 continue
+            layer = dataclasses.replace(layer, span_source=source)
             outputs[slot.keys_output] = stand_in(keys.shape, keys, layer)
             outputs[slot.values_output] = stand_in(values.shape, values, None)
             del keys, values
         return outputs[: plan.num_outputs]
 
-    def _span(self, outputs: list, args: tuple) -> Optional[torch.Tensor]:
-        """``[B, S]`` image-token mask, or ``None`` for the prompt fallback.
+    def _span(self, outputs: list, args: tuple) -> tuple[Optional[torch.Tensor], str]:
+        """``[B, S]`` image-token mask (``None`` for the prompt fallback), and what it is.
 
         From this graph's own image merges, or else from merged embeddings that an earlier graph
         returned and tagged (:class:`_MergeRunner`) and that come in as inputs here.
         """
+        head = f"the prompt minus its last {self.config.query_window} tokens"
         if self.config.span != "visual":
-            return None
+            return None, f"{head} (span='prompt')"
         masks = [outputs[index] for index in self.plan.span_outputs]
         if not masks:
             masks = [getattr(a, _SPAN_TAG) for a in args if isinstance(a, torch.Tensor) and hasattr(a, _SPAN_TAG)]
@@ -323,9 +411,14 @@ class _PrefillRunner:
             mask = to_token_mask(candidate, batch, length)
             if mask is not None:
                 span = mask if span is None else span | mask
-        if span is None or not bool(span.any()):
-            return None
-        return span
+        if span is not None and bool(span.any()):
+            return span, "image tokens"
+        why = "no image tokens in the prompt" if masks else "no image merge found in the graph"
+        if self.backend.saw_image_input and why not in self.backend._warned:
+            self.backend._warned.add(why)
+            logger.warning("rotatek: the model takes images but %s: compressing %s instead (an image "
+                           "merge the pass does not recognise, or a text-only prompt)", why, head)
+        return None, f"{head} ({why})"
 
 
 def _valid_tokens(mask: Optional[torch.Tensor], keys: torch.Tensor) -> torch.Tensor:
@@ -356,7 +449,7 @@ class _DecodeRunner:
         layers = _compressed_layers(plan, args)
         state = _state_inputs(layers)
         self.checks.check(state)
-        outputs = list(self.compiled(*args, *state))
+        outputs = list(self.compiled(*map(plain, args), *state))
         del state
         grown = outputs[plan.num_outputs:]
         for i, (slot, layer) in enumerate(zip(plan.sites, layers)):
@@ -370,13 +463,50 @@ class _DecodeRunner:
         return outputs[: plan.num_outputs]
 
 
+class RotateKOptionError(ValueError):
+    """A bad ``rotatek`` option. Raised from the first graph, it reaches the caller as is:
+    Dynamo passes :class:`torch._dynamo.exc.ShortenTraceback` errors through unwrapped."""
+
+
+def _option_error(error: ValueError) -> Exception:
+    try:
+        from torch._dynamo.exc import ShortenTraceback
+    except ImportError:  # pragma: no cover (torch without it: Dynamo wraps the ValueError)
+        return error
+
+    class _Unwrapped(RotateKOptionError, ShortenTraceback):
+        pass
+
+    unwrapped = _Unwrapped(str(error))
+    unwrapped.first_useful_frame = None  # ShortenTraceback's: keep the whole traceback
+    return unwrapped
+
+
 def rotatek_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
                     options: Optional[dict] = None, mode: Optional[str] = None) -> Callable:
     """``torch.compile(..., backend="rotatek", options={...})`` lands here (entry point).
 
     ``options`` are :class:`RotateKConfig` fields plus ``inner`` ("inductor" or "eager": what
-    compiles the rewritten graph).
+    compiles the rewritten graph). torch calls a registered backend only with the first graph,
+    so a bad option is reported then, as a :class:`RotateKOptionError` (a ``ValueError``) whose
+    one-line message names the option; ``rotatek_compile.backend(**options)`` checks at once.
     """
     options = dict(options or {})
     inner = options.pop("inner", "inductor")
-    return RotateKBackend(RotateKConfig.from_options(options), inner=inner, mode=mode)(gm, example_inputs)
+    try:
+        backend = _shared_backend(RotateKConfig.from_options(options), inner, mode)
+    except ValueError as error:
+        raise _option_error(error) from None
+    return backend(gm, example_inputs)
+
+
+_SHARED: dict[tuple, RotateKBackend] = {}
+
+
+def _shared_backend(config: RotateKConfig, inner: str, mode: Optional[str]) -> RotateKBackend:
+    """One backend object per set of options: torch calls the registered function once per graph,
+    and what one graph learns (images seen, warnings given) must reach the next."""
+    key = (config, inner, mode)
+    if key not in _SHARED:
+        _SHARED[key] = RotateKBackend(config, inner=inner, mode=mode)
+    return _SHARED[key]

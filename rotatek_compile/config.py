@@ -15,6 +15,8 @@ SOLVERS = ("auto", "eigh", "subspace")
 SPANS = ("visual", "prompt")
 KERNELS = ("auto", "triton", "reference")
 METHODS = ("rotatek", "think", "spark")
+INNERS = ("inductor", "eager")
+BACKEND_OPTIONS = ("inner", "mode")  # options of the backend object, next to the config's fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,19 +82,27 @@ class RotateKConfig:
                "subspace_iters", "a positive int", self.subspace_iters)
         _check(self.span in SPANS, "span", _one_of(SPANS), self.span)
         _check(self.kernel in KERNELS, "kernel", _one_of(KERNELS), self.kernel)
+        if self.kernel == "triton" and not _has_cuda():
+            raise ValueError("rotatek option kernel='triton' needs a CUDA device and this machine has "
+                             "none: use 'auto' (Triton on CUDA, the PyTorch reference elsewhere) or 'reference'")
         _check(self.method in METHODS, "method", _one_of(METHODS), self.method)
         _check(_is_real(self.token_keep) and 0 < self.token_keep <= 1,
                "token_keep", "a float in (0, 1]", self.token_keep)
 
     @classmethod
-    def from_options(cls, options: Optional[Mapping[str, Any]] = None) -> "RotateKConfig":
-        """Build from ``torch.compile``'s ``options`` dict, rejecting unknown keys."""
+    def from_options(cls, options: Optional[Mapping[str, Any]] = None,
+                     backend_options: tuple[str, ...] = BACKEND_OPTIONS) -> "RotateKConfig":
+        """Build from ``torch.compile``'s ``options`` dict, rejecting unknown keys.
+
+        ``backend_options`` (``inner``, ``mode``) belong to the backend, not to this config: they
+        are named in the unknown-option message but must be taken out of ``options`` first.
+        """
         options = dict(options or {})
         known = {f.name for f in dataclasses.fields(cls)}
         for key in options:
             if key not in known:
-                raise ValueError(
-                    f"rotatek option {key!r} is unknown; known options: {', '.join(sorted(known))}")
+                listed = ", ".join(sorted(known | set(backend_options)))
+                raise ValueError(f"rotatek option {key!r} is unknown; known options: {listed}")
         return cls(**options)
 
     def solver_for(self, device: Any) -> str:
@@ -107,6 +117,12 @@ class RotateKConfig:
             return min(self.key_channels, head_dim)
         ratio = 0.25 if self.key_keep_ratio is None else self.key_keep_ratio
         return max(1, min(head_dim, math.ceil(ratio * head_dim)))
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _is_int(value: Any) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Mapping, Optional
 
 import torch
@@ -10,6 +11,8 @@ import torch
 from rotatek_compile.backend import GraphReport, RotateKBackend
 from rotatek_compile.config import RotateKConfig
 from rotatek_compile.state import attached
+
+logger = logging.getLogger("rotatek_compile")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +25,7 @@ class CacheBytes:
     span_keys: int  # per-token Key parts of the compressed span (0 for an uncompressed cache)
     compressed_layers: int
     span_basis: int = 0  # per-head parts that read the span: R and δμ, or ThinK's channel indices
+    other: int = 0  # other per-layer state: linear-attention / conv states, indexer Keys, ...
     masks: int = 0  # the compressed layers' segment masks
 
     @property
@@ -33,22 +37,63 @@ def _storage_bytes(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().nbytes()
 
 
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors in a layer attribute: a tensor, or a dict/list/tuple of them."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
+def _caches(cache: Any) -> list[Any]:
+    """Every cache with ``.layers`` inside ``cache``: an HF cache, an ``EncoderDecoderCache``
+    (its self- and cross-attention caches), or a model/generate output that holds one."""
+    if cache is None:
+        return []
+    if hasattr(cache, "self_attention_cache"):
+        return _caches(cache.self_attention_cache) + _caches(getattr(cache, "cross_attention_cache", None))
+    if hasattr(cache, "layers"):
+        return [cache]
+    for field in ("cache", "past_key_values"):  # an output object (the field's name by version)
+        inner = cache.get(field) if isinstance(cache, dict) else getattr(cache, field, None)
+        if inner is not None:
+            return _caches(inner)
+    raise TypeError(f"rotatek: cache_bytes() needs an HF cache or an output that holds one, "
+                    f"not {type(cache).__name__}")
+
+
 def cache_bytes(cache: Any) -> CacheBytes:
-    """Measure an HF cache (``DynamicCache`` or anything with ``.layers[i].keys/.values``)."""
-    keys = values = span = basis = masks = compressed = 0
-    for layer in cache.layers:
-        state = attached(layer.keys)
-        if state is not None:
-            keys += state.key_bytes + _storage_bytes(layer.keys)
-            values += state.value_bytes + _storage_bytes(layer.values)
-            span += state.span_key_bytes
-            basis += state.basis_bytes
-            masks += state.mask_bytes
-            compressed += 1
-        elif layer.keys is not None and isinstance(layer.keys, torch.Tensor):
-            keys += _storage_bytes(layer.keys)
-            values += _storage_bytes(layer.values)
-    return CacheBytes(keys, values, span, compressed, basis, masks)
+    """Measure an HF cache: ``DynamicCache``, ``StaticCache``, hybrid caches (linear-attention and
+    conv states count as ``other``), ``EncoderDecoderCache``, or an output holding one.
+
+    Every tensor is counted by the bytes of the storage it owns (a view of a larger buffer counts
+    that buffer); a stand-in counts the compressed state it carries (every tensor of it, the
+    segment masks included) and its own one-element storage.
+    """
+    keys = values = span = basis = masks = compressed = other = 0
+    for each in _caches(cache):
+        for layer in each.layers:
+            state = attached(getattr(layer, "keys", None))
+            if state is not None:
+                keys += state.key_bytes + _storage_bytes(layer.keys)
+                values += state.value_bytes + _storage_bytes(layer.values)
+                span += state.span_key_bytes
+                basis += state.basis_bytes
+                masks += state.mask_bytes
+                compressed += 1
+                continue
+            for name, value in vars(layer).items():
+                size = sum(_storage_bytes(t) for t in _tensors(value))
+                if name == "keys":
+                    keys += size
+                elif name == "values":
+                    values += size
+                elif not name.startswith("_"):
+                    other += size
+    return CacheBytes(keys, values, span, compressed, basis, other, masks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,12 +107,19 @@ class Explanation:
     baseline: CacheBytes
     compressed: CacheBytes
     config: Optional[RotateKConfig] = None
+    spans: dict[str, str] = dataclasses.field(default_factory=dict)  # layer → what its span is
     # rewritten sites whose prefill kept the exact cache (compressed form not smaller), and why
     kept_exact: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
+    @property
+    def grows(self) -> bool:
+        """The compressed cache holds more Key bytes than the uncompressed one."""
+        return self.compressed.keys > self.baseline.keys
+
     def __str__(self) -> str:
         lines = [f"attention sites rewritten: {len(self.rewritten)}"]
-        lines += [f"  {layer}: r = {self.rank[layer]}" if layer in self.rank else f"  {layer}: kept exact (below)"
+        lines += [f"  {layer}: r = {self.rank[layer]}, span = {self.spans.get(layer, '?')}" if layer in self.rank
+                  else f"  {layer}: kept exact at prefill (below)"
                   for layer in self.rewritten]
         lines.append(f"attention sites left exact: {len(self.skipped)}")
         lines += [f"  {layer}: {reason}" for layer, reason in self.skipped]
@@ -76,6 +128,9 @@ class Explanation:
             lines += [f"  {layer}: {reason}" for layer, reason in self.kept_exact]
         ratio = self.compressed.keys / max(self.baseline.keys, 1)
         lines.append(f"Key cache bytes: {self.baseline.keys} → {self.compressed.keys} ({ratio:.1%})")
+        if self.grows:
+            lines.append("WARNING: the compressed Key cache is LARGER than the uncompressed one "
+                         "(the per-head basis outweighs the saving on so short a span)")
         lines.append(f"KV cache bytes: {self.baseline.total} → {self.compressed.total}")
         if self.compressed.compressed_layers:
             how = "" if self.config is None else (
@@ -96,15 +151,26 @@ def explain(model: torch.nn.Module, example_inputs: Mapping[str, Any],
     config = config or RotateKConfig.from_options({k: v for k, v in options.items() if k != "inner"})
     backend = RotateKBackend(config, inner=options.get("inner", "inductor"))
     with torch.no_grad():
-        baseline = model(**example_inputs, use_cache=True).past_key_values
+        baseline = _caches(model(**example_inputs, use_cache=True))
         compiled = torch.compile(model.forward, backend=backend)
-        result = compiled(**example_inputs, use_cache=True).past_key_values
+        result = _caches(compiled(**example_inputs, use_cache=True))
     rewritten = [layer for report in backend.reports for layer in report.rewritten]
     skipped = [item for report in backend.reports for item in report.skipped]
     kept_exact = [item for report in backend.reports for item in report.kept_exact.items()]
-    states = [attached(layer.keys) for layer in result.layers]
+    states = [attached(getattr(layer, "keys", None)) for cache in result for layer in cache.layers]
     states = [state for state in states if state is not None]  # in layer order, like the sites
     compressed = [name for name in rewritten if name not in dict(kept_exact)]
     rank = {name: state.rank for name, state in zip(compressed, states)}
-    return Explanation(backend.reports, rewritten, skipped, rank, cache_bytes(baseline), cache_bytes(result), config,
-                       kept_exact)
+    spans = {name: f"{state.span_source}, {state.span_mask.sum(-1).tolist()} tokens per row"
+             for name, state in zip(compressed, states)}
+    explanation = Explanation(backend.reports, rewritten, skipped, rank, _sum_bytes(baseline),
+                              _sum_bytes(result), config, spans, kept_exact)
+    if explanation.grows:
+        logger.warning("rotatek: compression grows the Key cache here: %d → %d bytes",
+                       explanation.baseline.keys, explanation.compressed.keys)
+    return explanation
+
+
+def _sum_bytes(caches: list[Any]) -> CacheBytes:
+    parts = [cache_bytes(cache) for cache in caches] or [CacheBytes(0, 0, 0, 0)]
+    return CacheBytes(*(sum(getattr(p, f.name) for p in parts) for f in dataclasses.fields(CacheBytes)))

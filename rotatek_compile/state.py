@@ -59,6 +59,7 @@ class CompressedLayer:
     values: Tensor  # [B, H, Sf, dv]
     mask: Tensor  # [B, Sf] bool
     head_dim: int
+    span_source: str = ""  # what the span is: "image tokens" or the prompt fallback and why
     split: Optional["SpanSplit"] = None
 
     @property
@@ -133,15 +134,58 @@ def _nbytes(tensor: Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def stand_in(shape: torch.Size, like: Tensor, layer: Optional[CompressedLayer]) -> Tensor:
-    """A one-element tensor seen as ``shape`` (all strides 0) that carries ``layer``.
+# Tensor metadata that HF's bookkeeping reads off a cache tensor outside the compiled graph
+_METADATA = frozenset({
+    "size", "dim", "numel", "element_size", "is_floating_point", "is_contiguous", "stride",
+    "__get__", "__len__", "__repr__", "__format__", "_is_view", "data_ptr", "get_device",
+    "untyped_storage", "is_complex",
+})
 
-    Its one value is NaN, so that any code reading it as Keys (a reordered or cropped copy of the
-    cache, say) yields NaN, which :func:`derived_from_stand_in` detects, instead of a plausible answer.
+_FALLBACK_CAUSES = (
+    "usual causes: Dynamo ran the model uncompiled (its recompile limit, "
+    "torch._dynamo.config.recompile_limit, was hit: see the WARNING from torch._dynamo above), "
+    "beam search or another cache reordering, cache cropping (assisted decoding), or the "
+    "uncompiled model called on a cache that the compiled one returned")
+
+
+class StandIn(torch.Tensor):
+    """What HF's cache holds in place of a compressed layer's Keys or Values.
+
+    A one-element tensor seen as the full ``[B, H, S, d]`` shape (all strides 0), whose one value is
+    NaN, with the real state attached (:func:`attached`). Compiled graphs read only its shape
+    (Dynamo traces it as a plain tensor). Anywhere else, any operation on it but its metadata
+    raises: code that was not compiled by the backend (Dynamo's fallback past its recompile
+    limit, beam search, cropping) would otherwise compute attention on NaN and answer nothing.
     """
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if torch.compiler.is_compiling() or name in _METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        from rotatek_compile.backend import RotateKCacheError  # the public error type
+
+        raise RotateKCacheError(
+            f"rotatek: a compressed KV cache was read by code the backend did not compile "
+            f"({name or func}); {_FALLBACK_CAUSES}")
+
+
+def stand_in(shape: torch.Size, like: Tensor, layer: Optional[CompressedLayer]) -> Tensor:
+    """A :class:`StandIn` of ``shape`` on ``like``'s dtype and device that carries ``layer``."""
     tensor = torch.full((), float("nan"), dtype=like.dtype, device=like.device).expand(shape)
+    tensor = tensor.as_subclass(StandIn)
     setattr(tensor, _ATTRIBUTE, layer)
+    # the cache length grows every step: trace it as a symbol from the first decode step on,
+    # instead of a first graph specialised to the prompt's length
+    torch._dynamo.maybe_mark_dynamic(tensor, 2)
     return tensor
+
+
+def plain(tensor: object) -> object:
+    """A stand-in as a plain tensor (same storage, no trap), for the backend's own graphs."""
+    return tensor.as_subclass(Tensor) if isinstance(tensor, StandIn) else tensor
 
 
 def attached(tensor: object) -> Optional[CompressedLayer]:
@@ -150,7 +194,7 @@ def attached(tensor: object) -> Optional[CompressedLayer]:
 
 
 def is_stand_in(tensor: object) -> bool:
-    return isinstance(tensor, Tensor) and hasattr(tensor, _ATTRIBUTE)
+    return isinstance(tensor, StandIn)
 
 
 def derived_from_stand_in(tensor: Tensor) -> bool:

@@ -61,7 +61,35 @@ def test_unknown_option_is_rejected_listing_known_ones(name):
         RotateKConfig.from_options({name: 1})
     message = str(info.value)
     assert "\n" not in message and repr(name) in message
-    assert all(field in message for field in _field_names())
+    assert all(field in message for field in _field_names() | {"inner", "mode"})
+
+
+def test_triton_kernel_without_cuda_is_a_one_line_error(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError) as info:
+        RotateKConfig(kernel="triton")
+    message = str(info.value)
+    assert "\n" not in message and "kernel='triton'" in message and "CUDA" in message
+    assert RotateKConfig(kernel="auto").kernel == "auto"  # resolved per device, never refused
+
+
+@pytest.mark.parametrize("options, named", [
+    ({"inner": "aot"}, "inner"), ({"mode": "fast"}, "mode"), ({"solver": "x"}, "solver")])
+def test_backend_object_checks_options_at_once(options, named):
+    import rotatek_compile
+
+    with pytest.raises(ValueError) as info:
+        rotatek_compile.backend(**options)
+    assert "\n" not in str(info.value) and named in str(info.value)
+
+
+def test_backend_object_takes_mode_with_options():
+    import rotatek_compile
+
+    backend = rotatek_compile.backend(key_channels=8, mode="reduce-overhead")
+    assert backend.mode == "reduce-overhead" and backend.config.key_channels == 8
 
 
 def test_from_options_defaults_and_values():

@@ -188,8 +188,8 @@ def test_cropped_cache_is_refused():
     model = tiny_llama()
     model.compile(backend="rotatek", options={"key_channels": 4, "inner": "eager"})
     token, cache = prefill(model, torch.randint(0, 128, (1, 40)))
-    cache.crop(-10)  # drop the last 10 tokens
     with pytest.raises(RotateKCacheError, match="cropping"):
+        cache.crop(-10)  # drop the last 10 tokens: refused at the crop itself
         decode(model, token, cache)
 
 

@@ -6,6 +6,9 @@ Graphs are captured from a tiny Llama under ``generate()`` by a recording backen
 
 from __future__ import annotations
 
+import copy
+import operator
+
 import pytest
 import torch
 import torch.fx as fx
@@ -156,6 +159,34 @@ def test_decode_rewrite_needs_a_compressed_cache(sdpa_graphs):
     plan = rewrite_decode(gm, "rotatek", "auto", compressed=one_layer)
     assert count(plan.module.graph, DECODE_OP) == 1 and count(plan.module.graph, SDPA) == LAYERS - 1
     assert [s.reason for s in plan.skipped] == ["its cache was not filled by a rotatek-compiled prefill"]
+
+
+# One in-place write per family, into ``x`` (a graph input), whose result nothing reads
+IN_PLACE = {
+    "scatter_": lambda g, x: g.call_method("scatter_", (x, 1, x, x)),  # MoE routing
+    "copy_": lambda g, x: g.call_method("copy_", (x, x)),  # linear-attention / conv cache state
+    "index_copy_": lambda g, x: g.call_method("index_copy_", (x, 1, x, x)),  # static cache write
+    "add_": lambda g, x: g.call_method("add_", (x, 1)),
+    "setitem": lambda g, x: g.call_function(operator.setitem, (x, 0, 1)),  # x[i] = y
+    "aten.copy_": lambda g, x: g.call_function(torch.ops.aten.copy_.default, (x, x)),
+    "out=": lambda g, x: g.call_function(torch.add, (x, 1), {"out": x}),
+}
+
+
+@pytest.mark.parametrize("family", list(IN_PLACE))
+def test_decode_rewrite_keeps_in_place_writes(sdpa_graphs, family):
+    gm, _ = sdpa_graphs[1]
+    gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    graph = gm.graph
+    x = next(iter(graph.find_nodes(op="placeholder")))
+    (output,) = graph.find_nodes(op="output")
+    with graph.inserting_before(output):
+        write = IN_PLACE[family](graph, x)
+        dead = graph.call_method("add", (x, 1))  # pure, unused: removed
+    plan = rewrite_decode(gm, "rotatek", "auto", compressed=past_key_inputs(gm))
+    names = {n.name for n in plan.module.graph.nodes}
+    assert count(plan.module.graph, DECODE_OP) == LAYERS
+    assert write.name in names and dead.name not in names
 
 
 def test_returned_attention_weights_block_the_rewrite():

@@ -83,6 +83,7 @@ def test_tiny_span_layer_stays_exact(caplog):
     assert sorted(prefill.kept_exact) == sorted(prefill.rewritten) and len(prefill.rewritten) == LAYERS
     assert all("would not be smaller" in reason for reason in prefill.kept_exact.values())
     assert "kept exact: its compressed form" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "rotatek_compile"]
     bytes_ = rotatek_compile.cache_bytes(compressed.past_key_values)
     assert bytes_.total == rotatek_compile.cache_bytes(exact.past_key_values).total
 

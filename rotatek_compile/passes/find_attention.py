@@ -63,11 +63,18 @@ class AttentionSite:
 
 @dataclasses.dataclass(frozen=True)
 class SkippedSite:
-    """An attention left exact, and why."""
+    """An attention left exact, and why.
+
+    ``compressible``: the layer is a decoder self-attention whose cache could be compressed, so
+    leaving it exact turns compression off where a user expects it on (the backend warns);
+    ``False`` for attention that never has a compressible cache (vision tower, encoder,
+    cross-attention, a sliding window that keeps only the last tokens).
+    """
 
     layer: str
     node: fx.Node
     reason: str
+    compressible: bool = True
 
 
 Match = Union[AttentionSite, SkippedSite]
@@ -229,12 +236,17 @@ def find_attention_sites(graph: fx.Graph) -> list[Match]:
         value_source, _ = _strip_repeat_kv(values)
         key_update, value_update = _cache_append(key_source), _cache_append(value_source)
         if key_update is None or value_update is None:
-            matches.append(SkippedSite(layer, node,
-                                       "no KV-cache append feeds its Keys (vision tower, encoder or cross-attention)"))
+            matches.append(SkippedSite(layer, node, "no KV-cache append feeds its Keys (vision tower, "
+                                       "encoder, cross-attention or a cache layout the pass does not know)",
+                                       compressible=False))
             continue
         if key_update not in outputs or value_update not in outputs:
-            matches.append(SkippedSite(layer, node,
-                                       "the cache keeps a slice of the Keys (sliding-window layer)"))
+            if _returns_a_slice_of(key_update, outputs):
+                matches.append(SkippedSite(layer, node, "the cache keeps a slice of the Keys (sliding-window "
+                                           "layer)", compressible=False))
+            else:
+                matches.append(SkippedSite(layer, node, "the graph does not return its cache append (the "
+                                           "cache is written back some other way)"))
             continue
         scale = _constant_scale(scale)
         if not isinstance(mask, (fx.Node, type(None))):
@@ -249,7 +261,8 @@ def find_attention_sites(graph: fx.Graph) -> list[Match]:
         past_keys, new_keys = key_update.args[0]
         past_values, new_values = value_update.args[0]
         if _is_cross_attention(query, new_keys):
-            matches.append(SkippedSite(layer, node, "cross-attention: its Keys come from another sequence"))
+            matches.append(SkippedSite(layer, node, "cross-attention: its Keys come from another sequence",
+                                       compressible=False))
             continue
         gqa = "enable_gqa" if enable_gqa else ("repeat_kv" if key_repeated else "none")
         matches.append(AttentionSite(
@@ -258,6 +271,18 @@ def find_attention_sites(graph: fx.Graph) -> list[Match]:
             past_keys=past_keys, past_values=past_values, new_keys=new_keys, new_values=new_values,
             mask=mask, scale=float(scale), is_causal=is_causal, gqa=gqa, rope=_is_rope(new_keys)))
     return matches
+
+
+def _returns_a_slice_of(node: fx.Node, outputs: set[fx.Node], depth: int = 4) -> bool:
+    """Some graph output is ``node`` sliced along the sequence (a sliding window's cache)."""
+    frontier = [node]
+    for _ in range(depth):
+        frontier = [user for n in frontier for user in n.users
+                    if _is_call(user, operator.getitem, torch.ops.aten.slice.Tensor)
+                    or _is_method(user, "contiguous", "clone")]
+        if any(n in outputs for n in frontier):
+            return True
+    return False
 
 
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)

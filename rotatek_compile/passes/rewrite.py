@@ -199,10 +199,30 @@ def rewrite_decode(gm: fx.GraphModule, method: str, kernel: str,
         _replace_output(graph, site.key_update, site.past_keys)
         _replace_output(graph, site.value_update, site.past_values)
         _append_outputs(graph, new_rest)
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(is_impure_node=has_side_effects)
     graph.lint()
     module.recompile()
     return RewrittenGraph("decode", module, tuple(slots), tuple(skipped), num_outputs)
+
+
+def has_side_effects(node: fx.Node) -> bool:
+    """Whether dead-code elimination must keep ``node`` although nothing reads its result.
+
+    FX's own test (``Node.is_impure``) treats every ``call_method`` as pure, but Dynamo graphs
+    mutate tensors in place through methods and functions whose result is unused: MoE routing
+    (``scatter_``), linear-attention and short-conv cache state (``copy_``), ``x[i] = y``
+    (``operator.setitem``), ``out=`` variants. PyTorch names in-place ops with a trailing ``_``.
+    """
+    if node.is_impure():
+        return True
+    if node.op not in ("call_method", "call_function"):
+        return False
+    if "out" in node.kwargs or node.target is operator.setitem:
+        return True
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.is_mutable
+    return name.endswith("_") and not name.endswith("__")
 
 
 def _new_token_mask(graph: fx.Graph, site: AttentionSite) -> fx.Node:
