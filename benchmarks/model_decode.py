@@ -1,4 +1,4 @@
-"""Whole-model decode speed, memory and prefill overhead: ``rotatek`` vs ``inductor``.
+"""Whole-model decode speed, memory and prefill overhead: rotatek vs the uncompressed model.
 
     python benchmarks/model_decode.py --out $OUT              # GPU: 8B-shaped Llama, bf16
     python benchmarks/model_decode.py --tiny --steps 4        # CPU smoke run of the same code
@@ -6,9 +6,22 @@
 An 8B-shaped Llama decoder (32 layers, Hq 32, Hkv 8, d 128; random weights) with a prompt of
 ``30 + N + 30`` tokens. The rotatek backend compresses the prompt minus its last 32 tokens
 (``span="prompt"``: the model has no vision tower; with one, the span is the N image tokens) to
-``r = 32`` Key channels. For every (N, batch) and backend: prefill ms and the part spent building
-the compressed cache, median ms per decode step over ``--steps`` steps, peak memory, Key and KV
-bytes measured on the cache, recompilations during the timed steps. JSON goes to ``--out``.
+``r = 32`` Key channels. Recipes (``--backends``), each the way a user would run it:
+
+- ``eager``: no compilation, ``DynamicCache``;
+- ``inductor``: ``model.compile()``, ``DynamicCache``;
+- ``static``: HF's recipe for compiled generation: ``StaticCache``, the prefill uncompiled, the
+  decode step under ``torch.compile(model, mode="reduce-overhead")`` (CUDA graphs);
+- ``rotatek``: ``model.compile(backend=rotatek)``, ``DynamicCache``;
+- ``rotatek-static``: ``StaticCache`` and ``model.compile(backend=rotatek, mode="reduce-overhead")``:
+  the compressed cache in fixed-capacity buffers, the decode step under CUDA graphs.
+
+A ``StaticCache`` holds ``30 + N + 30 + steps + 4`` positions (what ``generate()`` would give it).
+For every (N, batch) and recipe: prefill ms and the part spent building the compressed cache,
+median ms per decode step over ``--steps`` steps next to the byte floor ``(weights + KV bytes) /
+--bandwidth`` (KV bytes as measured on the cache: a ``StaticCache`` counts its whole capacity,
+which its decode step reads), peak memory, Key and KV bytes, recompilations during the timed
+steps. JSON goes to ``--out``.
 """
 
 from __future__ import annotations
@@ -23,7 +36,7 @@ import sys
 import time
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import rotatek_compile  # noqa: E402
@@ -54,6 +67,10 @@ def build_model(tiny: bool, device: str, dtype: torch.dtype, layers: int) -> Lla
     return model.eval()
 
 
+# the modules whose prefill runners call ``compress_layer`` (DynamicCache, StaticCache)
+COMPRESSING_MODULES = (rotatek_backend, importlib.import_module("rotatek_compile.static_cache"))
+
+
 class CompressionTimer:
     """Adds up the time the prefill spends building compressed layers (synchronised)."""
 
@@ -61,6 +78,14 @@ class CompressionTimer:
         self.seconds = 0.0
         self.peak_before = None  # peak memory when the first layer starts compressing
         self._inner = rotatek_backend.compress_layer
+
+    def install(self) -> None:
+        for module in COMPRESSING_MODULES:
+            module.compress_layer = self
+
+    def remove(self) -> None:
+        for module in COMPRESSING_MODULES:
+            module.compress_layer = self._inner
 
     def __call__(self, *args, **kwargs):
         _sync()
@@ -82,22 +107,60 @@ def _peak_bytes() -> int:
     return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
 
 
-def run_case(model, batch: int, span: int, steps: int, device: str, profile: bool = False) -> dict:
-    """Prefill ``batch`` prompts of ``30 + span + 30`` tokens, then ``steps`` greedy decode steps."""
+RECIPES = ("eager", "inductor", "static", "rotatek", "rotatek-static")
+EXTRA_POSITIONS = 4  # a StaticCache's room beyond the prompt and the timed steps (warm-up, profile)
+
+
+def set_recipe(model, name: str, args) -> tuple:
+    """Compile ``model`` for recipe ``name``; returns ``(prefill, decode, cache kind)`` callables."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model._compiled_call_impl = None  # undo an earlier model.compile()
+    rotatek = dict(key_channels=args.key_channels, span="prompt", solver=args.solver)
+    if name == "eager":
+        return model, model, "dynamic"
+    if name == "inductor":
+        model.compile()  # automatic dynamic shapes; dynamic=True slowed inductor decode ~40x
+        return model, model, "dynamic"
+    if name == "static":  # prefill uncompiled, decode step captured (HF's generate() does the same)
+        return model, torch.compile(model, mode="reduce-overhead"), "static"
+    if name == "rotatek":
+        model.compile(backend=rotatek_compile.backend(**rotatek))
+        return model, model, "dynamic"
+    if name == "rotatek-static":
+        model.compile(backend=rotatek_compile.backend(**rotatek, mode="reduce-overhead"))
+        return model, model, "static"
+    raise ValueError(f"unknown recipe {name!r}: expected one of {', '.join(RECIPES)}")
+
+
+def new_cache(model, kind: str, capacity: int):
+    if kind == "static":
+        return StaticCache(config=model.config, max_cache_len=capacity)
+    return DynamicCache(config=model.config)
+
+
+def run_case(model, recipe: tuple, batch: int, span: int, steps: int, device: str, profile: bool = False,
+             capacity: int = 0) -> dict:
+    """Prefill ``batch`` prompts of ``30 + span + 30`` tokens, then ``steps`` greedy decode steps.
+
+    ``capacity``: positions of a ``StaticCache`` (0: just enough for this case).
+    """
+    prefill_fn, decode_fn, kind = recipe
     length = PROMPT + span + TEXT
+    capacity = capacity or length + steps + EXTRA_POSITIONS
     generator = torch.Generator(device="cpu").manual_seed(1)
     input_ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator).to(device)
     timer = CompressionTimer()
-    rotatek_backend.compress_layer = timer
+    timer.install()
     try:
-        cache = DynamicCache(config=model.config)
+        cache = new_cache(model, kind, capacity)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         _sync()
         start = time.perf_counter()
         with torch.no_grad():
-            out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = prefill_fn(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         _sync()
         prefill = time.perf_counter() - start
         token = out.logits[:, -1:].argmax(-1)
@@ -108,14 +171,14 @@ def run_case(model, batch: int, span: int, steps: int, device: str, profile: boo
             for _ in range(steps):
                 _sync()
                 start = time.perf_counter()
-                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                out = decode_fn(input_ids=token, past_key_values=cache, use_cache=True)
                 token = out.logits[:, -1:].argmax(-1)
                 _sync()
                 step_seconds.append(time.perf_counter() - start)
         if profile:
             with torch.profiler.profile() as prof, torch.no_grad():
                 for _ in range(3):
-                    out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                    out = decode_fn(input_ids=token, past_key_values=cache, use_cache=True)
                     token = out.logits[:, -1:].argmax(-1)
                 _sync()
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
@@ -130,13 +193,15 @@ def run_case(model, batch: int, span: int, steps: int, device: str, profile: boo
             recompiles=torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before,
         )
     finally:
-        rotatek_backend.compress_layer = timer._inner
+        timer.remove()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="2-layer model, CPU-sized spans")
-    parser.add_argument("--backends", default="inductor,rotatek")
+    parser.add_argument("--backends", default=",".join(RECIPES), help=f"recipes, of {', '.join(RECIPES)}")
+    parser.add_argument("--bandwidth", type=float, default=4.27e12,
+                        help="copy bandwidth in bytes/s for the byte floor (H200 measured: 4.27e12)")
     parser.add_argument("--cases", default="1x16384,1x32768,1x65536,8x32768",
                         help="comma-separated BATCHxSPAN")
     parser.add_argument("--steps", type=int, default=128)
@@ -161,22 +226,25 @@ def main() -> None:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     results = []
     for backend_name in args.backends.split(","):
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
-        if backend_name == "rotatek":
-            backend = rotatek_compile.backend(key_channels=args.key_channels, span="prompt", solver=args.solver)
-        else:
-            backend = backend_name
-        model.compile(backend=backend)  # automatic dynamic shapes; dynamic=True slowed inductor decode ~40x
+        recipe = set_recipe(model, backend_name, args)
         started = time.perf_counter()
-        # warm-up: compile the prefill and both decode graphs, for every batch size, on short prompts
+        # warm-up: compile the prefill and both decode graphs, for every batch size, on short prompts;
+        # a StaticCache gets each timed case's capacity, so that its decode graph is the timed one
         for batch in sorted({batch for batch, _ in cases}):
-            run_case(model, batch, 256, 3, device)
-            run_case(model, batch, 300, 3, device)
+            if recipe[2] == "dynamic":
+                run_case(model, recipe, batch, 256, 3, device)
+                run_case(model, recipe, batch, 300, 3, device)
+                continue
+            for span in sorted({span for b, span in cases if b == batch}):  # prompts that fit the capacity
+                capacity = PROMPT + span + TEXT + args.steps + EXTRA_POSITIONS
+                run_case(model, recipe, batch, min(256, span // 2), 3, device, capacity=capacity)
+                run_case(model, recipe, batch, min(300, span // 2 + 8), 3, device, capacity=capacity)
         logger.info("%s: compiled in %.0f s", backend_name, time.perf_counter() - started)
         for batch, span in cases:
             try:
-                row = run_case(model, batch, span, args.steps, device, profile=args.profile and span == cases[0][1])
+                row = run_case(model, recipe, batch, span, args.steps, device,
+                               profile=args.profile and span == cases[0][1])
+                row["floor_ms"] = 1e3 * (weight_bytes + row["kv_bytes"]) / args.bandwidth
             except torch.cuda.OutOfMemoryError:
                 row = dict(batch=batch, span=span, error="out of memory")
                 torch.cuda.empty_cache()
@@ -185,29 +253,30 @@ def main() -> None:
             logger.info("%s", json.dumps(row))
             lines.write(json.dumps(row) + "\n")
             lines.flush()
+    import transformers
+
     report = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                  torch=torch.__version__, weight_bytes=weight_bytes, key_channels=args.key_channels, solver=args.solver,
-                  steps=args.steps, layers=model.config.num_hidden_layers, sdpa=args.sdpa, results=results)
+                  torch=torch.__version__, transformers=transformers.__version__, date=time.strftime("%Y-%m-%d"),
+                  weight_bytes=weight_bytes, bandwidth=args.bandwidth, key_channels=args.key_channels,
+                  solver=args.solver, steps=args.steps, layers=model.config.num_hidden_layers, sdpa=args.sdpa,
+                  results=results)
     with open(os.path.join(args.out, "model_decode.json"), "w") as handle:
         json.dump(report, handle, indent=1)
     print_table(report)
 
 
 def print_table(report: dict) -> None:
-    rows = {(r["batch"], r["span"], r["backend"]): r for r in report["results"] if "error" not in r}
-    print(f"{'B':>3} {'N':>6} | {'decode ms inductor':>18} {'rotatek':>8} {'speedup':>8} {'ideal':>6} | "
-          f"{'prefill ms ind':>14} {'rotatek':>8} {'pca ms':>7} | {'peak GB ind':>11} {'rotatek':>8} | "
-          f"{'K bytes ratio':>13} {'KV ratio':>8} | recompiles")
-    for (batch, span, backend), base in sorted(rows.items()):
-        if backend != "inductor" or (batch, span, "rotatek") not in rows:
+    """One row per (batch, N, recipe): decode against its byte floor, prefill, memory, recompiles."""
+    print(f"{'B':>3} {'N':>6} {'recipe':>14} | {'decode ms':>9} {'floor ms':>8} {'x floor':>7} | "
+          f"{'prefill ms':>10} {'of it pca':>9} | {'peak GB':>7} | {'K bytes':>9} {'KV bytes':>9} | recompiles")
+    for row in sorted(report["results"], key=lambda r: (r["batch"], r["span"], RECIPES.index(r["backend"]))):
+        if "error" in row:
+            print(f"{row['batch']:>3} {row['span']:>6} {row['backend']:>14} | {row['error']}")
             continue
-        ours = rows[(batch, span, "rotatek")]
-        ideal = (report["weight_bytes"] + base["kv_bytes"]) / (report["weight_bytes"] + ours["kv_bytes"])
-        print(f"{batch:>3} {span:>6} | {base['decode_ms']:>18.2f} {ours['decode_ms']:>8.2f} "
-              f"{base['decode_ms'] / ours['decode_ms']:>8.3f} {ideal:>6.3f} | {base['prefill_ms']:>14.0f} "
-              f"{ours['prefill_ms']:>8.0f} {ours['compression_ms']:>7.0f} | {base['peak_gb']:>11.1f} "
-              f"{ours['peak_gb']:>8.1f} | {ours['key_bytes'] / base['key_bytes']:>13.3f} "
-              f"{ours['kv_bytes'] / base['kv_bytes']:>8.3f} | {base['recompiles']}/{ours['recompiles']}")
+        print(f"{row['batch']:>3} {row['span']:>6} {row['backend']:>14} | {row['decode_ms']:>9.2f} "
+              f"{row['floor_ms']:>8.2f} {row['decode_ms'] / row['floor_ms']:>7.2f} | {row['prefill_ms']:>10.0f} "
+              f"{row['compression_ms']:>9.0f} | {row['peak_gb']:>7.2f} | {row['key_bytes'] / 1e9:>9.3f} "
+              f"{row['kv_bytes'] / 1e9:>9.3f} | {row['recompiles']}")
 
 
 if __name__ == "__main__":

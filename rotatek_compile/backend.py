@@ -119,6 +119,11 @@ class RotateKBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         if any("pixel_values" in node.name for node in gm.graph.find_nodes(op="placeholder")):
             self.saw_image_input = True
+        from rotatek_compile.static_cache import compile_static  # imports this module
+
+        static = compile_static(self, gm, example_inputs)  # graphs on HF's StaticCache
+        if static is not None:
+            return static
         compressed = {i for i, x in enumerate(example_inputs) if attached(x) is not None}
         if compressed:
             plan = rewrite_decode(gm, self.config.method, self.config.kernel, compressed)
@@ -390,7 +395,10 @@ class _PrefillRunner:
             outputs[slot.keys_output] = stand_in(keys.shape, keys, layer)
             outputs[slot.values_output] = stand_in(values.shape, values, None)
             del keys, values
-        return outputs[: plan.num_outputs]
+        outputs = outputs[: plan.num_outputs]
+        if span is not None:
+            _tag_hidden_states(outputs, span)
+        return outputs
 
     def _span(self, outputs: list, args: tuple) -> tuple[Optional[torch.Tensor], str]:
         """``[B, S]`` image-token mask (``None`` for the prompt fallback), and what it is.
@@ -404,8 +412,7 @@ class _PrefillRunner:
         masks = [outputs[index] for index in self.plan.span_outputs]
         if not masks:
             masks = [getattr(a, _SPAN_TAG) for a in args if isinstance(a, torch.Tensor) and hasattr(a, _SPAN_TAG)]
-        keys = outputs[self.plan.sites[0].keys_output]
-        batch, length = keys.shape[0], keys.shape[2]
+        batch, length = self._token_grid(outputs)
         span = None
         for candidate in masks:
             mask = to_token_mask(candidate, batch, length)
@@ -419,6 +426,19 @@ class _PrefillRunner:
             logger.warning("rotatek: the model takes images but %s: compressing %s instead (an image "
                            "merge the pass does not recognise, or a text-only prompt)", why, head)
         return None, f"{head} ({why})"
+
+    def _token_grid(self, outputs: list) -> tuple[int, int]:
+        """Rows and positions of the prompt (the shape of the span mask)."""
+        keys = outputs[self.plan.sites[0].keys_output]
+        return keys.shape[0], keys.shape[2]
+
+
+def _tag_hidden_states(outputs: list, span: torch.Tensor) -> None:
+    """Tag the returned ``[B, S, ...]`` tensors with the image span, for a later graph of the same
+    prefill (Dynamo splits some decoders, e.g. at DeepStack's feature injection after layer 0)."""
+    for output in outputs:
+        if isinstance(output, torch.Tensor) and output.dim() >= 2 and tuple(output.shape[:2]) == tuple(span.shape):
+            setattr(output, _SPAN_TAG, span)
 
 
 def _valid_tokens(mask: Optional[torch.Tensor], keys: torch.Tensor) -> torch.Tensor:

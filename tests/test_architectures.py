@@ -12,7 +12,7 @@ Per model (``inner="eager"``: no Inductor, so one compile is a Dynamo trace only
     for text-only prompts) — exactly ``r/d`` of the span's full Keys — and the cache's Key bytes
     are below the uncompiled cache's;
 (d) batch 2, left padding, image at a different position in each row: matches at ``r = d``;
-(e) no recompilation after the first two decode steps (Dynamo's ``unique_graphs`` counter after
+(e) no recompilation after the first decode step (Dynamo's ``unique_graphs`` counter after
     decode step 3 equals the one after step 16);
 (f) ``attn_implementation="eager"`` (matmul → scale → mask → softmax → matmul) on a few models
     that cover 1-D RoPE, M-RoPE, QK-norm + sliding window, and a prefix-LM mask: (a) and (b).
@@ -154,7 +154,9 @@ def test_sites(name):
     run = _run(name, True, 1, entry.head_dim)
     by_phase = {phase: [r for r in run.reports if r.phase == phase] for phase in ("prefill", "decode", "other")}
     assert len(by_phase["prefill"]) == 1, run.reports
-    assert len(by_phase["decode"]) == 2, run.reports  # first decode step, then the dynamic-length graph
+    # the cache length is a symbol from the first step; a sliding layer's own cache (Gemma 3) adds one
+    sliding = any("sliding-window" in reason for report in run.reports for _, reason in report.skipped)
+    assert len(by_phase["decode"]) == (2 if sliding else 1), run.reports
     for report in by_phase["prefill"] + by_phase["decode"]:
         rewritten = [_short(layer) for layer in report.rewritten]
         assert len(rewritten) == len(set(rewritten)) == entry.full_attention, report
@@ -260,5 +262,6 @@ def test_eager_attention_is_exact(name):
     for report in compiled.reports:
         if report.phase in ("prefill", "decode"):
             assert len(report.rewritten) == entry.full_attention, report
-    assert [r.phase for r in compiled.reports].count("decode") == 2
+    sliding = any("sliding-window" in reason for report in compiled.reports for _, reason in report.skipped)
+    assert [r.phase for r in compiled.reports].count("decode") == (2 if sliding else 1)
     _assert_matches(reference, compiled)

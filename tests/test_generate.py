@@ -264,7 +264,7 @@ def test_reports_and_explain():
     model.compile(backend=backend)
     generate(model, inputs, steps=3)
     phases = [report.phase for report in backend.reports]
-    assert phases == ["prefill", "decode", "decode"]
+    assert phases == ["prefill", "decode"]  # one decode graph: the cache length is symbolic
     assert all(len(report.rewritten) == LAYERS for report in backend.reports)
 
     torch._dynamo.reset()

@@ -10,6 +10,7 @@ and one of
 
     sdpa:  out = scaled_dot_product_attention(q, keys', values', attn_mask=m, scale=s, ...)
     eager: out = matmul(dropout(softmax(matmul(q, keys'ᵀ) · s [+ m], fp32).to(dtype)), values')
+           (or ``matmul(q, keys'ᵀ) / c``, scale ``1/c``)
 
 where both ``keys`` and ``values`` are graph outputs (Dynamo writes them back into the cache).
 An attention that does not fit is returned as a :class:`SkippedSite` with the reason; nothing
@@ -189,6 +190,9 @@ def _match_eager(final: fx.Node) -> Optional[tuple[fx.Node, fx.Node, fx.Node, Op
     if _is_call(logits, operator.mul, torch.mul) and isinstance(logits.args[1], (int, float)):
         chain.append(logits)
         logits, scale = logits.args[0], float(logits.args[1])
+    elif _is_call(logits, operator.truediv, torch.div) and isinstance(logits.args[1], (int, float)):
+        chain.append(logits)  # scores / sqrt(d) (GIT, BERT-style attention)
+        logits, scale = logits.args[0], 1.0 / float(logits.args[1])
     if not _is_call(logits, torch.matmul):
         return None
     chain.append(logits)
@@ -235,6 +239,10 @@ def find_attention_sites(graph: fx.Graph) -> list[Match]:
         key_source, key_repeated = _strip_repeat_kv(keys)
         value_source, _ = _strip_repeat_kv(values)
         key_update, value_update = _cache_append(key_source), _cache_append(value_source)
+        if (key_update is None or value_update is None) and _reads_a_cache_append(key_source, outputs):
+            matches.append(SkippedSite(layer, node, "multi-head latent attention: the cache keeps a latent "
+                                       "that is projected into Keys after the cache read (not supported)"))
+            continue
         if key_update is None or value_update is None:
             matches.append(SkippedSite(layer, node, "no KV-cache append feeds its Keys (vision tower, "
                                        "encoder, cross-attention or a cache layout the pass does not know)",
@@ -271,6 +279,18 @@ def find_attention_sites(graph: fx.Graph) -> list[Match]:
             past_keys=past_keys, past_values=past_values, new_keys=new_keys, new_values=new_values,
             mask=mask, scale=float(scale), is_causal=is_causal, gqa=gqa, rope=_is_rope(new_keys)))
     return matches
+
+
+def _reads_a_cache_append(node: fx.Node, outputs: set[fx.Node], depth: int = 12) -> bool:
+    """A cache append that the graph returns lies upstream of ``node`` (within ``depth`` steps):
+    the Keys are computed from a cache (a latent up-projected after the read, as in MLA)."""
+    frontier, seen = [node], set()
+    for _ in range(depth):
+        frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen]
+        seen.update(frontier)
+        if any(_cache_append(n) is not None and n in outputs for n in frontier):
+            return True
+    return False
 
 
 def _returns_a_slice_of(node: fx.Node, outputs: set[fx.Node], depth: int = 4) -> bool:

@@ -1,0 +1,245 @@
+"""The compressed cache under Hugging Face's ``StaticCache``: fixed capacity, written in place.
+
+``generate(..., cache_implementation="static")`` is HF's recipe for compiled generation: its cache
+buffers never change shape, so one decode graph serves every step and can be captured as a CUDA
+graph (``mode="reduce-overhead"``). This module gives the compressed cache the same property.
+
+After the prefill graph, each layer is compressed as with a ``DynamicCache``
+(:func:`rotatek_compile.state.compress_layer`), then laid out for static shapes
+(:class:`StaticCompressedLayer`): the span as compressed, and the full-width rest (prompt and
+text tokens, then every generated token) in buffers of a fixed capacity ``C``, with a validity
+mask. HF position ``p`` (its ``cumulative_length``) goes to rest slot ``p − rest_offset``; the
+decode graph writes each new token there in place. HF's own full-length buffers are replaced by
+zero-storage stand-ins that carry the state (``rotatek_compile.state.stand_in``), so they do not
+stay allocated.
+
+With ``S`` prompt positions, ``L = max_cache_len`` and ``R`` rest tokens kept at prefill (the
+widest row), the rest holds ``C = R + (L − S)`` slots: exactly what generation can still write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor
+
+from rotatek_compile.backend import (
+    RotateKCacheError, StateShapeChecks, _PrefillRunner, _prompt_head, _symbolic_state, _valid_tokens)
+from rotatek_compile.config import RotateKConfig
+from rotatek_compile.passes.static_cache import (
+    StaticPlan, find_static_sites, rewrite_static_decode, rewrite_static_prefill)
+from rotatek_compile.state import _ATTRIBUTE, CompressedLayer, StandIn, attached, compress_layer, plain, stand_in
+
+logger = logging.getLogger("rotatek_compile")
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticCompressedLayer(CompressedLayer):
+    """A :class:`~rotatek_compile.state.CompressedLayer` whose rest segment has a fixed capacity.
+
+    ``keys`` ``[B, H, C, d]``, ``values`` ``[B, H, C, dv]``, ``mask`` ``[B, C]``: the rest tokens
+    kept at prefill, then free slots (mask ``False``) that the decode graph fills in place.
+    """
+
+    rest_offset: Tensor = dataclasses.field(kw_only=True)  # [] int64: HF position p is rest slot p - rest_offset
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+
+def to_static(layer: CompressedLayer, prompt_end: int, cache_length: int) -> StaticCompressedLayer:
+    """Give ``layer``'s rest segment room for HF positions ``prompt_end .. cache_length - 1``."""
+    kept = layer.keys.shape[2]  # R: rest tokens of the widest row (shorter rows masked)
+    free = cache_length - prompt_end
+    fields = {f.name: getattr(layer, f.name) for f in dataclasses.fields(CompressedLayer)}
+    if free > 0:
+        fields.update(keys=F.pad(layer.keys, (0, 0, 0, free)),  # [B, H, R + free, d]
+                      values=F.pad(layer.values, (0, 0, 0, free)),
+                      mask=F.pad(layer.mask, (0, free), value=False))  # [B, R + free]
+    offset = torch.tensor(prompt_end - kept, dtype=torch.int64, device=layer.keys.device)
+    return StaticCompressedLayer(**fields, rest_offset=offset)
+
+
+def static_state_inputs(layers: Sequence[StaticCompressedLayer]) -> list[Tensor]:
+    """The decode graph's extra inputs: ``state_inputs(method)`` per layer, then each layer's offset."""
+    tensors = []
+    for layer in layers:
+        tensors += [*layer.span_key_parts, layer.span_values, layer.span_mask, layer.keys, layer.values, layer.mask]
+    return tensors + [layer.rest_offset for layer in layers]
+
+
+def become_stand_in(tensor: Tensor, layer: Optional[CompressedLayer]) -> None:
+    """Turn HF's buffer itself into a :class:`~rotatek_compile.state.StandIn` (same object, one NaN
+    element, all strides 0): its memory is freed while the cache keeps pointing at it."""
+    like = stand_in(tensor.shape, tensor, layer)
+    tensor.set_(like.untyped_storage(), 0, tensor.shape, like.stride())
+    tensor.__class__ = StandIn
+    setattr(tensor, _ATTRIBUTE, layer)
+
+
+def compile_static(backend: Any, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Optional[Callable]:
+    """The backend's path for graphs that read a StaticCache; ``None`` for any other graph.
+
+    ``backend`` is the :class:`~rotatek_compile.backend.RotateKBackend` (its config, inner
+    compiler and reports).
+    """
+    sites, _ = find_static_sites(gm.graph)
+    if not sites:
+        return None
+    compressed = {i for i, x in enumerate(example_inputs) if attached(x) is not None}
+    if compressed:
+        return _compile_decode(backend, gm, example_inputs, compressed)
+    created_here = any(site.keys.op != "placeholder" for site in sites)
+    if not created_here and all(site.new_tokens == 1 for site in sites):
+        return None  # one token on an uncompressed static cache: stays exact
+    plan = rewrite_static_prefill(gm, backend.config.query_window)
+    backend._report(plan)
+    return _StaticPrefillRunner(plan, _compile_prefill(backend, plan.module, list(example_inputs)), backend)
+
+
+def _compile_prefill(backend: Any, module: fx.GraphModule, example_inputs: list) -> Callable:
+    """The backend's inner compiler without CUDA graphs: a prefill runs once per request, at a new
+    length each time, and a recording would keep its activations (the full-width Keys among them)
+    in the CUDA-graph memory pool. HF's recipe runs the prefill uncaptured too."""
+    if backend.inner == "eager":
+        return module
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = dict(torch._inductor.list_mode_options(backend.mode)) if backend.mode else {}
+    patches["triton.cudagraphs"] = False
+    return compile_fx(module, [plain(x) for x in example_inputs], config_patches=patches)
+
+
+def _compile_decode(backend: Any, gm: fx.GraphModule, example_inputs: Sequence[Any],
+                    compressed: set[int]) -> Callable:
+    config: RotateKConfig = backend.config
+    plan = rewrite_static_decode(gm, config.method, config.kernel, compressed)
+    read = {slot.past_keys_input for slot in plan.sites} if plan else set()
+    if compressed - read:
+        raise RotateKCacheError(
+            f"rotatek: {len(compressed - read)} compressed static Key caches reach code that was not "
+            "rewritten to read them (an attention pattern the pass does not recognise)")
+    if any(tokens != 1 for tokens in plan.new_tokens):
+        raise RotateKCacheError(
+            "rotatek: several new tokens at once on a compressed StaticCache (a chunked prefill or a "
+            "second prompt turn) are not supported; use a DynamicCache for those")
+    backend._report(plan)
+    layers = [attached(example_inputs[slot.past_keys_input]) for slot in plan.sites]
+    for slot, layer in zip(plan.sites, layers):
+        if not isinstance(layer, StaticCompressedLayer):
+            raise RotateKCacheError(f"rotatek: the Key cache of {slot.layer} was compressed for a "
+                                    "DynamicCache but reached a StaticCache graph")
+    state = static_state_inputs(layers)
+    per_site = len(state) - len(layers)  # everything but the offsets
+    extra, symbols = state, []
+    if backend.inner == "inductor":
+        fakes, symbols = _symbolic_state(plan, state[:per_site], config.method)
+        extra = fakes + _static_fakes(state[per_site:])
+    checks = StateShapeChecks(symbols, config.method)
+    compiled = backend._compile(plan.module, list(example_inputs) + extra)
+    checks.take_guards()
+    return _StaticDecodeRunner(plan, compiled, checks)
+
+
+def _static_fakes(tensors: list[Tensor]) -> list[Tensor]:
+    """Fake copies of ``tensors`` with their shapes fixed (the offsets are 0-dim)."""
+    fake_mode = torch._guards.detect_fake_mode()
+    if fake_mode is None:
+        return tensors
+    return [fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
+
+
+class _StaticPrefillRunner(_PrefillRunner):
+    """Runs the prefill graph, compresses each layer into a :class:`StaticCompressedLayer` and
+    turns HF's buffers into stand-ins."""
+
+    def __call__(self, *args):
+        outputs = list(self.compiled(*args))
+        plan = self.plan
+        positions = outputs[plan.positions_output]  # [T]: this call's cache positions
+        first, last = (int(p) for p in positions[[0, -1]].tolist())
+        if first != 0:  # tokens appended to a cache that was filled without compression
+            logger.info("rotatek: static cache written from position %d, not compressed", first)
+            return outputs[: plan.num_outputs]
+        self._grid = (self._buffer(outputs, args, 0, "keys").shape[0], last + 1)
+        span, source = self._span(outputs, args)  # [B, S] or None
+        for site, slot in enumerate(plan.sites):
+            keys, values = self._buffer(outputs, args, site, "keys"), self._buffer(outputs, args, site, "values")
+            length, prompt_end = keys.shape[2], last + 1
+            valid = _valid_tokens(outputs[slot.mask_output] if slot.mask_output >= 0 else None, keys)
+            valid = valid & (torch.arange(length, device=keys.device) < prompt_end)  # [B, L]
+            layer_span = (F.pad(span, (0, length - prompt_end), value=False) if span is not None
+                          else _prompt_head(valid, self.config.query_window))
+            layer = compress_layer(keys, values, outputs[slot.query_output], layer_span, valid,
+                                   self.config, slot.scale)
+            layer = to_static(dataclasses.replace(layer, span_source=source), prompt_end, length)
+            self._hand_stand_in(outputs, args, slot.keys_output, slot.past_keys_input, layer)
+            self._hand_stand_in(outputs, args, slot.values_output, slot.past_values_input, None)
+            del keys, values
+        return outputs[: plan.num_outputs]
+
+    def _token_grid(self, outputs: list) -> tuple[int, int]:
+        return self._grid  # the prompt's rows and positions (the buffers are longer)
+
+    def _buffer(self, outputs: list, args: tuple, site: int, kind: str) -> Tensor:
+        """HF's ``kind`` buffer of ``site``: a graph output (created in the graph) or an input."""
+        slot = self.plan.sites[site]
+        output, input_ = ((slot.keys_output, slot.past_keys_input) if kind == "keys"
+                          else (slot.values_output, slot.past_values_input))
+        return outputs[output] if output >= 0 else args[input_]
+
+    @staticmethod
+    def _hand_stand_in(outputs: list, args: tuple, output: int, input_: int,
+                       layer: Optional[CompressedLayer]) -> None:
+        if output >= 0:  # created in the graph: Dynamo stores the output in the cache
+            outputs[output] = stand_in(outputs[output].shape, outputs[output], layer)
+        if input_ >= 0:  # the cache's own tensor: emptied in place
+            become_stand_in(args[input_], layer)
+
+
+_STATE_LIST = "_rotatek_static_state"
+
+
+class _StaticDecodeRunner:
+    """Runs a static decode graph on the state attached to HF's stand-ins.
+
+    The flattened state is built once per cache and kept on the first site's stand-in (so it dies
+    with the cache); later steps pass the same tensors, which the graph updates in place.
+    """
+
+    def __init__(self, plan: StaticPlan, compiled: Callable, checks: StateShapeChecks):
+        self.plan, self.compiled, self.checks = plan, compiled, checks
+        self.key_inputs = [slot.past_keys_input for slot in plan.sites]
+
+    def __call__(self, *args):
+        first = args[self.key_inputs[0]]
+        kept = getattr(first, _STATE_LIST, None)
+        if kept is None or kept[0] is not self:
+            stand_ins = {i: (a, plain(a)) for i, a in enumerate(args) if isinstance(a, StandIn)}
+            kept = (self, self._state(args), stand_ins)
+            setattr(first, _STATE_LIST, kept)
+        _, state, stand_ins = kept
+        args = list(args)
+        for i, (original, as_plain) in stand_ins.items():  # the graph gets them as plain tensors
+            if args[i] is original:
+                args[i] = as_plain
+        return self.compiled(*args, *state)
+
+    def _state(self, args: tuple) -> list[Tensor]:
+        layers = []
+        for slot, index in zip(self.plan.sites, self.key_inputs):
+            layer = attached(args[index])
+            if not isinstance(layer, StaticCompressedLayer):
+                raise RotateKCacheError(
+                    f"rotatek: the Key cache of {slot.layer} was not produced by a rotatek-compiled prefill "
+                    "on a StaticCache (cache reordering, cropping or mixing caches is not supported)")
+            layers.append(layer)
+        state = static_state_inputs(layers)
+        self.checks.check(state)
+        return state
