@@ -386,10 +386,7 @@ class _PrefillRunner:
             layer = compress_layer(keys, values, outputs[slot.query_output], layer_span, valid,
                                    self.config, slot.scale)
             if isinstance(layer, KeptExact):
-                logger.info("rotatek: %s kept exact: %s", slot.layer, layer.reason)
-                self.backend.kept_exact[slot.layer] = layer.reason
-                if self.report is not None:
-                    self.report.kept_exact[slot.layer] = layer.reason
+                self._keep_exact(slot.layer, layer)
                 continue
             layer = dataclasses.replace(layer, span_source=source)
             outputs[slot.keys_output] = stand_in(keys.shape, keys, layer)
@@ -399,6 +396,13 @@ class _PrefillRunner:
         if span is not None:
             _tag_hidden_states(outputs, span)
         return outputs
+
+    def _keep_exact(self, name: str, layer: KeptExact) -> None:
+        """Record a layer left with HF's exact cache (its Keys and Values are not replaced)."""
+        logger.info("rotatek: %s kept exact: %s", name, layer.reason)
+        self.backend.kept_exact[name] = layer.reason
+        if self.report is not None:
+            self.report.kept_exact[name] = layer.reason
 
     def _span(self, outputs: list, args: tuple) -> tuple[Optional[torch.Tensor], str]:
         """``[B, S]`` image-token mask (``None`` for the prompt fallback), and what it is.

@@ -13,7 +13,8 @@ The rule, per batch row (every method, every span kind)::
 
     share_h(s) = mean over the window's queries of KV head h's group of softmax_span(q·k_s·scale)
     sinks      = {first real token of the row, if in the span}
-               ∪ {the SINK_LIMIT - 1 span tokens of largest max_h share_h(s), those with share ≥ SINK_SHARE}
+               ∪ {the SINK_LIMIT - 1 span tokens of largest max_h share_h(s), those with
+                  share ≥ max(SINK_SHARE, SINK_FACTOR / n)}       (n: the row's span tokens)
 
 and in a batch every row takes as many sinks as the row with the most (the next tokens by share):
 segments are as wide as their widest row, so equal counts cost no padding slots.
@@ -32,6 +33,9 @@ from rotatek_compile.kernels import reference
 # A span token with at least this share of some KV head's window attention is a sink. Uniform
 # attention over a 1000-token span gives 0.001 per token; the sinks measured take 0.2–0.98.
 SINK_SHARE = 0.1
+# ... and at least this many times the uniform share 1/n: in a short span (under 100 tokens) every
+# token has a large share without standing out.
+SINK_FACTOR = 10.0
 # At most this many sinks per row and layer (the first real token included): each costs d - r Key
 # elements more than a compressed token.
 SINK_LIMIT = 4
@@ -81,7 +85,8 @@ def attention_sinks(queries: Tensor, keys: Tensor, scale: float, span: Tensor, v
     share = window_share(queries, keys, scale, span).amax(dim=1)  # [B, S]
     share = share.masked_fill(sinks | ~span, -1.0)
     top, where = share.topk(extra, dim=-1)  # [B, extra], by share descending
-    outliers = int((top >= SINK_SHARE).sum(dim=1).max())  # the most any row has
+    threshold = (SINK_FACTOR / span.sum(dim=1, keepdim=True).clamp_min(1)).clamp_min(SINK_SHARE)  # [B, 1]
+    outliers = int((top >= threshold).sum(dim=1).max())  # the most any row has
     taken = (torch.arange(extra, device=span.device) < outliers) & (top >= 0)  # [B, extra] real span tokens
     sinks[rows[:, None].expand_as(where), where] |= taken
     return sinks

@@ -20,7 +20,7 @@ from rotatek_compile.state import compress_layer
 DIM, WINDOW, KV_HEADS, GROUP = 16, 4, 2, 2
 
 
-def layer_inputs(padding=(0, 5, 9), length=40, seed=0, sink=None):
+def layer_inputs(padding=(0, 5, 9), length=160, seed=0, sink=None):
     """Keys ``[B, H, S, d]``, Values, window queries ``[B, Hq, W, d]``, span, valid.
 
     ``sink``: a position (counted from each row's first real token) whose Key is aligned with the
@@ -66,7 +66,7 @@ def test_first_real_token_of_each_row_is_exact(method):
         assert pad in rest_tokens(layer, values, row)  # the first real token, after the padding
         assert pad not in span_tokens(layer, values, row)
         # every real token is in exactly one segment
-        assert rest_tokens(layer, values, row) | span_tokens(layer, values, row) == set(range(pad, 40))
+        assert rest_tokens(layer, values, row) | span_tokens(layer, values, row) == set(range(pad, 160))
         assert not rest_tokens(layer, values, row) & span_tokens(layer, values, row)
 
 
@@ -86,7 +86,7 @@ def test_an_outlier_of_the_window_attention_is_exact():
 def test_rows_of_a_batch_take_equally_many_sinks():
     # row 0 has an outlier 7 tokens in, row 1 none: row 1 also keeps its next token by share exact,
     # so that neither segment gets a padding slot
-    keys, values, queries, span, valid = layer_inputs((0, 5), length=80, sink=7)
+    keys, values, queries, span, valid = layer_inputs((0, 5), sink=7)
     keys[1] = torch.randn(keys[1].shape, generator=torch.Generator().manual_seed(8))
     share = tiers.window_share(queries, keys, DIM ** -0.5, span).amax(1)  # [B, S]
     assert share[0, 7] >= tiers.SINK_SHARE and share[1].max() < tiers.SINK_SHARE
@@ -105,6 +105,15 @@ def test_only_the_first_token_when_no_token_stands_out():
     sinks = tiers.attention_sinks(queries, keys, DIM ** -0.5, span, valid)
     assert sinks.sum(1).tolist() == [1, 1]
     assert sinks[0, 0] and sinks[1, 3]
+
+
+def test_a_short_span_has_no_outliers_by_share_alone():
+    # 20 span tokens: uniform attention gives each 0.05, random Keys push some past 10%; a sink
+    # must also take 10× the uniform share (here 0.5), which none does
+    keys, values, queries, span, valid = layer_inputs((0,), length=20 + WINDOW, seed=4)
+    share = tiers.window_share(queries, keys, DIM ** -0.5, span).amax(1)[0]
+    assert (share[1:] >= tiers.SINK_SHARE).any() and share[1:].max() < tiers.SINK_FACTOR / 20
+    assert tiers.attention_sinks(queries, keys, DIM ** -0.5, span, valid).nonzero().tolist() == [[0, 0]]
 
 
 def test_sinks_are_capped_per_row():
