@@ -253,15 +253,15 @@ def expected_span_bytes(method: str, batch: int, heads: int, tokens: int, dim: i
                         rank: int, element: int) -> dict[str, int]:
     """Bytes a method must keep for a compressed span of ``tokens`` tokens per (row, head).
 
-    RotateK: ``K̃`` ``tokens·r·elt`` plus, per (row, head), ``R`` ``d·r`` and ``δμ`` ``d`` in fp32.
+    RotateK: ``K̃`` ``tokens·r·elt`` plus, per (row, head), ``R`` ``d·r·elt`` and ``δμ`` ``d·elt``.
     ThinK: the kept channels ``tokens·r·elt`` plus their ``r`` int16 indices per (row, head).
     SparK-style: per token ``r`` values, ``r`` int16 indices and one fill value. Values:
     ``tokens·dv·elt``. Keys are listed in the order of ``CompressedLayer.span_key_parts``.
     """
     per_head = batch * heads
     if method == "rotatek":
-        keys = {"keys": per_head * tokens * rank * element, "rotation": per_head * dim * rank * 4,
-                "mean_residual": per_head * dim * 4}
+        keys = {"keys": per_head * tokens * rank * element, "rotation": per_head * dim * rank * element,
+                "mean_residual": per_head * dim * element}
     elif method == "think":
         keys = {"keys": per_head * tokens * rank * element, "channels": per_head * rank * 2}
     elif method == "spark":
@@ -283,10 +283,13 @@ def measure_cache(cache, cell: Cell, prompt_length: int) -> dict[str, Any]:
     keep (:func:`expected_span_bytes`) and owns exactly that much storage; the product's own
     accounting (``span_key_bytes`` per token, ``basis_bytes`` per head, and
     ``rotatek_compile.cache_bytes(cache).span_keys``/``.span_basis``) reports the same numbers; the
-    Key stand-in HF holds has no storage of its own; the exact rest segment is the ``query_window`` tail.
+    Key stand-in HF holds has no storage of its own; the exact rest segment is the ``query_window`` tail
+    plus the span's attention sinks (``rotatek_compile.tiers``: 1 to ``SINK_LIMIT`` tokens, stored
+    at full width and counted in the span's bytes).
     """
     from rotatek_compile import cache_bytes
     from rotatek_compile.state import attached
+    from rotatek_compile.tiers import SINK_LIMIT
 
     reported = cache_bytes(cache)
     measured_span = expected_span = full_span = expected_token_keys = expected_basis = 0
@@ -300,8 +303,12 @@ def measure_cache(cache, cell: Cell, prompt_length: int) -> dict[str, Any]:
         batch, heads, _, dim = layer.keys.shape
         value_dim = state.span_values.shape[-1]
         element = state.span_values.element_size()
+        sinks = state.keys.shape[2] - WINDOW  # span tokens kept exact, in the rest segment
+        if not 1 <= sinks <= SINK_LIMIT:
+            problems.append(f"layer {index}: {sinks} sinks kept exact, 1 to {SINK_LIMIT} expected")
         span_tokens = prompt_length - WINDOW
-        kept = math.ceil(cell.token_keep * span_tokens) if cell.token_keep < 1 else span_tokens
+        compressed = span_tokens - sinks
+        kept = math.ceil(cell.token_keep * compressed) if cell.token_keep < 1 else compressed
         rank = cell.rank(dim)
         expected = expected_span_bytes(state.method, batch, heads, kept, dim, value_dim, rank, element)
         tensors = dict(zip(list(expected)[:len(state.span_key_parts)], state.span_key_parts))
@@ -316,6 +323,9 @@ def measure_cache(cache, cell: Cell, prompt_length: int) -> dict[str, Any]:
             if storage != size:
                 problems.append(f"layer {index} {part}: storage {storage} B ≠ tensor {size} B")
             measured_span += storage
+        sink_bytes = batch * heads * sinks * (dim + value_dim) * element  # the sinks, exact
+        measured_span += sink_bytes
+        expected_span += sink_bytes
         per_token = PER_TOKEN[state.method]
         per_head = tuple(k for k in expected if k not in per_token and k != "values")
         token_keys = sum(expected[k] for k in per_token)
@@ -332,8 +342,6 @@ def measure_cache(cache, cell: Cell, prompt_length: int) -> dict[str, Any]:
             problems.append(f"layer {index}: basis_bytes {state.basis_bytes} ≠ expected {basis}")
         if layer.keys.untyped_storage().nbytes() > element:
             problems.append(f"layer {index}: the Key stand-in holds storage")
-        if state.keys.shape[2] != WINDOW:
-            problems.append(f"layer {index}: {state.keys.shape[2]} exact tokens, {WINDOW} expected")
     if reported.span_keys != expected_token_keys:
         problems.append(f"cache_bytes().span_keys {reported.span_keys} ≠ expected {expected_token_keys}")
     if reported.span_basis != expected_basis:

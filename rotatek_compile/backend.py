@@ -29,7 +29,7 @@ from rotatek_compile.passes.rewrite import (
     RewrittenGraph, rewrite_decode, rewrite_merge, rewrite_prefill, state_inputs)
 from rotatek_compile.passes.visual_span import to_token_mask
 from rotatek_compile.state import (
-    CompressedLayer, attached, compress_layer, derived_from_stand_in, plain, stand_in)
+    CompressedLayer, KeptExact, attached, compress_layer, derived_from_stand_in, plain, stand_in)
 
 logger = logging.getLogger("rotatek_compile")
 
@@ -93,6 +93,8 @@ class GraphReport:
     phase: str  # "prefill" | "decode" | "other" (graphs left unchanged that hold attention)
     rewritten: list[str]
     skipped: list[tuple[str, str]]
+    # prefill, filled at run time: rewritten sites whose last call kept the exact cache, and why
+    kept_exact: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class RotateKBackend:
@@ -109,12 +111,13 @@ class RotateKBackend:
         self.mode = mode
         self.reports: list[GraphReport] = []
         self._warned: set[str] = set()  # reasons already given in a WARNING
+        self.kept_exact: dict[str, str] = {}  # layer → why a prefill kept its exact cache (latest)
         self.saw_image_input = False  # some graph took pixel_values: the model sees images
         _watch_recompile_limit()
         _raise_recompile_limit()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        if any("pixel_values" in node.name for node in gm.graph.find_nodes(op="placeholder")):
+        if any(_is_image_input(node.name) for node in gm.graph.find_nodes(op="placeholder")):
             self.saw_image_input = True
         from rotatek_compile.static_cache import compile_static  # imports this module
 
@@ -135,9 +138,9 @@ class RotateKBackend:
             return self._plain(gm, example_inputs)
         if plan.phase == "merge":
             return _MergeRunner(plan, self._compile(plan.module, list(example_inputs)))
-        self._report(plan)
+        report = self._report(plan)
         if plan.phase == "prefill":
-            return _PrefillRunner(plan, self._compile(plan.module, list(example_inputs)), self)
+            return _PrefillRunner(plan, self._compile(plan.module, list(example_inputs)), self, report)
         extra, symbols = _state_inputs(_compressed_layers(plan, example_inputs)), []
         if self.inner == "inductor":
             extra, symbols = _symbolic_state(plan, extra, self.config.method)
@@ -167,13 +170,14 @@ class RotateKBackend:
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         return _guard_stand_ins(compiled, [placeholders.index(s.past_keys) for s in decode])
 
-    def _report(self, plan: RewrittenGraph) -> None:
+    def _report(self, plan: RewrittenGraph) -> GraphReport:
         report = GraphReport(plan.phase, [s.layer for s in plan.sites],
                              [(s.layer, s.reason) for s in plan.skipped])
         self.reports.append(report)
         logger.info("rotatek: %s graph, %d attention sites rewritten, %d left exact",
                     plan.phase, len(plan.sites), len(plan.skipped))
         self._tell(plan.skipped, rewritten=len(plan.sites))
+        return report
 
     def _tell(self, skipped: Sequence[SkippedSite], rewritten: int) -> None:
         """Log each layer left exact: one WARNING per reason (per backend) where compression is
@@ -184,6 +188,10 @@ class RotateKBackend:
         """
         by_reason: dict[str, list[str]] = {}
         for site in skipped:
+            if site.reason == _NOT_FILLED and site.layer in self.kept_exact:  # by the byte rule
+                logger.info("rotatek: %s left exact: its prefill kept the exact cache (%s)",
+                            site.layer, self.kept_exact[site.layer])
+                continue
             logger.info("rotatek: %s left exact: %s", site.layer, site.reason)
             if site.compressible or (rewritten == 0 and "sliding-window" in site.reason):
                 by_reason.setdefault(site.reason, []).append(site.layer)
@@ -195,6 +203,16 @@ class RotateKBackend:
 
 
 _NOT_FILLED = "its cache was not filled by a rotatek-compiled prefill"
+
+
+# Graph inputs that carry an image into the model: pixels, patches, or features computed outside
+_IMAGE_INPUTS = ("pixel_values", "flattened_patches", "image_features", "image_embeds", "vision_feature",
+                 "image_grid", "image_sizes", "pixel_attention_mask")
+
+
+def _is_image_input(placeholder: str) -> bool:
+    name = placeholder.lower()
+    return "_kwargs_" in name and any(kind in name for kind in _IMAGE_INPUTS)
 
 
 def _inductor_modes() -> tuple[str, ...]:
@@ -354,21 +372,32 @@ class _MergeRunner:
 
 
 class _PrefillRunner:
-    """Runs the prefill graph, then compresses each site's Keys and hands HF stand-ins."""
+    """Runs the prefill graph, then compresses each site's Keys and hands HF stand-ins.
 
-    def __init__(self, plan: RewrittenGraph, compiled: Callable, backend: RotateKBackend):
+    A layer that :func:`compress_layer` keeps exact (its compressed form would not be smaller)
+    hands HF its real Keys and Values; the decode graph then leaves that site exact.
+    """
+
+    def __init__(self, plan: RewrittenGraph, compiled: Callable, backend: RotateKBackend,
+                 report: Optional[GraphReport] = None):
         self.plan, self.compiled, self.backend, self.config = plan, compiled, backend, backend.config
+        self.report = report
 
     def __call__(self, *args):
         outputs = list(self.compiled(*args))
         plan = self.plan
         span, source = self._span(outputs, args)
+        if self.report is not None:
+            self.report.kept_exact.clear()
         for slot in plan.sites:
             keys, values = outputs[slot.keys_output], outputs[slot.values_output]
             valid = _valid_tokens(outputs[slot.mask_output] if slot.mask_output >= 0 else None, keys)
             layer_span = span if span is not None else _prompt_head(valid, self.config.query_window)
             layer = compress_layer(keys, values, outputs[slot.query_output], layer_span, valid,
                                    self.config, slot.scale)
+            if isinstance(layer, KeptExact):
+                self._keep_exact(slot.layer, layer)
+                continue
             layer = dataclasses.replace(layer, span_source=source)
             outputs[slot.keys_output] = stand_in(keys.shape, keys, layer)
             outputs[slot.values_output] = stand_in(values.shape, values, None)
@@ -377,6 +406,13 @@ class _PrefillRunner:
         if span is not None:
             _tag_hidden_states(outputs, span)
         return outputs
+
+    def _keep_exact(self, name: str, layer: KeptExact) -> None:
+        """Record a layer left with HF's exact cache (its Keys and Values are not replaced)."""
+        logger.info("rotatek: %s kept exact: %s", name, layer.reason)
+        self.backend.kept_exact[name] = layer.reason
+        if self.report is not None:
+            self.report.kept_exact[name] = layer.reason
 
     def _span(self, outputs: list, args: tuple) -> tuple[Optional[torch.Tensor], str]:
         """``[B, S]`` image-token mask (``None`` for the prompt fallback), and what it is.

@@ -17,18 +17,20 @@ logger = logging.getLogger("rotatek_compile")
 
 @dataclasses.dataclass(frozen=True)
 class CacheBytes:
-    """Bytes of the tensors that really hold a KV cache (stand-ins counted by what they carry)."""
+    """Bytes of every tensor that really holds a KV cache (stand-ins counted by what they carry,
+    plus their own one-element storage)."""
 
-    keys: int
+    keys: int  # Key tensors: rest segments, span Key parts and their basis
     values: int
     span_keys: int  # per-token Key parts of the compressed span (0 for an uncompressed cache)
     compressed_layers: int
     span_basis: int = 0  # per-head parts that read the span: R and δμ, or ThinK's channel indices
     other: int = 0  # other per-layer state: linear-attention / conv states, indexer Keys, ...
+    masks: int = 0  # the compressed layers' segment masks
 
     @property
     def total(self) -> int:
-        return self.keys + self.values
+        return self.keys + self.values + self.masks
 
 
 def _storage_bytes(tensor: torch.Tensor) -> int:
@@ -68,17 +70,19 @@ def cache_bytes(cache: Any) -> CacheBytes:
     conv states count as ``other``), ``EncoderDecoderCache``, or an output holding one.
 
     Every tensor is counted by the bytes of the storage it owns (a view of a larger buffer counts
-    that buffer); a stand-in counts the compressed state it carries.
+    that buffer); a stand-in counts the compressed state it carries (every tensor of it, the
+    segment masks included) and its own one-element storage.
     """
-    keys = values = span = basis = compressed = other = 0
+    keys = values = span = basis = masks = compressed = other = 0
     for each in _caches(cache):
         for layer in each.layers:
             state = attached(getattr(layer, "keys", None))
             if state is not None:
-                keys += state.key_bytes
+                keys += state.key_bytes + _storage_bytes(layer.keys)
                 values += state.value_bytes + _storage_bytes(layer.values)
                 span += state.span_key_bytes
                 basis += state.basis_bytes
+                masks += state.mask_bytes
                 compressed += 1
                 continue
             for name, value in vars(layer).items():
@@ -89,7 +93,7 @@ def cache_bytes(cache: Any) -> CacheBytes:
                     values += size
                 elif not name.startswith("_"):
                     other += size
-    return CacheBytes(keys, values, span, compressed, basis, other)
+    return CacheBytes(keys, values, span, compressed, basis, other, masks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +108,8 @@ class Explanation:
     compressed: CacheBytes
     config: Optional[RotateKConfig] = None
     spans: dict[str, str] = dataclasses.field(default_factory=dict)  # layer → what its span is
+    # rewritten sites whose prefill kept the exact cache (compressed form not smaller), and why
+    kept_exact: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def grows(self) -> bool:
@@ -112,10 +118,14 @@ class Explanation:
 
     def __str__(self) -> str:
         lines = [f"attention sites rewritten: {len(self.rewritten)}"]
-        lines += [f"  {layer}: r = {self.rank.get(layer, '?')}, span = {self.spans.get(layer, '?')}"
+        lines += [f"  {layer}: r = {self.rank[layer]}, span = {self.spans.get(layer, '?')}" if layer in self.rank
+                  else f"  {layer}: kept exact at prefill (below)"
                   for layer in self.rewritten]
         lines.append(f"attention sites left exact: {len(self.skipped)}")
         lines += [f"  {layer}: {reason}" for layer, reason in self.skipped]
+        if self.kept_exact:
+            lines.append(f"rewritten sites kept exact at prefill: {len(self.kept_exact)}")
+            lines += [f"  {layer}: {reason}" for layer, reason in self.kept_exact]
         ratio = self.compressed.keys / max(self.baseline.keys, 1)
         lines.append(f"Key cache bytes: {self.baseline.keys} → {self.compressed.keys} ({ratio:.1%})")
         if self.grows:
@@ -146,13 +156,15 @@ def explain(model: torch.nn.Module, example_inputs: Mapping[str, Any],
         result = _caches(compiled(**example_inputs, use_cache=True))
     rewritten = [layer for report in backend.reports for layer in report.rewritten]
     skipped = [item for report in backend.reports for item in report.skipped]
+    kept_exact = [item for report in backend.reports for item in report.kept_exact.items()]
     states = [attached(getattr(layer, "keys", None)) for cache in result for layer in cache.layers]
     states = [state for state in states if state is not None]  # in layer order, like the sites
-    rank = {name: state.rank for name, state in zip(rewritten, states)}
+    compressed = [name for name in rewritten if name not in dict(kept_exact)]
+    rank = {name: state.rank for name, state in zip(compressed, states)}
     spans = {name: f"{state.span_source}, {state.span_mask.sum(-1).tolist()} tokens per row"
-             for name, state in zip(rewritten, states)}
+             for name, state in zip(compressed, states)}
     explanation = Explanation(backend.reports, rewritten, skipped, rank, _sum_bytes(baseline),
-                              _sum_bytes(result), config, spans)
+                              _sum_bytes(result), config, spans, kept_exact)
     if explanation.grows:
         logger.warning("rotatek: compression grows the Key cache here: %d → %d bytes",
                        explanation.baseline.keys, explanation.compressed.keys)

@@ -12,7 +12,8 @@ Layout: attention is a softmax over a *set* of tokens, so the cache keeps two se
 its own Keys, Values and validity mask, in any order:
 
 - span: the compressed tokens (image tokens, or the prompt's head for text-only models);
-- rest: every other real token at full width (prompt, text, and each generated token).
+- rest: every other real token at full width (prompt, text, and each generated token), and the
+  span's attention sinks (:mod:`rotatek_compile.tiers`), which are never compressed.
 
 Padding tokens are dropped at prefill (they are never attended).
 """
@@ -25,6 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from rotatek_compile import tiers
 from rotatek_compile.config import RotateKConfig
 from rotatek_compile.kernels import reference
 
@@ -43,9 +45,10 @@ class CompressedLayer:
     """One layer's KV cache after prefill. ``H`` KV heads, ``Sv`` span and ``Sf`` rest tokens.
 
     ``span_key_parts`` depends on the method (:data:`SPAN_KEY_PARTS` names them):
-    RotateK: ``(K̃ [B, H, Sv, r], R [B, H, d, r] fp32, δμ [B, H, d] fp32)``; ThinK: ``(kept
-    channels [B, H, Sv, r], their indices [B, H, r] int16)``; SparK-style: ``(kept values
-    [B, H, Sv, r], channels [B, H, Sv, r] int16, fill [B, H, Sv])``.
+    RotateK: ``(K̃ [B, H, Sv, r], R [B, H, d, r], δμ [B, H, d])``, all in the cache dtype; ThinK:
+    ``(kept channels [B, H, Sv, r], their indices [B, H, r] int16)``; SparK-style: ``(kept values
+    [B, H, Sv, r], channels [B, H, Sv, r] int16, fill [B, H, Sv])``. ``split`` says what became of
+    the span's tokens at prefill.
     """
 
     method: str
@@ -57,6 +60,7 @@ class CompressedLayer:
     mask: Tensor  # [B, Sf] bool
     head_dim: int
     span_source: str = ""  # what the span is: "image tokens" or the prompt fallback and why
+    split: Optional["SpanSplit"] = None
 
     @property
     def span_key_bytes(self) -> int:
@@ -81,6 +85,16 @@ class CompressedLayer:
         return _nbytes(self.span_values) + _nbytes(self.values)
 
     @property
+    def mask_bytes(self) -> int:
+        """Bytes of the two segments' validity masks."""
+        return _nbytes(self.span_mask) + _nbytes(self.mask)
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of every tensor the layer keeps: Keys, basis, Values and masks."""
+        return self.key_bytes + self.value_bytes + self.mask_bytes
+
+    @property
     def rank(self) -> int:
         """Key channels kept per span token."""
         return self.span_key_parts[0].shape[-1]
@@ -91,6 +105,29 @@ class CompressedLayer:
 
     def with_rest(self, keys: Tensor, values: Tensor, mask: Tensor) -> "CompressedLayer":
         return dataclasses.replace(self, keys=keys, values=values, mask=mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpanSplit:
+    """What became of one layer's span tokens at prefill, summed over batch rows (every KV head
+    keeps as many tokens of each kind)."""
+
+    span: int  # real span tokens
+    exact: int  # kept at full width in the rest segment (attention sinks)
+    compressed: int  # kept in the compressed span segment
+    dropped: int  # dropped by token pruning
+
+    def __add__(self, other: "SpanSplit") -> "SpanSplit":
+        return SpanSplit(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+@dataclasses.dataclass(frozen=True)
+class KeptExact:
+    """A layer that :func:`compress_layer` leaves uncompressed: HF's cache keeps its exact Keys and
+    Values, because the compressed form would not be smaller (``reason`` says by how much)."""
+
+    reason: str
+    split: SpanSplit
 
 
 def _nbytes(tensor: Tensor) -> int:
@@ -212,8 +249,13 @@ def compress_layer(
     valid: Tensor,
     config: RotateKConfig,
     scale: float,
-) -> CompressedLayer:
+) -> CompressedLayer | KeptExact:
     """Build a layer's compressed cache from its prefill Keys and Values.
+
+    A layer whose compressed form (every stored tensor: Key parts, basis, Values, masks, both
+    segments) would not be smaller than HF's exact Keys and Values is left exact (:class:`KeptExact`):
+    tiny spans, where the per-head basis outweighs the channels saved. ``r = d`` with every token
+    kept asks to save nothing and is the compressed path's exactness check: it is never left exact.
 
     Parameters
     ----------
@@ -222,7 +264,9 @@ def compress_layer(
     queries : Tensor
         ``[B, Hq, W, d]`` post-RoPE queries of the last ``W`` prompt tokens.
     span : Tensor
-        ``[B, S]`` bool, the tokens to compress.
+        ``[B, S]`` bool, the tokens to compress. Its attention sinks (the first real token of each
+        row, and tokens that take a large share of the window's attention:
+        :func:`rotatek_compile.tiers.attention_sinks`) go to the exact rest segment instead.
     valid : Tensor
         ``[B, S]`` bool, the real (non-padding) tokens.
     config : RotateKConfig
@@ -230,6 +274,8 @@ def compress_layer(
         The layer's softmax scale (token pruning scores use it).
     """
     span = span & valid
+    span_count = int(span.sum())
+    span = span & ~tiers.attention_sinks(queries, keys, scale, span, valid)
     span_positions, span_mask = _compact(span)
     rest_positions, rest_mask = _compact(valid & ~span)
     span_keys = _gather_positions(keys, span_positions)  # [B, H, Sv, d]
@@ -244,7 +290,10 @@ def compress_layer(
     head_dim = keys.shape[-1]
     rank = config.channels_for(head_dim)
     parts = _compress_keys(span_keys, span_mask, queries, rank, config)
-    return CompressedLayer(
+    compressed = int(span_mask.sum())
+    kept_exact = span_count - int(span.sum())
+    split = SpanSplit(span_count, kept_exact, compressed, span_count - kept_exact - compressed)
+    layer = CompressedLayer(
         method=config.method,
         span_key_parts=parts,
         span_values=span_values.contiguous(),
@@ -253,7 +302,14 @@ def compress_layer(
         values=_gather_positions(values, rest_positions),
         mask=rest_mask,
         head_dim=head_dim,
+        split=split,
     )
+    exact_bytes = _nbytes(keys) + _nbytes(values)  # what HF's cache would hold for the layer
+    saves_nothing = rank >= head_dim and config.token_keep >= 1.0
+    if layer.stored_bytes >= exact_bytes and not saves_nothing:
+        return KeptExact(f"its compressed form ({layer.stored_bytes} B with the basis and masks) would not "
+                         f"be smaller than the exact Keys and Values ({exact_bytes} B)", split)
+    return layer
 
 
 def _compress_keys(

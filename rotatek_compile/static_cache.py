@@ -33,7 +33,8 @@ from rotatek_compile.backend import (
 from rotatek_compile.config import RotateKConfig
 from rotatek_compile.passes.static_cache import (
     StaticPlan, find_static_sites, rewrite_static_decode, rewrite_static_prefill)
-from rotatek_compile.state import _ATTRIBUTE, CompressedLayer, StandIn, attached, compress_layer, plain, stand_in
+from rotatek_compile.state import (
+    _ATTRIBUTE, CompressedLayer, KeptExact, StandIn, attached, compress_layer, plain, stand_in)
 
 logger = logging.getLogger("rotatek_compile")
 
@@ -99,8 +100,8 @@ def compile_static(backend: Any, gm: fx.GraphModule, example_inputs: Sequence[An
     if not created_here and all(site.new_tokens == 1 for site in sites):
         return None  # one token on an uncompressed static cache: stays exact
     plan = rewrite_static_prefill(gm, backend.config.query_window)
-    backend._report(plan)
-    return _StaticPrefillRunner(plan, _compile_prefill(backend, plan.module, list(example_inputs)), backend)
+    report = backend._report(plan)
+    return _StaticPrefillRunner(plan, _compile_prefill(backend, plan.module, list(example_inputs)), backend, report)
 
 
 def _compile_prefill(backend: Any, module: fx.GraphModule, example_inputs: list) -> Callable:
@@ -169,6 +170,8 @@ class _StaticPrefillRunner(_PrefillRunner):
             return outputs[: plan.num_outputs]
         self._grid = (self._buffer(outputs, args, 0, "keys").shape[0], last + 1)
         span, source = self._span(outputs, args)  # [B, S] or None
+        if self.report is not None:
+            self.report.kept_exact.clear()
         for site, slot in enumerate(plan.sites):
             keys, values = self._buffer(outputs, args, site, "keys"), self._buffer(outputs, args, site, "values")
             length, prompt_end = keys.shape[2], last + 1
@@ -178,6 +181,9 @@ class _StaticPrefillRunner(_PrefillRunner):
                           else _prompt_head(valid, self.config.query_window))
             layer = compress_layer(keys, values, outputs[slot.query_output], layer_span, valid,
                                    self.config, slot.scale)
+            if isinstance(layer, KeptExact):  # HF's buffers stay as they are; decode leaves the site exact
+                self._keep_exact(slot.layer, layer)
+                continue
             layer = to_static(dataclasses.replace(layer, span_source=source), prompt_end, length)
             self._hand_stand_in(outputs, args, slot.keys_output, slot.past_keys_input, layer)
             self._hand_stand_in(outputs, args, slot.values_output, slot.past_values_input, None)

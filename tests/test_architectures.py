@@ -35,6 +35,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from rotatek_compile import RotateKBackend, RotateKConfig, cache_bytes
 from rotatek_compile.state import attached
+from rotatek_compile.tiers import SINK_LIMIT
 from tests.tiny_models import BY_NAME, IMAGE, TINY_MODELS, TinyModel, image_token_counts
 
 STEPS = 16  # greedy decode steps after the prefill
@@ -209,9 +210,12 @@ def test_quarter_rank_bytes(name):
         compressed += 1
         k_tilde = state.span_key_parts[0]  # [B, H, Sv, r]
         batch, heads, length, _ = layer.keys.shape
-        assert tuple(k_tilde.shape) == (batch, heads, span_tokens, r), (
-            f"K̃ {tuple(k_tilde.shape)}: expected {span_tokens} span tokens at r = {r}")
-        full = batch * heads * span_tokens * d * k_tilde.element_size()  # the span's baseline Keys
+        sinks = span_tokens - k_tilde.shape[2]  # span tokens kept exact (rotatek_compile.tiers)
+        assert (1 if not entry.has_image else 0) <= sinks <= SINK_LIMIT
+        assert (state.split.span, state.split.exact) == (span_tokens, sinks)  # batch 1
+        assert tuple(k_tilde.shape) == (batch, heads, span_tokens - sinks, r), (
+            f"K̃ {tuple(k_tilde.shape)}: expected {span_tokens - sinks} span tokens at r = {r}")
+        full = batch * heads * (span_tokens - sinks) * d * k_tilde.element_size()  # those tokens' baseline Keys
         assert k_tilde.numel() * k_tilde.element_size() * d == full * r
     assert compressed == entry.full_attention
     assert cache_bytes(run.cache).keys < cache_bytes(baseline.cache).keys

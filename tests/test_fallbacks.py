@@ -105,7 +105,7 @@ def test_ordinary_traffic_stays_compiled_and_compressed(caplog):
     model.compile(backend="rotatek", options={"key_channels": 4, "inner": "eager"})
     with caplog.at_level(logging.WARNING):
         for i, batch in enumerate([1, 2, 5, 1, 8, 3]):
-            inputs = padded_prompt(batch, length=40 + 3 * i)
+            inputs = padded_prompt(batch, length=56 + 3 * i)  # spans long enough to be worth compressing
             first = generate(model, inputs, steps=2)
             second = _second_turn(model, first, inputs, steps=2)
             for out in (first, second):

@@ -276,7 +276,7 @@ def test_reports_and_explain():
 
 
 @pytest.mark.parametrize("method, basis_per_head", [
-    ("rotatek", (HEAD_DIM * 4 + HEAD_DIM) * 4),  # R (d·r) and δμ (d), fp32, r = 4
+    ("rotatek", (HEAD_DIM * 4 + HEAD_DIM) * 4),  # R (d·r) and δμ (d) in the cache dtype (fp32 here), r = 4
     ("think", 4 * 2),  # r int16 channel indices
     ("spark", 0),  # every part is per token
 ])

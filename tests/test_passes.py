@@ -310,3 +310,28 @@ def test_attention_scaled_by_division_is_matched():
     q, past = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 8, 16)
     (match,) = find_attention_sites(trace(divided, q, past, past, q, q).graph)
     assert isinstance(match, AttentionSite) and match.kind == "eager" and match.scale == pytest.approx(0.25)
+
+
+def test_mask_from_learned_weights_is_left_exact():
+    # a relative-position bias (or a sparse indexer's block choice) inside the additive mask:
+    # the decode op keeps only valid/invalid, so the site must stay exact (and be reported)
+    bias_table = torch.nn.Embedding(16, 1)
+
+    def biased(q, past_k, past_v, k, v, distance, valid):
+        keys, values = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
+        bias = bias_table(distance)[..., 0]  # [1, 1, L, S] from learned weights
+        mask = torch.where(valid, bias, torch.finfo(q.dtype).min)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask), keys, values
+
+    def padding_only(q, past_k, past_v, k, v, distance, valid):
+        keys, values = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
+        mask = torch.where(valid, 0.0, torch.finfo(q.dtype).min)  # HF's additive padding mask
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask), keys, values
+
+    q, past = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 8, 16)
+    distance = torch.randint(0, 16, (1, 1, 1, 9))
+    valid = torch.ones(1, 1, 1, 9, dtype=torch.bool)
+    (match,) = find_attention_sites(trace(biased, q, past, past, q, q, distance, valid).graph)
+    assert isinstance(match, SkippedSite) and "learned weights" in match.reason and match.compressible
+    (match,) = find_attention_sites(trace(padding_only, q, past, past, q, q, distance, valid).graph)
+    assert isinstance(match, AttentionSite)

@@ -300,11 +300,26 @@ def test_pruned_decode_is_softmax_of_compressed_logits(case, rank_frac):
     assert (out.double() - expected).abs().max().item() <= ATOL_FP32
 
 
-def test_compressed_keys_keep_the_cache_dtype():
+def test_compressed_span_is_stored_in_the_cache_dtype():
+    # K̃, R and δμ all in the Keys' dtype (the official code keeps R there too): true bytes
     keys = torch.randn(1, 2, 16, 8, generator=_gen(3)).to(torch.bfloat16)
     span = ref.rotatek_compress(keys, 2)
-    assert span.keys.dtype == torch.bfloat16 and span.keys.shape == (1, 2, 16, 2)
-    assert span.rotation.dtype == torch.float32 and span.mean_residual.dtype == torch.float32
+    assert span.keys.shape == (1, 2, 16, 2) and span.rotation.shape == (1, 2, 8, 2)
+    assert {t.dtype for t in span} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+def test_full_rank_bf16_logits_are_within_bf16_rounding(dim):
+    # R̂ rounded to bf16 is orthogonal only to ~2⁻⁸; K̃ and δμ are computed from R̂ itself, so the
+    # logit error at r = d stays at the scale of one bf16 rounding of the logit (2⁻⁸ ≈ 3.9e-3)
+    gen = _gen(dim)
+    keys = (torch.randn(1, 2, 256, dim, generator=gen) + torch.randn(1, 2, 1, dim, generator=gen)).to(torch.bfloat16)
+    queries = torch.randn(1, 2, 8, dim, generator=gen, dtype=torch.float64)
+    span = ref.rotatek_compress(keys, dim)
+    rotation, pruned, residual = span.rotation.double(), span.keys.double(), span.mean_residual.double()
+    logits = (queries @ rotation) @ pruned.transpose(-1, -2) + (queries * residual[:, :, None]).sum(-1, keepdim=True)
+    exact = queries @ keys.double().transpose(-1, -2)
+    assert (logits - exact).abs().max() / exact.abs().max() < 2 ** -7
 
 
 def test_decode_gives_zeros_for_fully_masked_rows():

@@ -21,6 +21,7 @@ from rotatek_compile.passes.rewrite import state_inputs
 from rotatek_compile.passes.static_cache import find_static_sites, rewrite_static_decode, rewrite_static_prefill
 from rotatek_compile.state import attached
 from rotatek_compile.static_cache import StaticCompressedLayer
+from rotatek_compile.tiers import SINK_LIMIT
 from tests.test_generate import HEAD_DIM, LAYERS, generate, max_logit_error, padded_prompt, tiny_llama
 from tests.test_passes import RecordingBackend, trace
 from tests.tiny_models import BY_NAME, image_token_counts
@@ -112,10 +113,13 @@ def test_pruned_static_cache_holds_fewer_key_bytes():
         state = attached(layer.keys)
         batch, heads, span, _ = state.span_key_parts[0].shape
         assert state.span_key_bytes == batch * heads * span * rank * 4  # r of d channels, fp32
-        # the rest: the 32 tokens after the span (widest row), then room for every later position
-        assert state.capacity == 32 + (capacity - prompt)
-        assert int(state.rest_offset) == prompt - 32
-        assert torch.equal(state.mask.sum(-1), torch.full((batch,), 32 + steps - 1))  # last token not yet written
+        # the rest: the 32 tokens after the span and the span's attention sinks (as many in each
+        # row: rotatek_compile.tiers), then room for every later position
+        sinks = state.split.exact // batch
+        assert 1 <= sinks <= SINK_LIMIT and state.split.exact == sinks * batch
+        assert state.capacity == 32 + sinks + (capacity - prompt)
+        assert int(state.rest_offset) == prompt - 32 - sinks
+        assert torch.equal(state.mask.sum(-1), torch.full((batch,), 32 + sinks + steps - 1))  # last token not yet written
     before, after = rotatek_compile.cache_bytes(exact.past_key_values), rotatek_compile.cache_bytes(cache)
     assert after.compressed_layers == LAYERS and after.keys < before.keys
 
@@ -144,8 +148,10 @@ def test_requests_of_other_lengths_reuse_the_decode_graph():
     for e, c in zip(exact, compressed):
         assert torch.equal(e.sequences, c.sequences) and max_logit_error(e, c) < 1e-4
         assert all(isinstance(attached(layer.keys), StaticCompressedLayer) for layer in c.past_key_values.layers)
-    spans = [attached(c.past_key_values.layers[0].keys).span_tokens for c in compressed]
-    assert spans == [12, 8, 4]  # each prompt minus its last 32 tokens
+    states = [attached(c.past_key_values.layers[0].keys) for c in compressed]
+    assert [state.split.span for state in states] == [12, 8, 4]  # each prompt minus its last 32 tokens
+    # compressed: that span less its attention sinks (kept exact), in at least MIN_SEGMENT slots
+    assert all(state.span_tokens == max(state.split.span - state.split.exact, 2) for state in states)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3  # prefill, decode, symbolic prefill
 
 

@@ -30,11 +30,12 @@ COVARIANCE_RIDGE = 1e-4
 
 
 class CompressedSpan(NamedTuple):
-    """What the cache keeps of a span's Keys: ``r`` rotated channels and the mean correction."""
+    """What the cache keeps of a span's Keys: ``r`` rotated channels and the mean correction,
+    all three in the Keys' dtype (the cache's: what is stored is what is counted)."""
 
-    keys: Tensor  # [B, H, S, r]  K̃ = K R, in the Keys' dtype
-    rotation: Tensor  # [B, H, d, r]  R, fp32, orthonormal columns
-    mean_residual: Tensor  # [B, H, d]  δμ = μ(I − RRᵀ), fp32
+    keys: Tensor  # [B, H, S, r]  K̃ = K R
+    rotation: Tensor  # [B, H, d, r]  R, orthonormal columns (up to the dtype's rounding)
+    mean_residual: Tensor  # [B, H, d]  δμ = μ(I − RRᵀ)
 
 
 def _all_true(keys: Tensor) -> Tensor:
@@ -182,12 +183,16 @@ def compress_span(keys: Tensor, rotation: Tensor, mean: Tensor) -> CompressedSpa
     """Project the span's Keys onto the basis and keep the mean's lost part.
 
     ``keys`` ``[B, H, S, d]``, ``rotation`` ``[B, H, d, r]``, ``mean`` ``[B, H, d]`` →
-    ``K̃ = K R`` ``[B, H, S, r]`` (Keys' dtype) and ``δμ = μ − (μR)Rᵀ`` ``[B, H, d]`` (fp32).
+    ``K̃ = K R̂`` ``[B, H, S, r]``, ``R̂`` ``[B, H, d, r]`` and ``δμ = μ − (μR̂)R̂ᵀ`` ``[B, H, d]``, all
+    in the Keys' dtype, with ``R̂ = R`` rounded to that dtype: ``K̃`` and ``δμ`` are computed (in
+    fp32) from the basis that decode will read, so that at ``r = d``, where ``logit = q·k −
+    q(I − R̂R̂ᵀ)(k − μ)``, only ``R̂``'s departure from orthogonality is lost (none in fp32).
     """
-    rotation = rotation.float()
+    stored = rotation.to(keys.dtype)
+    rotation = stored.float()
     pruned = (keys.float() @ rotation).to(keys.dtype)
     residual = mean.float() - ((mean.float()[:, :, None, :] @ rotation) @ rotation.transpose(-1, -2))[:, :, 0]
-    return CompressedSpan(pruned, rotation, residual)
+    return CompressedSpan(pruned, stored, residual.to(keys.dtype))
 
 
 def rotatek_compress(

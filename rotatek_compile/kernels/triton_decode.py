@@ -4,7 +4,7 @@ Eager twin and oracle: :func:`rotatek_compile.kernels.reference.decode_attention
 same semantics. Shapes (``G = Hq // H`` query heads per KV head)::
 
     query          [B, Hq, d]         span_keys  [B, H, Sv, r]   span_values [B, H, Sv, dv]
-    rotation       [B, H, d, r] fp32  mean_residual [B, H, d] fp32            span_mask [B, Sv]
+    rotation       [B, H, d, r]       mean_residual [B, H, d]                 span_mask [B, Sv]
     keys           [B, H, Sf, d]      values     [B, H, Sf, dv]               mask      [B, Sf]
 
     logit_s = scale·((q R)·K̃_s + q·δμ)   s in the span   |   scale·q·k_s   s in the full segment
