@@ -761,14 +761,6 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "inkling2_loop": _SINKS_UNSEEN,
         "inkling_mm_model": ("the check reads layer_types[i] == 'full_attention'; Inkling names its global layers "
                              "'hybrid' (the check's naming, not the product)"),
-        "minimax_m3_vl": ("the block-sparse layer (lightning indexer top-k blocks, 'minimax_m3_sparse') is rewritten "
-                          "as a full-attention site"),
-    },
-    "exact": {
-        "inkling_mm_model": ("the relative-position bias rides in SDPA's float attn_mask, which the decode rewrite "
-                             "reduces to a validity mask: the bias is dropped from every decode step"),
-        "minimax_m3_vl": ("the block-sparse layer's prefill mask row is read as token validity (tokens outside the "
-                          "chosen blocks are dropped from its cache) and its decode attends every block"),
     },
     "span": {
         "granite_docling": ("the image mask is tagged on the merged embeddings, but the text model scales them "
@@ -787,6 +779,7 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "hy_v4_vl": _LATENT_CACHE,
         "inkling2": _SINKS_UNSEEN,
         "inkling2_loop": _SINKS_UNSEEN,
-        "minimax_m3_vl": "the block-sparse layer is compressed too, its span only the prefill's chosen blocks",
+        "inkling_mm_model": ("its global layers' masks carry a learned relative-position bias: left exact with a "
+                             "WARNING (not supported), so no span is compressed"),
     },
 }

@@ -694,9 +694,6 @@ _MERGED_ATTENTION = ("merged attention: the decoder's self-attention Keys are co
                      "concatenation, so both decoder layers are left exact ('the graph does not return its cache "
                      "append'), layer 1 included, which is full attention")
 
-_RELATIVE_BIAS = ("the decode rewrite keeps only the new tokens' validity from the attention mask, but here the "
-                   "mask is T5's relative position bias (added to the logits, no softmax scale): the bias over "
-                   "the cached tokens is dropped, the logits drift from decode step 1, without an error")
 _T5_NAMES = ("(not a product gap) the check's layer pattern expects 'layers.N.'; T5-style decoders name "
              "their layers '{}'")
 _ENCODER_IMAGE = ("encoder-decoder: the image is in the encoder (its cross-attention cache is left exact); the "
@@ -732,8 +729,6 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
                       "decode mask carries the QSA indexer's token selection, which the decode rewrite would drop"),
         "step3p7": _MASK_GRAPH_REFUSED,
         "unlimited_ocr": _RSWA,
-        "pix2struct": _RELATIVE_BIAS,
-        "udop": _RELATIVE_BIAS,
         "vision-encoder-decoder": _GPT2_CROSS,
     },
     "span": {
