@@ -1,51 +1,94 @@
-"""Per-architecture report: sites rewritten/left exact, span size, and Key bytes (tiny models, CPU).
+"""Per-architecture report: sites rewritten/left exact, exactness, span and Key bytes (tiny models, CPU).
 
-    PYTHONPATH=. python benchmarks/architectures.py
+    PYTHONPATH=. python benchmarks/architectures.py [model_type ...]
 
-For every tiny random-init model of ``tests/tiny_models.py`` (batch 1, one image): generate 4
-tokens exact and compiled (``key_channels = head_dim // 4``, ``inner="eager"``), then print a
-markdown row from the backend's reports and the two caches.
+For every tiny random-init model of ``tests/tiny_models.py`` and of ``tests/vlm_classes`` (or the
+ones named), the three generations of :mod:`tests.vlm_classes.checks` (batch 2, 4 new tokens:
+uncompiled, and rotatek ``inner="eager"`` at ``r = d`` and ``r = d/4``), then one markdown row:
+sites rewritten / left exact (with the reasons), exact at ``r = d``, span = image tokens, Key-cache
+bytes at ``r = d/4`` over the uncompiled cache's, seconds, and the known gap if any. Totals at the
+end; the model types listed as not buildable follow with their reasons.
 """
 
 from __future__ import annotations
 
+import sys
+import time
+from typing import Callable
+
 import torch
+import transformers
 
-import rotatek_compile
-from rotatek_compile import RotateKBackend, RotateKConfig
-from rotatek_compile.state import attached
 from tests.tiny_models import TINY_MODELS
+from tests.vlm_classes import ALL, KNOWN_GAPS, NOT_BUILDABLE, checks
+from tests.vlm_classes.common import class_name, not_in_transformers
 
 
-def row(entry) -> str:
-    torch._dynamo.reset()
-    model = entry.build()
-    inputs = entry.inputs(model, 1)
-    rank = max(1, entry.head_dim // 4)
-    settings = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
-    with torch.no_grad():
-        exact = model.generate(**inputs, **settings)
-        backend = RotateKBackend(RotateKConfig(key_channels=rank), inner="eager")
-        model.compile(backend=backend)
-        compressed = model.generate(**inputs, **settings)
-    prefill = next(report for report in backend.reports if report.phase == "prefill")
-    reasons = sorted({reason for report in backend.reports for _, reason in report.skipped})
-    states = [s for s in (attached(layer.keys) for layer in compressed.past_key_values.layers) if s]
-    span = states[0].span_key_parts[0]  # K̃ [B, H, Sv, r]
-    full_width = span.shape[0] * span.shape[1] * span.shape[2] * states[0].head_dim * span.element_size()
-    before = rotatek_compile.cache_bytes(exact.past_key_values)
-    after = rotatek_compile.cache_bytes(compressed.past_key_values)
-    return (f"| {entry.name} | {len(prefill.rewritten)} | {'; '.join(reasons) or '-'} | {span.shape[2]} | "
-            f"{rank}/{entry.head_dim} | {states[0].span_key_bytes / full_width:.3f} | {after.keys / before.keys:.3f} |")
+def _verdict(check: Callable[[], None]) -> str:
+    try:
+        check()
+    except AssertionError as error:
+        return f"no ({str(error).splitlines()[0][:80]})"
+    except Exception as error:  # noqa: BLE001 (a report row, not a test)
+        return f"error ({type(error).__name__}: {str(error).splitlines()[0][:80] if str(error) else ''})"
+    return "yes"
 
 
-def main() -> None:
-    print("| arch | decoder sites rewritten | left exact (reasons) | span tokens | r/d | "
-          "K̃ bytes / span Key bytes | Key cache after/before |")
-    print("|---|---|---|---|---|---|---|")
-    for entry in TINY_MODELS:
-        print(row(entry), flush=True)
+def row(entry) -> tuple[str, dict]:
+    """A markdown row for ``entry`` and its verdicts (``built``, ``sites``, ``exact``, ``span``)."""
+    start = time.perf_counter()
+    gaps = "; ".join(f"{check}: {gaps[entry.name]}" for check, gaps in KNOWN_GAPS.items() if entry.name in gaps)
+    name = f"| {entry.name} | {class_name(entry.model_class)} "
+    try:
+        reference = checks.generate(entry, None)
+        full = checks.generate(entry, entry.head_dim)
+        quarter = checks.generate(entry, max(1, entry.head_dim // 4))
+    except Exception as error:  # noqa: BLE001 (a report row, not a test)
+        built = "not in this transformers" if not_in_transformers(error) else "error"
+        message = f"{type(error).__name__}: {str(error).splitlines()[0][:100] if str(error) else ''}"
+        return name + f"| {built} | {message} | - | - | - | {time.perf_counter() - start:.1f} | {gaps or '-'} |", \
+            dict(built=False)
+    prefill = [r for r in full.reports if r.phase == "prefill"]
+    rewritten = len(prefill[0].rewritten) if prefill else 0
+    skipped = [item for r in full.reports for item in r.skipped]
+    reasons = sorted({reason for _, reason in skipped})
+    verdicts = dict(built=True,
+                    sites=_verdict(lambda: checks.check_sites(entry, full)),
+                    exact=_verdict(lambda: checks.check_exact(reference, full)),
+                    span=_verdict(lambda: checks.check_span(entry, reference, quarter)))
+    try:
+        ratio = f"{checks.key_bytes_ratio(reference, quarter):.3f}"
+    except Exception as error:  # noqa: BLE001
+        ratio = f"error ({type(error).__name__})"
+    sites = (f"{rewritten} / {len({layer for layer, _ in skipped})} ({'; '.join(reasons) or '-'}); "
+             f"sites check {verdicts['sites']}")
+    seconds = time.perf_counter() - start
+    return (name + f"| yes | {sites} | {verdicts['exact']} | {verdicts['span']} | {ratio} | {seconds:.1f} | "
+            f"{gaps or '-'} |"), verdicts
+
+
+def main(names: list[str]) -> None:
+    entries = [e for e in TINY_MODELS + ALL if not names or e.name in names]
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}\n")
+    print("| model_type | class | built | sites: rewritten / left exact (reasons) | exact at r = d | "
+          "span = image tokens | Key bytes r = d/4 / uncompiled | s | known gap |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    totals = dict(classes=0, built=0, sites=0, exact=0, span=0)
+    for entry in entries:
+        text, verdicts = row(entry)
+        print(text, flush=True)
+        totals["classes"] += 1
+        totals["built"] += verdicts["built"]
+        for check in ("sites", "exact", "span"):
+            totals[check] += verdicts.get(check) == "yes"
+    print(f"\nTotals: {totals['classes']} classes, {totals['built']} built and generated, "
+          f"sites right {totals['sites']}, exact at r = d {totals['exact']}, span = image tokens and "
+          f"fewer Key bytes {totals['span']}.")
+    if not names and NOT_BUILDABLE:
+        print(f"\nNot buildable ({len(NOT_BUILDABLE)}):\n")
+        for model_type, reason in sorted(NOT_BUILDABLE.items()):
+            print(f"- {model_type}: {reason}")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

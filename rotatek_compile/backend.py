@@ -117,7 +117,7 @@ class RotateKBackend:
         _raise_recompile_limit()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        if any("pixel_values" in node.name for node in gm.graph.find_nodes(op="placeholder")):
+        if any(_is_image_input(node.name) for node in gm.graph.find_nodes(op="placeholder")):
             self.saw_image_input = True
         from rotatek_compile.static_cache import compile_static  # imports this module
 
@@ -203,6 +203,16 @@ class RotateKBackend:
 
 
 _NOT_FILLED = "its cache was not filled by a rotatek-compiled prefill"
+
+
+# Graph inputs that carry an image into the model: pixels, patches, or features computed outside
+_IMAGE_INPUTS = ("pixel_values", "flattened_patches", "image_features", "image_embeds", "vision_feature",
+                 "image_grid", "image_sizes", "pixel_attention_mask")
+
+
+def _is_image_input(placeholder: str) -> bool:
+    name = placeholder.lower()
+    return "_kwargs_" in name and any(kind in name for kind in _IMAGE_INPUTS)
 
 
 def _inductor_modes() -> tuple[str, ...]:

@@ -159,10 +159,18 @@ def _nbytes(tensor: Tensor) -> int:
 
 # Tensor metadata that HF's bookkeeping reads off a cache tensor outside the compiled graph
 _METADATA = frozenset({
-    "size", "dim", "numel", "element_size", "is_floating_point", "is_contiguous", "stride",
-    "__get__", "__len__", "__repr__", "__format__", "_is_view", "data_ptr", "get_device",
-    "untyped_storage", "is_complex",
+    "size", "dim", "numel", "element_size", "stride", "storage_offset", "data_ptr", "get_device",
+    "untyped_storage", "_typed_storage", "__get__", "__len__", "__repr__", "__format__", "_version",
 })
+
+
+def _reads_metadata(name: str) -> bool:
+    return name in _METADATA or name.startswith(("is_", "_is_"))
+
+
+def _dynamo_is_tracing() -> bool:
+    """Dynamo building its view of a real input tensor (outside the traced code)."""
+    return torch._guards.TracingContext.try_get() is not None
 
 _FALLBACK_CAUSES = (
     "usual causes: Dynamo ran the model uncompiled (its recompile limit, "
@@ -184,8 +192,11 @@ class StandIn(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if torch.compiler.is_compiling():  # first: Dynamo inlines this method and folds it to True
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
         name = getattr(func, "__name__", "")
-        if torch.compiler.is_compiling() or name in _METADATA:
+        if _reads_metadata(name) or _dynamo_is_tracing():
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
         from rotatek_compile.backend import RotateKCacheError  # the public error type

@@ -1,8 +1,9 @@
 """StaticCache + CUDA graphs on CUDA (tiny Llama): ``generate(..., cache_implementation="static")``
 with the decode step under ``mode="reduce-overhead"``. Skipped without a GPU.
 
-``disable_compile=True``: on CUDA, ``generate()`` would otherwise wrap the model in its own
-``torch.compile(..., backend="inductor")`` for a StaticCache, which replaces the rotatek backend.
+``disable_compile=True``: ``generate()`` would otherwise wrap the decode step in a redundant
+``torch.compile(..., backend="inductor")`` of its own (the model's compiled call inside still runs
+under the rotatek backend; CUDA graphs come from the backend's ``mode``).
 """
 
 from __future__ import annotations

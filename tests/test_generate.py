@@ -106,7 +106,7 @@ def test_no_recompilation_per_decode_step():
     generate(model, inputs, steps=3)
     graphs_after_three = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     generate(model, inputs, steps=16)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_after_three == 3
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_after_three == 2  # prefill, decode
 
 
 def prefill(model, input_ids):

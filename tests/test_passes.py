@@ -227,7 +227,30 @@ def test_sliding_window_cache_is_skipped():
     past, new = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 1, 16)
     gm = trace(sliding, q, past, past, new, new)
     (match,) = find_attention_sites(gm.graph)
-    assert isinstance(match, SkippedSite) and "sliding-window" in match.reason
+    assert isinstance(match, SkippedSite) and "sliding-window" in match.reason and not match.compressible
+
+
+def test_latent_attention_is_named():
+    # MLA: the cache keeps a latent; Keys are projected from it after the cache read
+    def latent(q, past, new, up):
+        cache = torch.cat([past, new], dim=-2)  # [B, 1, S, rank]
+        keys = (cache @ up).expand(-1, 2, -1, -1)  # [B, 2, S, d]
+        return F.scaled_dot_product_attention(q, keys, keys), cache
+
+    q, past, new, up = torch.randn(1, 2, 1, 16), torch.randn(1, 1, 8, 4), torch.randn(1, 1, 1, 4), torch.randn(4, 16)
+    (match,) = find_attention_sites(trace(latent, q, past, new, up).graph)
+    assert isinstance(match, SkippedSite) and "latent attention" in match.reason and match.compressible
+
+
+def test_attention_scaled_by_division_is_matched():
+    def divided(q, past_k, past_v, k, v):
+        keys, values = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
+        probs = torch.softmax(torch.matmul(q, keys.transpose(2, 3)) / 4.0, dim=-1, dtype=torch.float32)
+        return torch.matmul(probs.to(q.dtype), values), keys, values
+
+    q, past = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 8, 16)
+    (match,) = find_attention_sites(trace(divided, q, past, past, q, q).graph)
+    assert isinstance(match, AttentionSite) and match.kind == "eager" and match.scale == pytest.approx(0.25)
 
 
 def test_static_cache_in_place_update_is_not_matched():
@@ -251,4 +274,64 @@ def test_cache_append_that_is_not_returned_is_skipped():
     q, past = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 8, 16)
     gm = trace(no_writeback, q, past, past, q, q)
     (match,) = find_attention_sites(gm.graph)
-    assert isinstance(match, SkippedSite) and "sliding-window" in match.reason
+    assert isinstance(match, SkippedSite) and "does not return its cache append" in match.reason
+    assert match.compressible  # left exact where it could be compressed: the backend warns
+
+
+def test_sliding_window_cache_is_skipped_as_such():
+    def sliding(q, past_k, past_v, k, v):
+        keys, values = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
+        out = F.scaled_dot_product_attention(q, keys, values)
+        return out, keys[:, :, -7:], values[:, :, -7:]  # the cache keeps the last window - 1 tokens
+
+    q, past = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 8, 16)
+    (match,) = find_attention_sites(trace(sliding, q, past, past, q, q).graph)
+    assert isinstance(match, SkippedSite) and "sliding-window" in match.reason and not match.compressible
+
+
+def test_latent_attention_is_named():
+    # MLA: the cache keeps a latent; Keys are projected from it after the cache read
+    def latent(q, past, new, up):
+        cache = torch.cat([past, new], dim=-2)  # [B, 1, S, rank]
+        keys = (cache @ up).expand(-1, 2, -1, -1)  # [B, 2, S, d]
+        return F.scaled_dot_product_attention(q, keys, keys), cache
+
+    q, past, new, up = torch.randn(1, 2, 1, 16), torch.randn(1, 1, 8, 4), torch.randn(1, 1, 1, 4), torch.randn(4, 16)
+    (match,) = find_attention_sites(trace(latent, q, past, new, up).graph)
+    assert isinstance(match, SkippedSite) and "latent attention" in match.reason and match.compressible
+
+
+def test_attention_scaled_by_division_is_matched():
+    def divided(q, past_k, past_v, k, v):
+        keys, values = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
+        probs = torch.softmax(torch.matmul(q, keys.transpose(2, 3)) / 4.0, dim=-1, dtype=torch.float32)
+        return torch.matmul(probs.to(q.dtype), values), keys, values
+
+    q, past = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 8, 16)
+    (match,) = find_attention_sites(trace(divided, q, past, past, q, q).graph)
+    assert isinstance(match, AttentionSite) and match.kind == "eager" and match.scale == pytest.approx(0.25)
+
+
+def test_mask_from_learned_weights_is_left_exact():
+    # a relative-position bias (or a sparse indexer's block choice) inside the additive mask:
+    # the decode op keeps only valid/invalid, so the site must stay exact (and be reported)
+    bias_table = torch.nn.Embedding(16, 1)
+
+    def biased(q, past_k, past_v, k, v, distance, valid):
+        keys, values = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
+        bias = bias_table(distance)[..., 0]  # [1, 1, L, S] from learned weights
+        mask = torch.where(valid, bias, torch.finfo(q.dtype).min)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask), keys, values
+
+    def padding_only(q, past_k, past_v, k, v, distance, valid):
+        keys, values = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
+        mask = torch.where(valid, 0.0, torch.finfo(q.dtype).min)  # HF's additive padding mask
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask), keys, values
+
+    q, past = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 8, 16)
+    distance = torch.randint(0, 16, (1, 1, 1, 9))
+    valid = torch.ones(1, 1, 1, 9, dtype=torch.bool)
+    (match,) = find_attention_sites(trace(biased, q, past, past, q, q, distance, valid).graph)
+    assert isinstance(match, SkippedSite) and "learned weights" in match.reason and match.compressible
+    (match,) = find_attention_sites(trace(padding_only, q, past, past, q, q, distance, valid).graph)
+    assert isinstance(match, AttentionSite)

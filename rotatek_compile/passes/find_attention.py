@@ -257,6 +257,11 @@ def find_attention_sites(graph: fx.Graph) -> list[Match]:
                                            "cache is written back some other way)"))
             continue
         scale = _constant_scale(scale)
+        if isinstance(mask, fx.Node) and _learned_inputs(mask):
+            matches.append(SkippedSite(layer, node, "its attention mask is computed from learned weights "
+                                       "(a position bias or a sparse-attention indexer), which the "
+                                       "compressed cache would drop (not supported)"))
+            continue
         if not isinstance(mask, (fx.Node, type(None))):
             matches.append(SkippedSite(layer, node, f"unsupported attention mask {type(mask).__name__}"))
             continue
@@ -279,6 +284,27 @@ def find_attention_sites(graph: fx.Graph) -> list[Match]:
             past_keys=past_keys, past_values=past_values, new_keys=new_keys, new_values=new_values,
             mask=mask, scale=float(scale), is_causal=is_causal, gqa=gqa, rope=_is_rope(new_keys)))
     return matches
+
+
+def _learned_inputs(node: fx.Node, limit: int = 400) -> bool:
+    """A parameter of the model lies upstream of ``node``.
+
+    HF's attention masks (causal, padding, sliding, bidirectional image blocks) are built from the
+    attention mask and positions alone. A mask that reads weights carries values the decode op's
+    valid/invalid mask cannot hold: a learned relative-position bias added to the logits, or the
+    block selection of a sparse-attention indexer. Dynamo names parameter inputs
+    ``..._parameters_<name>_``.
+    """
+    frontier, seen = [node], {node}
+    while frontier and len(seen) < limit:
+        current = frontier.pop()
+        if current.op == "placeholder" and "_parameters_" in current.name:
+            return True
+        for parent in current.all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                frontier.append(parent)
+    return False
 
 
 def _reads_a_cache_append(node: fx.Node, outputs: set[fx.Node], depth: int = 12) -> bool:

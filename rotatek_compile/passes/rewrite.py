@@ -70,8 +70,22 @@ class RewrittenGraph:
 
 
 def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A fresh GraphModule over a copy of ``gm``'s graph: Dynamo keeps using its own graph."""
-    return fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    """A fresh GraphModule over a copy of ``gm``'s graph (Dynamo keeps using its own graph), with
+    Dynamo's metadata.
+
+    AOTAutograd reads the graph's ``dynamo_compile_id``, ``_param_name_to_source`` and each
+    placeholder's ``_dynamo_source`` to tell which inputs keep their address (parameters, buffers
+    marked with ``mark_static_address``); without them CUDA graphs (``mode="reduce-overhead"``)
+    would copy every weight into their own memory on each replay.
+    """
+    module = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    module.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        module._param_name_to_source = gm._param_name_to_source
+    for old, new in zip(gm.graph.find_nodes(op="placeholder"), module.graph.find_nodes(op="placeholder")):
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    return module
 
 
 def _output_node(graph: fx.Graph) -> fx.Node:
@@ -188,6 +202,8 @@ def rewrite_decode(gm: fx.GraphModule, method: str, kernel: str,
     for site in rewritable:
         with graph.inserting_before(first_computation):  # new inputs go last, in order
             state = [graph.placeholder(f"rotatek_{site.key_update.name}_{name}") for name in state_inputs(method)]
+        for node in state:
+            node._dynamo_source = None  # an input of ours, not Dynamo's (AOTAutograd reads the field)
         new_rest = _replace_attention(graph, site, state, method, kernel)
         slots.append(SiteSlots(
             layer=site.layer, scale=site.scale,

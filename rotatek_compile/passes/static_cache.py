@@ -246,24 +246,6 @@ def _longest(capacities):
 # --- copies that keep what Dynamo's graph tells AOTAutograd ------------------------------------
 
 
-def copy_dynamo_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """:func:`~rotatek_compile.passes.rewrite.copy_module`, keeping Dynamo's metadata.
-
-    AOTAutograd reads the graph's ``dynamo_compile_id``, ``_param_name_to_source`` and each
-    placeholder's ``_dynamo_source`` to tell which inputs keep their address (parameters, buffers
-    marked with ``mark_static_address``); CUDA graphs (``mode="reduce-overhead"``) copy every
-    other input into their own memory on each replay.
-    """
-    module = copy_module(gm)
-    module.meta.update(gm.meta)
-    if hasattr(gm, "_param_name_to_source"):
-        module._param_name_to_source = gm._param_name_to_source
-    for old, new in zip(gm.graph.find_nodes(op="placeholder"), module.graph.find_nodes(op="placeholder")):
-        if hasattr(old, "_dynamo_source"):
-            new._dynamo_source = old._dynamo_source
-    return module
-
-
 def mark_static_input(node: fx.Node) -> None:
     """Tell AOTAutograd that this input keeps its address across calls (as ``mark_static_address``)."""
     node.meta["tensor_dict"] = {**node.meta.get("tensor_dict", {}), "_dynamo_static_input_type": "unguarded"}
@@ -313,7 +295,7 @@ def rewrite_static_prefill(gm: fx.GraphModule, query_window: int) -> Optional[St
 
     Returns ``None`` when no attention reads a static cache.
     """
-    module = copy_dynamo_module(gm)
+    module = copy_module(gm)
     graph = module.graph
     sites, skipped = find_static_sites(graph)
     if not sites:
@@ -364,7 +346,7 @@ def rewrite_static_decode(gm: fx.GraphModule, method: str, kernel: str,
     ``state_inputs(method)`` as new inputs, then one ``rest_offset`` per site after all of them.
     Returns ``None`` when no site is rewritten.
     """
-    module = copy_dynamo_module(gm)
+    module = copy_module(gm)
     graph = module.graph
     sites, skipped = find_static_sites(graph)
     placeholders = list(graph.find_nodes(op="placeholder"))
