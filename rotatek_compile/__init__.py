@@ -6,7 +6,7 @@ package (the backend is registered as a ``torch_dynamo_backends`` entry point).
 
 from rotatek_compile.backend import RotateKBackend, RotateKCacheError
 from rotatek_compile.config import RotateKConfig
-from rotatek_compile.explain import CacheBytes, Explanation, cache_bytes, explain
+from rotatek_compile.explain import CacheBytes, Explanation, cache_bytes, explain, span_split
 
 
 def backend(config: RotateKConfig | None = None, *, inner: str = "inductor", mode: str | None = None,
@@ -25,4 +25,4 @@ def backend(config: RotateKConfig | None = None, *, inner: str = "inductor", mod
 
 
 __all__ = ["RotateKBackend", "RotateKCacheError", "RotateKConfig", "CacheBytes", "Explanation",
-           "backend", "cache_bytes", "explain"]
+           "backend", "cache_bytes", "explain", "span_split"]

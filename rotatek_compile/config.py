@@ -52,6 +52,14 @@ class RotateKConfig:
         selection, no rotation) or SparK-style (per-token channel selection).
     token_keep : float
         Fraction of span tokens kept by attention-score token pruning, in (0, 1]. 1 keeps all.
+    kv_budget : float, optional
+        Tiered cache under one byte budget, in (0, 1]: the span may keep this fraction of its
+        uncompressed KV bytes (true bytes: every stored tensor, the basis included). Per layer, at
+        prefill, the span's tokens ranked by window attention are split into an exact tier, a
+        RotateK tier at ``r`` channels and a dropped tail (:mod:`rotatek_compile.tiers`): token-only
+        (no rotated tier) and RotateK on every token are among the candidates, and the window's
+        queries choose between them. Needs ``method="rotatek"`` and ``token_keep=1``; ``r``
+        defaults to ``head_dim / 2`` here.
     """
 
     key_channels: Optional[int] = None
@@ -64,6 +72,7 @@ class RotateKConfig:
     kernel: str = "auto"
     method: str = "rotatek"
     token_keep: float = 1.0
+    kv_budget: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.key_channels is not None:
@@ -88,6 +97,13 @@ class RotateKConfig:
         _check(self.method in METHODS, "method", _one_of(METHODS), self.method)
         _check(_is_real(self.token_keep) and 0 < self.token_keep <= 1,
                "token_keep", "a float in (0, 1]", self.token_keep)
+        if self.kv_budget is not None:
+            _check(_is_real(self.kv_budget) and 0 < self.kv_budget <= 1,
+                   "kv_budget", "a float in (0, 1] (a fraction of the span's KV bytes)", self.kv_budget)
+            _check(self.method == "rotatek", "kv_budget", "method='rotatek' (its rotated tier is RotateK), "
+                   f"not method={self.method!r}", self.kv_budget)
+            _check(self.token_keep == 1.0, "kv_budget", "token_keep=1 (the budget decides which tokens "
+                   f"are dropped), not token_keep={self.token_keep!r}", self.kv_budget)
 
     @classmethod
     def from_options(cls, options: Optional[Mapping[str, Any]] = None,
@@ -112,10 +128,12 @@ class RotateKConfig:
         return "subspace" if getattr(device, "type", device) == "cuda" else "eigh"
 
     def channels_for(self, head_dim: int) -> int:
-        """``r`` for a layer of this ``head_dim``: ``key_channels`` clipped, or the ratio rounded up."""
+        """``r`` for a layer of this ``head_dim``: ``key_channels`` clipped, or the ratio rounded up
+        (default 1/4, or 1/2 for the rotated tier of ``kv_budget``)."""
         if self.key_channels is not None:
             return min(self.key_channels, head_dim)
-        ratio = 0.25 if self.key_keep_ratio is None else self.key_keep_ratio
+        default = 0.25 if self.kv_budget is None else 0.5
+        ratio = default if self.key_keep_ratio is None else self.key_keep_ratio
         return max(1, min(head_dim, math.ceil(ratio * head_dim)))
 
 

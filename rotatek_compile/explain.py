@@ -10,7 +10,7 @@ import torch
 
 from rotatek_compile.backend import GraphReport, RotateKBackend
 from rotatek_compile.config import RotateKConfig
-from rotatek_compile.state import attached
+from rotatek_compile.state import SpanSplit, attached
 
 logger = logging.getLogger("rotatek_compile")
 
@@ -65,6 +65,15 @@ def _caches(cache: Any) -> list[Any]:
                     f"not {type(cache).__name__}")
 
 
+def span_split(cache: Any) -> Optional[SpanSplit]:
+    """What the compressed layers of ``cache`` did with their spans at prefill, summed over layers
+    and rows: tokens kept exact / compressed / dropped and the span's true bytes (``None`` for a
+    cache without a compressed layer)."""
+    splits = [state.split for each in _caches(cache) for layer in each.layers
+              if (state := attached(getattr(layer, "keys", None))) is not None and state.split is not None]
+    return sum(splits[1:], splits[0]) if splits else None
+
+
 def cache_bytes(cache: Any) -> CacheBytes:
     """Measure an HF cache: ``DynamicCache``, ``StaticCache``, hybrid caches (linear-attention and
     conv states count as ``other``), ``EncoderDecoderCache``, or an output holding one.
@@ -110,6 +119,7 @@ class Explanation:
     spans: dict[str, str] = dataclasses.field(default_factory=dict)  # layer → what its span is
     # rewritten sites whose prefill kept the exact cache (compressed form not smaller), and why
     kept_exact: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    span: Optional[SpanSplit] = None  # the compressed layers' spans, summed (span_split)
 
     @property
     def grows(self) -> bool:
@@ -132,6 +142,11 @@ class Explanation:
             lines.append("WARNING: the compressed Key cache is LARGER than the uncompressed one "
                          "(the per-head basis outweighs the saving on so short a span)")
         lines.append(f"KV cache bytes: {self.baseline.total} → {self.compressed.total}")
+        if self.span is not None:
+            lines.append(f"span tokens (all compressed layers): {self.span.span}: {self.span.exact} kept exact, "
+                         f"{self.span.compressed} compressed, {self.span.dropped} dropped; span KV bytes "
+                         f"{self.span.stored_bytes} of {self.span.full_bytes} ({self.span.byte_ratio:.1%}), "
+                         "basis and masks included")
         if self.compressed.compressed_layers:
             how = "" if self.config is None else (
                 f" ({self.config.method}, token_keep {self.config.token_keep:g})")
@@ -163,8 +178,10 @@ def explain(model: torch.nn.Module, example_inputs: Mapping[str, Any],
     rank = {name: state.rank for name, state in zip(compressed, states)}
     spans = {name: f"{state.span_source}, {state.span_mask.sum(-1).tolist()} tokens per row"
              for name, state in zip(compressed, states)}
+    split = [each for cache in result if (each := span_split(cache)) is not None]
     explanation = Explanation(backend.reports, rewritten, skipped, rank, _sum_bytes(baseline),
-                              _sum_bytes(result), config, spans, kept_exact)
+                              _sum_bytes(result), config, spans, kept_exact,
+                              sum(split[1:], split[0]) if split else None)
     if explanation.grows:
         logger.warning("rotatek: compression grows the Key cache here: %d → %d bytes",
                        explanation.baseline.keys, explanation.compressed.keys)

@@ -21,6 +21,8 @@ Padding tokens are dropped at prefill (they are never attended).
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 from typing import Optional
 
 import torch
@@ -29,6 +31,8 @@ from torch import Tensor
 from rotatek_compile import tiers
 from rotatek_compile.config import RotateKConfig
 from rotatek_compile.kernels import reference
+
+logger = logging.getLogger("rotatek_compile")
 
 _ATTRIBUTE = "_rotatek_layer"
 
@@ -110,15 +114,34 @@ class CompressedLayer:
 @dataclasses.dataclass(frozen=True)
 class SpanSplit:
     """What became of one layer's span tokens at prefill, summed over batch rows (every KV head
-    keeps as many tokens of each kind)."""
+    keeps as many tokens of each kind), and the span's true bytes.
+
+    ``stored_bytes`` is every byte the layer stores at prefill (Keys, basis, Values, masks, padding
+    slots) less what the tokens outside the span take at full width; ``full_bytes`` is the span's
+    Keys and Values uncompressed. Layers add up with ``+``.
+    """
 
     span: int  # real span tokens
-    exact: int  # kept at full width in the rest segment (attention sinks)
+    exact: int  # kept at full width in the rest segment (attention sinks, exact tier)
     compressed: int  # kept in the compressed span segment
     dropped: int  # dropped by token pruning
+    stored_bytes: int = 0
+    full_bytes: int = 0
+
+    @property
+    def byte_ratio(self) -> float:
+        """The span's stored bytes over its uncompressed bytes."""
+        return self.stored_bytes / max(self.full_bytes, 1)
 
     def __add__(self, other: "SpanSplit") -> "SpanSplit":
         return SpanSplit(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+def _span_split(span: int, exact: int, compressed: int, outside: int, token_bytes: int,
+                stored_bytes: int) -> SpanSplit:
+    """``outside`` real tokens lie outside the span; ``token_bytes`` is one token's K+V (all heads)."""
+    return SpanSplit(span, exact, compressed, span - exact - compressed,
+                     stored_bytes - outside * token_bytes, span * token_bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,11 +298,15 @@ def compress_layer(
     """
     span = span & valid
     span_count = int(span.sum())
+    span_per_row = span.sum(dim=1)  # [B]
     span = span & ~tiers.attention_sinks(queries, keys, scale, span, valid)
     span_positions, span_mask = _compact(span)
     rest_positions, rest_mask = _compact(valid & ~span)
     span_keys = _gather_positions(keys, span_positions)  # [B, H, Sv, d]
     span_values = _gather_positions(values, span_positions)  # [B, H, Sv, dv]
+    if config.kv_budget is not None:
+        return _tiered_layer(keys, values, queries, scale, config, span_keys, span_values, span_mask,
+                             span_per_row, rest_positions, rest_mask)
 
     if config.token_keep < 1.0 and span_keys.shape[2] > 0:
         scores = reference.token_scores(queries, span_keys, scale, span_mask)  # [B, H, Sv]
@@ -290,9 +317,6 @@ def compress_layer(
     head_dim = keys.shape[-1]
     rank = config.channels_for(head_dim)
     parts = _compress_keys(span_keys, span_mask, queries, rank, config)
-    compressed = int(span_mask.sum())
-    kept_exact = span_count - int(span.sum())
-    split = SpanSplit(span_count, kept_exact, compressed, span_count - kept_exact - compressed)
     layer = CompressedLayer(
         method=config.method,
         span_key_parts=parts,
@@ -302,14 +326,102 @@ def compress_layer(
         values=_gather_positions(values, rest_positions),
         mask=rest_mask,
         head_dim=head_dim,
-        split=split,
     )
+    token_bytes = keys.shape[1] * (head_dim + values.shape[-1]) * keys.element_size()
+    outside = int(valid.sum()) - span_count
+    split = _span_split(span_count, span_count - int(span.sum()), int(span_mask.sum()), outside, token_bytes,
+                        layer.stored_bytes)
     exact_bytes = _nbytes(keys) + _nbytes(values)  # what HF's cache would hold for the layer
     saves_nothing = rank >= head_dim and config.token_keep >= 1.0
     if layer.stored_bytes >= exact_bytes and not saves_nothing:
+        exact = _span_split(span_count, span_count, 0, 0, token_bytes, span_count * token_bytes)
         return KeptExact(f"its compressed form ({layer.stored_bytes} B with the basis and masks) would not "
-                         f"be smaller than the exact Keys and Values ({exact_bytes} B)", split)
-    return layer
+                         f"be smaller than the exact Keys and Values ({exact_bytes} B)", exact)
+    return dataclasses.replace(layer, split=split)
+
+
+def _tiered_layer(keys: Tensor, values: Tensor, queries: Tensor, scale: float, config: RotateKConfig,
+                  span_keys: Tensor, span_values: Tensor, span_mask: Tensor, span_per_row: Tensor,
+                  rest_positions: Tensor, rest_mask: Tensor) -> CompressedLayer | KeptExact:
+    """``kv_budget``: split the span (sinks already out) into exact, rotated and dropped tiers.
+
+    ``span_keys``/``span_values`` ``[B, H, N, d|dv]`` with ``span_mask`` ``[B, N]``: the span's
+    tokens that are not sinks; ``span_per_row`` ``[B]``: span tokens per row, sinks included (the
+    budget's base); ``rest_positions``/``rest_mask`` ``[B, Sf]``: the tokens outside the span and
+    the sinks. The split is :func:`rotatek_compile.tiers.choose_split`'s; the exact tier joins the
+    rest segment, each KV head with its own tokens (every head keeps as many per row, so the rest
+    segment's mask stays per row).
+    """
+    span_count = int(span_per_row.sum())
+    batch, heads, _, head_dim = keys.shape
+    value_dim = values.shape[-1]
+    element = keys.element_size()
+    token_bytes = heads * (head_dim + value_dim) * element
+    kept_exact = _span_split(span_count, span_count, 0, 0, token_bytes, span_count * token_bytes)
+    if config.kv_budget >= 1.0:  # every span byte may stay: nothing to save
+        return KeptExact("kv_budget=1 keeps every byte of the span", kept_exact)
+    rank = config.channels_for(head_dim)
+    outside = rest_mask.sum(dim=1).tolist()  # m_b + s_b
+    layout = tiers.Layout(heads, head_dim, value_dim, rank, element, tuple(outside), MIN_SEGMENT)
+    sinks = [int(n) - int(c) for n, c in zip(span_per_row.tolist(), span_mask.sum(dim=1).tolist())]
+    # the budget: the tokens outside the span at full width, and β of the span's uncompressed bytes
+    allowed = (sum(outside) - sum(sinks)) * token_bytes + math.floor(config.kv_budget * span_count * token_bytes)
+    best, order, splits = tiers.choose_split(queries, span_keys, span_values, span_mask, scale, layout,
+                                             allowed, config.query_aware)
+    if best is None:
+        return KeptExact(f"kv_budget={config.kv_budget:g} cannot be met: the sinks, the basis and the "
+                         f"minimal segments alone take {layout.stored_bytes([0] * batch, [0] * batch)} B of the "
+                         f"{allowed} B allowed", kept_exact)
+    logger.debug("rotatek: kv_budget split errors %s, rotated fraction %g chosen",
+                 {s.rotated_fraction: round(s.error, 5) for s in splits}, best.rotated_fraction)
+    exact_width, rotated_width = max(best.exact), max(best.rotated)
+    exact_index = order[:, :, :exact_width]  # [B, H, E]
+    offsets = torch.tensor(best.exact, device=keys.device)[:, None, None]  # [B, 1, 1]
+    rotated_index = order.gather(-1, (offsets + torch.arange(rotated_width, device=keys.device)).clamp(
+        max=max(order.shape[-1] - 1, 0)).expand(-1, heads, -1)) if rotated_width else order[:, :, :0]
+    exact_mask = torch.arange(exact_width, device=keys.device) < offsets[:, 0]  # [B, E]
+    rotated_mask = torch.arange(rotated_width, device=keys.device) < torch.tensor(
+        best.rotated, device=keys.device)[:, None]  # [B, T]
+
+    # rest segment: the shared outside tokens and sinks, then each head's exact tier, left-aligned
+    rest_keys = torch.cat([_gather_positions(keys, rest_positions),
+                           reference.gather_tokens(span_keys, exact_index)], dim=2)  # [B, H, Sf + E, d]
+    rest_values = torch.cat([_gather_positions(values, rest_positions),
+                             reference.gather_tokens(span_values, exact_index)], dim=2)
+    order_rest, mask = _compact(torch.cat([rest_mask, exact_mask], dim=1))
+    rest_keys = _gather_positions(rest_keys, order_rest)
+    rest_values = _gather_positions(rest_values, order_rest)
+
+    rotated_keys = reference.gather_tokens(span_keys, rotated_index)  # [B, H, T, d]
+    rotated_values = reference.gather_tokens(span_values, rotated_index)
+    if rotated_width < MIN_SEGMENT:  # masked slots up to the minimal width
+        pad = MIN_SEGMENT - rotated_width
+        rotated_keys = torch.nn.functional.pad(rotated_keys, (0, 0, 0, pad))
+        rotated_values = torch.nn.functional.pad(rotated_values, (0, 0, 0, pad))
+        rotated_mask = torch.nn.functional.pad(rotated_mask, (0, pad))
+    window = queries if config.query_aware else None
+    compressed = reference.rotatek_compress(rotated_keys, rank, rotated_mask, window,
+                                            config.solver_for(keys.device), config.subspace_iters)
+    layer = CompressedLayer(
+        method="rotatek",
+        span_key_parts=(compressed.keys.contiguous(), compressed.rotation, compressed.mean_residual),
+        span_values=rotated_values.contiguous(),
+        span_mask=rotated_mask,
+        keys=rest_keys,
+        values=rest_values,
+        mask=mask,
+        head_dim=head_dim,
+    )
+    split = _span_split(span_count, sum(sinks) + sum(best.exact), sum(best.rotated),
+                        sum(outside) - sum(sinks), token_bytes, layer.stored_bytes)
+    if layer.stored_bytes != best.stored_bytes:
+        raise RuntimeError(f"rotatek: kv_budget layout stores {layer.stored_bytes} B, "
+                           f"{best.stored_bytes} B were budgeted")
+    exact_bytes = _nbytes(keys) + _nbytes(values)
+    if layer.stored_bytes >= exact_bytes:
+        return KeptExact(f"its tiered form ({layer.stored_bytes} B with the basis and masks) would not be "
+                         f"smaller than the exact Keys and Values ({exact_bytes} B)", kept_exact)
+    return dataclasses.replace(layer, split=split)
 
 
 def _compress_keys(

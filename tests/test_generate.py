@@ -18,6 +18,10 @@ from rotatek_compile.state import CompressedLayer, attached
 
 HEAD_DIM = 16
 LAYERS = 2
+# Prompts of tests that need a compressed cache at r < d: a 32-token span (the default window of 32
+# stays exact) saves more than the per-head basis costs. A span of a few tokens would not, and its
+# layer would keep HF's exact cache (rotatek_compile.state.KeptExact).
+PROMPT = 64
 
 
 def tiny_llama(attn_implementation: str = "sdpa") -> LlamaForCausalLM:
@@ -121,7 +125,7 @@ def decode(model, token, cache):
 def test_interleaved_generations_do_not_share_state():
     model = tiny_llama()
     model.compile(backend="rotatek", options={"key_channels": 4, "inner": "eager"})
-    prompts = [torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(s)) for s in (2, 3)]
+    prompts = [torch.randint(0, 128, (1, PROMPT), generator=torch.Generator().manual_seed(s)) for s in (2, 3)]
 
     def alone(prompt):
         token, cache = prefill(model, prompt)
@@ -151,7 +155,7 @@ def live_compressed_layers() -> int:
 def test_state_dies_with_the_cache():
     model = tiny_llama()
     model.compile(backend="rotatek", options={"key_channels": 4, "inner": "eager"})
-    prompt = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(4))
+    prompt = torch.randint(0, 128, (1, PROMPT), generator=torch.Generator().manual_seed(4))
     baseline = live_compressed_layers()
     for request in range(100):
         token, cache = prefill(model, prompt)
@@ -166,7 +170,7 @@ def test_think_keeps_channels_and_their_indices():
     # ThinK stores what it needs: the r kept channels per token and r int16 indices per head
     model = tiny_llama()
     model.compile(backend="rotatek", options={"key_channels": 4, "method": "think", "inner": "eager"})
-    token, cache = prefill(model, torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(9)))
+    token, cache = prefill(model, torch.randint(0, 128, (2, PROMPT), generator=torch.Generator().manual_seed(9)))
     decode(model, token, cache)
     for layer in cache.layers:
         state = attached(layer.keys)
@@ -187,7 +191,7 @@ def test_beam_search_is_refused():
 def test_cropped_cache_is_refused():
     model = tiny_llama()
     model.compile(backend="rotatek", options={"key_channels": 4, "inner": "eager"})
-    token, cache = prefill(model, torch.randint(0, 128, (1, 40)))
+    token, cache = prefill(model, torch.randint(0, 128, (1, PROMPT)))
     with pytest.raises(RotateKCacheError, match="cropping"):
         cache.crop(-10)  # drop the last 10 tokens: refused at the crop itself
         decode(model, token, cache)
@@ -209,10 +213,10 @@ def test_chunk_on_compressed_cache_equals_token_by_token():
     model = tiny_llama()
     model.compile(backend="rotatek", options={"key_channels": 4, "inner": "eager"})
     generator = torch.Generator().manual_seed(5)
-    prompt, chunk = torch.randint(0, 128, (2, 40), generator=generator), torch.randint(0, 128, (2, 6), generator=generator)
+    prompt, chunk = torch.randint(0, 128, (2, PROMPT), generator=generator), torch.randint(0, 128, (2, 6), generator=generator)
     chunk_logits, after_chunk, cache = chunk_then_step(model, prompt, chunk)
     assert all(attached(layer.keys) is not None for layer in cache.layers)
-    assert cache.get_seq_length() == 40 + 6 + 1
+    assert cache.get_seq_length() == PROMPT + 6 + 1
 
     _, stepped = prefill(model, prompt)
     step_logits = [decode(model, chunk[:, t: t + 1], stepped)[1] for t in range(chunk.shape[1])]

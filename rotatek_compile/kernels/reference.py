@@ -78,7 +78,8 @@ def span_covariance(
     keys : Tensor
         ``[B, H, S, d]`` post-RoPE Keys of the span.
     key_mask : Tensor, optional
-        ``[B, S]`` bool, which span entries are real tokens (default: all).
+        ``[B, S]`` bool, which span entries are real tokens (default: all), or ``[B, H, S]``: which
+        tokens each KV head takes.
     query_norms : Tensor, optional
         ``[B, H, d]`` from :func:`query_channel_norms`; ``None`` gives plain K-only PCA.
 
@@ -91,8 +92,9 @@ def span_covariance(
     """
     if key_mask is None:
         key_mask = _all_true(keys)
-    weight = key_mask[:, None, :, None].float()  # [B, 1, S, 1]
-    count = weight.sum(dim=2).clamp_min(1.0)  # [B, 1, 1]
+    per_head = key_mask if key_mask.dim() == 3 else key_mask[:, None, :]  # [B, 1|H, S]
+    weight = per_head[..., None].float()  # [B, 1|H, S, 1]
+    count = weight.sum(dim=2).clamp_min(1.0)  # [B, 1|H, 1]
     k = keys.float()
     mean = (k * weight).sum(dim=2) / count  # [B, H, d]
     centred = (k - mean[:, :, None, :]) * weight  # [B, H, S, d]

@@ -1,0 +1,169 @@
+"""``kv_budget``: the tiered span (exact / rotated / dropped) under one byte budget.
+
+Synthetic layers (``compress_layer`` on random or constructed Keys) for the split rule and the byte
+budget; a tiny Llama for the option end to end. Tokens are told apart by their Values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import rotatek_compile
+from rotatek_compile import RotateKConfig, tiers
+from rotatek_compile.kernels import reference
+from rotatek_compile.state import CompressedLayer, KeptExact, attached, compress_layer
+from tests.test_generate import generate, tiny_llama
+
+DIM, WINDOW, KV_HEADS, GROUP = 16, 8, 2, 2
+
+
+def layer_inputs(padding=(0,), length=300, seed=0, key_rank=None):
+    """Keys ``[B, H, S, d]`` (of rank ``key_rank`` per head if given), Values, window queries,
+    the text span (each row's prompt minus its last ``W`` tokens) and the real tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = len(padding)
+    keys = torch.randn(batch, KV_HEADS, length, DIM, generator=gen)
+    if key_rank is not None:
+        basis = torch.randn(batch, KV_HEADS, key_rank, DIM, generator=gen)
+        keys = 2 * torch.randn(batch, KV_HEADS, length, key_rank, generator=gen) @ basis
+    values = torch.randn(batch, KV_HEADS, length, DIM, generator=gen)
+    queries = torch.randn(batch, KV_HEADS * GROUP, WINDOW, DIM, generator=gen)
+    valid = torch.arange(length)[None, :] >= torch.tensor(padding)[:, None]
+    span = valid & (valid.flip(-1).cumsum(-1).flip(-1) > WINDOW)
+    return keys, values, queries, span, valid
+
+
+def compress(inputs, **options) -> CompressedLayer | KeptExact:
+    keys, values, queries, span, valid = inputs
+    config = RotateKConfig(query_window=WINDOW, span="prompt", **options)
+    return compress_layer(keys, values, queries, span, valid, config, scale=DIM ** -0.5)
+
+
+def token_ids(values, row, head, tensor, mask):
+    """Positions (in the prompt) of the real tokens a segment holds for ``row``/``head``."""
+    return {int((values[row, head] == v).all(-1).nonzero()) for v in tensor[row, head][mask[row]]}
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, -0.1, "half", True, float("nan")])
+def test_kv_budget_is_validated(bad):
+    with pytest.raises(ValueError, match=r"^rotatek option kv_budget=.* is invalid: expected a float in \(0, 1\]"):
+        RotateKConfig(kv_budget=bad)
+
+
+def test_kv_budget_needs_rotatek_and_every_token():
+    with pytest.raises(ValueError, match="kv_budget=0.5 is invalid: expected method='rotatek'"):
+        RotateKConfig(kv_budget=0.5, method="think")
+    with pytest.raises(ValueError, match="kv_budget=0.5 is invalid: expected token_keep=1"):
+        RotateKConfig(kv_budget=0.5, token_keep=0.5)
+    assert RotateKConfig(kv_budget=0.5).channels_for(64) == 32  # the rotated tier's default r = d/2
+    assert RotateKConfig(kv_budget=0.5, key_channels=8).channels_for(64) == 8
+
+
+@pytest.mark.parametrize("budget", [0.2, 0.25, 0.4, 0.5, 0.63, 0.9])
+@pytest.mark.parametrize("padding", [(0,), (0, 17), (40, 0, 3)])
+def test_true_bytes_stay_within_the_budget(budget, padding):
+    # every stored tensor (Keys, basis, Values, masks, padding slots) counted, in batches of rows
+    # with different span lengths
+    inputs = layer_inputs(padding, seed=len(padding))
+    layer = compress(inputs, kv_budget=budget)
+    assert isinstance(layer, CompressedLayer)
+    keys, values, _, span, valid = inputs
+    token_bytes = KV_HEADS * 2 * DIM * 4
+    outside = int((valid & ~span).sum()) * token_bytes
+    assert layer.stored_bytes <= outside + budget * int(span.sum()) * token_bytes
+    assert layer.split.stored_bytes == layer.stored_bytes - outside
+    assert layer.split.byte_ratio <= budget
+    assert layer.split.byte_ratio > budget - 0.05  # and the budget is used
+    assert layer.split.span == int(span.sum())
+    assert layer.split.exact + layer.split.compressed + layer.split.dropped == layer.split.span
+
+
+def test_tiers_follow_each_heads_window_attention():
+    # per row and head: the exact tier (rest segment) and the rotated tier (span segment) are
+    # disjoint, as large in every head, and rank above the dropped tokens by window share
+    inputs = layer_inputs((0, 11), seed=3)
+    keys, values, queries, span, valid = inputs
+    layer = compress(inputs, kv_budget=0.4)
+    split = layer.split
+    assert split.exact > 2 and split.compressed > 0 and split.dropped > 0  # all three tiers in use
+    sinks = tiers.attention_sinks(queries, keys, DIM ** -0.5, span, valid)
+    share = tiers.window_share(queries, keys, DIM ** -0.5, span & ~sinks)  # [B, H, S], the ranking's
+    for row in range(2):
+        outside = set((valid[row] & ~span[row]).nonzero()[:, 0].tolist())
+        counts = set()
+        for head in range(KV_HEADS):
+            exact = token_ids(values, row, head, layer.values, layer.mask) - outside
+            rotated = token_ids(values, row, head, layer.span_values, layer.span_mask)
+            real = set(span[row].nonzero()[:, 0].tolist())
+            dropped = real - exact - rotated
+            assert not exact & rotated and exact | rotated <= real
+            assert set(sinks[row].nonzero()[:, 0].tolist()) <= exact
+            ranked = exact - set(sinks[row].nonzero()[:, 0].tolist())
+            low = lambda tokens: min(share[row, head, list(tokens)].tolist())  # noqa: E731
+            high = lambda tokens: max(share[row, head, list(tokens)].tolist())  # noqa: E731
+            assert low(ranked) >= high(rotated) and low(rotated) >= high(dropped)
+            counts.add((len(exact), len(rotated)))
+        assert len(counts) == 1  # every head keeps as many of each kind
+
+
+def test_token_only_is_chosen_where_rotation_cannot_help():
+    # 100 "hot" span tokens with isotropic Keys (each query attends to them its own way: a rotated
+    # Key, r = d/2, loses half of that), the other 192 pushed far from every query (no attention):
+    # token-only keeps every hot token exact and drops only unattended ones; any split with a
+    # rotated tier has fewer exact slots and must rotate hot tokens
+    keys, values, queries, span, valid = inputs = layer_inputs(seed=5)
+    gen = torch.Generator().manual_seed(6)
+    shared = torch.nn.functional.normalize(torch.randn(DIM, generator=gen), dim=0)  # e: in every query
+    queries += 3 * shared
+    hot = torch.zeros(300, dtype=torch.bool)
+    hot[torch.randperm(291, generator=gen)[:100] + 1] = True  # not the first token (a sink)
+    isotropic = 2 * torch.randn(1, KV_HEADS, 300, DIM, generator=gen)
+    isotropic -= (isotropic @ shared)[..., None] * shared  # ⊥ e
+    keys[:] = torch.where(hot[:, None], isotropic, -12 * shared)
+    layer = compress(inputs, kv_budget=0.4)
+    assert layer.split.compressed == 0 and layer.split.exact >= 100 and layer.split.dropped > 0
+
+
+def test_rotatek_on_every_token_is_chosen_where_rotation_is_exact():
+    # Keys of rank 4 ≤ r = 8: rotating loses nothing, dropping does; with room for the rotated
+    # form of every token, nothing is dropped and the decode output equals plain attention (the
+    # exact tier, a per-head set of tokens in the rest segment, included)
+    inputs = layer_inputs((0, 6), seed=6, key_rank=4)
+    layer = compress(inputs, kv_budget=0.85, query_aware=False)  # K-only PCA recovers rank-4 Keys
+    split = layer.split
+    assert split.dropped == 0 and split.compressed == split.span - split.exact
+    keys, values, _, _, valid = inputs
+    query = torch.randn(2, KV_HEADS * GROUP, DIM, generator=torch.Generator().manual_seed(7))
+    out = reference.decode_attention(query, *layer.span_key_parts, layer.span_values, layer.span_mask,
+                                     layer.keys, layer.values, layer.mask, DIM ** -0.5)
+    q = query.double().view(2, KV_HEADS, GROUP, DIM)
+    logits = torch.einsum("bhgd,bhsd->bhgs", q, keys.double()) * DIM ** -0.5
+    probs = logits.masked_fill(~valid[:, None, None, :], -math.inf).softmax(-1)
+    expected = torch.einsum("bhgs,bhsd->bhgd", probs, values.double()).reshape(2, -1, DIM)
+    assert (out.double() - expected).abs().max() < 1e-4
+
+
+def test_a_budget_that_cannot_be_met_keeps_the_layer_exact():
+    # 40 span tokens: the basis (d·r + d per head) alone is more than 10% of their bytes
+    layer = compress(layer_inputs(length=48), kv_budget=0.1)
+    assert isinstance(layer, KeptExact) and "cannot be met" in layer.reason
+    assert isinstance(compress(layer_inputs(), kv_budget=1.0), KeptExact)
+
+
+def test_generate_with_a_budget():
+    model = tiny_llama()
+    prompt = dict(input_ids=torch.randint(0, 128, (2, 120), generator=torch.Generator().manual_seed(1)))
+    prompt["attention_mask"] = torch.ones_like(prompt["input_ids"])
+    prompt["attention_mask"][1, :9] = 0
+    model.compile(backend="rotatek", options={"kv_budget": 0.4, "inner": "eager"})
+    out = generate(model, prompt, steps=4)
+    assert all(torch.isfinite(x).all() for x in out.logits)
+    assert all(attached(layer.keys) is not None for layer in out.past_key_values.layers)
+    split = rotatek_compile.span_split(out.past_key_values)
+    assert split.byte_ratio <= 0.4 and split.span == 2 * (2 * (120 - 32) - 9)  # 2 layers, 2 rows
+    torch._dynamo.reset()
+    explanation = rotatek_compile.explain(tiny_llama(), prompt, kv_budget=0.4, inner="eager")
+    assert "kept exact" in str(explanation) and explanation.span.byte_ratio <= 0.4
