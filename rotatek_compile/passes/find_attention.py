@@ -301,7 +301,8 @@ def _learned_inputs(node: fx.Node, limit: int = 400) -> bool:
         if current.op == "placeholder" and "_parameters_" in current.name:
             return True
         for parent in current.all_input_nodes:
-            if parent not in seen:
+            # values only: a shape read (``embeds.size(0)``) is no data edge
+            if parent not in seen and example_value(parent) is not None:
                 seen.add(parent)
                 frontier.append(parent)
     return False
