@@ -48,7 +48,8 @@ Usage::
 
 One thread per process (``--threads``): on the shared 2-core machine 1 thread ran a SmolLM2
 prefill 4× faster than 2 (OpenMP spin-waiting under load); the two models run in two processes
-(``--jobs 2``). A running sweep rewrites ``<out>/fidelity_<model>.partial.json`` after each prompt.
+(``--jobs 2``). A running sweep rewrites ``<out>/fidelity_<model>.partial.json`` after each prompt; a run started
+again with the same arguments resumes from it.
 """
 
 from __future__ import annotations
@@ -528,7 +529,16 @@ def run_model(model_name: str, lengths: tuple[int, ...], cells: Optional[list[Ce
             "prompts": [{"kind": p.kind, "tokens": len(p.input_ids), "question_tokens": p.question_tokens,
                          "document_tokens": p.document_tokens, "tuning": i % 2 == 0}
                         for i, p in enumerate(prompts)], "steps": steps}
+    done = 0
+    if partial is not None and partial.exists():  # resume an interrupted run of the same prompts and cells
+        saved = json.loads(partial.read_text())
+        if saved.get("prompts") == meta["prompts"] and set(saved["cells"]) == set(results):
+            results, exact_bytes, done = saved["cells"], saved["exact_bytes"], saved["done"]
+            baseline_s = saved["baseline_s"]
+            bar.update(done * (len(cells) + 1))
     for index, prompt in enumerate(prompts):
+        if index < done:
+            continue
         input_ids = torch.tensor([prompt.input_ids])  # [1, S]
         heldout = torch.tensor([prompt.continuation_ids])  # [1, steps]
         bar.set_postfix_str(f"prompt {index} ({len(prompt.input_ids)} tok): exact model")
@@ -555,7 +565,8 @@ def run_model(model_name: str, lengths: tuple[int, ...], cells: Optional[list[Ce
             bar.update(1)
         del base
         if partial is not None:
-            partial.write_text(json.dumps({**meta, "cells": results, "done": index + 1}))
+            partial.write_text(json.dumps({**meta, "cells": results, "done": index + 1,
+                                           "exact_bytes": exact_bytes, "baseline_s": baseline_s}))
     bar.close()
     for runner in backend._prefill:
         runner.compiled.drop()

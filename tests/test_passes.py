@@ -21,6 +21,7 @@ from tests.test_generate import LAYERS, padded_prompt, tiny_llama
 SDPA = torch._C._nn.scaled_dot_product_attention
 DECODE_OP = torch.ops.rotatek.decode_attention.default
 SPARSE_DECODE_OP = torch.ops.rotatek.sparse_decode_attention.default
+PREFILL_OP = torch.ops.rotatek.prefill_attention.default
 
 
 class RecordingBackend:
@@ -84,12 +85,67 @@ def test_prefill_rewrite_keeps_attention_and_adds_outputs(sdpa_graphs):
     gm, _ = sdpa_graphs[0]
     plan = rewrite_prefill(gm, query_window=32)
     assert plan.phase == "prefill" and len(plan.sites) == LAYERS
-    assert count(plan.module.graph, SDPA) == count(gm.graph, SDPA) == LAYERS
+    # the padded prompt's boolean mask: SDPA → prefill_attention, one causal check for all layers
+    assert count(gm.graph, SDPA) == LAYERS and count(gm.graph, PREFILL_OP) == 0
+    assert count(plan.module.graph, SDPA) == 0 and count(plan.module.graph, PREFILL_OP) == LAYERS
+    assert count(plan.module.graph, torch.amax) == 1
     (output,) = plan.module.graph.find_nodes(op="output")
     added = len(output.args[0]) - plan.num_outputs
     assert added == LAYERS + 1  # one query window per site, one shared padding mask
     assert all(slot.mask_output >= plan.num_outputs for slot in plan.sites)
     assert rewrite_decode(gm, "rotatek", "auto", compressed=past_key_inputs(gm)) is None
+
+
+def test_prefill_copies_the_query_window_right_after_each_attention(sdpa_graphs):
+    """The returned window is cloned next to its layer's attention, so no layer's whole query
+    [B, Hq, L, d] stays alive until the graph returns (the prefill peak)."""
+    gm, _ = sdpa_graphs[0]
+    plan = rewrite_prefill(gm, query_window=32)
+    nodes = list(plan.module.graph.nodes)
+    (output,) = plan.module.graph.find_nodes(op="output")
+    attentions = [n for n in nodes if n.target is PREFILL_OP]
+    for slot, attention in zip(plan.sites, attentions):
+        window = output.args[0][slot.query_output]
+        assert window.target is torch.ops.rotatek.kept_copy.default
+        sliced = window.args[0]
+        assert nodes.index(attention) < nodes.index(sliced) < nodes.index(window) < nodes.index(attention) + 4
+        query = attention.args[0]
+        assert max(nodes.index(user) for user in query.users) <= nodes.index(window)
+
+
+def test_prefill_without_a_mask_keeps_sdpa():
+    """An unpadded prompt on transformers that skip the mask: SDPA(is_causal=True) is left as is."""
+    torch._dynamo.reset()
+    model, recorder = tiny_llama("sdpa"), RecordingBackend()
+    model.compile(backend=recorder)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 100, (1, 40)), use_cache=True)
+    torch._dynamo.reset()
+    gm = recorder.graphs[0][0]
+    plan = rewrite_prefill(gm, query_window=8)
+    causal = [n for n in gm.graph.nodes if n.target is SDPA and n.kwargs.get("is_causal")]
+    masked = [n for n in gm.graph.nodes if n.target is SDPA and n.kwargs.get("attn_mask") is not None]
+    assert count(plan.module.graph, PREFILL_OP) == len(masked)
+    assert count(plan.module.graph, SDPA) == len(causal)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_prefill_attention_op_equals_masked_sdpa(padded):
+    """Both branches of rotatek.prefill_attention give the masked SDPA's result."""
+    torch.manual_seed(0)
+    batch, heads, kv_heads, length, dim = 2, 4, 2, 24, 16
+    query = torch.randn(batch, heads, length, dim)
+    keys, values = torch.randn(batch, kv_heads, length, dim), torch.randn(batch, kv_heads, length, dim)
+    mask = torch.ones(length, length, dtype=torch.bool).tril().expand(batch, 1, length, length).clone()
+    if padded:
+        mask[1, :, :, :5] = False  # row 1 left-padded
+        mask[1, :, :5, :5] = torch.eye(5, dtype=torch.bool)  # keep padded rows finite
+    causal = (mask == (torch.arange(length)[None, :] <= torch.arange(length)[:, None])).all()
+    assert bool(causal) is not padded
+    expected = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask,
+                                                                scale=0.3, enable_gqa=True)
+    out = torch.ops.rotatek.prefill_attention(query, keys, values, mask, causal, 0.3, True)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("method, op", [("rotatek", DECODE_OP), ("think", DECODE_OP), ("spark", SPARSE_DECODE_OP)])

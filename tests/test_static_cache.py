@@ -253,7 +253,9 @@ def test_static_prefill_keeps_attention_and_adds_outputs(static_graphs):
     plan = rewrite_static_prefill(gm, query_window=32)
     graph = plan.module.graph
     assert plan.phase == "prefill" and len(plan.sites) == LAYERS
-    assert _count(graph, SDPA) == _count(gm.graph, SDPA) == LAYERS
+    # the static buffers' boolean mask: SDPA → prefill_attention (flash when the mask is causal)
+    assert _count(gm.graph, SDPA) == LAYERS
+    assert _count(graph, SDPA) == 0 and _count(graph, torch.ops.rotatek.prefill_attention.default) == LAYERS
     assert _count(graph, "index_copy_") == _count(gm.graph, "index_copy_") == 2 * LAYERS
     (output,) = graph.find_nodes(op="output")
     assert len(output.args[0]) - plan.num_outputs == LAYERS + 2  # query windows, one mask row, positions

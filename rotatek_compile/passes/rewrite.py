@@ -105,6 +105,57 @@ def _append_outputs(graph: fx.Graph, nodes: list[fx.Node]) -> list[int]:
     return list(range(first, first + len(nodes)))
 
 
+_SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
+
+
+def use_causal_kernel(graph: fx.Graph, attentions: list[fx.Node]) -> int:
+    """Prefill SDPA calls with a boolean mask → ``rotatek.prefill_attention``, which runs SDPA with
+    ``is_causal=True`` (the flash kernel) whenever the mask is exactly causal. Returns the count.
+
+    Per mask, once, before its first use (``m``: ``[B, 1|Hq, L, S]`` bool)::
+
+        causal = (m == (arange(S)[None, :] <= arange(L)[:, None])).all()     # top-left causal (as int8)
+        sdpa(q, k, v, attn_mask=m, scale=s)  →  rotatek.prefill_attention(q, k, v, m, causal, s, gqa)
+
+    Left alone: additive masks, dropout, ``is_causal`` already set, no mask.
+    """
+    flags: dict[fx.Node, fx.Node] = {}
+    count = 0
+    for node in attentions:
+        if not (node.op == "call_function" and node.target in _SDPA) or len(node.args) != 3:
+            continue
+        mask, kwargs = node.kwargs.get("attn_mask"), node.kwargs
+        value = example_value(mask) if isinstance(mask, fx.Node) else None
+        if value is None or value.dtype != torch.bool or kwargs.get("dropout_p", 0.0) or kwargs.get("is_causal"):
+            continue
+        query, keys, values = node.args
+        if mask not in flags:
+            with graph.inserting_before(node):
+                rows = graph.call_method("size", (mask, -2))
+                columns = graph.call_method("size", (mask, -1))
+                row = graph.call_function(torch.arange, (rows,), {"device": value.device})
+                column = graph.call_function(torch.arange, (columns,), {"device": value.device})
+                reference_mask = graph.call_function(
+                    operator.le, (graph.call_method("unsqueeze", (column, 0)), graph.call_method("unsqueeze", (row, 1))))
+                # as int8: Inductor's range analysis of torch 2.11 fails on == between booleans
+                difference = graph.call_function(torch.sub, (
+                    graph.call_method("to", (mask, torch.int8)), graph.call_method("to", (reference_mask, torch.int8))))
+                largest = graph.call_function(torch.amax, (graph.call_function(torch.abs, (difference,)),))
+                flags[mask] = graph.call_function(operator.eq, (largest, 0))  # [] bool
+        scale = kwargs.get("scale")
+        if scale is None:
+            scale = example_value(query).shape[-1] ** -0.5
+        with graph.inserting_before(node):
+            fast = graph.call_function(torch.ops.rotatek.prefill_attention.default,
+                                       (query, keys, values, mask, flags[mask], float(scale),
+                                        bool(kwargs.get("enable_gqa", False))))
+        fast.meta.update(node.meta)
+        node.replace_all_uses_with(fast)
+        graph.erase_node(node)
+        count += 1
+    return count
+
+
 def _input_index(graph: fx.Graph, node: fx.Node) -> int:
     return list(graph.find_nodes(op="placeholder")).index(node)
 
@@ -125,20 +176,13 @@ def rewrite_prefill(gm: fx.GraphModule, query_window: int) -> Optional[Rewritten
     slots = []
     mask_slot: dict[fx.Node, int] = {}
     for site in sites:
-        with graph.inserting_before(output):
-            # copies, so that the returned window and mask row keep no whole q or [S, S] mask alive
-            window = graph.call_function(torch.ops.aten.slice.Tensor, (site.query, 2, -query_window))
-            window = graph.call_function(torch.clone, (window,))  # [B, Hq, W, d]
+        window, row = window_and_mask_row(graph, site.attention, site.query, site.mask, query_window,
+                                          mask_slot)
         (query_output,) = _append_outputs(graph, [window])
         mask_output = -1
+        if row is not None:
+            (mask_slot[site.mask],) = _append_outputs(graph, [row])
         if site.mask is not None:
-            if site.mask not in mask_slot:
-                with graph.inserting_before(output):
-                    # the last query's row: every real token under a causal mask
-                    row = graph.call_function(torch.select, (site.mask, -2, -1))  # [B, 1|Hq, S]
-                    row = graph.call_function(torch.select, (row, 1, 0))  # [B, S]
-                    row = graph.call_function(torch.clone, (row,))
-                (mask_slot[site.mask],) = _append_outputs(graph, [row])
             mask_output = mask_slot[site.mask]
         slots.append(SiteSlots(
             layer=site.layer, scale=site.scale,
@@ -147,9 +191,32 @@ def rewrite_prefill(gm: fx.GraphModule, query_window: int) -> Optional[Rewritten
             values_output=_output_index(graph, site.value_update),
             query_output=query_output, mask_output=mask_output))
     span_outputs = _append_outputs(graph, find_span_masks(graph))
+    use_causal_kernel(graph, [site.attention for site in sites])
     graph.lint()
     module.recompile()
     return RewrittenGraph("prefill", module, tuple(slots), tuple(skipped), num_outputs, tuple(span_outputs))
+
+
+def window_and_mask_row(graph: fx.Graph, attention: fx.Node, query: fx.Node, mask: Optional[fx.Node],
+                        window: int, done: dict) -> tuple[fx.Node, Optional[fx.Node]]:
+    """Copies of ``query[:, :, -W:]`` and of the mask's last row (``None`` if ``mask`` is in ``done``
+    or None), taken right after ``attention`` (``rotatek.kept_copy``: Inductor keeps them there),
+    so that no layer's whole ``[B, Hq, L, d]`` query stays alive until the graph returns.
+    """
+    with graph.inserting_after(attention):
+        copy_window = graph.call_function(torch.ops.rotatek.kept_copy.default, (None,))  # [B, Hq, W, d]
+    with graph.inserting_before(copy_window):
+        sliced = graph.call_function(torch.ops.aten.slice.Tensor, (query, 2, -window))
+    copy_window.args = (sliced,)
+    if mask is None or mask in done:
+        return copy_window, None
+    with graph.inserting_after(copy_window):
+        copy_row = graph.call_function(torch.ops.rotatek.kept_copy.default, (None,))  # [B, S]
+    with graph.inserting_before(copy_row):
+        row = graph.call_function(torch.select, (mask, -2, -1))  # the last query's row: [B, 1|Hq, S]
+        row = graph.call_function(torch.select, (row, 1, 0))  # [B, S]: every real token (causal)
+    copy_row.args = (row,)
+    return copy_window, copy_row
 
 
 def rewrite_merge(gm: fx.GraphModule) -> Optional[RewrittenGraph]:

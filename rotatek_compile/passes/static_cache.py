@@ -43,7 +43,8 @@ from rotatek_compile.kernels import reference
 from rotatek_compile.passes.find_attention import (
     SkippedSite, _constant_scale, _head_dim, _is_call, _is_eager_final, _is_method, _match_eager,
     example_value, layer_of)
-from rotatek_compile.passes.rewrite import SiteSlots, copy_module, has_side_effects, state_inputs
+from rotatek_compile.passes.rewrite import (
+    SiteSlots, copy_module, has_side_effects, state_inputs, use_causal_kernel, window_and_mask_row)
 from rotatek_compile.passes.visual_span import find_span_masks
 
 _SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
@@ -306,18 +307,13 @@ def rewrite_static_prefill(gm: fx.GraphModule, query_window: int) -> Optional[St
     mask_slot: dict[fx.Node, int] = {}
     slots = []
     for site in sites:
-        with graph.inserting_before(output):
-            window = graph.call_function(torch.ops.aten.slice.Tensor, (site.query, 2, -query_window))
-            window = graph.call_function(torch.clone, (window,))  # [B, Hq, W, d]
+        window, row = window_and_mask_row(graph, site.attention, site.query, site.mask, query_window,
+                                          mask_slot)
         (query_output,) = _append_outputs(graph, [window])
         mask_output = -1
+        if row is not None:
+            (mask_slot[site.mask],) = _append_outputs(graph, [row])  # [B|1, L]
         if site.mask is not None:
-            if site.mask not in mask_slot:
-                with graph.inserting_before(output):
-                    row = graph.call_function(torch.select, (site.mask, -2, -1))  # [B|1, 1|Hq, L]
-                    row = graph.call_function(torch.select, (row, 1, 0))  # [B|1, L]
-                    row = graph.call_function(torch.clone, (row,))
-                (mask_slot[site.mask],) = _append_outputs(graph, [row])
             mask_output = mask_slot[site.mask]
         returned = list(output.args[0])
         slots.append(SiteSlots(
@@ -331,6 +327,7 @@ def rewrite_static_prefill(gm: fx.GraphModule, query_window: int) -> Optional[St
             raise AssertionError(f"static cache buffer of {site.layer} is neither an input nor an output")
     (positions_output,) = _append_outputs(graph, [sites[0].positions])
     span_outputs = _append_outputs(graph, find_span_masks(graph))
+    use_causal_kernel(graph, [site.attention for site in sites])
     graph.lint()
     module.recompile()
     return StaticPlan("prefill", module, tuple(slots), tuple(skipped), num_outputs,
