@@ -20,7 +20,8 @@ A ``StaticCache`` holds ``30 + N + 30 + steps + 4`` positions (what ``generate()
 For every (N, batch) and recipe: prefill ms and the part spent building the compressed cache,
 median ms per decode step over ``--steps`` steps next to the byte floor ``(weights + KV bytes) /
 --bandwidth`` (KV bytes as measured on the cache: a ``StaticCache`` counts its whole capacity,
-which its decode step reads), peak memory, Key and KV bytes, recompilations during the timed
+which its decode step reads), peak memory (``prefill_peak_gb``: the weights plus what the prefill adds to the memory held
+before it, so that CUDA-graph pools of earlier cases do not count), Key and KV bytes, recompilations during the timed
 steps. JSON goes to ``--out``.
 """
 
@@ -98,6 +99,10 @@ class CompressionTimer:
         return layer
 
 
+def _weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -154,9 +159,11 @@ def run_case(model, recipe: tuple, batch: int, span: int, steps: int, device: st
     timer.install()
     try:
         cache = new_cache(model, kind, capacity)
+        held_before = 0  # weights, and CUDA-graph pools of earlier cases (not this prefill's)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+            held_before = torch.cuda.memory_allocated()
         _sync()
         start = time.perf_counter()
         with torch.no_grad():
@@ -188,6 +195,8 @@ def run_case(model, recipe: tuple, batch: int, span: int, steps: int, device: st
             prefill_ms=1e3 * prefill, compression_ms=1e3 * timer.seconds,
             decode_ms=1e3 * statistics.median(step_seconds[2:] if steps > 4 else step_seconds),
             peak_gb=_peak_bytes() / 1e9, key_bytes=memory.keys, kv_bytes=memory.total,
+            # what this prefill needs on top of the weights: its peak less what was held before it
+            prefill_peak_gb=(_peak_bytes() - held_before + _weight_bytes(model)) / 1e9,
             peak_before_compression_gb=(timer.peak_before or 0) / 1e9,
             span_key_bytes=memory.span_keys,
             recompiles=torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before,
@@ -275,7 +284,7 @@ def print_table(report: dict) -> None:
             continue
         print(f"{row['batch']:>3} {row['span']:>6} {row['backend']:>14} | {row['decode_ms']:>9.2f} "
               f"{row['floor_ms']:>8.2f} {row['decode_ms'] / row['floor_ms']:>7.2f} | {row['prefill_ms']:>10.0f} "
-              f"{row['compression_ms']:>9.0f} | {row['peak_gb']:>7.2f} | {row['key_bytes'] / 1e9:>9.3f} "
+              f"{row['compression_ms']:>9.0f} | {row.get('prefill_peak_gb', row['peak_gb']):>7.2f} | {row['key_bytes'] / 1e9:>9.3f} "
               f"{row['kv_bytes'] / 1e9:>9.3f} | {row['recompiles']}")
 
 
