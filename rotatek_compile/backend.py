@@ -128,6 +128,9 @@ class RotateKBackend:
         if compressed:
             plan = rewrite_decode(gm, self.config.method, self.config.kernel, compressed)
             read = {slot.past_keys_input for slot in plan.sites} if plan else set()
+            # Not even a graph that reads only their length passes: in the models seen doing it
+            # (Step3p7, Qwen4-Exp) it builds a decode mask in a graph apart from the attention, and
+            # in Qwen4-Exp that mask carries a sparse-attention selection the cache cannot follow.
             if compressed - read:
                 raise RotateKCacheError(
                     f"rotatek: {len(compressed - read)} compressed Key caches reach code that was not "
@@ -160,7 +163,7 @@ class RotateKBackend:
 
     def _plain(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         sites, skipped = sites_and_skips(gm.graph)
-        compiled = self._compile(gm, list(example_inputs))
+        compiled = _carrying_span(self._compile(gm, list(example_inputs)), example_inputs)
         if not sites and not skipped:
             return compiled
         decode = [s for s in sites if not s.is_prefill and s.past_keys.op == "placeholder"]
@@ -398,7 +401,8 @@ class _PrefillRunner:
             if isinstance(layer, KeptExact):
                 self._keep_exact(slot.layer, layer)
                 continue
-            layer = dataclasses.replace(layer, span_source=source)
+            held = layer.span_mask.sum(dim=1) + layer.mask.sum(dim=1)
+            layer = dataclasses.replace(layer, span_source=source, dropped=valid.sum(dim=1) - held)
             outputs[slot.keys_output] = stand_in(keys.shape, keys, layer)
             outputs[slot.values_output] = stand_in(values.shape, values, None)
             del keys, values
@@ -455,6 +459,30 @@ def _tag_hidden_states(outputs: list, span: torch.Tensor) -> None:
             setattr(output, _SPAN_TAG, span)
 
 
+def _carrying_span(compiled: Callable, example_inputs: Sequence[Any]) -> Callable:
+    """A graph left unchanged passes the image span on: when an input carries it (hidden states
+    tagged by an earlier graph of the same prefill), its ``[B, S, ...]`` outputs carry it too.
+
+    Prefills that Dynamo splits into several graphs need it: DeepStack's feature injection after
+    a layer, a MoE block between two layers' attention graphs.
+    """
+    candidates = [i for i, x in enumerate(example_inputs)
+                  if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter) and x.dim() >= 2]
+    if not candidates:
+        return compiled
+
+    def run(*args):
+        outputs = compiled(*args)
+        for i in candidates:
+            span = getattr(args[i], _SPAN_TAG, None)
+            if span is not None:
+                _tag_hidden_states(outputs, span)
+                break
+        return outputs
+
+    return run
+
+
 def _valid_tokens(mask: Optional[torch.Tensor], keys: torch.Tensor) -> torch.Tensor:
     """``[B, S]`` bool: the tokens the prompt's last query may attend (all, without a mask)."""
     batch, length = keys.shape[0], keys.shape[2]
@@ -481,6 +509,9 @@ class _DecodeRunner:
     def __call__(self, *args):
         plan = self.plan
         layers = _compressed_layers(plan, args)
+        for slot, layer in zip(plan.sites, layers):
+            if slot.mask_input >= 0:
+                _check_padding_only(args[slot.mask_input], layer, slot.layer)
         state = _state_inputs(layers)
         self.checks.check(state)
         outputs = list(self.compiled(*map(plain, args), *state))
@@ -495,6 +526,31 @@ class _DecodeRunner:
             outputs[slot.keys_output] = stand_in(key_shape, past_keys, layer.with_rest(keys, values, mask))
             outputs[slot.values_output] = stand_in(value_shape, past_values, None)
         return outputs[: plan.num_outputs]
+
+
+def _check_padding_only(mask: torch.Tensor, layer: CompressedLayer, name: str) -> None:
+    """A decode mask built in another graph must mask padding only: the compressed cache keeps its
+    own validity and reads the mask only for the new tokens (``rewrite._new_token_mask``).
+
+    The last query's row over the past positions must allow exactly the tokens the layer holds
+    (both segments' real slots) plus those it dropped at prefill. A mask that carries more (the
+    token selection of a sparse-attention indexer) raises instead of being silently ignored.
+    One host sync; only for models whose attention runs in a graph apart from its mask.
+    """
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    if allowed.dim() != 4:
+        raise RotateKCacheError(f"rotatek: the decode attention mask of {name} ({tuple(mask.shape)}) is built "
+                                "outside its graph and has no [B, heads, queries, keys] form to check")
+    past = allowed.shape[-1] - allowed.shape[-2]
+    seen = allowed[:, 0, -1, :past].sum(dim=1)  # [B|1]
+    held = layer.span_mask.sum(dim=1) + layer.mask.sum(dim=1)  # [B]
+    if layer.dropped is not None:
+        held = held + layer.dropped
+    if not bool((seen == held).all()):
+        raise RotateKCacheError(
+            f"rotatek: the decode attention mask of {name} hides tokens that are not padding (a token "
+            "selection, e.g. a sparse-attention indexer), which the compressed cache cannot follow "
+            "(not supported)")
 
 
 class RotateKOptionError(ValueError):

@@ -65,6 +65,7 @@ class CompressedLayer:
     head_dim: int
     span_source: str = ""  # what the span is: "image tokens" or the prompt fallback and why
     split: Optional["SpanSplit"] = None
+    dropped: Optional[Tensor] = None  # [B] int64: real prompt tokens dropped at prefill (mask checks)
 
     @property
     def span_key_bytes(self) -> int:
@@ -90,8 +91,9 @@ class CompressedLayer:
 
     @property
     def mask_bytes(self) -> int:
-        """Bytes of the two segments' validity masks."""
-        return _nbytes(self.span_mask) + _nbytes(self.mask)
+        """Bytes of the two segments' validity masks (and the per-row count of dropped tokens)."""
+        dropped = _nbytes(self.dropped) if self.dropped is not None else 0
+        return _nbytes(self.span_mask) + _nbytes(self.mask) + dropped
 
     @property
     def stored_bytes(self) -> int:

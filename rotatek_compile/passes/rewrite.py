@@ -56,6 +56,7 @@ class SiteSlots:
     values_output: int
     query_output: int = -1  # prefill: q[:, :, -W:]
     mask_output: int = -1  # prefill: the attention mask, -1 if None
+    mask_input: int = -1  # decode: the attention mask when it is a graph input (built elsewhere)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +155,10 @@ def use_causal_kernel(graph: fx.Graph, attentions: list[fx.Node]) -> int:
         graph.erase_node(node)
         count += 1
     return count
+
+
+def _is_placeholder(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "placeholder"
 
 
 def _input_index(graph: fx.Graph, node: fx.Node) -> int:
@@ -277,7 +282,8 @@ def rewrite_decode(gm: fx.GraphModule, method: str, kernel: str,
             past_keys_input=_input_index(graph, site.past_keys),
             past_values_input=_input_index(graph, site.past_values),
             keys_output=_output_index(graph, site.key_update),
-            values_output=_output_index(graph, site.value_update)))
+            values_output=_output_index(graph, site.value_update),
+            mask_input=_input_index(graph, site.mask) if _is_placeholder(site.mask) else -1))
         # HF's cache gets the past stand-ins back; the runtime grows them
         _replace_output(graph, site.key_update, site.past_keys)
         _replace_output(graph, site.value_update, site.past_values)
