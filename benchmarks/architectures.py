@@ -24,6 +24,11 @@ from tests.vlm_classes import ALL, KNOWN_GAPS, NOT_BUILDABLE, checks
 from tests.vlm_classes.common import class_name, not_in_transformers
 
 
+def _cell(text: str) -> str:
+    """``text`` as one markdown table cell (a ``|`` in it, as in ``|Δlogit|``, would split it)."""
+    return text.replace("|", "\\|")
+
+
 def _verdict(check: Callable[[], None]) -> str:
     try:
         check()
@@ -46,7 +51,7 @@ def row(entry) -> tuple[str, dict]:
     except Exception as error:  # noqa: BLE001 (a report row, not a test)
         built = "not in this transformers" if not_in_transformers(error) else "error"
         message = f"{type(error).__name__}: {str(error).splitlines()[0][:100] if str(error) else ''}"
-        return name + f"| {built} | {message} | - | - | - | {time.perf_counter() - start:.1f} | {gaps or '-'} |", \
+        return name + f"| {built} | {_cell(message)} | - | - | - | {time.perf_counter() - start:.1f} | {_cell(gaps or '-')} |", \
             dict(built=False)
     prefill = [r for r in full.reports if r.phase == "prefill"]
     rewritten = len(prefill[0].rewritten) if prefill else 0
@@ -63,8 +68,8 @@ def row(entry) -> tuple[str, dict]:
     sites = (f"{rewritten} / {len({layer for layer, _ in skipped})} ({'; '.join(reasons) or '-'}); "
              f"sites check {verdicts['sites']}")
     seconds = time.perf_counter() - start
-    return (name + f"| yes | {sites} | {verdicts['exact']} | {verdicts['span']} | {ratio} | {seconds:.1f} | "
-            f"{gaps or '-'} |"), verdicts
+    return (name + f"| yes | {_cell(sites)} | {_cell(verdicts['exact'])} | {_cell(verdicts['span'])} | {ratio} | "
+            f"{seconds:.1f} | {_cell(gaps or '-')} |"), verdicts
 
 
 def main(names: list[str]) -> None:
@@ -91,4 +96,5 @@ def main(names: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)  # tiny models: one thread is as fast, and leaves the other core free
     main(sys.argv[1:])
