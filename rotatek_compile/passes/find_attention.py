@@ -337,10 +337,21 @@ _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
 
 def _projection_input(node: fx.Node, depth: int = 40) -> Optional[fx.Node]:
     """The input of the ``linear`` that produced ``node``, walking back through RoPE, norms and
-    reshapes along the highest-rank tensor argument (weights are lower-rank)."""
+    reshapes along the highest-rank tensor argument (weights are lower-rank).
+
+    GPT-2's ``Conv1D`` projects by ``addmm(bias, x.view(-1, nx), weight)``: its input is ``x``.
+    """
     for _ in range(depth):
         if _is_call(node, *_LINEAR):
             return node.args[0]
+        if _is_call(node, torch.addmm) and len(node.args) >= 3:
+            source = node.args[1]
+            while _is_method(source, "view", "reshape") or _is_call(source, torch.reshape):
+                source = source.args[0]
+            return source
+        if _is_call(node, operator.getitem):  # a part of a fused projection: qkv.split(...)[i]
+            node = node.args[0]
+            continue
         candidates = [a for a in node.args if isinstance(a, fx.Node) and example_value(a) is not None]
         if not candidates:
             return None

@@ -147,7 +147,9 @@ def expected_span(entry: TinyModel, inputs: dict) -> torch.Tensor:
         ids = inputs.get("input_ids")
         assert ids is not None, "the check finds no prompt to count a span in (no input_ids)"
         return (ids == IMAGE).sum(-1)
-    return (inputs["attention_mask"].sum(-1) - QUERY_WINDOW - 1).clamp(min=0)
+    mask = inputs.get("attention_mask")
+    assert mask is not None, "the check finds no prompt to count a span in (no attention_mask)"
+    return (mask.sum(-1) - QUERY_WINDOW - 1).clamp(min=0)
 
 
 def span_tokens(run: Run) -> list[torch.Tensor]:

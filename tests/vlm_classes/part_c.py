@@ -693,10 +693,11 @@ _T5_NAMES = ("(not a product gap) the check's layer pattern expects 'layers.N.';
 _ENCODER_IMAGE = ("encoder-decoder: the image is in the encoder (its cross-attention cache is left exact); the "
                   "decoder's self-attention prompt is one start token, so the span is empty, yet each layer "
                   "stores a basis and padding slots: {}x the uncompiled Key bytes")
-_GPT2_CROSS = ("GPT-2's cross-attention (Conv1D projections, EncoderDecoderCache) is taken for self-attention "
-               "at prefill: its cache write looks like an append and the cross-attention test only follows "
-               "`linear` projections; it is compressed, and the first decode step raises RotateKCacheError "
-               "('2 compressed Key caches reach code that was not rewritten')")
+_GPT2_CROSS = ("(the check's naming, not the product) GPT-2's cross-attention (Conv1D projections) is now told "
+               "from self-attention and left exact, and the model is exact at r = d; the check's layer pattern "
+               "expects 'layers.N.' where GPT-2 names its layers 'transformer.h.N'")
+_GPT2_SPAN = ("encoder-decoder: the image is in the encoder (cross-attention, never compressed); the decoder's "
+              "prompt is its start token alone, so there is no span to compress (the check finds no attention_mask)")
 
 _SPLIT_NAMES = ("each decoder layer is a graph of its own (DeepStack's boolean-index add after layer 0 has a "
                  "data-dependent shape): sites are named relative to the layer ('self_attn'); the span reaches "
@@ -727,7 +728,6 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
                       "decode mask carries the QSA indexer's token selection, which the decode rewrite would drop"),
         "step3p7": _MASK_GRAPH_REFUSED,
         "unlimited_ocr": _RSWA,
-        "vision-encoder-decoder": _GPT2_CROSS,
     },
     "span": {
         "qwen4_exp": "decode is refused (see exact)",
@@ -744,6 +744,6 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "pix2struct": _ENCODER_IMAGE.format(2.6),
         "udop": _ENCODER_IMAGE.format(2.6),
         "pp_formulanet": _ENCODER_IMAGE.format(2.6) + " (the check finds no prompt to count a span in)",
-        "vision-encoder-decoder": _GPT2_CROSS,
+        "vision-encoder-decoder": _GPT2_SPAN,
     },
 }
