@@ -221,9 +221,13 @@ def targets(result: dict) -> list[str]:
                    f"({_f(row['tiered_geo'])})")
     for row in channel_comparison(result):
         for other in ("think", "spark"):
-            ok = row[other] is not None and row["rotatek"] <= row[other]
+            if row[other] is None:  # the rival has no point at RotateK's bytes: no comparison
+                out.append(f"not comparable: RotateK vs {LABEL[other]} at r/d = {row['ratio']:g} (no "
+                           f"{LABEL[other]} points on both sides of RotateK's {row['bytes']:.3f} of the span bytes)")
+                continue
+            ok = row["rotatek"] <= row[other]
             out.append(f"{'met' if ok else 'MISSED'}: RotateK ≤ {LABEL[other]} at equal true bytes, r/d = "
-                       f"{row['ratio']:g} ({row['rotatek']:.4f} vs {_f(row[other], '.4f')})")
+                       f"{row['ratio']:g} ({row['rotatek']:.4f} vs {row[other]:.4f})")
     return out
 
 
