@@ -391,3 +391,22 @@ def test_mask_from_learned_weights_is_left_exact():
     assert isinstance(match, SkippedSite) and "learned weights" in match.reason and match.compressible
     (match,) = find_attention_sites(trace(padding_only, q, past, past, q, q, distance, valid).graph)
     assert isinstance(match, AttentionSite)
+
+
+def test_state_space_layers_are_reported_left_exact():
+    """A linear-attention / Mamba layer's cache (a recurrent state written back by copy_) is
+    reported as left exact and not compressible; other cache inputs are not."""
+    from rotatek_compile.passes.find_attention import state_space_layers
+
+    graph = fx.Graph()
+    state = graph.placeholder("l_kwargs_cache_layers_0_conv_states_0_")
+    keys = graph.placeholder("l_kwargs_cache_layers_1_keys_")
+    new = graph.placeholder("l_new_")
+    write = graph.call_method("copy_", (state, new))
+    write.meta["nn_module_stack"] = {"m": ("L['self'].model.layers[0].linear_attn", object)}
+    keys_write = graph.call_method("copy_", (keys, new))
+    keys_write.meta["nn_module_stack"] = {"m": ("L['self'].model.layers[1].self_attn", object)}
+    graph.output((new,))
+    skipped = state_space_layers(graph)
+    assert [(s.layer, s.compressible) for s in skipped] == [("model.layers.0.linear_attn", False)]
+    assert "fixed-size state" in skipped[0].reason

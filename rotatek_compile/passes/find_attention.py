@@ -389,4 +389,34 @@ def _is_eager_final(node: fx.Node) -> bool:
 def sites_and_skips(graph: fx.Graph) -> tuple[list[AttentionSite], list[SkippedSite]]:
     matches = find_attention_sites(graph)
     return ([m for m in matches if isinstance(m, AttentionSite)],
-            [m for m in matches if isinstance(m, SkippedSite)])
+            [m for m in matches if isinstance(m, SkippedSite)] + state_space_layers(graph))
+
+
+# Caches of linear-attention and state-space layers (Gated DeltaNet, Mamba, short convolutions):
+# HF names them conv_states / recurrent_states / ssm_states, and Dynamo's names follow
+_STATE_CACHE = re.compile(r"(conv|recurrent|ssm)_states?(_|$)")
+_NO_KV = ("a linear-attention or state-space layer: its cache is a fixed-size state, not Keys and "
+          "Values (nothing to compress)")
+
+
+def state_space_layers(graph: fx.Graph) -> list[SkippedSite]:
+    """Layers whose cache is a recurrent state, reported as left exact (never compressible).
+
+    Their state is read from a graph input (decode: written back by ``copy_``) or created in the
+    graph and returned (prefill). The layer is the innermost module of the node that writes it.
+    """
+    found: dict[str, SkippedSite] = {}
+    returned = graph_outputs(graph)
+    for node in graph.nodes:
+        if not _STATE_CACHE.search(node.name):
+            continue
+        if node.op == "placeholder":
+            writers = [user for user in node.users if _is_method(user, "copy_")]
+        else:
+            writers = [node] if node in returned else []
+        for writer in writers:
+            stack = list((writer.meta.get("nn_module_stack") or {}).values())
+            layer = _clean_path(stack[-1][0]) if stack else ""
+            if layer and layer not in found:
+                found[layer] = SkippedSite(layer, writer, _NO_KV, compressible=False)
+    return list(found.values())

@@ -660,7 +660,7 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "evolla": _EVOLLA,
         "granite4_vision": _GRANITE4,
         "dots3_note": _MLA,
-        "glm5_next": _MLA + "; its linear-attention layer is not reported at all",
+        "glm5_next": _MLA,
         "blip": _INNER_GENERATE,
         "blip-2": _INNER_GENERATE,
         "git": ("its eager attention scales by division (scores / sqrt(d)), which the eager matcher does not "

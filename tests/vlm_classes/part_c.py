@@ -666,8 +666,6 @@ NOT_BUILDABLE: dict[str, str] = {
             "the prefix's KV cache; no greedy token decode to compare"),
 }
 
-_LINEAR_SITES = ("the Gated DeltaNet (linear-attention) layer 0 is not reported at all: the finder only sees "
-                 "softmax attention")
 _INNER_GENERATE = ("generate() is the model's own and calls self.thinker.generate(): model.compile() compiles "
                    "the outer forward, which never runs; nothing is compressed and nothing is reported")
 _MASK_GRAPH_REFUSED = ("the MoE experts' loop (nonzero) breaks every decoder layer into graphs of its own (the prefill "
@@ -708,15 +706,12 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "qwen3_vl": _SPLIT_NAMES,
         "qwen3_vl_moe": _SPLIT_NAMES,
         "qwen3_omni_moe_thinker": _SPLIT_NAMES,
-        "qwen3_5": _LINEAR_SITES,
-        "qwen3_5_moe": _LINEAR_SITES,
         "qwen4_exp": ("the QSA indexer's per-query Python loop (nonzero) breaks every graph: the prefill site is "
                       "named 'attn_output'; decode is refused (see exact)"),
         "qwen2_5_omni": _INNER_GENERATE,
         "qwen3_omni_moe": _INNER_GENERATE,
         "step3p7": _MASK_GRAPH_REFUSED,
         "unlimited_ocr": _RSWA,
-        "nemotron_h_omni": "the Mamba-2 block (layer 0) is not reported at all: the finder only sees softmax attention",
         "t5gemma2": _MERGED_ATTENTION,
         "pix2struct": _T5_NAMES.format("decoder.layer.N.self_attention.attention"),
         "udop": _T5_NAMES.format("decoder.block.N.layer.0.SelfAttention"),
