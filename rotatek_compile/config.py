@@ -31,7 +31,8 @@ class RotateKConfig:
         ``r / head_dim`` in (0, 1], used when ``key_channels`` is not given. Default 0.25.
     query_aware : bool
         Weight the Key covariance by the norms of the last ``query_window`` queries (the paper's
-        default). ``False`` gives plain K-only PCA.
+        default). ``False`` gives plain K-only PCA. With ``kv_budget``, ``True`` lets each layer's
+        rotated tier take whichever of the two bases the window's attention error prefers.
     query_window : int
         ``W``: how many of the last prompt queries weight the covariance.
     solver : {"auto", "eigh", "subspace"}

@@ -401,7 +401,7 @@ def _tiered_layer(keys: Tensor, values: Tensor, queries: Tensor, scale: float, c
         rotated_keys = torch.nn.functional.pad(rotated_keys, (0, 0, 0, pad))
         rotated_values = torch.nn.functional.pad(rotated_values, (0, 0, 0, pad))
         rotated_mask = torch.nn.functional.pad(rotated_mask, (0, pad))
-    window = queries if config.query_aware else None
+    window = queries if best.query_aware else None  # the basis the split was judged with
     compressed = reference.rotatek_compress(rotated_keys, rank, rotated_mask, window,
                                             config.solver_for(keys.device), config.subspace_iters)
     layer = CompressedLayer(
