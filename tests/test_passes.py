@@ -410,3 +410,30 @@ def test_state_space_layers_are_reported_left_exact():
     skipped = state_space_layers(graph)
     assert [(s.layer, s.compressible) for s in skipped] == [("model.layers.0.linear_attn", False)]
     assert "fixed-size state" in skipped[0].reason
+
+
+def test_learned_mask_is_found_through_multi_output_ops():
+    """A sparse-attention indexer's mask: weights → scores → topk (a tuple) → indices → mask. The
+    walk follows the tuple (a value edge) but not a shape read."""
+    from rotatek_compile.passes.find_attention import _learned_inputs
+
+    graph = fx.Graph()
+    weight = graph.placeholder("l_self_modules_indexer_parameters_weight_")
+    hidden = graph.placeholder("l_hidden_")
+    weight.meta["example_value"], hidden.meta["example_value"] = torch.randn(4, 4), torch.randn(6, 4)
+    scores = graph.call_function(torch.matmul, (hidden, weight))
+    scores.meta["example_value"] = torch.randn(6, 4)
+    top = graph.call_method("topk", (scores, 2))
+    top.meta["example_value"] = torch.randn(6, 4).topk(2)
+    indices = graph.call_function(operator.getitem, (top, 1))
+    indices.meta["example_value"] = torch.zeros(6, 2, dtype=torch.long)
+    mask = graph.call_function(torch.zeros_like, (scores,), {"dtype": torch.bool})
+    mask = graph.call_method("scatter", (mask, 1, indices, True))
+    mask.meta["example_value"] = torch.zeros(6, 4, dtype=torch.bool)
+    size = graph.call_method("size", (hidden, 0))
+    size.meta["example_value"] = 6
+    plain = graph.call_function(torch.ones, (size, 4), {"dtype": torch.bool})
+    plain.meta["example_value"] = torch.ones(6, 4, dtype=torch.bool)
+    graph.output((mask, plain))
+    assert _learned_inputs(mask)
+    assert not _learned_inputs(plain)  # built from the hidden states' size alone

@@ -301,11 +301,20 @@ def _learned_inputs(node: fx.Node, limit: int = 400) -> bool:
         if current.op == "placeholder" and "_parameters_" in current.name:
             return True
         for parent in current.all_input_nodes:
-            # values only: a shape read (``embeds.size(0)``) is no data edge
-            if parent not in seen and example_value(parent) is not None:
+            # values only: a shape read (``embeds.size(0)``) is no data edge; a multi-output op
+            # (``topk`` of a sparse-attention indexer) is one
+            if parent not in seen and _carries_values(parent):
                 seen.add(parent)
                 frontier.append(parent)
     return False
+
+
+def _carries_values(node: fx.Node) -> bool:
+    """A tensor, or a tuple of them (``topk``, ``split``, ``max(dim)``), as opposed to sizes."""
+    value = node.meta.get("example_value", node.meta.get("val"))
+    if isinstance(value, (tuple, list)):
+        return any(isinstance(item, torch.Tensor) for item in value)
+    return isinstance(value, torch.Tensor)
 
 
 def _reads_a_cache_append(node: fx.Node, outputs: set[fx.Node], depth: int = 12) -> bool:

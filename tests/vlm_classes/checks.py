@@ -141,12 +141,15 @@ def check_exact(reference: Run, compiled: Run) -> None:
 
 
 def expected_span(entry: TinyModel, inputs: dict) -> torch.Tensor:
-    """``[B]`` tokens each row's span must hold: its image tokens, or its prompt minus the window
-    and minus its first real token (an attention sink, kept exact)."""
+    """``[B]`` tokens each row's span must hold: its image tokens, or its prompt minus the window;
+    either way minus the row's first real token when the span holds it (an attention sink, kept
+    exact: PaliGemma's prompt starts with the image)."""
     if entry.has_image:
         ids = inputs.get("input_ids")
         assert ids is not None, "the check finds no prompt to count a span in (no input_ids)"
-        return (ids == IMAGE).sum(-1)
+        mask = inputs.get("attention_mask", torch.ones_like(ids))
+        first = (mask.cumsum(-1) == 1) & mask.bool()  # [B, S]: each row's first real token
+        return (ids == IMAGE).sum(-1) - ((ids == IMAGE) & first).sum(-1)
     mask = inputs.get("attention_mask")
     assert mask is not None, "the check finds no prompt to count a span in (no attention_mask)"
     return (mask.sum(-1) - QUERY_WINDOW - 1).clamp(min=0)
