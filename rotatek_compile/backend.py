@@ -402,7 +402,8 @@ class _PrefillRunner:
                 self._keep_exact(slot.layer, layer)
                 continue
             held = layer.span_mask.sum(dim=1) + layer.mask.sum(dim=1)
-            layer = dataclasses.replace(layer, span_source=source, dropped=valid.sum(dim=1) - held)
+            dropped = tuple((valid.sum(dim=1) - held).tolist())
+            layer = dataclasses.replace(layer, span_source=source, dropped=dropped)
             outputs[slot.keys_output] = stand_in(keys.shape, keys, layer)
             outputs[slot.values_output] = stand_in(values.shape, values, None)
             del keys, values
@@ -545,7 +546,7 @@ def _check_padding_only(mask: torch.Tensor, layer: CompressedLayer, name: str) -
     seen = allowed[:, 0, -1, :past].sum(dim=1)  # [B|1]
     held = layer.span_mask.sum(dim=1) + layer.mask.sum(dim=1)  # [B]
     if layer.dropped is not None:
-        held = held + layer.dropped
+        held = held + torch.tensor(layer.dropped, device=held.device)
     if not bool((seen == held).all()):
         raise RotateKCacheError(
             f"rotatek: the decode attention mask of {name} hides tokens that are not padding (a token "

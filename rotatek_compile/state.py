@@ -65,7 +65,8 @@ class CompressedLayer:
     head_dim: int
     span_source: str = ""  # what the span is: "image tokens" or the prompt fallback and why
     split: Optional["SpanSplit"] = None
-    dropped: Optional[Tensor] = None  # [B] int64: real prompt tokens dropped at prefill (mask checks)
+    # per row, real prompt tokens dropped at prefill (host ints, read by the decode mask check)
+    dropped: Optional[tuple[int, ...]] = None
 
     @property
     def span_key_bytes(self) -> int:
@@ -91,9 +92,8 @@ class CompressedLayer:
 
     @property
     def mask_bytes(self) -> int:
-        """Bytes of the two segments' validity masks (and the per-row count of dropped tokens)."""
-        dropped = _nbytes(self.dropped) if self.dropped is not None else 0
-        return _nbytes(self.span_mask) + _nbytes(self.mask) + dropped
+        """Bytes of the two segments' validity masks."""
+        return _nbytes(self.span_mask) + _nbytes(self.mask)
 
     @property
     def stored_bytes(self) -> int:
