@@ -24,7 +24,7 @@ from transformers import DynamicCache
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import rotatek_compile  # noqa: E402
-from model_decode import build_model  # noqa: E402
+from model_decode import _sync, build_model  # noqa: E402
 
 logger = logging.getLogger("prefill_profile")
 RECIPES = ("eager", "inductor", "rotatek", "rotatek-inner-eager")
@@ -53,11 +53,6 @@ def prefill(model, input_ids: torch.Tensor) -> float:
     _sync()
     del out, cache
     return time.perf_counter() - start
-
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def sdpa_kind(names: list[str]) -> str:

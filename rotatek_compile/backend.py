@@ -401,8 +401,7 @@ class _PrefillRunner:
             if isinstance(layer, KeptExact):
                 self._keep_exact(slot.layer, layer)
                 continue
-            held = layer.span_mask.sum(dim=1) + layer.mask.sum(dim=1)
-            dropped = tuple((valid.sum(dim=1) - held).tolist())
+            dropped = tuple((valid.sum(dim=1) - layer.held_tokens()).tolist())
             layer = dataclasses.replace(layer, span_source=source, dropped=dropped)
             outputs[slot.keys_output] = stand_in(keys.shape, keys, layer)
             outputs[slot.values_output] = stand_in(values.shape, values, None)
@@ -544,7 +543,7 @@ def _check_padding_only(mask: torch.Tensor, layer: CompressedLayer, name: str) -
                                 "outside its graph and has no [B, heads, queries, keys] form to check")
     past = allowed.shape[-1] - allowed.shape[-2]
     seen = allowed[:, 0, -1, :past].sum(dim=1)  # [B|1]
-    held = layer.span_mask.sum(dim=1) + layer.mask.sum(dim=1)  # [B]
+    held = layer.held_tokens()  # [B]
     if layer.dropped is not None:
         held = held + torch.tensor(layer.dropped, device=held.device)
     if not bool((seen == held).all()):

@@ -109,6 +109,10 @@ class CompressedLayer:
     def span_tokens(self) -> int:
         return self.span_mask.shape[1]
 
+    def held_tokens(self) -> Tensor:
+        """``[B]`` real tokens the layer holds, both segments."""
+        return self.span_mask.sum(dim=1) + self.mask.sum(dim=1)
+
     def with_rest(self, keys: Tensor, values: Tensor, mask: Tensor) -> "CompressedLayer":
         return dataclasses.replace(self, keys=keys, values=values, mask=mask)
 

@@ -50,8 +50,7 @@ def _layer(dropped_tokens: int = 0):
     keep = 1.0 - dropped_tokens / 64 if dropped_tokens else 1.0
     config = RotateKConfig(query_window=8, span="prompt", key_channels=D // 4, token_keep=keep)
     layer = compress_layer(keys, values, queries, span, valid, config, D ** -0.5)
-    held = layer.span_mask.sum(1) + layer.mask.sum(1)
-    return dataclasses.replace(layer, dropped=tuple((valid.sum(1) - held).tolist())), valid
+    return dataclasses.replace(layer, dropped=tuple((valid.sum(1) - layer.held_tokens()).tolist())), valid
 
 
 @pytest.mark.parametrize("dropped_tokens", [0, 8])

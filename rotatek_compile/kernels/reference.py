@@ -4,7 +4,7 @@ Notation (shapes in comments): ``B`` batch rows, ``Hq`` query heads, ``H`` KV he
 (``G = Hq // H`` query heads per KV head), ``S`` span tokens, ``W`` query window, ``d`` head dim,
 ``r`` kept Key channels, ``dv`` value dim. Masks are bool, ``True`` = the token is real.
 
-The method (DESIGN.md §1), per batch row and KV head, with ``K`` the post-RoPE span Keys::
+The method, per batch row and KV head, with ``K`` the post-RoPE span Keys::
 
     μ   = mean_s K[s]
     C   = (K-μ)ᵀ(K-μ), symmetrised, fp32
@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-# Numerics of the query-aware weighting (DESIGN.md §1): floor of q̄ relative to its median, and
+# Numerics of the query-aware weighting: floor of q̄ relative to its median, and
 # ridge added to the diagonal relative to its mean, so that C stays positive definite.
 QUERY_NORM_FLOOR = 1e-3
 COVARIANCE_RIDGE = 1e-4

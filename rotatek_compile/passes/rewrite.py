@@ -30,7 +30,7 @@ import torch.fx as fx
 
 from rotatek_compile.kernels import reference
 from rotatek_compile.passes.find_attention import (
-    AttentionSite, SkippedSite, example_value, graph_outputs, sites_and_skips)
+    _SDPA, AttentionSite, SkippedSite, _is_call, example_value, graph_outputs, sites_and_skips)
 from rotatek_compile.passes.visual_span import find_merges, find_span_masks
 from rotatek_compile.state import SPAN_KEY_PARTS
 
@@ -106,9 +106,6 @@ def _append_outputs(graph: fx.Graph, nodes: list[fx.Node]) -> list[int]:
     return list(range(first, first + len(nodes)))
 
 
-_SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
-
-
 def use_causal_kernel(graph: fx.Graph, attentions: list[fx.Node]) -> int:
     """Prefill SDPA calls with a boolean mask → ``rotatek.prefill_attention``, which runs SDPA with
     ``is_causal=True`` (the flash kernel) whenever the mask is exactly causal. Returns the count.
@@ -123,7 +120,7 @@ def use_causal_kernel(graph: fx.Graph, attentions: list[fx.Node]) -> int:
     flags: dict[fx.Node, fx.Node] = {}
     count = 0
     for node in attentions:
-        if not (node.op == "call_function" and node.target in _SDPA) or len(node.args) != 3:
+        if not _is_call(node, *_SDPA) or len(node.args) != 3:
             continue
         mask, kwargs = node.kwargs.get("attn_mask"), node.kwargs
         value = example_value(mask) if isinstance(mask, fx.Node) else None

@@ -41,13 +41,12 @@ import torch.fx as fx
 
 from rotatek_compile.kernels import reference
 from rotatek_compile.passes.find_attention import (
-    SkippedSite, _constant_scale, _head_dim, _is_call, _is_eager_final, _is_method, _match_eager,
+    _SDPA, SkippedSite, _constant_scale, _head_dim, _is_call, _is_eager_final, _is_method, _match_eager,
     example_value, layer_of)
 from rotatek_compile.passes.rewrite import (
     SiteSlots, copy_module, has_side_effects, state_inputs, use_causal_kernel, window_and_mask_row)
 from rotatek_compile.passes.visual_span import find_span_masks
 
-_SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
 _INDEX_COPY = (torch.Tensor.index_copy_, torch.ops.aten.index_copy_.default)
 # repeat_kv between the buffer and the attention: x[:, :, None].expand(...).reshape(...)
 _REPEAT_KV_METHODS = {"expand", "reshape", "view", "contiguous", "to"}

@@ -13,7 +13,7 @@ import torch
 import transformers as tf
 
 from tests.tiny_models import (
-    _VISION_END, _VISION_START, BOS, DECODER, IMAGE, TEXT_ROWS, VISION, TinyModel, _image_rows, _left_pad, _pixels,
+    _BOI, _EOI, _VISION_END, _VISION_START, BOS, DECODER, IMAGE, TEXT_ROWS, VISION, TinyModel, _image_rows, _left_pad, _pixels,
     _qwen_inputs, _siglip, _text)
 from tests.vlm_classes.common import LazyClass, tf_class
 
@@ -170,8 +170,6 @@ def _glm4v_moe_config():
 # Gemma 4: vision tower on 8×8 patches of 4×4 pixels (given as [B, 64, 48] with (x, y) positions),
 # pooled 2×2 → 16 tokens between BOI/EOI; decoder layer 0 sliding (window 8), layer 1 full (its
 # "global" head_dim also 16), per-layer inputs (PLE) of width 16
-
-_BOI, _EOI = 246, 247
 
 
 def _gemma4_vision(config: str = "Gemma4VisionConfig", **extra):

@@ -18,8 +18,8 @@ import torch
 import transformers as tf
 
 from tests.tiny_models import (
-    BOS, DECODER, EOS, IMAGE, PAD, ROWS, VISION, TinyModel, _clip, _image_rows, _left_pad, _pixels, _qwen_inputs,
-    _siglip, _text)
+    _BOI, _EOI, BOS, DECODER, EOS, IMAGE, PAD, ROWS, VISION, TinyModel, _clip, _gemma3_inputs, _image_rows,
+    _left_pad, _pixels, _qwen_inputs, _siglip, _text)
 from tests.vlm_classes.checks import NEW_TOKENS
 from tests.vlm_classes.common import LazyClass
 
@@ -91,9 +91,6 @@ def _perception_lm_inputs(model, batch):
 # Gemma3ForConditionalGeneration); layer 0 sliding (window 8), layer 1 full
 
 
-_BOI, _EOI = 246, 247
-
-
 def _shieldgemma2_config():
     from transformers.models.shieldgemma2.configuration_shieldgemma2 import ShieldGemma2Config
 
@@ -101,13 +98,6 @@ def _shieldgemma2_config():
                                sliding_window=8, query_pre_attn_scalar=16, **DECODER)
     return ShieldGemma2Config(text_config=text, vision_config=_siglip(32, 8), mm_tokens_per_image=16,
                               boi_token_index=_BOI, eoi_token_index=_EOI, image_token_index=IMAGE)
-
-
-def _gemma3_like_inputs(model, batch):
-    rows, image_types = _image_rows(batch, [IMAGE] * 16, [_BOI], [_EOI])
-    ids, mask, token_types = _left_pad(rows, image_types)
-    return dict(input_ids=ids, attention_mask=mask, token_type_ids=token_types,
-                pixel_values=_pixels(batch, 3, 32, 32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,7 +492,7 @@ def _t5gemma2_config():
 
 
 def _t5gemma2_inputs(model, batch):
-    inputs = _gemma3_like_inputs(model, batch)
+    inputs = _gemma3_inputs(model, batch)
     del inputs["token_type_ids"]
     return inputs
 
@@ -600,7 +590,7 @@ MODELS: list[TinyModel] = [
               full_attention=2),
     TinyModel("perception_lm", _perception_lm_config, LazyClass("PerceptionLMForConditionalGeneration"),
               _perception_lm_inputs, full_attention=2),
-    TinyModel("shieldgemma2", _shieldgemma2_config, LazyClass("Gemma3ForConditionalGeneration"), _gemma3_like_inputs,
+    TinyModel("shieldgemma2", _shieldgemma2_config, LazyClass("Gemma3ForConditionalGeneration"), _gemma3_inputs,
               full_attention=1, skipped=("layers.0.self_attn",)),
     TinyModel("qwen3_vl", _qwen3_vl_config, LazyClass("Qwen3VLForConditionalGeneration"), _qwen_inputs,
               full_attention=2),
