@@ -1,6 +1,6 @@
 """Decode-kernel benchmark on the RotateK paper grid (GPU): correctness, time, fraction of the byte floor.
 
-Paper grid (DESIGN.md §3): Hq 32, Hkv 8, d 128, r 32, bf16; prompt 30 + visual N + text 30, so the
+Paper grid: Hq 32, Hkv 8, d 128, r 32, bf16; prompt 30 + visual N + text 30, so the
 full-channel segment is 60 tokens and the pruned span N; B1 × N ∈ {16k, 32k, 64k, 128k} and
 N 16k × B ∈ {4, 16, 32}.
 

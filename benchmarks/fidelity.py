@@ -1,4 +1,4 @@
-"""Fidelity of the compressed KV cache on real weights, through the compiled model (DESIGN.md §3).
+"""Fidelity of the compressed KV cache on real weights, through the compiled model (protocol: ``docs/fidelity.md``).
 
 The tiered cache (``kv_budget``) vs token-only at the budgets 0.25 / 0.4 / 0.5 / 0.63 of the
 span's KV bytes, and RotateK vs ThinK vs SparK-style vs K-only PCA (token keep 1) at equal bytes,

@@ -1,6 +1,6 @@
 """End-to-end behaviour of the backend under ``generate()`` and manual decoding (tiny Llama, CPU).
 
-The state requirements of DESIGN.md §2: real memory drop, per-request state, HF bookkeeping,
+The state requirements of ``docs/design.md``: real memory drop, per-request state, HF bookkeeping,
 clear errors on unsupported paths, no recompilation per decode step.
 """
 

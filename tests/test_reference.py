@@ -1,4 +1,4 @@
-"""The plain-PyTorch RotateK math (``kernels/reference.py``) against DESIGN.md §1.
+"""The plain-PyTorch RotateK math (``kernels/reference.py``) against the method its docstring states.
 
 Invariants are Hypothesis properties over small random shapes (batch, KV heads, GQA ratio 1–4,
 head dim, span/full lengths, padding masks); baselines are also checked on constructed examples
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from rotatek_compile.kernels import reference as ref
 
-ATOL_FP32 = 1e-5  # DESIGN.md: r = d must reproduce SDPA to this in fp32
+ATOL_FP32 = 1e-5  # r = d must reproduce SDPA to this in fp32
 
 
 def _gen(seed: int) -> torch.Generator:
