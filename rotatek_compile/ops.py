@@ -129,7 +129,8 @@ def prefill_attention(query: Tensor, keys: Tensor, values: Tensor, mask: Tensor,
     A compiled model always hands SDPA a materialised mask (HF cannot skip it while tracing), and
     SDPA cannot use its flash kernel with a mask: at 16k tokens on an H200 the masked kernel took
     5× longer. Both branches compute the same attention. During CUDA-graph capture the flag cannot
-    be read, so the masked branch runs. Returns a contiguous ``[B, Hq, L, dv]``.
+    be read, so the masked branch runs. Returns ``[B, Hq, L, dv]`` laid out as ``[B, L, Hq, dv]``
+    (:func:`_prefill_output`), so that HF's ``transpose(1, 2).contiguous()`` after it copies nothing.
     """
     capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
     if not capturing and _is_plain_causal(causal):
@@ -138,12 +139,22 @@ def prefill_attention(query: Tensor, keys: Tensor, values: Tensor, mask: Tensor,
     else:
         out = torch.nn.functional.scaled_dot_product_attention(
             query, keys, values, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
-    return out.contiguous()
+    result = _prefill_output(query, values)
+    if out.stride() == result.stride():  # SDPA's fused kernels write this layout themselves
+        return out
+    return result.copy_(out)
+
+
+def _prefill_output(query: Tensor, values: Tensor) -> Tensor:
+    """An empty ``[B, Hq, L, dv]`` with the memory order ``[B, L, Hq, dv]`` (what the flash and
+    memory-efficient kernels return, and what the attention's output projection reads)."""
+    batch, heads, length, _ = query.shape
+    return query.new_empty(batch, length, heads, values.shape[-1]).transpose(1, 2)
 
 
 @prefill_attention.register_fake
 def _(query, keys, values, mask, causal, scale, enable_gqa):
-    return _attention_output_like(query, values)
+    return _prefill_output(query, values)
 
 
 @torch.library.custom_op("rotatek::kept_copy", mutates_args=())

@@ -116,13 +116,18 @@ def use_causal_kernel(graph: fx.Graph, attentions: list[fx.Node]) -> int:
         sdpa(q, k, v, attn_mask=m, scale=s)  →  rotatek.prefill_attention(q, k, v, m, causal, s, gqa)
 
     Left alone: additive masks, dropout, ``is_causal`` already set, no mask.
+
+    Layers whose masks are the same prefix slice of one mask share one mask node
+    (:func:`_shared_mask`), so that Inductor materialises the ``[B, 1, L, S]`` mask once for the
+    graph instead of once per layer (the op is opaque: it realises its inputs).
     """
     flags: dict[fx.Node, fx.Node] = {}
+    shared: dict[tuple, fx.Node] = {}
     count = 0
     for node in attentions:
         if not _is_call(node, *_SDPA) or len(node.args) != 3:
             continue
-        mask, kwargs = node.kwargs.get("attn_mask"), node.kwargs
+        mask, kwargs = _shared_mask(node.kwargs.get("attn_mask"), shared), node.kwargs
         value = example_value(mask) if isinstance(mask, fx.Node) else None
         if value is None or value.dtype != torch.bool or kwargs.get("dropout_p", 0.0) or kwargs.get("is_causal"):
             continue
@@ -152,6 +157,31 @@ def use_causal_kernel(graph: fx.Graph, attentions: list[fx.Node]) -> int:
         graph.erase_node(node)
         count += 1
     return count
+
+
+def _shared_mask(mask, shared: dict[tuple, fx.Node]):
+    """The first mask seen that equals ``mask``: ``m[..., :L, :S]`` prefix slices of one base mask
+    with the same (symbolic) shape are equal. HF slices the model's mask to each layer's key length
+    (``attention_mask[:, :, :, :key.shape[-2]]``), one slice node per layer."""
+    if not isinstance(mask, fx.Node):
+        return mask
+    base = mask
+    while _is_call(base, operator.getitem) and _is_prefix_index(base.args[1]):
+        base = base.args[0]
+    value = example_value(mask)
+    key = (base, tuple(str(size) for size in value.shape) if value is not None else id(mask))
+    return shared.setdefault(key, mask)
+
+
+def _is_prefix_index(index) -> bool:
+    """``index`` (of ``tensor[index]``) only keeps a leading part of each dimension."""
+    parts = index if isinstance(index, tuple) else (index,)
+    for part in parts:
+        if part is Ellipsis:
+            continue
+        if not isinstance(part, slice) or part.start not in (None, 0) or part.step not in (None, 1):
+            return False
+    return True
 
 
 def _is_placeholder(node) -> bool:
