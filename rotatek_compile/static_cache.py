@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -216,7 +217,11 @@ class _StaticDecodeRunner:
     """Runs a static decode graph on the state attached to HF's stand-ins.
 
     The flattened state is built once per cache and kept on the first site's stand-in (so it dies
-    with the cache); later steps pass the same tensors, which the graph updates in place.
+    with the cache); later steps pass the same tensors, which the graph updates in place. What is
+    kept there refers to the stand-ins only weakly: a stand-in reached from its own attribute is a
+    reference cycle, which only Python's full (and rare) collection frees, so every request's
+    compressed cache stayed allocated long after the request (a GPU ran out of memory serving
+    requests of four sizes in a row).
     """
 
     def __init__(self, plan: StaticPlan, compiled: Callable, checks: StateShapeChecks):
@@ -227,13 +232,13 @@ class _StaticDecodeRunner:
         first = args[self.key_inputs[0]]
         kept = getattr(first, _STATE_LIST, None)
         if kept is None or kept[0] is not self:
-            stand_ins = {i: (a, plain(a)) for i, a in enumerate(args) if isinstance(a, StandIn)}
+            stand_ins = {i: (weakref.ref(a), plain(a)) for i, a in enumerate(args) if isinstance(a, StandIn)}
             kept = (self, self._state(args), stand_ins)
             setattr(first, _STATE_LIST, kept)
         _, state, stand_ins = kept
         args = list(args)
         for i, (original, as_plain) in stand_ins.items():  # the graph gets them as plain tensors
-            if args[i] is original:
+            if args[i] is original():
                 args[i] = as_plain
         return self.compiled(*args, *state)
 

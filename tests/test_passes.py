@@ -89,6 +89,10 @@ def test_prefill_rewrite_keeps_attention_and_adds_outputs(sdpa_graphs):
     assert count(gm.graph, SDPA) == LAYERS and count(gm.graph, PREFILL_OP) == 0
     assert count(plan.module.graph, SDPA) == 0 and count(plan.module.graph, PREFILL_OP) == LAYERS
     assert count(plan.module.graph, torch.amax) == 1
+    # repeat_kv's [B, Hq, S, d] copies are not read: the op groups the cache's own heads
+    for attention in plan.module.graph.find_nodes(op="call_function", target=PREFILL_OP):
+        assert attention.args[1].target is torch.cat and attention.args[2].target is torch.cat
+        assert attention.args[6] is True
     (output,) = plan.module.graph.find_nodes(op="output")
     added = len(output.args[0]) - plan.num_outputs
     assert added == LAYERS + 1  # one query window per site, one shared padding mask
@@ -160,6 +164,7 @@ def test_layers_slicing_one_mask_share_it():
         for _ in range(3):
             out = F.scaled_dot_product_attention(out, keys, values, attn_mask=mask[:, :, :, : keys.shape[-2]])
         shifted = mask[:, :, :, 1:]  # not a prefix slice: a different mask
+        # not a repeat: a slice of the sequence (the op must read the slice, not its source)
         return F.scaled_dot_product_attention(out, keys[:, :, 1:], values[:, :, 1:], attn_mask=shifted)
 
     recorder = RecordingBackend()
@@ -177,6 +182,7 @@ def test_layers_slicing_one_mask_share_it():
     calls = [n for n in graph.nodes if n.target is PREFILL_OP]
     assert len({n.args[3] for n in calls[:3]}) == 1 and calls[3].args[3] is not calls[0].args[3]
     assert count(graph, torch.amax) == 2
+    assert calls[3].args[1].target is operator.getitem and calls[3].args[6] is False
     module = fx.GraphModule(gm, graph)
     torch.testing.assert_close(module(*example_inputs)[0], expected)
 

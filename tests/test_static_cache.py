@@ -135,6 +135,36 @@ def test_static_state_dies_with_the_cache():
     assert sum(isinstance(o, StaticCompressedLayer) for o in gc.get_objects()) == 0
 
 
+def test_requests_do_not_keep_their_compressed_caches():
+    """A request's compressed cache is freed by reference counting when the request ends, not by
+    Python's cyclic collector (which runs rarely: GPU memory ran out across requests)."""
+    model = tiny_llama()
+    model.compile(backend="rotatek", options={"key_channels": 4, "inner": "eager"})
+
+    def request(n):
+        cache = StaticCache(config=model.config, max_cache_len=64)
+        token = torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(n))
+        with torch.no_grad():
+            for _ in range(3):
+                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+
+    def live():
+        return sum(type(o) is StaticCompressedLayer for o in gc.get_objects())
+
+    request(44)
+    gc.collect()
+    gc.disable()
+    try:
+        counts = []
+        for n in (40, 36, 50):
+            request(n)
+            counts.append(live())
+    finally:
+        gc.enable()
+    assert counts[-1] == counts[0] <= LAYERS, counts
+
+
 def test_requests_of_other_lengths_reuse_the_decode_graph():
     # unpadded prompts: HF's SDPA prefill reads the first T positions causally (no mask); the
     # second length makes the prefill graph symbolic in T. generate() keeps the cache length (the

@@ -115,6 +115,9 @@ def use_causal_kernel(graph: fx.Graph, attentions: list[fx.Node]) -> int:
         causal = (m == (arange(S)[None, :] <= arange(L)[:, None])).all()     # top-left causal (as int8)
         sdpa(q, k, v, attn_mask=m, scale=s)  →  rotatek.prefill_attention(q, k, v, m, causal, s, gqa)
 
+    Keys and Values that ``repeat_kv`` expanded to ``Hq`` heads are read before the expansion,
+    with ``enable_gqa`` (:func:`_unrepeated`).
+
     Left alone: additive masks, dropout, ``is_causal`` already set, no mask.
 
     Layers whose masks are the same prefix slice of one mask share one mask node
@@ -132,6 +135,10 @@ def use_causal_kernel(graph: fx.Graph, attentions: list[fx.Node]) -> int:
         if value is None or value.dtype != torch.bool or kwargs.get("dropout_p", 0.0) or kwargs.get("is_causal"):
             continue
         query, keys, values = node.args
+        gqa = bool(kwargs.get("enable_gqa", False))
+        grouped = _unrepeated(keys, query), _unrepeated(values, query)
+        if None not in grouped:  # SDPA groups the heads itself: no [B, Hq, S, d] copies of K and V
+            (keys, values), gqa = grouped, True
         if mask not in flags:
             with graph.inserting_before(node):
                 rows = graph.call_method("size", (mask, -2))
@@ -150,13 +157,47 @@ def use_causal_kernel(graph: fx.Graph, attentions: list[fx.Node]) -> int:
             scale = example_value(query).shape[-1] ** -0.5
         with graph.inserting_before(node):
             fast = graph.call_function(torch.ops.rotatek.prefill_attention.default,
-                                       (query, keys, values, mask, flags[mask], float(scale),
-                                        bool(kwargs.get("enable_gqa", False))))
+                                       (query, keys, values, mask, flags[mask], float(scale), gqa))
         fast.meta.update(node.meta)
         node.replace_all_uses_with(fast)
         graph.erase_node(node)
         count += 1
     return count
+
+
+# repeat_kv: x[:, :, None, :, :].expand(B, H, n, S, d).reshape(B, H * n, S, d), or repeat_interleave
+_REPEAT_METHODS = ("expand", "reshape", "view", "contiguous", "repeat_interleave")
+
+
+def _unrepeated(node: fx.Node, query: fx.Node) -> Optional[fx.Node]:
+    """The ``[B, H, S, d]`` Keys (or Values) that ``node`` repeats to ``Hq`` heads, or ``None``.
+
+    HF's ``repeat_kv`` gives query head ``h`` the KV head ``h // n``, as SDPA's ``enable_gqa``
+    does, so the attention can read the source. Only a chain of repeat/layout ops qualifies, with
+    the source's batch, length, width and dtype those of ``node`` and ``H`` dividing ``Hq``.
+    """
+    source = node
+    while (isinstance(source, fx.Node) and source.op == "call_method" and source.target in _REPEAT_METHODS) or (
+            _is_call(source, operator.getitem) and _inserts_an_axis(source.args[1])):
+        source = source.args[0]
+    if source is node or not isinstance(source, fx.Node):
+        return None
+    repeated, original, queries = example_value(node), example_value(source), example_value(query)
+    if repeated is None or original is None or queries is None or original.dim() != 4 or repeated.dim() != 4:
+        return None
+    same = [str(original.shape[i]) == str(repeated.shape[i]) for i in (0, 2, 3)]
+    heads, query_heads = original.shape[1], queries.shape[1]
+    if not all(same) or original.dtype != repeated.dtype or str(repeated.shape[1]) != str(query_heads):
+        return None
+    if not isinstance(heads, int) or not isinstance(query_heads, int) or query_heads % heads:
+        return None
+    return source
+
+
+def _inserts_an_axis(index) -> bool:
+    """``tensor[index]`` only adds a new axis (``x[:, :, None, :, :]``)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return None in parts and all(p is None or p is Ellipsis or p == slice(None) for p in parts)
 
 
 def _shared_mask(mask, shared: dict[tuple, fx.Node]):
