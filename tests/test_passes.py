@@ -485,3 +485,26 @@ def test_learned_mask_is_found_through_multi_output_ops():
     graph.output((mask, plain))
     assert _learned_inputs(mask)
     assert not _learned_inputs(plain)  # built from the hidden states' size alone
+
+
+def test_span_finder_matches_boolean_mask_assignment():
+    """``embeds[mask] = features`` (Kosmos-2.5's merge, FX ``operator.setitem``) is an image merge;
+    a constant fill under a mask is not."""
+    from rotatek_compile.passes.visual_span import find_span_masks
+
+    def merge(embeds, input_ids, features):
+        image = input_ids == 7
+        embeds[image] = features  # the merge
+        embeds[input_ids == 0] = 0.0  # padding zeroed: not a merge
+        return embeds * 2
+
+    recorder = RecordingBackend()
+    torch._dynamo.reset()
+    ids = torch.tensor([[1, 7, 7, 2], [0, 7, 7, 3]])
+    torch.compile(merge, backend=recorder, fullgraph=True)(torch.randn(2, 4, 8), ids, torch.randn(4, 8))
+    torch._dynamo.reset()
+    (gm, _), = recorder.graphs
+    masks = find_span_masks(gm.graph)
+    assert len(masks) == 1
+    (eq,) = [n for n in gm.graph.nodes if n.target is operator.eq and n.args[1] == 7]
+    assert masks[0] is eq

@@ -3,7 +3,7 @@
 HF VLMs write the vision tower's output into the token embeddings at the image-token positions::
 
     embeds = embeds.masked_scatter(mask, image_features)     # mask [B, S, 1|D] bool
-    embeds[mask] = image_features  /  index_put(embeds, (mask,), features)
+    embeds[mask] = image_features  /  index_put(embeds, (mask,), features)    # mask [B, S] bool
 
 where ``mask`` derives from ``input_ids == image_token_id``. Under ``generate()`` Dynamo breaks the
 graph at HF's ``Tensor.item()`` check. In most VLMs the break comes before the merge, which stays
@@ -14,6 +14,7 @@ graph, which receives that very tensor as an input, reads the tag.
 
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -52,11 +53,26 @@ def find_merges(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
                 node.target in _INDEX_PUT or node.target in ("index_put", "index_put_")):
             indices = node.args[1]
             mask = indices[0] if isinstance(indices, (list, tuple)) and len(indices) == 1 else None
+        elif _is_feature_assignment(node):  # embeds[mask] = features (in place: embeds is the result)
+            merges.append((node.args[0], node.args[1]))
+            continue
         else:
             continue
         if _bool_mask(mask):
             merges.append((node, mask))
     return merges
+
+
+def _is_feature_assignment(node: fx.Node) -> bool:
+    """``embeds[mask] = features``: ``embeds`` ``[B, S, D]``, ``mask`` ``[B, S]`` bool, ``features``
+    a tensor of rows (not a constant fill such as ``embeds[mask] = 0``)."""
+    if not (node.op == "call_function" and node.target is operator.setitem and len(node.args) == 3):
+        return False
+    embeds, mask, features = node.args
+    embeds_value, features_value = example_value(embeds), example_value(features)
+    if embeds_value is None or features_value is None or embeds_value.dim() != 3 or not _bool_mask(mask):
+        return False
+    return tuple(example_value(mask).shape) == tuple(embeds_value.shape[:2]) and features_value.dim() == 2
 
 
 def to_token_mask(mask: torch.Tensor, batch: int, length: int) -> Optional[torch.Tensor]:

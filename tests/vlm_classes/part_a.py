@@ -639,7 +639,7 @@ _MLA = ("multi-head latent attention: the cache keeps the latent (k_pass [B, 1, 
 
 _GRANITE4 = ("every image feature is injected inside the decoder loop (masked_scatter on the hidden states at "
              "layers 0 and 1): Dynamo breaks the prefill graph per layer (sites named 'self_attn'), no merge is "
-             "found, the span is empty and the compressed layers hold 1.18x the uncompiled Key bytes")
+             "found and the span is empty, so the layers stay exact by the byte rule (Key bytes 1.00x)")
 _EVOLLA = ("the protein cross-attention adapter breaks every decoder layer into several frames; at decode a "
            "graph receives a compressed Key cache whose attention it does not hold, and generate() raises "
            "RotateKCacheError ('1 compressed Key caches reach code that was not rewritten'): loudly refused")
@@ -678,7 +678,7 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "blip-2": _INNER_GENERATE,
         "git": "no layer is rewritten (see sites); the image is concatenated in front of the text, not merged",
         "florence2": ("encoder-decoder: the image sits in the encoder (cross-attention cache, never compressed); "
-                      "the decoder self-attention span is empty, yet its layers are compressed and hold 2.6x the "
-                      "Key bytes of the uncompiled cache"),
+                      "the decoder self-attention span is empty, so its layers stay exact by the byte rule (Key "
+                      "bytes 1.00x)"),
     },
 }

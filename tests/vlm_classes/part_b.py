@@ -765,12 +765,10 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
     "span": {
         "granite_docling": ("the image mask is tagged on the merged embeddings, but the text model scales them "
                             "(embedding multiplier) outside any graph and each layer runs in its own graph: no "
-                            "span reaches the prefill graphs (empty span, Key bytes 1.16× baseline)"),
+                            "span reaches the prefill graphs (empty span: the layers stay exact, Key bytes 1.00×)"),
         "instructblip": _INNER_GENERATE,
         "instructblipvideo": _INNER_GENERATE,
         "kosmos-2": _INNER_GENERATE,
-        "kosmos-2.5": ("the image features are written by boolean-mask assignment (embeds[mask] = features, FX "
-                       "operator.setitem), which the span finder does not match (empty span, Key bytes 1.17×)"),
         "molmo2": ("Dynamo breaks the graph at the masked_scatter whose source is a boolean gather "
                    "(embeds[mask] + features): the merge runs outside every graph, no span is found"),
         "mistral4": _LATENT_CACHE,

@@ -668,8 +668,8 @@ _RSWA = ("reference sliding attention (the prompt kept whole in the cache layer'
          "cat([prefill_keys, window_keys]), which the decode rewrite does not match; the first decode step "
          "raises RotateKCacheError ('compressed Key caches reach code that was not rewritten')")
 _INDEX_LIST_MERGE = ("image features are written by index_put on torch.nonzero() positions (index lists, not a "
-                     "boolean mask): no span is found, the prompt-head fallback is empty here, and the empty "
-                     "span's basis and padding slots make the Key cache 1.19x the uncompiled one")
+                     "boolean mask): no span is found and the prompt-head fallback is empty here: with an empty span the "
+                     "compressed form would not be smaller, so every layer stays exact (Key bytes 1.00x)")
 
 _MERGED_ATTENTION = ("merged attention: the decoder's self-attention Keys are concatenated with the encoder's "
                      "(cross) Keys before one softmax; the finder does not see the cache append behind that "
@@ -679,8 +679,8 @@ _MERGED_ATTENTION = ("merged attention: the decoder's self-attention Keys are co
 _T5_NAMES = ("(not a product gap) the check's layer pattern expects 'layers.N.'; T5-style decoders name "
              "their layers '{}'")
 _ENCODER_IMAGE = ("encoder-decoder: the image is in the encoder (its cross-attention cache is left exact); the "
-                  "decoder's self-attention prompt is one start token, so the span is empty, yet each layer "
-                  "stores a basis and padding slots: {}x the uncompiled Key bytes")
+                  "decoder's self-attention prompt is one start token, so the span is empty and each layer "
+                  "stays exact by the byte rule (Key bytes 1.00x)")
 _GPT2_CROSS = ("(the check's naming, not the product) GPT-2's cross-attention (Conv1D projections) is now told "
                "from self-attention and left exact, and the model is exact at r = d; the check's layer pattern "
                "expects 'layers.N.' where GPT-2 names its layers 'transformer.h.N'")
@@ -720,15 +720,15 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "qwen3_omni_moe": _INNER_GENERATE,
         "ovis2": ("the image merge sits in a frame that Dynamo skips (`if mask.any():` before the visual "
                   "indicator tokens' boolean-index writes) and runs eagerly: no graph holds the merge, the span "
-                  "falls back to the prompt head (empty here), and the empty span's basis and padding slots "
-                  "make the Key cache 1.16x the uncompiled one"),
+                  "falls back to the prompt head (empty here), so every layer stays exact by the byte rule "
+                  "(Key bytes 1.00x)"),
         "step3p7": _MASK_GRAPH_REFUSED,
         "unlimited_ocr": _RSWA,
         "phi4_multimodal": _INDEX_LIST_MERGE,
         "t5gemma2": _MERGED_ATTENTION + "; the image is in the encoder, reached only through the cross Keys",
-        "pix2struct": _ENCODER_IMAGE.format(2.6),
-        "udop": _ENCODER_IMAGE.format(2.6),
-        "pp_formulanet": _ENCODER_IMAGE.format(2.6) + " (the check finds no prompt to count a span in)",
+        "pix2struct": _ENCODER_IMAGE,
+        "udop": _ENCODER_IMAGE,
+        "pp_formulanet": _ENCODER_IMAGE + " (the check finds no prompt to count a span in)",
         "vision-encoder-decoder": _GPT2_SPAN,
     },
 }
