@@ -509,9 +509,10 @@ class _DecodeRunner:
     def __call__(self, *args):
         plan = self.plan
         layers = _compressed_layers(plan, args)
-        for slot, layer in zip(plan.sites, layers):
-            if slot.mask_input >= 0:
-                _check_padding_only(args[slot.mask_input], layer, slot.layer)
+        checked = [(args[slot.mask_input], layer, slot.layer) for slot, layer in zip(plan.sites, layers)
+                   if slot.mask_input >= 0]
+        if checked:
+            _check_padding_only(checked)
         state = _state_inputs(layers)
         self.checks.check(state)
         outputs = list(self.compiled(*map(plain, args), *state))
@@ -528,29 +529,38 @@ class _DecodeRunner:
         return outputs[: plan.num_outputs]
 
 
-def _check_padding_only(mask: torch.Tensor, layer: CompressedLayer, name: str) -> None:
-    """A decode mask built in another graph must mask padding only: the compressed cache keeps its
+def _check_padding_only(checked: list[tuple[torch.Tensor, CompressedLayer, str]]) -> None:
+    """Decode masks built in another graph must mask padding only: the compressed cache keeps its
     own validity and reads the mask only for the new tokens (``rewrite._new_token_mask``).
 
-    The last query's row over the past positions must allow exactly the tokens the layer holds
-    (both segments' real slots) plus those it dropped at prefill. A mask that carries more (the
-    token selection of a sparse-attention indexer) raises instead of being silently ignored.
-    One host sync; only for models whose attention runs in a graph apart from its mask.
+    ``checked``: ``(mask, layer, name)`` per site. The last query's row over the past positions
+    must allow exactly the tokens the layer holds (both segments' real slots) plus those it
+    dropped at prefill. A mask that carries more (the token selection of a sparse-attention
+    indexer) raises instead of being silently ignored. One host sync per step for all layers (a
+    mask shared by several layers is counted once); only for models whose attention runs in a
+    graph apart from its mask.
     """
-    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-    if allowed.dim() != 4:
-        raise RotateKCacheError(f"rotatek: the decode attention mask of {name} ({tuple(mask.shape)}) is built "
-                                "outside its graph and has no [B, heads, queries, keys] form to check")
-    past = allowed.shape[-1] - allowed.shape[-2]
-    seen = allowed[:, 0, -1, :past].sum(dim=1)  # [B|1]
-    held = layer.held_tokens()  # [B]
-    if layer.dropped is not None:
-        held = held + torch.tensor(layer.dropped, device=held.device)
-    if not bool((seen == held).all()):
-        raise RotateKCacheError(
-            f"rotatek: the decode attention mask of {name} hides tokens that are not padding (a token "
-            "selection, e.g. a sparse-attention indexer), which the compressed cache cannot follow "
-            "(not supported)")
+    seen: dict[int, torch.Tensor] = {}  # id(mask) → [B|1] tokens it allows
+    agrees = []
+    for mask, layer, name in checked:
+        if id(mask) not in seen:
+            allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+            if allowed.dim() != 4:
+                raise RotateKCacheError(f"rotatek: the decode attention mask of {name} ({tuple(mask.shape)}) is "
+                                        "built outside its graph and has no [B, heads, queries, keys] form to check")
+            past = allowed.shape[-1] - allowed.shape[-2]
+            seen[id(mask)] = allowed[:, 0, -1, :past].sum(dim=1)
+        held = layer.held_tokens()  # [B]
+        if layer.dropped is not None:
+            held = held + torch.tensor(layer.dropped, device=held.device)
+        agrees.append((seen[id(mask)] == held).all())
+    if bool(torch.stack(agrees).all()):
+        return
+    name = next(name for (_, _, name), ok in zip(checked, agrees) if not bool(ok))
+    raise RotateKCacheError(
+        f"rotatek: the decode attention mask of {name} hides tokens that are not padding (a token "
+        "selection, e.g. a sparse-attention indexer), which the compressed cache cannot follow "
+        "(not supported)")
 
 
 class RotateKOptionError(ValueError):

@@ -58,14 +58,16 @@ def test_decode_mask_with_padding_only_passes(dropped_tokens):
     layer, valid = _layer(dropped_tokens)
     assert (sum(layer.dropped) > 0) == bool(dropped_tokens)  # token pruning drops some
     mask = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool)], 1)[:, None, None, :]  # [B, 1, 1, S + 1]
-    _check_padding_only(mask, layer, "model.layers.0.self_attn")
+    _check_padding_only([(mask, layer, "model.layers.0.self_attn")])
     additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
-    _check_padding_only(additive, layer, "model.layers.0.self_attn")
+    _check_padding_only([(additive, layer, "model.layers.0.self_attn"), (mask, layer, "model.layers.1.self_attn")])
 
 
 def test_decode_mask_hiding_real_tokens_raises():
     layer, valid = _layer()
     selection = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool)], 1)
     selection[0, 5] = False  # a real token the mask hides: a sparse-attention selection
-    with pytest.raises(RotateKCacheError, match="hides tokens that are not padding"):
-        _check_padding_only(selection[:, None, None, :], layer, "model.layers.0.self_attn")
+    padding_only = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool)], 1)[:, None, None, :]
+    with pytest.raises(RotateKCacheError, match="mask of model.layers.1.self_attn hides tokens that are not padding"):
+        _check_padding_only([(padding_only, layer, "model.layers.0.self_attn"),
+                             (selection[:, None, None, :], layer, "model.layers.1.self_attn")])
