@@ -43,7 +43,7 @@ Usage::
 
     python benchmarks/fidelity.py --quick      # CI: SmolLM2, 2 prompts, asserts (about 3 min)
     python benchmarks/fidelity.py              # 24 prompts, every cell → docs/fidelity.{md,json}, docs/fidelity_kl.png
-    python benchmarks/fidelity.py --reduced    # 12 prompts of 1–2k tokens, fewer cells (what 2 CPU cores allow)
+    python benchmarks/fidelity.py --reduced    # 24 prompts of 1–4k tokens, fewer cells (about 1 h on 2 CPU cores)
     python benchmarks/fidelity.py --report-only  # rebuild the page from docs/fidelity_<model>.json
 
 One thread per process (``--threads``): on the shared 2-core machine 1 thread ran a SmolLM2
@@ -80,7 +80,7 @@ BUDGETS = (0.25, 0.4, 0.5, 0.63)  # fractions of the span's KV bytes, true bytes
 RATIOS = (1 / 8, 1 / 4, 1 / 2)  # r/d of the channel methods (token keep 1)
 FIXED_ROTATED = (0.125, 0.25, 0.375, 0.5, 0.625)  # fixed tiered splits (rotated fraction t), where they fit
 FULL_LENGTHS = (1024, 2048, 3072, 4096) * 6  # 24 prompts, five document kinds in turn
-REDUCED_LENGTHS = (1024, 2048) * 6  # 12 prompts
+REDUCED_LENGTHS = FULL_LENGTHS  # the same 24 prompts, fewer cells
 QUICK_LENGTHS = (1024, 1024)
 STEPS = 64
 
@@ -651,7 +651,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI mode: SmolLM2, 2 prompts, asserts")
     parser.add_argument("--reduced", action="store_true",
-                        help="12 prompts of 1024/2048 tokens, r/d ∈ {1/4, 1/2}, fixed splits t ∈ {0.25, 0.5}")
+                        help="the 24 prompts, r/d ∈ {1/4, 1/2}, fixed splits t ∈ {0.25, 0.5}")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: smollm2,gemma3")
     parser.add_argument("--lengths", default=None,
                         help="prompt lengths in tokens, one prompt each (default: 24 prompts of 1–4k tokens)")

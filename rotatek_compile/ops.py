@@ -137,6 +137,12 @@ def prefill_attention(query: Tensor, keys: Tensor, values: Tensor, mask: Tensor,
         out = torch.nn.functional.scaled_dot_product_attention(
             query, keys, values, is_causal=True, scale=scale, enable_gqa=enable_gqa)
     else:
+        if enable_gqa and keys.shape[1] != query.shape[1]:
+            # the masked (memory-efficient) CUDA kernel has no grouped heads: SDPA would fall back
+            # to the math kernel, which materialises [B, Hq, L, S] scores; repeat as HF did instead
+            groups = query.shape[1] // keys.shape[1]
+            keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+            enable_gqa = False
         out = torch.nn.functional.scaled_dot_product_attention(
             query, keys, values, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
     result = _prefill_output(query, values)
