@@ -508,3 +508,27 @@ def test_span_finder_matches_boolean_mask_assignment():
     assert len(masks) == 1
     (eq,) = [n for n in gm.graph.nodes if n.target is operator.eq and n.args[1] == 7]
     assert masks[0] is eq
+
+
+def test_merged_self_and_cross_attention_is_named():
+    """T5Gemma 2's decoder joins its cached Keys with the encoder's before one softmax: reported as
+    merged attention (left exact), not as a cache written back some other way."""
+    from rotatek_compile.passes.find_attention import sites_and_skips
+
+    def decoder_layer(query, past_keys, past_values, keys, values, encoder_keys, encoder_values):
+        cached_keys = torch.cat([past_keys, keys], dim=-2)  # the cache append, returned
+        cached_values = torch.cat([past_values, values], dim=-2)
+        merged_keys = torch.cat([cached_keys, encoder_keys], dim=-2)
+        merged_values = torch.cat([cached_values, encoder_values], dim=-2)
+        out = F.scaled_dot_product_attention(query, merged_keys, merged_values)
+        return out, cached_keys, cached_values
+
+    recorder = RecordingBackend()
+    torch._dynamo.reset()
+    args = [torch.randn(1, 2, 1, 8)] + [torch.randn(1, 2, n, 8) for n in (5, 5, 1, 1, 3, 3)]
+    torch.compile(decoder_layer, backend=recorder, fullgraph=True)(*args)
+    torch._dynamo.reset()
+    (gm, _), = recorder.graphs
+    sites, skipped = sites_and_skips(gm.graph)
+    assert not sites and len(skipped) == 1
+    assert skipped[0].reason.startswith("merged attention") and skipped[0].compressible

@@ -249,7 +249,11 @@ def find_attention_sites(graph: fx.Graph) -> list[Match]:
                                        compressible=False))
             continue
         if key_update not in outputs or value_update not in outputs:
-            if _returns_a_slice_of(key_update, outputs):
+            if _merges_a_cache_append(key_update, outputs):
+                matches.append(SkippedSite(layer, node, "merged attention: its cached Keys are concatenated "
+                                           "with another sequence's Keys (e.g. the encoder's) before one "
+                                           "softmax (not supported)"))
+            elif _returns_a_slice_of(key_update, outputs):
                 matches.append(SkippedSite(layer, node, "the cache keeps a slice of the Keys (sliding-window "
                                            "layer)", compressible=False))
             else:
@@ -327,6 +331,13 @@ def _reads_a_cache_append(node: fx.Node, outputs: set[fx.Node], depth: int = 12)
         if any(_cache_append(n) is not None and n in outputs for n in frontier):
             return True
     return False
+
+
+def _merges_a_cache_append(node: fx.Node, outputs: set[fx.Node]) -> bool:
+    """``node`` is ``cat([a, b], -2)`` where ``a`` (through repeat/layout ops) is a cache append the
+    graph returns: the layer's own cached Keys joined with other Keys for one attention."""
+    return any(_cache_append(part) in outputs for part in (_strip_repeat_kv(p)[0] for p in node.args[0])
+               if isinstance(part, fx.Node))
 
 
 def _returns_a_slice_of(node: fx.Node, outputs: set[fx.Node], depth: int = 4) -> bool:

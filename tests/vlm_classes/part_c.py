@@ -672,9 +672,9 @@ _INDEX_LIST_MERGE = ("image features are written by index_put on torch.nonzero()
                      "compressed form would not be smaller, so every layer stays exact (Key bytes 1.00x)")
 
 _MERGED_ATTENTION = ("merged attention: the decoder's self-attention Keys are concatenated with the encoder's "
-                     "(cross) Keys before one softmax; the finder does not see the cache append behind that "
-                     "concatenation, so both decoder layers are left exact ('the graph does not return its cache "
-                     "append'), layer 1 included, which is full attention")
+                     "(cross) Keys before one softmax, which the pass does not rewrite: the full-attention layer is "
+                     "left exact with a WARNING ('merged attention ... (not supported)'), the sliding-window one "
+                     "as 'the graph does not return its cache append'")
 
 _T5_NAMES = ("(not a product gap) the check's layer pattern expects 'layers.N.'; T5-style decoders name "
              "their layers '{}'")
