@@ -17,6 +17,8 @@ An 8B-shaped Llama decoder (32 layers, Hq 32, Hkv 8, d 128; random weights) with
   the compressed cache in fixed-capacity buffers, the decode step under CUDA graphs.
 
 A ``StaticCache`` holds ``30 + N + 30 + steps + 4`` positions (what ``generate()`` would give it).
+``--max-batch N`` also finds, by trying (prefill and 3 decode steps; doubling, then bisecting), the
+largest batch of ``N``-token prompts each recipe runs without running out of memory.
 Each recipe is warmed up on two short prompts (so that the prefill graph is compiled with dynamic
 shapes) and once at every timed size (prefill and 3 steps) before it is timed.
 For every (N, batch) and recipe: prefill ms and the part spent building the compressed cache,
@@ -207,6 +209,45 @@ def run_case(model, recipe: tuple, batch: int, span: int, steps: int, device: st
         timer.remove()
 
 
+def largest_fitting(fits, limit: int) -> int:
+    """The largest batch ``B <= limit`` with ``fits(B)`` true, trying 1, 2, 4, ... then bisecting
+    between the last that fitted and the first that did not (``fits`` is monotone: a batch that
+    does not fit makes every larger one fail too). 0 if batch 1 does not fit."""
+    good, bad = 0, limit + 1
+    batch = 1
+    while batch < bad:
+        if not fits(batch):
+            bad = batch
+            break
+        good, batch = batch, min(2 * batch, limit + 1)
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        if fits(middle):
+            good = middle
+        else:
+            bad = middle
+    return good
+
+
+def max_batch(model, recipe: tuple, span: int, device: str, limit: int) -> dict:
+    """Tries prefill + 3 decode steps of ``B`` prompts of ``30 + span + 30`` tokens; the largest
+    ``B`` that runs without running out of memory."""
+    tried = {}
+
+    def fits(batch: int) -> bool:
+        try:
+            run_case(model, recipe, batch, span, 3, device)
+            tried[batch] = True
+        except torch.cuda.OutOfMemoryError:
+            tried[batch] = False
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        logger.info("max batch at %d tokens: B = %d %s", span, batch, "fits" if tried[batch] else "out of memory")
+        return tried[batch]
+
+    return dict(span=span, max_batch=largest_fitting(fits, limit), tried=tried, limit=limit)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="2-layer model, CPU-sized spans")
@@ -222,6 +263,9 @@ def main() -> None:
                         help="flash: turn cuDNN SDPA off for both backends (it re-plans every decode step)")
     parser.add_argument("--key-channels", type=int, default=32)
     parser.add_argument("--solver", default="auto", help="rotatek's basis solver: auto, eigh or subspace")
+    parser.add_argument("--max-batch", type=int, default=0, metavar="SPAN",
+                        help="also find, by trying, the largest batch of SPAN-token prompts each recipe runs")
+    parser.add_argument("--max-batch-limit", type=int, default=64, help="largest batch --max-batch tries")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
@@ -235,7 +279,7 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     lines = open(os.path.join(args.out, "model_decode.jsonl"), "a")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    results = []
+    results, batches = [], []
     for backend_name in args.backends.split(","):
         recipe = set_recipe(model, backend_name, args)
         started = time.perf_counter()
@@ -268,19 +312,31 @@ def main() -> None:
             logger.info("%s", json.dumps(row))
             lines.write(json.dumps(row) + "\n")
             lines.flush()
+        if args.max_batch:
+            found = dict(max_batch(model, recipe, args.max_batch, device, args.max_batch_limit), backend=backend_name)
+            batches.append(found)
+            lines.write(json.dumps(found) + "\n")
+            lines.flush()
     import transformers
 
     report = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                   torch=torch.__version__, transformers=transformers.__version__, date=time.strftime("%Y-%m-%d"),
                   weight_bytes=weight_bytes, bandwidth=args.bandwidth, key_channels=args.key_channels,
                   solver=args.solver, steps=args.steps, layers=model.config.num_hidden_layers, sdpa=args.sdpa,
-                  results=results)
+                  results=results, max_batch=batches)
     with open(os.path.join(args.out, "model_decode.json"), "w") as handle:
         json.dump(report, handle, indent=1)
     print_table(report)
 
 
 def print_table(report: dict) -> None:
+    _print_cases(report)
+    for found in report.get("max_batch", []):
+        print(f"max batch at {found['span']} tokens, {found['backend']}: {found['max_batch']} "
+              f"(tried {found['tried']}, limit {found['limit']})")
+
+
+def _print_cases(report: dict) -> None:
     """One row per (batch, N, recipe): decode against its byte floor, prefill, memory, recompiles."""
     print(f"{'B':>3} {'N':>6} {'recipe':>14} | {'decode ms':>9} {'floor ms':>8} {'x floor':>7} | "
           f"{'prefill ms':>10} {'of it pca':>9} | {'peak GB':>7} | {'K bytes':>9} {'KV bytes':>9} | recompiles")
