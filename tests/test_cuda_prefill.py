@@ -1,0 +1,31 @@
+"""``rotatek.prefill_attention`` on a GPU: both branches equal masked SDPA with grouped KV heads, in
+bf16, and the output has the layout its fake promises (what Inductor plans with)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rotatek_compile.ops  # noqa: F401  (registers torch.ops.rotatek.*)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_prefill_attention_with_grouped_heads_matches_masked_sdpa(padded):
+    torch.manual_seed(0)
+    batch, heads, kv_heads, length, dim = 2, 8, 2, 512, 128
+    options = dict(device="cuda", dtype=torch.bfloat16)
+    query = torch.randn(batch, heads, length, dim, **options)
+    keys, values = torch.randn(batch, kv_heads, length, dim, **options), torch.randn(batch, kv_heads, length, dim, **options)
+    causal_mask = torch.ones(length, length, dtype=torch.bool, device="cuda").tril()
+    mask = causal_mask.expand(batch, 1, length, length).clone()
+    if padded:
+        mask[1, :, :, :17] = False  # row 1 left-padded
+        mask[1, :, :17, :17] = torch.eye(17, dtype=torch.bool, device="cuda")
+    flag = (mask == causal_mask).all()
+    repeated = [x.repeat_interleave(heads // kv_heads, dim=1) for x in (keys, values)]
+    expected = torch.nn.functional.scaled_dot_product_attention(query, *repeated, attn_mask=mask, scale=0.1)
+    out = torch.ops.rotatek.prefill_attention(query, keys, values, mask, flag, 0.1, True)
+    assert out.shape == expected.shape and out.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
