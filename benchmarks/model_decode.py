@@ -297,8 +297,8 @@ def main() -> None:
         logger.info("%s: compiled in %.0f s", backend_name, time.perf_counter() - started)
         for batch, span in cases:
             try:
-                # once at the timed size: past 2^31 elements (the [B, 1, L, S] mask at 64k tokens)
-                # Inductor compiles the prefill again with 64-bit indexing
+                # once at the timed size: a 64k prefill recompiled inside its timed call after short
+                # warm-ups (Inductor specialises on size, e.g. 64-bit indexing past 2^31 mask elements)
                 capacity = PROMPT + span + TEXT + args.steps + EXTRA_POSITIONS if recipe[2] == "static" else 0
                 run_case(model, recipe, batch, span, 3, device, capacity=capacity)
                 row = run_case(model, recipe, batch, span, args.steps, device,
