@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from model_decode import (  # noqa: E402
-    EXTRA_POSITIONS, PROMPT, TEXT, _sync, build_model, new_cache, run_case, set_recipe)
+    EXTRA_POSITIONS, PROMPT, TEXT, _sync, build_model, device_time_by_op, new_cache, run_case, set_recipe)
 
 logger = logging.getLogger("decode_profile")
 
@@ -80,19 +80,16 @@ def time_steps(model, recipe, span: int, steps: int, device: str) -> dict:
 
 
 def _kernel_table(decode_fn, cache, token, device: str, steps: int = 3) -> dict:
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as profile:
+    def run():
+        step = token
         for _ in range(steps):
-            out = decode_fn(input_ids=token, past_key_values=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-        _sync()
-    events = [e for e in profile.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
-    events.sort(key=lambda e: -e.self_device_time_total)
-    total = sum(e.self_device_time_total for e in events) / 1e3 / steps
-    launches = sum(e.count for e in events) / steps
-    top = [(e.key[:100], e.self_device_time_total / 1e3 / steps, e.count / steps) for e in events[:15]]
+            out = decode_fn(input_ids=step, past_key_values=cache, use_cache=True)
+            step = out.logits[:, -1:].argmax(-1)
+
+    ops = [op for op in device_time_by_op(run, device, calls=steps) if op[1] > 0]
+    total = sum(ms for _, ms, _ in ops)
+    launches = sum(count for _, _, count in ops)
+    top = [(name[:100], ms, count) for name, ms, count in ops[:15]]
     return dict(device_ms_per_step=total, kernels_per_step=launches, top=top)
 
 

@@ -112,6 +112,19 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def device_time_by_op(run, device: str, calls: int = 1) -> list[tuple[str, float, float]]:
+    """Profiles ``run()`` (which makes ``calls`` calls of what is measured): every op and kernel,
+    heaviest on the device first, as ``(name, device ms per call, count per call)``."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profile:
+        run()
+        _sync()
+    events = sorted(profile.key_averages(), key=lambda e: -getattr(e, "self_device_time_total", 0))
+    return [(e.key, getattr(e, "self_device_time_total", 0) / 1e3 / calls, e.count / calls) for e in events]
+
+
 def _peak_bytes() -> int:
     return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
 

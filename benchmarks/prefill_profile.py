@@ -24,7 +24,7 @@ from transformers import DynamicCache
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import rotatek_compile  # noqa: E402
-from model_decode import _sync, build_model  # noqa: E402
+from model_decode import _sync, build_model, device_time_by_op  # noqa: E402
 
 logger = logging.getLogger("prefill_profile")
 RECIPES = ("eager", "inductor", "rotatek", "rotatek-inner-eager")
@@ -96,12 +96,8 @@ def main() -> None:
             base = torch.cuda.memory_allocated()
         seconds = prefill(model, input_ids)
         peak = (torch.cuda.max_memory_allocated() - base) if device == "cuda" else 0
-        activities = [torch.profiler.ProfilerActivity.CPU] + (
-            [torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
-        with torch.profiler.profile(activities=activities) as profile:
-            prefill(model, input_ids)
-        events = sorted(profile.key_averages(), key=lambda e: -getattr(e, "self_device_time_total", 0))
-        top = [(e.key[:90], getattr(e, "self_device_time_total", 0) / 1e3, e.count) for e in events[:10]]
+        ops = device_time_by_op(lambda: prefill(model, input_ids), device)
+        top = [(name[:90], ms, int(count)) for name, ms, count in ops[:10]]
         row = dict(recipe=recipe, tokens=tokens, layers=model.config.num_hidden_layers, first_s=first,
                    prefill_ms=1e3 * seconds, peak_above_weights_gb=peak / 1e9, recompiles=recompiles,
                    sdpa=sdpa_kind([name for name, _, _ in top]), top_kernels=top)
