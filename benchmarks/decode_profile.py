@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from model_decode import (  # noqa: E402
-    EXTRA_POSITIONS, PROMPT, TEXT, _sync, build_model, device_time_by_op, new_cache, run_case, set_recipe)
+    PROMPT, TEXT, _sync, build_model, device_time_by_op, new_cache, run_case, set_recipe, static_capacity)
 
 logger = logging.getLogger("decode_profile")
 
@@ -41,7 +41,7 @@ def _prefill(model, recipe, span: int, steps: int, device: str):
     prefill_fn, _, kind = recipe
     length = PROMPT + span + TEXT
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(1))
-    cache = new_cache(model, kind, length + steps + EXTRA_POSITIONS)
+    cache = new_cache(model, kind, static_capacity(span, steps))
     with torch.no_grad():
         out = prefill_fn(input_ids=ids.to(device), past_key_values=cache, use_cache=True, logits_to_keep=1)
     return cache, out.logits[:, -1:].argmax(-1)
@@ -181,7 +181,7 @@ def main() -> None:
     for name in args.recipes.split(","):
         recipe = set_recipe(model, name, args)
         started = time.perf_counter()
-        capacity = PROMPT + span + TEXT + 2 * args.steps + 8 + EXTRA_POSITIONS
+        capacity = static_capacity(span, 2 * args.steps + 8)  # what time_steps' cache gets
         for warm in (min(256, span // 2), min(300, span // 2 + 8)):
             run_case(model, recipe, 1, warm, 3, device, capacity=capacity if recipe[2] == "static" else 0)
         row = dict(recipe=name, span=span, layers=args.layers, compile_s=time.perf_counter() - started)

@@ -133,6 +133,12 @@ RECIPES = ("eager", "inductor", "static", "rotatek", "rotatek-static")
 EXTRA_POSITIONS = 4  # a StaticCache's room beyond the prompt and the timed steps (warm-up, profile)
 
 
+def static_capacity(span: int, steps: int) -> int:
+    """Positions of the StaticCache for a ``30 + span + 30``-token prompt and ``steps`` decode
+    steps: warm-ups must use the timed case's capacity, so that its decode graph is the timed one."""
+    return PROMPT + span + TEXT + steps + EXTRA_POSITIONS
+
+
 def set_recipe(model, name: str, args) -> tuple:
     """Compile ``model`` for recipe ``name``; returns ``(prefill, decode, cache kind)`` callables."""
     torch._dynamo.reset()
@@ -169,7 +175,7 @@ def run_case(model, recipe: tuple, batch: int, span: int, steps: int, device: st
     """
     prefill_fn, decode_fn, kind = recipe
     length = PROMPT + span + TEXT
-    capacity = capacity or length + steps + EXTRA_POSITIONS
+    capacity = capacity or static_capacity(span, steps)
     generator = torch.Generator(device="cpu").manual_seed(1)
     input_ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator).to(device)
     timer = CompressionTimer()
@@ -304,7 +310,7 @@ def main() -> None:
                 run_case(model, recipe, batch, 300, 3, device)
                 continue
             for span in sorted({span for b, span in cases if b == batch}):  # prompts that fit the capacity
-                capacity = PROMPT + span + TEXT + args.steps + EXTRA_POSITIONS
+                capacity = static_capacity(span, args.steps)
                 run_case(model, recipe, batch, min(256, span // 2), 3, device, capacity=capacity)
                 run_case(model, recipe, batch, min(300, span // 2 + 8), 3, device, capacity=capacity)
         logger.info("%s: compiled in %.0f s", backend_name, time.perf_counter() - started)
@@ -312,7 +318,7 @@ def main() -> None:
             try:
                 # once at the timed size: a 64k prefill recompiled inside its timed call after short
                 # warm-ups (Inductor specialises on size, e.g. 64-bit indexing past 2^31 mask elements)
-                capacity = PROMPT + span + TEXT + args.steps + EXTRA_POSITIONS if recipe[2] == "static" else 0
+                capacity = static_capacity(span, args.steps) if recipe[2] == "static" else 0
                 run_case(model, recipe, batch, span, 3, device, capacity=capacity)
                 row = run_case(model, recipe, batch, span, args.steps, device,
                                profile=args.profile and span == cases[0][1], capacity=capacity)
