@@ -6,7 +6,8 @@
 One decoder layer of the 8B shape (Hq 32, H 8, d 128, r 32, W 32) with a span of ``N`` tokens:
 ``compress_layer`` (the product's prefill-time work per layer) timed whole, and its steps timed
 alone: token gathers, query norms + covariance, the basis solver (``eigh`` and ``subspace``),
-``K̃ = K R``. Also how close the subspace basis is to the exact one (the share of the weighted
+``K̃ = K R``; then what the prefill runs, ``compress_layers`` over ``--layers`` such layers (one
+batched basis solve), next to as many separate ``compress_layer`` calls. Also how close the subspace basis is to the exact one (the share of the weighted
 covariance's top-r energy it captures). JSON goes to ``--out``; a table is printed.
 """
 
@@ -25,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from rotatek_compile import RotateKConfig  # noqa: E402
 from rotatek_compile.kernels import reference  # noqa: E402
-from rotatek_compile.state import compress_layer  # noqa: E402
+from rotatek_compile.state import LayerPrefill, compress_layer, compress_layers  # noqa: E402
 
 logger = logging.getLogger("compress_cost")
 Q_HEADS, KV_HEADS, DIM, RANK, WINDOW = 32, 8, 128, 32, 32
@@ -69,13 +70,18 @@ def captured_energy(covariance: torch.Tensor, basis: torch.Tensor, exact: torch.
     return float((energy(basis) / energy(exact)).min())
 
 
-def measure(length: int, device: torch.device, dtype: torch.dtype, reps: int) -> dict:
+def measure(length: int, device: torch.device, dtype: torch.dtype, reps: int, layers: int) -> dict:
     inputs = layer_inputs(length, device, dtype)
-    row: dict = {"tokens": length}
+    row: dict = {"tokens": length, "layers": layers}
     for solver in ("eigh", "subspace"):
         config = RotateKConfig(key_channels=RANK, span="prompt", query_window=WINDOW, solver=solver)
         row[f"compress_layer_{solver}_ms"] = median_ms(
             lambda: compress_layer(**inputs, config=config, scale=DIM ** -0.5), device, reps)
+    config = RotateKConfig(key_channels=RANK, span="prompt", query_window=WINDOW)  # the default solver
+    row["separate_layers_ms"] = median_ms(
+        lambda: [compress_layer(**inputs, config=config, scale=DIM ** -0.5) for _ in range(layers)], device, reps)
+    row["compress_layers_ms"] = median_ms(lambda: list(compress_layers(
+        [LayerPrefill(**inputs, scale=DIM ** -0.5) for _ in range(layers)], config)), device, reps)
     span_keys = inputs["keys"][:, :, :length]
     positions = torch.arange(length, device=device)[None, :]
     index = positions[:, None, :, None].expand(-1, KV_HEADS, -1, DIM)
@@ -96,17 +102,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", default="16384,32768,65536")
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--layers", type=int, default=32, help="layers compressed by one compress_layers call")
     parser.add_argument("--out", default=None, help="folder for compress_cost.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rows = [measure(int(n), device, dtype, args.reps) for n in args.lengths.split(",")]
+    rows = [measure(int(n), device, dtype, args.reps, args.layers) for n in args.lengths.split(",")]
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     keys = ["compress_layer_eigh_ms", "compress_layer_subspace_ms", "gather_span_kv_ms", "covariance_ms",
-            "eigh_ms", "subspace_ms", "project_ms", "subspace_energy_vs_exact"]
-    logger.info("%s, %s, one layer (H %d, d %d, r %d), ms (median of %d)", device_name, dtype, KV_HEADS, DIM,
-                RANK, args.reps)
+            "eigh_ms", "subspace_ms", "project_ms", "subspace_energy_vs_exact", "separate_layers_ms",
+            "compress_layers_ms"]
+    logger.info("%s, %s, one layer (H %d, d %d, r %d), ms (median of %d); the last two: %d layers",
+                device_name, dtype, KV_HEADS, DIM, RANK, args.reps, args.layers)
     logger.info("%8s " + " ".join(f"{k[:-3] if k.endswith('_ms') else k:>26}" for k in keys), "N")
     for row in rows:
         logger.info("%8d " + " ".join(f"{row[k]:>26.3f}" for k in keys), row["tokens"])

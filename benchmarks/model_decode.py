@@ -72,35 +72,40 @@ def build_model(tiny: bool, device: str, dtype: torch.dtype, layers: int) -> Lla
     return model.eval()
 
 
-# the modules whose prefill runners call ``compress_layer`` (DynamicCache, StaticCache)
+# the modules whose prefill runners call ``compress_layers`` (DynamicCache, StaticCache)
 COMPRESSING_MODULES = (rotatek_backend, importlib.import_module("rotatek_compile.static_cache"))
 
 
 class CompressionTimer:
-    """Adds up the time the prefill spends building compressed layers (synchronised)."""
+    """Adds up the time the prefill spends building compressed layers (synchronised around each
+    layer ``compress_layers`` yields; the first includes the batched basis solve)."""
 
     def __init__(self):
         self.seconds = 0.0
         self.peak_before = None  # peak memory when the first layer starts compressing
-        self._inner = rotatek_backend.compress_layer
+        self._inner = rotatek_backend.compress_layers
 
     def install(self) -> None:
         for module in COMPRESSING_MODULES:
-            module.compress_layer = self
+            module.compress_layers = self
 
     def remove(self) -> None:
         for module in COMPRESSING_MODULES:
-            module.compress_layer = self._inner
+            module.compress_layers = self._inner
 
     def __call__(self, *args, **kwargs):
-        _sync()
-        if self.peak_before is None:
-            self.peak_before = _peak_bytes()
-        start = time.perf_counter()
-        layer = self._inner(*args, **kwargs)
-        _sync()
-        self.seconds += time.perf_counter() - start
-        return layer
+        layers = self._inner(*args, **kwargs)
+        while True:
+            _sync()
+            if self.peak_before is None:
+                self.peak_before = _peak_bytes()
+            start = time.perf_counter()
+            layer = next(layers, None)
+            _sync()
+            self.seconds += time.perf_counter() - start
+            if layer is None:
+                return
+            yield layer
 
 
 def _weight_bytes(model) -> int:

@@ -29,7 +29,7 @@ from rotatek_compile.passes.rewrite import (
     RewrittenGraph, rewrite_decode, rewrite_merge, rewrite_prefill, state_inputs)
 from rotatek_compile.passes.visual_span import to_token_mask
 from rotatek_compile.state import (
-    CompressedLayer, KeptExact, attached, compress_layer, derived_from_stand_in, plain, stand_in)
+    CompressedLayer, KeptExact, LayerPrefill, attached, compress_layers, derived_from_stand_in, plain, stand_in)
 
 logger = logging.getLogger("rotatek_compile")
 
@@ -377,7 +377,7 @@ class _MergeRunner:
 class _PrefillRunner:
     """Runs the prefill graph, then compresses each site's Keys and hands HF stand-ins.
 
-    A layer that :func:`compress_layer` keeps exact (its compressed form would not be smaller)
+    A layer that :func:`compress_layers` keeps exact (its compressed form would not be smaller)
     hands HF its real Keys and Values; the decode graph then leaves that site exact.
     """
 
@@ -392,17 +392,22 @@ class _PrefillRunner:
         span, source = self._span(outputs, args)
         if self.report is not None:
             self.report.kept_exact.clear()
+        prefills = []
         for slot in plan.sites:
-            keys, values = outputs[slot.keys_output], outputs[slot.values_output]
+            keys = outputs[slot.keys_output]
             valid = _valid_tokens(outputs[slot.mask_output] if slot.mask_output >= 0 else None, keys)
             layer_span = span if span is not None else _prompt_head(valid, self.config.query_window)
-            layer = compress_layer(keys, values, outputs[slot.query_output], layer_span, valid,
-                                   self.config, slot.scale)
+            prefills.append(LayerPrefill(keys, outputs[slot.values_output], outputs[slot.query_output],
+                                         layer_span, valid, slot.scale))
+        keys = None  # the list holds each layer's Keys until that layer is built
+        valid_tokens = [prefill.valid.sum(dim=1) for prefill in prefills]  # [B] per site
+        for slot, valid, layer in zip(plan.sites, valid_tokens, compress_layers(prefills, self.config)):
             if isinstance(layer, KeptExact):
                 self._keep_exact(slot.layer, layer)
                 continue
-            dropped = tuple((valid.sum(dim=1) - layer.held_tokens()).tolist())
+            dropped = tuple((valid - layer.held_tokens()).tolist())
             layer = dataclasses.replace(layer, span_source=source, dropped=dropped)
+            keys, values = outputs[slot.keys_output], outputs[slot.values_output]
             outputs[slot.keys_output] = stand_in(keys.shape, keys, layer)
             outputs[slot.values_output] = stand_in(values.shape, values, None)
             del keys, values

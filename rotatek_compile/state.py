@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -270,6 +270,28 @@ def _gather_positions(tensor: Tensor, positions: Tensor) -> Tensor:
     return tensor.gather(2, index)
 
 
+@dataclasses.dataclass
+class LayerPrefill:
+    """What :func:`compress_layer` takes of one layer (see its parameters)."""
+
+    keys: Tensor  # [B, H, S, d]
+    values: Tensor  # [B, H, S, dv]
+    queries: Tensor  # [B, Hq, W, d]
+    span: Tensor  # [B, S] bool
+    valid: Tensor  # [B, S] bool
+    scale: float
+
+
+@dataclasses.dataclass(frozen=True)
+class SpanTokens:
+    """A layer's span once its attention sinks are out, and what the basis needs of it."""
+
+    count: int  # real span tokens, sinks included
+    per_row: Tensor  # [B] the same per row
+    compressed: Tensor  # [B, S] bool: the span less its sinks
+    basis: Optional[tuple[Tensor, Tensor]] = None  # RotateK's (R [B, H, d, r], μ [B, H, d]) fp32, if solved
+
+
 def compress_layer(
     keys: Tensor,
     values: Tensor,
@@ -302,27 +324,78 @@ def compress_layer(
     scale : float
         The layer's softmax scale (token pruning scores use it).
     """
-    span = span & valid
-    span_count = int(span.sum())
-    span_per_row = span.sum(dim=1)  # [B]
-    span = span & ~tiers.attention_sinks(queries, keys, scale, span, valid)
+    prefill = LayerPrefill(keys, values, queries, span, valid, scale)
+    return _build_layer(prefill, _span_tokens(prefill), config)
+
+
+def _span_tokens(prefill: LayerPrefill) -> SpanTokens:
+    span = prefill.span & prefill.valid
+    per_row = span.sum(dim=1)  # [B]
+    sinks = tiers.attention_sinks(prefill.queries, prefill.keys, prefill.scale, span, prefill.valid)
+    return SpanTokens(int(per_row.sum()), per_row, span & ~sinks)
+
+
+def compress_layers(layers: list[LayerPrefill], config: RotateKConfig) -> Iterator[CompressedLayer | KeptExact]:
+    """:func:`compress_layer` of each layer, in order, with RotateK's bases of all layers found by
+    one batched solve (``[layers·B·H, d, d]``) instead of one per layer: the solver's launches and
+    host synchronisations are paid once per prefill.
+
+    Each layer's result is yielded once its inputs are dropped from ``layers`` (the list is emptied
+    as it goes), so a caller that replaces HF's tensors as results arrive frees each layer's full
+    Keys before the next is built. Methods and options that choose tokens per layer before the
+    basis (token pruning, ``kv_budget``), ThinK and SparK-style solve nothing: one layer at a time.
+    """
+    tokens = [_span_tokens(prefill) for prefill in layers]
+    if _solves_together(layers, config):
+        tokens = _with_bases(layers, tokens, config)
+    for index, span in enumerate(tokens):
+        prefill, layers[index] = layers[index], None
+        yield _build_layer(prefill, span, config)
+
+
+def _solves_together(layers: list[LayerPrefill], config: RotateKConfig) -> bool:
+    """One batched basis solve applies: RotateK on the whole span, layers of one shape and device."""
+    if config.method != "rotatek" or config.token_keep < 1.0 or config.kv_budget is not None:
+        return False
+    shapes = {(p.keys.shape[:2], p.keys.shape[-1], p.keys.device) for p in layers}
+    return len(layers) > 1 and len(shapes) == 1
+
+
+def _with_bases(layers: list[LayerPrefill], tokens: list[SpanTokens], config: RotateKConfig) -> list[SpanTokens]:
+    covariances, means = [], []
+    for prefill, span in zip(layers, tokens):
+        positions, mask = _compact(span.compressed)
+        window = prefill.queries if config.query_aware else None
+        covariance, mean = reference.weighted_covariance(_gather_positions(prefill.keys, positions), mask, window)
+        covariances.append(covariance)  # [B, H, d, d]
+        means.append(mean)  # [B, H, d]
+    head_dim = layers[0].keys.shape[-1]
+    rotations = reference.solve_basis(torch.stack(covariances), config.channels_for(head_dim),
+                                      config.solver_for(layers[0].keys.device), config.subspace_iters)
+    return [dataclasses.replace(span, basis=(rotation, mean))
+            for span, rotation, mean in zip(tokens, rotations.unbind(0), means)]
+
+
+def _build_layer(prefill: LayerPrefill, tokens: SpanTokens, config: RotateKConfig) -> CompressedLayer | KeptExact:
+    keys, values, queries, valid = prefill.keys, prefill.values, prefill.queries, prefill.valid
+    span, span_count = tokens.compressed, tokens.count
     span_positions, span_mask = _compact(span)
     rest_positions, rest_mask = _compact(valid & ~span)
     span_keys = _gather_positions(keys, span_positions)  # [B, H, Sv, d]
     span_values = _gather_positions(values, span_positions)  # [B, H, Sv, dv]
     if config.kv_budget is not None:
-        return _tiered_layer(keys, values, queries, scale, config, span_keys, span_values, span_mask,
-                             span_per_row, rest_positions, rest_mask)
+        return _tiered_layer(keys, values, queries, prefill.scale, config, span_keys, span_values, span_mask,
+                             tokens.per_row, rest_positions, rest_mask)
 
     if config.token_keep < 1.0 and span_keys.shape[2] > 0:
-        scores = reference.token_scores(queries, span_keys, scale, span_mask)  # [B, H, Sv]
+        scores = reference.token_scores(queries, span_keys, prefill.scale, span_mask)  # [B, H, Sv]
         kept, span_mask = reference.keep_tokens(scores, config.token_keep, span_mask, MIN_SEGMENT)
         span_keys = reference.gather_tokens(span_keys, kept)
         span_values = reference.gather_tokens(span_values, kept)
 
     head_dim = keys.shape[-1]
     rank = config.channels_for(head_dim)
-    parts = _compress_keys(span_keys, span_mask, queries, rank, config)
+    parts = _compress_keys(span_keys, span_mask, queries, rank, config, tokens.basis)
     layer = CompressedLayer(
         method=config.method,
         span_key_parts=parts,
@@ -431,8 +504,14 @@ def _tiered_layer(keys: Tensor, values: Tensor, queries: Tensor, scale: float, c
 
 
 def _compress_keys(
-    keys: Tensor, mask: Tensor, queries: Tensor, rank: int, config: RotateKConfig
+    keys: Tensor, mask: Tensor, queries: Tensor, rank: int, config: RotateKConfig,
+    basis: Optional[tuple[Tensor, Tensor]] = None,
 ) -> tuple[Tensor, ...]:
+    """What the method keeps of the span's Keys (:data:`SPAN_KEY_PARTS`); ``basis``: RotateK's
+    ``(R, μ)`` when already solved (:func:`compress_layers`)."""
+    if config.method == "rotatek" and basis is not None:
+        compressed = reference.compress_span(keys, *basis)
+        return compressed.keys.contiguous(), compressed.rotation, compressed.mean_residual
     if config.method == "rotatek":
         window = queries if config.query_aware else None
         compressed = reference.rotatek_compress(

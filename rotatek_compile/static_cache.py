@@ -5,7 +5,7 @@ buffers never change shape, so one decode graph serves every step and can be cap
 graph (``mode="reduce-overhead"``). This module gives the compressed cache the same property.
 
 After the prefill graph, each layer is compressed as with a ``DynamicCache``
-(:func:`rotatek_compile.state.compress_layer`), then laid out for static shapes
+(:func:`rotatek_compile.state.compress_layers`), then laid out for static shapes
 (:class:`StaticCompressedLayer`): the span as compressed, and the full-width rest (prompt and
 text tokens, then every generated token) in buffers of a fixed capacity ``C``, with a validity
 mask. HF position ``p`` (its ``cumulative_length``) goes to rest slot ``p − rest_offset``; the
@@ -35,7 +35,7 @@ from rotatek_compile.config import RotateKConfig
 from rotatek_compile.passes.static_cache import (
     StaticPlan, find_static_sites, rewrite_static_decode, rewrite_static_prefill)
 from rotatek_compile.state import (
-    _ATTRIBUTE, CompressedLayer, KeptExact, StandIn, attached, compress_layer, plain, stand_in)
+    _ATTRIBUTE, CompressedLayer, KeptExact, LayerPrefill, StandIn, attached, compress_layers, plain, stand_in)
 
 logger = logging.getLogger("rotatek_compile")
 
@@ -173,22 +173,25 @@ class _StaticPrefillRunner(_PrefillRunner):
         span, source = self._span(outputs, args)  # [B, S] or None
         if self.report is not None:
             self.report.kept_exact.clear()
+        prefills, prompt_end = [], last + 1
         for site, slot in enumerate(plan.sites):
-            keys, values = self._buffer(outputs, args, site, "keys"), self._buffer(outputs, args, site, "values")
-            length, prompt_end = keys.shape[2], last + 1
+            keys = self._buffer(outputs, args, site, "keys")
+            length = keys.shape[2]
             valid = _valid_tokens(outputs[slot.mask_output] if slot.mask_output >= 0 else None, keys)
             valid = valid & (torch.arange(length, device=keys.device) < prompt_end)  # [B, L]
             layer_span = (F.pad(span, (0, length - prompt_end), value=False) if span is not None
                           else _prompt_head(valid, self.config.query_window))
-            layer = compress_layer(keys, values, outputs[slot.query_output], layer_span, valid,
-                                   self.config, slot.scale)
+            prefills.append(LayerPrefill(keys, self._buffer(outputs, args, site, "values"),
+                                         outputs[slot.query_output], layer_span, valid, slot.scale))
+        keys = None  # the list holds each layer's buffers until that layer is built
+        lengths = [prefill.keys.shape[2] for prefill in prefills]
+        for slot, length, layer in zip(plan.sites, lengths, compress_layers(prefills, self.config)):
             if isinstance(layer, KeptExact):  # HF's buffers stay as they are; decode leaves the site exact
                 self._keep_exact(slot.layer, layer)
                 continue
             layer = to_static(dataclasses.replace(layer, span_source=source), prompt_end, length)
             self._hand_stand_in(outputs, args, slot.keys_output, slot.past_keys_input, layer)
             self._hand_stand_in(outputs, args, slot.values_output, slot.past_values_input, None)
-            del keys, values
         return outputs[: plan.num_outputs]
 
     def _token_grid(self, outputs: list) -> tuple[int, int]:

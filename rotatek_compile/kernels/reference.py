@@ -123,39 +123,41 @@ def subspace_iteration(covariance: Tensor, rank: int, iters: int = 5) -> Tensor:
     Starts from the ``rank`` coordinate axes of largest variance; each step is ``Y = C X``,
     ``X = Y L⁻ᵀ`` with ``L Lᵀ = YᵀY``. A final Rayleigh–Ritz step orders the columns by eigenvalue,
     so with enough iterations the result matches :func:`top_eigenvectors` up to column signs.
+    Cholesky orthonormalisation (the official solver's) breaks down when ``Y`` is rank-deficient
+    or ill-conditioned (short or padded spans, ``r`` close to ``d``): the batch entries where any
+    step did are iterated again with Householder QR, so the columns are always orthonormal. The
+    breakdown check is read once, after the last step (one host synchronisation per call).
 
     ``covariance`` ``[..., d, d]`` → ``[..., d, rank]`` fp32 orthonormal columns.
     """
     cov = covariance.float()
     dim = cov.shape[-1]
     start = cov.diagonal(dim1=-2, dim2=-1).topk(rank, dim=-1).indices  # [..., r]
-    basis = torch.nn.functional.one_hot(start, dim).float().transpose(-1, -2)  # [..., d, r]
+    start = torch.nn.functional.one_hot(start, dim).float().transpose(-1, -2)  # [..., d, r]
+    basis, good = start, torch.ones(cov.shape[:-2], dtype=torch.bool, device=cov.device)
     for _ in range(iters):
-        basis = _orthonormalise(cov @ basis)
+        basis, converged = _cholesky_orthonormalise(cov @ basis)
+        good &= converged
+    if not bool(good.all()):
+        householder = start
+        for _ in range(iters):
+            householder = torch.linalg.qr(cov @ householder).Q
+        basis = torch.where(good[..., None, None], basis.nan_to_num(0.0), householder)
     ritz = basis.transpose(-1, -2) @ cov @ basis  # [..., r, r]
     _, rotation = torch.linalg.eigh((ritz + ritz.transpose(-1, -2)) / 2)
     return (basis @ rotation.flip(-1)).contiguous()
 
 
-def _orthonormalise(block: Tensor) -> Tensor:
-    """``Y L⁻ᵀ`` with ``L`` the Cholesky factor of ``YᵀY``; Householder QR where that fails.
-
-    Cholesky orthonormalisation (the official solver's) breaks down when ``Y`` is rank-deficient
-    or ill-conditioned (short or padded spans, ``r`` close to ``d``); those batch entries take
-    ``Q`` of ``Y = QR`` instead, so the columns are always orthonormal.
-    """
+def _cholesky_orthonormalise(block: Tensor) -> tuple[Tensor, Tensor]:
+    """``Y L⁻ᵀ`` with ``L`` the Cholesky factor of ``YᵀY``, and ``[...]`` bool: where that worked
+    (the factorisation succeeded and the columns came out orthonormal to 1e-3)."""
     gram = block.transpose(-1, -2) @ block  # [..., r, r]
-    rank = gram.shape[-1]
-    eye = torch.eye(rank, device=block.device)
+    eye = torch.eye(gram.shape[-1], device=block.device)
     factor, info = torch.linalg.cholesky_ex(gram)
     # X = Y L⁻ᵀ  ⇔  Xᵀ = L⁻¹ Yᵀ
-    cholesky = torch.linalg.solve_triangular(factor, block.transpose(-1, -2), upper=False).transpose(-1, -2)
-    error = (cholesky.transpose(-1, -2) @ cholesky - eye).abs().amax(dim=(-2, -1)).nan_to_num(float("inf"))
-    good = (info == 0) & (error < 1e-3)
-    if bool(good.all()):
-        return cholesky
-    householder = torch.linalg.qr(block).Q
-    return torch.where(good[..., None, None], cholesky.nan_to_num(0.0), householder)
+    basis = torch.linalg.solve_triangular(factor, block.transpose(-1, -2), upper=False).transpose(-1, -2)
+    error = (basis.transpose(-1, -2) @ basis - eye).abs().amax(dim=(-2, -1)).nan_to_num(float("inf"))
+    return basis, (info == 0) & (error < 1e-3)
 
 
 def span_basis(
@@ -170,15 +172,26 @@ def span_basis(
 
     ``queries`` ``[B, Hq, W, d]`` turns on the query-aware weighting; ``None`` is K-only PCA.
     """
+    cov, mean = weighted_covariance(keys, key_mask, queries)
+    return solve_basis(cov, rank, solver, iters), mean
+
+
+def weighted_covariance(keys: Tensor, key_mask: Optional[Tensor] = None,
+                        queries: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """:func:`span_covariance` weighted by the window ``queries``' channel norms (``None``: not
+    weighted): ``C`` ``[B, H, d, d]`` and ``μ`` ``[B, H, d]``, fp32."""
     norms = None if queries is None else query_channel_norms(queries, keys.shape[1])
-    cov, mean = span_covariance(keys, key_mask, norms)
+    return span_covariance(keys, key_mask, norms)
+
+
+def solve_basis(covariance: Tensor, rank: int, solver: str = "eigh", iters: int = 5) -> Tensor:
+    """The top-``rank`` eigenvectors of ``covariance`` ``[..., d, d]`` → ``[..., d, rank]`` fp32, by
+    ``solver``: ``"eigh"`` (exact) or ``"subspace"`` (``iters`` steps of subspace iteration)."""
     if solver == "eigh":
-        rotation = top_eigenvectors(cov, rank)
-    elif solver == "subspace":
-        rotation = subspace_iteration(cov, rank, iters)
-    else:
-        raise ValueError(f"rotatek option solver={solver!r} is invalid: expected 'eigh' or 'subspace'")
-    return rotation, mean
+        return top_eigenvectors(covariance, rank)
+    if solver == "subspace":
+        return subspace_iteration(covariance, rank, iters)
+    raise ValueError(f"rotatek option solver={solver!r} is invalid: expected 'eigh' or 'subspace'")
 
 
 def compress_span(keys: Tensor, rotation: Tensor, mean: Tensor) -> CompressedSpan:

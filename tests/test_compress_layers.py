@@ -1,0 +1,87 @@
+"""``compress_layers``: the prefill's layers built with one batched basis solve, equal to building
+each layer alone (``compress_layer``). Synthetic layers, as in ``tests/test_sinks.py``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from rotatek_compile.config import RotateKConfig
+from rotatek_compile.kernels import reference
+from rotatek_compile.state import CompressedLayer, LayerPrefill, compress_layer, compress_layers
+from tests.test_sinks import DIM, WINDOW, layer_inputs
+
+SCALE = DIM ** -0.5
+
+
+def prefills(count: int = 3) -> list[LayerPrefill]:
+    """``count`` layers of different Keys; the second has an attention sink 7 tokens in."""
+    return [LayerPrefill(*layer_inputs(seed=seed, sink=7 if seed == 1 else None), scale=SCALE)
+            for seed in range(count)]
+
+
+def assert_same_layer(batched: CompressedLayer, alone: CompressedLayer) -> None:
+    assert batched.split == alone.split
+    for name in ("span_values", "span_mask", "keys", "values", "mask"):
+        assert torch.equal(getattr(batched, name), getattr(alone, name)), name
+    for part, (mine, theirs) in enumerate(zip(batched.span_key_parts, alone.span_key_parts)):
+        torch.testing.assert_close(mine, theirs, atol=2e-5, rtol=1e-5, msg=f"span key part {part}")
+
+
+@pytest.mark.parametrize("solver", ["eigh", "subspace"])
+@pytest.mark.parametrize("rank", [4, DIM])
+def test_batched_solve_equals_one_layer_at_a_time(solver, rank):
+    config = RotateKConfig(query_window=WINDOW, span="prompt", key_channels=rank, solver=solver)
+    layers = prefills()
+    alone = [compress_layer(p.keys, p.values, p.queries, p.span, p.valid, config, SCALE) for p in layers]
+    batched = list(compress_layers(layers, config))
+    assert len(batched) == len(alone) == 3
+    for mine, theirs in zip(batched, alone):
+        assert_same_layer(mine, theirs)
+
+
+def test_the_sinks_of_each_layer_are_its_own():
+    config = RotateKConfig(query_window=WINDOW, span="prompt", key_channels=4)
+    batched = list(compress_layers(prefills(), config))
+    exact = [layer.split.exact for layer in batched]
+    assert exact[1] > exact[0] and exact[1] > exact[2]  # the sink of layer 1 only
+
+
+def test_one_solve_for_all_layers_where_rotatek_takes_the_whole_span(monkeypatch):
+    calls = []
+    solve = reference.solve_basis
+    monkeypatch.setattr(reference, "solve_basis", lambda cov, *a, **k: calls.append(cov.shape) or solve(cov, *a, **k))
+    list(compress_layers(prefills(), RotateKConfig(query_window=WINDOW, span="prompt", key_channels=4)))
+    assert calls == [torch.Size([3, 3, 2, DIM, DIM])]  # [layers, B, H, d, d]
+
+    calls.clear()  # token pruning chooses tokens per layer before its basis: one solve per layer
+    list(compress_layers(prefills(), RotateKConfig(query_window=WINDOW, span="prompt", key_channels=4,
+                                                   token_keep=0.5)))
+    assert len(calls) == 3
+
+    calls.clear()
+    list(compress_layers(prefills(), RotateKConfig(query_window=WINDOW, span="prompt", key_channels=4,
+                                                   method="think")))
+    assert calls == []
+
+
+def test_each_layer_is_dropped_from_the_list_before_it_is_yielded():
+    layers = prefills()
+    results = compress_layers(layers, RotateKConfig(query_window=WINDOW, span="prompt", key_channels=4))
+    next(results)
+    assert layers[0] is None and all(isinstance(p, LayerPrefill) for p in layers[1:])
+    list(results)
+    assert layers == [None, None, None]
+
+
+def test_layers_of_other_shapes_are_solved_alone():
+    config = RotateKConfig(query_window=WINDOW, span="prompt", key_channels=4)
+    layers = prefills(2)
+    short = layers[1]
+    layers[1] = dataclasses.replace(short, keys=short.keys[:2], values=short.values[:2], queries=short.queries[:2],
+                                    span=short.span[:2], valid=short.valid[:2])
+    alone = [compress_layer(p.keys, p.values, p.queries, p.span, p.valid, config, SCALE) for p in layers]
+    for mine, theirs in zip(compress_layers(layers, config), alone):
+        assert_same_layer(mine, theirs)
