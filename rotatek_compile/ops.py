@@ -133,22 +133,37 @@ def prefill_attention(query: Tensor, keys: Tensor, values: Tensor, mask: Tensor,
     (:func:`_prefill_output`), so that HF's ``transpose(1, 2).contiguous()`` after it copies nothing.
     """
     capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
+    length = query.shape[2]
     if not capturing and _is_plain_causal(causal):
+        if keys.shape[2] > length:
+            # top-left causal: no query sees a key past position L (a StaticCache's buffer is longer
+            # than its prompt); the flash kernel takes is_causal only with L = S
+            keys, values = keys[:, :, :length], values[:, :, :length]
+        if keys.shape[2] != length:
+            keys, values, enable_gqa = _repeat_kv_heads(query, keys, values, enable_gqa)
         out = torch.nn.functional.scaled_dot_product_attention(
             query, keys, values, is_causal=True, scale=scale, enable_gqa=enable_gqa)
     else:
-        if enable_gqa and keys.shape[1] != query.shape[1]:
-            # the masked (memory-efficient) CUDA kernel has no grouped heads: SDPA would fall back
-            # to the math kernel, which materialises [B, Hq, L, S] scores; repeat as HF did instead
-            groups = query.shape[1] // keys.shape[1]
-            keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-            enable_gqa = False
+        keys, values, enable_gqa = _repeat_kv_heads(query, keys, values, enable_gqa)
         out = torch.nn.functional.scaled_dot_product_attention(
             query, keys, values, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
     result = _prefill_output(query, values)
     if out.stride() == result.stride():  # SDPA's fused kernels write this layout themselves
         return out
     return result.copy_(out)
+
+
+def _repeat_kv_heads(query: Tensor, keys: Tensor, values: Tensor, enable_gqa: bool) -> tuple[Tensor, Tensor, bool]:
+    """Keys and Values with one head per query head, as HF's ``repeat_kv`` gives them.
+
+    SDPA's memory-efficient CUDA kernel (masks, and ``is_causal`` with ``L ≠ S``) has no grouped
+    heads: with ``enable_gqa`` it falls back to the math kernel, which materialises ``[B, Hq, L, S]``
+    fp32 scores (35 GB per layer at 16k tokens and 32 heads).
+    """
+    if not enable_gqa or keys.shape[1] == query.shape[1]:
+        return keys, values, enable_gqa
+    groups = query.shape[1] // keys.shape[1]
+    return keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1), False
 
 
 def _prefill_output(query: Tensor, values: Tensor) -> Tensor:

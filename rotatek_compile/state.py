@@ -372,7 +372,8 @@ def _with_bases(layers: list[LayerPrefill], tokens: list[SpanTokens], config: Ro
     head_dim = layers[0].keys.shape[-1]
     rotations = reference.solve_basis(torch.stack(covariances), config.channels_for(head_dim),
                                       config.solver_for(layers[0].keys.device), config.subspace_iters)
-    return [dataclasses.replace(span, basis=(rotation, mean))
+    # each layer its own R: a view would keep the whole stack alive (and counted) with any layer
+    return [dataclasses.replace(span, basis=(rotation.clone(), mean))
             for span, rotation, mean in zip(tokens, rotations.unbind(0), means)]
 
 

@@ -29,3 +29,28 @@ def test_prefill_attention_with_grouped_heads_matches_masked_sdpa(padded):
     out = torch.ops.rotatek.prefill_attention(query, keys, values, mask, flag, 0.1, True)
     assert out.shape == expected.shape and out.transpose(1, 2).is_contiguous()
     torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+
+
+def test_causal_prefill_into_a_longer_buffer_runs_a_fused_kernel():
+    """A StaticCache's buffer is longer than the prompt (``S > L``): the mask is top-left causal over
+    ``[L, S]``. The flash kernel takes ``is_causal`` only with ``L = S`` and the memory-efficient one
+    has no grouped heads, so unsliced SDPA fell back to the math kernel, which materialises
+    ``[B, Hq, L, S]`` fp32 scores (106 GB at 16k tokens on the 8B shape)."""
+    torch.manual_seed(0)
+    heads, kv_heads, length, capacity, dim = 32, 8, 2048, 2048 + 68, 128
+    options = dict(device="cuda", dtype=torch.bfloat16)
+    query = torch.randn(1, heads, length, dim, **options)
+    keys = torch.randn(1, kv_heads, capacity, dim, **options)
+    values = torch.randn(1, kv_heads, capacity, dim, **options)
+    mask = torch.ones(length, capacity, dtype=torch.bool, device="cuda").tril()[None, None]  # [1, 1, L, S]
+    flag = torch.tensor(True, device="cuda")
+    repeated = [x.repeat_interleave(heads // kv_heads, dim=1) for x in (keys, values)]
+    expected = torch.nn.functional.scaled_dot_product_attention(query, *repeated, attn_mask=mask, scale=0.1)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = torch.ops.rotatek.prefill_attention(query, keys, values, mask, flag, 0.1, True)
+    torch.cuda.synchronize()
+    scores = heads * length * capacity * 4  # what the math kernel would hold
+    assert torch.cuda.max_memory_allocated() - before < scores / 8
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)

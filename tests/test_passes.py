@@ -134,17 +134,20 @@ def test_prefill_without_a_mask_keeps_sdpa():
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_prefill_attention_op_equals_masked_sdpa(padded):
-    """Both branches of rotatek.prefill_attention give the masked SDPA's result."""
+@pytest.mark.parametrize("buffer", [0, 7], ids=["square", "longer_buffer"])
+def test_prefill_attention_op_equals_masked_sdpa(padded, buffer):
+    """Both branches of rotatek.prefill_attention give the masked SDPA's result, also when the Keys
+    are a StaticCache's buffer, ``buffer`` positions longer than the prompt."""
     torch.manual_seed(0)
     batch, heads, kv_heads, length, dim = 2, 4, 2, 24, 16
+    size = length + buffer
     query = torch.randn(batch, heads, length, dim)
-    keys, values = torch.randn(batch, kv_heads, length, dim), torch.randn(batch, kv_heads, length, dim)
-    mask = torch.ones(length, length, dtype=torch.bool).tril().expand(batch, 1, length, length).clone()
+    keys, values = torch.randn(batch, kv_heads, size, dim), torch.randn(batch, kv_heads, size, dim)
+    mask = torch.ones(length, size, dtype=torch.bool).tril().expand(batch, 1, length, size).clone()
     if padded:
         mask[1, :, :, :5] = False  # row 1 left-padded
         mask[1, :, :5, :5] = torch.eye(5, dtype=torch.bool)  # keep padded rows finite
-    causal = (mask == (torch.arange(length)[None, :] <= torch.arange(length)[:, None])).all()
+    causal = (mask == (torch.arange(size)[None, :] <= torch.arange(length)[:, None])).all()
     assert bool(causal) is not padded
     expected = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask,
                                                                 scale=0.3, enable_gqa=True)

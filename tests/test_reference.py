@@ -478,3 +478,10 @@ def test_keep_tokens_keeps_the_best_real_tokens(heads, span_len, keep, padded, s
             assert (indices[b, h] < span_len).all() and (indices[b, h] >= 0).all()  # surplus stays gatherable
     gathered = ref.gather_tokens(torch.arange(span_len).float().expand(batch, heads, span_len)[..., None], indices)
     assert torch.equal(gathered[..., 0].long(), indices)
+
+
+@pytest.mark.parametrize("length", [7, ref.GRAM_CHUNK, 2 * ref.GRAM_CHUNK + 1, 5 * ref.GRAM_CHUNK + 300])
+def test_chunked_gram_equals_the_plain_product(length):
+    """The covariance's ``xᵀx`` summed over token chunks (a long span's product spread over the GPU)."""
+    x = torch.randn(2, 3, length, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(length))
+    torch.testing.assert_close(ref._gram(x), x.transpose(-1, -2) @ x)
