@@ -3,7 +3,12 @@
     python benchmarks/report_model_decode.py benchmarks/results/model_decode_h100.json \
         benchmarks/results/model_decode_h100_rotatek_final.json --plot docs/model_decode.png
 
-Later files override earlier ones for the same (backend, batch, span).
+    python benchmarks/report_model_decode.py --by-recipe \
+        benchmarks/results/h200_2026-11-30/model_decode_part*.json --plot docs/model_decode_h200.png
+
+Later files override earlier ones for the same (backend, batch, span). ``--by-recipe``: one table
+row per (batch, N, recipe) with its byte floor, and a plot of every recipe at batch 1 (the
+default compares ``inductor`` with ``rotatek``).
 """
 
 from __future__ import annotations
@@ -78,12 +83,57 @@ def plot(rows: dict, path: str) -> None:
     figure.savefig(path, dpi=120)
 
 
+def recipe_table(rows: dict) -> str:
+    """Every (batch, N, recipe): decode ms/step against its byte floor, prefill, memory, bytes."""
+    lines = ["| B | N | recipe | decode ms/step | byte floor ms | × floor | prefill ms | of it compression ms | "
+             "prefill peak GB | Key GB | KV GB | recompiles (timed) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (backend, batch, span), row in sorted(rows.items(), key=lambda item: (item[0][1], item[0][2], item[0][0])):
+        lines.append(
+            f"| {batch} | {span // 1024}k | {backend} | {row['decode_ms']:.2f} | {row['floor_ms']:.2f} | "
+            f"{row['decode_ms'] / row['floor_ms']:.2f} | {row['prefill_ms']:.0f} | {row['compression_ms']:.0f} | "
+            f"{row['prefill_peak_gb']:.2f} | {row['key_bytes'] / 1e9:.3f} | {row['kv_bytes'] / 1e9:.3f} | "
+            f"{row['recompiles']} |")
+    return "\n".join(lines)
+
+
+def recipe_plot(rows: dict, meta: dict, path: str) -> None:
+    """Decode ms/step against context length at batch 1, each recipe, and each one's byte floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.8))
+    for backend in sorted({b for b, batch, _ in rows if batch == 1}):
+        points = sorted((span + 60, row["decode_ms"], row["floor_ms"]) for (b, batch, span), row in rows.items()
+                        if b == backend and batch == 1)
+        line, = axis.plot([p[0] for p in points], [p[1] for p in points], "o-", label=backend)
+        axis.plot([p[0] for p in points], [p[2] for p in points], ":", color=line.get_color(),
+                  label=f"{backend}: byte floor")
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xlabel("context tokens (batch 1)")
+    axis.set_ylabel("decode ms / step (median)")
+    axis.set_title(f"8B-shaped Llama, {meta['layers']} layers, bf16, {meta['device']}", fontsize=9)
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+")
     parser.add_argument("--plot")
+    parser.add_argument("--by-recipe", action="store_true", help="every recipe, each against its byte floor")
     args = parser.parse_args()
     rows, meta = load(args.results)
+    if args.by_recipe:
+        print(recipe_table(rows))
+        if args.plot:
+            recipe_plot(rows, meta, args.plot)
+        return
     print(table(rows, meta))
     print()
     print("KV per 64k-token sequence, 32 layers:", kv_per_sequence(rows, meta, 65536))
