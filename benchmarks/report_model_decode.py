@@ -62,27 +62,6 @@ def kv_per_sequence(rows: dict, meta: dict, span: int) -> str:
     return "; ".join(parts)
 
 
-def plot(rows: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5.5, 3.6))
-    for backend, style in (("inductor", "o-"), ("rotatek", "s-")):
-        points = sorted((span + 60, row["decode_ms"]) for (b, batch, span), row in rows.items()
-                        if b == backend and batch == 1)
-        axis.plot([p[0] for p in points], [p[1] for p in points], style, label=f'backend="{backend}"')
-    axis.set_xscale("log", base=2)
-    axis.set_xlabel("context tokens (batch 1)")
-    axis.set_ylabel("decode ms / step (median)")
-    axis.set_title("8B-shaped Llama, 8 of 32 layers, bf16, H100")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-
-
 def recipe_table(rows: dict) -> str:
     """Every (batch, N, recipe): decode ms/step against its byte floor, prefill, memory, bytes."""
     lines = ["| B | N | recipe | decode ms/step | byte floor ms | × floor | prefill ms | of it compression ms | "
@@ -97,25 +76,28 @@ def recipe_table(rows: dict) -> str:
     return "\n".join(lines)
 
 
-def recipe_plot(rows: dict, meta: dict, path: str) -> None:
-    """Decode ms/step against context length at batch 1, each recipe, and each one's byte floor."""
+def plot(rows: dict, path: str, title: str, backends: tuple = (), floors: bool = False) -> None:
+    """Decode ms/step against context length at batch 1 for ``backends`` (default: every recipe
+    in ``rows``), and with ``floors`` each one's byte floor."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 3.8))
-    for backend in sorted({b for b, batch, _ in rows if batch == 1}):
-        points = sorted((span + 60, row["decode_ms"], row["floor_ms"]) for (b, batch, span), row in rows.items()
+    for backend in backends or sorted({b for b, batch, _ in rows if batch == 1}):
+        points = sorted((span + 60, row["decode_ms"], row.get("floor_ms")) for (b, batch, span), row in rows.items()
                         if b == backend and batch == 1)
         line, = axis.plot([p[0] for p in points], [p[1] for p in points], "o-", label=backend)
-        axis.plot([p[0] for p in points], [p[2] for p in points], ":", color=line.get_color(),
-                  label=f"{backend}: byte floor")
+        if floors:
+            axis.plot([p[0] for p in points], [p[2] for p in points], ":", color=line.get_color(),
+                      label=f"{backend}: byte floor")
     axis.set_xscale("log", base=2)
-    axis.set_yscale("log")
+    if floors:
+        axis.set_yscale("log")
     axis.set_xlabel("context tokens (batch 1)")
     axis.set_ylabel("decode ms / step (median)")
-    axis.set_title(f"8B-shaped Llama, {meta['layers']} layers, bf16, {meta['device']}", fontsize=9)
+    axis.set_title(title, fontsize=9)
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize=7)
     figure.tight_layout()
@@ -132,13 +114,13 @@ def main() -> None:
     if args.by_recipe:
         print(recipe_table(rows))
         if args.plot:
-            recipe_plot(rows, meta, args.plot)
+            plot(rows, args.plot, f"8B-shaped Llama, {meta['layers']} layers, bf16, {meta['device']}", floors=True)
         return
     print(table(rows, meta))
     print()
     print("KV per 64k-token sequence, 32 layers:", kv_per_sequence(rows, meta, 65536))
     if args.plot:
-        plot(rows, args.plot)
+        plot(rows, args.plot, "8B-shaped Llama, 8 of 32 layers, bf16, H100", backends=("inductor", "rotatek"))
 
 
 if __name__ == "__main__":
