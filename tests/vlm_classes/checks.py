@@ -22,6 +22,7 @@ inner="eager")`` (no Inductor: a compile is a Dynamo trace), at ``K = head_dim``
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import time
 from typing import Any, Optional
@@ -50,6 +51,7 @@ class Run:
     text_config: Any
     build_seconds: float
     generate_seconds: float
+    warnings: list[str] = dataclasses.field(default_factory=list)  # the library's WARNINGs (compiled runs)
 
     def __repr__(self) -> str:
         return f"Run(batch={self.sequences.shape[0]}, reports={self.reports})"
@@ -63,6 +65,8 @@ def generate(entry: TinyModel, key_channels: Optional[int]) -> Run:
     built = time.perf_counter()
     reports = []
     torch._dynamo.reset()
+    warnings = _WarningRecords()
+    logging.getLogger("rotatek_compile").addHandler(warnings)
     try:
         if key_channels is not None:
             backend = RotateKBackend(RotateKConfig(key_channels=key_channels), inner="eager")
@@ -73,12 +77,24 @@ def generate(entry: TinyModel, key_channels: Optional[int]) -> Run:
                                  return_dict_in_generate=True)
     finally:
         torch._dynamo.reset()
+        logging.getLogger("rotatek_compile").removeHandler(warnings)
     done = time.perf_counter()
     cache = getattr(out, "cache", None) or out.past_key_values  # renamed in transformers 5.24
     config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return Run(torch.stack(out.logits), out.sequences, cache, inputs, reports, text_config,
-               built - start, done - built)
+               built - start, done - built, warnings.messages)
+
+
+class _WarningRecords(logging.Handler):
+    """Keeps the messages of WARNING and above."""
+
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def decoder_cache(cache: Any) -> Any:
