@@ -121,3 +121,32 @@ def test_returned_attention_weights_warn(caplog):
         generate(model, inputs, steps=2, output_attentions=True)
     ours = [r.getMessage() for r in caplog.records if r.name == "rotatek_compile" and r.levelno == logging.WARNING]
     assert len(ours) == 1 and "layers.0.self_attn" in ours[0] and "reused" in ours[0]
+
+
+def test_unrecognised_attention_on_a_kv_cache_is_reported_and_left_exact(caplog):
+    """GPT-OSS's eager attention puts sink logits inside the softmax (``softmax(cat(logits,
+    sinks))[..., :-1]``), a form the pass does not match. Its layers write a KV cache, so they are
+    decoder layers left exact: reported with the reason and one WARNING (it used to say nothing),
+    and the answers are the uncompiled model's."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    from rotatek_compile import RotateKBackend, RotateKConfig
+    from rotatek_compile.passes.find_attention import _UNKNOWN_READER
+
+    config = GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                          num_experts_per_tok=2, layer_types=["full_attention"] * 2)
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (1, 60), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+    backend = RotateKBackend(RotateKConfig(key_channels=4, span="prompt"), inner="eager")
+    model.compile(backend=backend)
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+    assert torch.equal(out, expected)
+    skipped = {layer for report in backend.reports for layer, reason in report.skipped if reason == _UNKNOWN_READER}
+    assert skipped == {"model.layers.0.self_attn", "model.layers.1.self_attn"}
+    ours = [r.getMessage() for r in caplog.records if r.name == "rotatek_compile" and r.levelno == logging.WARNING]
+    assert len(ours) == 1 and _UNKNOWN_READER in ours[0], ours

@@ -408,8 +408,46 @@ def _is_eager_final(node: fx.Node) -> bool:
 
 def sites_and_skips(graph: fx.Graph) -> tuple[list[AttentionSite], list[SkippedSite]]:
     matches = find_attention_sites(graph)
-    return ([m for m in matches if isinstance(m, AttentionSite)],
-            [m for m in matches if isinstance(m, SkippedSite)] + state_space_layers(graph))
+    sites = [m for m in matches if isinstance(m, AttentionSite)]
+    skipped = _unread_cache_appends(graph, sites, [m for m in matches if isinstance(m, SkippedSite)])
+    return sites, skipped + state_space_layers(graph)
+
+
+_UNKNOWN_READER = ("it writes a KV cache, but no attention the pass recognises reads it (an attention "
+                   "form it does not match, e.g. sink logits or a bias inside the softmax)")
+_KEYS_NOT_FROM_ITS_CACHE = ("its Keys do not come from the KV cache it writes (a cache layout the pass "
+                            "does not know, e.g. a latent projected into Keys after the cache read)")
+
+
+def _unread_cache_appends(graph: fx.Graph, sites: list[AttentionSite],
+                          skipped: list[SkippedSite]) -> list[SkippedSite]:
+    """``skipped``, plus what a layer that writes a KV cache (a ``cat([past, new], -2)`` the graph
+    returns) tells: with no attention of that layer matched or reported, an attention form the pass
+    does not know reads it; with only a "no KV-cache append" report, its Keys are made some other
+    way. Either is a decoder layer left exact where it could be compressed (the backend warns).
+    Appends outside any attention module count for the whole graph when it matched no attention.
+    """
+    returned = graph_outputs(graph)
+    appends = [node for node in graph.nodes if node in returned and _cache_append(node) is not None]
+    writers = {layer_of(node): node for node in appends if layer_of(node) != node.name}
+    # it writes a KV cache outside any attention module, and no attention of it is matched
+    alone = bool(appends) and not sites and not writers
+
+    def same_layer(a: str, b: str) -> bool:
+        return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+    def writes_its_own_cache(site: SkippedSite) -> bool:
+        return site.reason.startswith("no KV-cache append") and (alone or (
+            any(same_layer(site.layer, w) for w in writers) and not any(same_layer(s.layer, site.layer) for s in sites)))
+
+    mended = [dataclasses.replace(site, reason=_KEYS_NOT_FROM_ITS_CACHE, compressible=True)
+              if writes_its_own_cache(site) else site for site in skipped]
+    reported = [site.layer for site in sites] + [site.layer for site in skipped]
+    unread = [SkippedSite(layer, node, _UNKNOWN_READER) for layer, node in sorted(writers.items())
+              if not any(same_layer(layer, r) for r in reported)]
+    if alone and not skipped and not unread:
+        unread = [SkippedSite(f"{appends[0].name} (outside any attention module)", appends[0], _UNKNOWN_READER)]
+    return mended + unread
 
 
 # Caches of linear-attention and state-space layers (Gated DeltaNet, Mamba, short convolutions):

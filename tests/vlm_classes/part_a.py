@@ -634,8 +634,8 @@ _INNER_GENERATE = ("generate() merges the image itself and calls the inner langu
                    "model.compile() never sees the decoder, nothing is compressed and nothing is reported")
 
 _MLA = ("multi-head latent attention: the cache keeps the latent (k_pass [B, 1, S, kv_lora_rank]) and the "
-        "shared RoPE Key; Keys are up-projected after the cache read, so the layer is left exact with the "
-        "reason 'no KV-cache append feeds its Keys (... or a cache layout the pass does not know)'")
+        "shared RoPE Key; Keys are up-projected after the cache read, so the layer is left exact, reported as "
+        "writing a KV cache that no attention the pass recognises reads, with a WARNING")
 
 _GRANITE4 = ("every image feature is injected inside the decoder loop (masked_scatter on the hidden states at "
              "layers 0 and 1): Dynamo breaks the prefill graph per layer (sites named 'self_attn'), no merge is "

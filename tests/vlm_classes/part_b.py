@@ -741,10 +741,14 @@ _INNER_GENERATE = ("its generate() merges the image in eager code, then calls th
                    "generate(), which model.compile() does not reach: nothing is compiled or compressed. The "
                    "README's recipe (compile model.language_model) rewrites the layers but finds no span there")
 _LATENT_CACHE = ("multi-head latent attention caches the latent and expands per-head Keys after the cache read: "
-                 "left exact ('no KV-cache append … or a cache layout the pass does not know'), nothing compressed")
+                 "left exact, reported as 'multi-head latent attention … (not supported)' with a WARNING, "
+                 "nothing compressed")
 _SINKS_UNSEEN = ("eager attention with an added position bias and sink logits (softmax over cat(logits, sinks), "
-                 "then [..., :-1]) is not recognised: the decoder's self-attention is neither rewritten nor "
-                 "reported left exact")
+                 "then [..., :-1]) is not matched: the decoder's self-attention layers, which write a KV cache, "
+                 "are left exact and reported ('no attention the pass recognises reads it') with a WARNING")
+_LATENT_SINKS = ("multi-head latent attention with sink logits: no attention the pass matches reads its KV cache; "
+                 "the layers are left exact and reported ('it writes a KV cache, but no attention the pass "
+                 "recognises reads it') with a WARNING, nothing compressed")
 
 KNOWN_GAPS: dict[str, dict[str, str]] = {
     "sites": {
@@ -756,7 +760,7 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "mistral4": _LATENT_CACHE,
         "mistral_large4": _LATENT_CACHE,
         "kimi_k25": _LATENT_CACHE,
-        "hy_v4_vl": _LATENT_CACHE + "; its eager attention with sinks is not reported at all",
+        "hy_v4_vl": _LATENT_SINKS,
         "inkling2": _SINKS_UNSEEN,
         "inkling2_loop": _SINKS_UNSEEN,
         "inkling_mm_model": ("the check reads layer_types[i] == 'full_attention'; Inkling names its global layers "
@@ -774,7 +778,7 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "mistral4": _LATENT_CACHE,
         "mistral_large4": _LATENT_CACHE,
         "kimi_k25": _LATENT_CACHE,
-        "hy_v4_vl": _LATENT_CACHE,
+        "hy_v4_vl": _LATENT_SINKS,
         "inkling2": _SINKS_UNSEEN,
         "inkling2_loop": _SINKS_UNSEEN,
         "inkling_mm_model": ("its global layers' masks carry a learned relative-position bias: left exact with a "
