@@ -535,3 +535,33 @@ def test_merged_self_and_cross_attention_is_named():
     sites, skipped = sites_and_skips(gm.graph)
     assert not sites and len(skipped) == 1
     assert skipped[0].reason.startswith("merged attention") and skipped[0].compressible
+
+
+def test_a_returned_kv_cache_append_nothing_recognised_reads_is_reported():
+    """A graph that appends to a KV cache and returns it, read by an attention the pass does not
+    match (here: sink logits inside the softmax), reports the append as a layer left exact; a
+    graph that only concatenates along another dim reports nothing."""
+    from rotatek_compile.passes.find_attention import _UNKNOWN_READER, sites_and_skips
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def sink_attention(q, past, k, v, sinks):
+        keys = torch.cat([past, k], dim=-2)  # [B, H, S, d]: the cache append, returned
+        logits = torch.cat([q @ keys.transpose(-1, -2), sinks.expand(*q.shape[:3], 1)], dim=-1)
+        return keys, torch.softmax(logits, dim=-1)[..., :-1] @ v
+
+    def no_cache(q, past, k, v, sinks):
+        return torch.cat([q, k], dim=-1), q @ k.transpose(-1, -2) @ k
+
+    args = (torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 8, 8),
+            torch.randn(1, 2, 1, 1))
+    for fn in (sink_attention, no_cache):
+        torch._dynamo.reset()
+        torch.compile(fn, backend=capture, fullgraph=True)(*args)
+    (sites, skipped), (no_sites, none) = (sites_and_skips(gm.graph) for gm in graphs)
+    assert not sites and [s.reason for s in skipped] == [_UNKNOWN_READER] and skipped[0].compressible
+    assert not no_sites and not none

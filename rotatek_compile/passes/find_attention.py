@@ -415,39 +415,29 @@ def sites_and_skips(graph: fx.Graph) -> tuple[list[AttentionSite], list[SkippedS
 
 _UNKNOWN_READER = ("it writes a KV cache, but no attention the pass recognises reads it (an attention "
                    "form it does not match, e.g. sink logits or a bias inside the softmax)")
-_KEYS_NOT_FROM_ITS_CACHE = ("its Keys do not come from the KV cache it writes (a cache layout the pass "
-                            "does not know, e.g. a latent projected into Keys after the cache read)")
 
 
 def _unread_cache_appends(graph: fx.Graph, sites: list[AttentionSite],
                           skipped: list[SkippedSite]) -> list[SkippedSite]:
-    """``skipped``, plus what a layer that writes a KV cache (a ``cat([past, new], -2)`` the graph
-    returns) tells: with no attention of that layer matched or reported, an attention form the pass
-    does not know reads it; with only a "no KV-cache append" report, its Keys are made some other
-    way. Either is a decoder layer left exact where it could be compressed (the backend warns).
-    Appends outside any attention module count for the whole graph when it matched no attention.
+    """``skipped``, plus each layer that writes a KV cache (a ``cat([past, new], -2)`` the graph
+    returns) with no attention of its own matched or reported: an attention form the pass does not
+    know reads that cache, so the layer is left exact where it could be compressed (the backend
+    warns). Appends outside any attention module count for the whole graph when it matched and
+    reported nothing else.
     """
     returned = graph_outputs(graph)
     appends = [node for node in graph.nodes if node in returned and _cache_append(node) is not None]
     writers = {layer_of(node): node for node in appends if layer_of(node) != node.name}
-    # it writes a KV cache outside any attention module, and no attention of it is matched
-    alone = bool(appends) and not sites and not writers
 
     def same_layer(a: str, b: str) -> bool:
         return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
-    def writes_its_own_cache(site: SkippedSite) -> bool:
-        return site.reason.startswith("no KV-cache append") and (alone or (
-            any(same_layer(site.layer, w) for w in writers) and not any(same_layer(s.layer, site.layer) for s in sites)))
-
-    mended = [dataclasses.replace(site, reason=_KEYS_NOT_FROM_ITS_CACHE, compressible=True)
-              if writes_its_own_cache(site) else site for site in skipped]
     reported = [site.layer for site in sites] + [site.layer for site in skipped]
     unread = [SkippedSite(layer, node, _UNKNOWN_READER) for layer, node in sorted(writers.items())
               if not any(same_layer(layer, r) for r in reported)]
-    if alone and not skipped and not unread:
+    if appends and not writers and not reported:
         unread = [SkippedSite(f"{appends[0].name} (outside any attention module)", appends[0], _UNKNOWN_READER)]
-    return mended + unread
+    return skipped + unread
 
 
 # Caches of linear-attention and state-space layers (Gated DeltaNet, Mamba, short convolutions):
