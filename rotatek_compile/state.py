@@ -289,6 +289,8 @@ class SpanTokens:
     count: int  # real span tokens, sinks included
     per_row: Tensor  # [B] the same per row
     compressed: Tensor  # [B, S] bool: the span less its sinks
+    positions: Tensor  # [B, Sv] where they are (:func:`_compact`)
+    mask: Tensor  # [B, Sv] bool: which of those slots are real
     basis: Optional[tuple[Tensor, Tensor]] = None  # RotateK's (R [B, H, d, r], μ [B, H, d]) fp32, if solved
 
 
@@ -331,8 +333,8 @@ def compress_layer(
 def _span_tokens(prefill: LayerPrefill) -> SpanTokens:
     span = prefill.span & prefill.valid
     per_row = span.sum(dim=1)  # [B]
-    sinks = tiers.attention_sinks(prefill.queries, prefill.keys, prefill.scale, span, prefill.valid)
-    return SpanTokens(int(per_row.sum()), per_row, span & ~sinks)
+    compressed = span & ~tiers.attention_sinks(prefill.queries, prefill.keys, prefill.scale, span, prefill.valid)
+    return SpanTokens(int(per_row.sum()), per_row, compressed, *_compact(compressed))
 
 
 def compress_layers(layers: list[LayerPrefill], config: RotateKConfig) -> Iterator[CompressedLayer | KeptExact]:
@@ -364,9 +366,9 @@ def _solves_together(layers: list[LayerPrefill], config: RotateKConfig) -> bool:
 def _with_bases(layers: list[LayerPrefill], tokens: list[SpanTokens], config: RotateKConfig) -> list[SpanTokens]:
     covariances, means = [], []
     for prefill, span in zip(layers, tokens):
-        positions, mask = _compact(span.compressed)
         window = prefill.queries if config.query_aware else None
-        covariance, mean = reference.weighted_covariance(_gather_positions(prefill.keys, positions), mask, window)
+        covariance, mean = reference.weighted_covariance(
+            _gather_positions(prefill.keys, span.positions), span.mask, window)
         covariances.append(covariance)  # [B, H, d, d]
         means.append(mean)  # [B, H, d]
     head_dim = layers[0].keys.shape[-1]
@@ -379,8 +381,7 @@ def _with_bases(layers: list[LayerPrefill], tokens: list[SpanTokens], config: Ro
 
 def _build_layer(prefill: LayerPrefill, tokens: SpanTokens, config: RotateKConfig) -> CompressedLayer | KeptExact:
     keys, values, queries, valid = prefill.keys, prefill.values, prefill.queries, prefill.valid
-    span, span_count = tokens.compressed, tokens.count
-    span_positions, span_mask = _compact(span)
+    span, span_count, span_positions, span_mask = tokens.compressed, tokens.count, tokens.positions, tokens.mask
     rest_positions, rest_mask = _compact(valid & ~span)
     span_keys = _gather_positions(keys, span_positions)  # [B, H, Sv, d]
     span_values = _gather_positions(values, span_positions)  # [B, H, Sv, dv]
