@@ -393,13 +393,13 @@ class _PrefillRunner:
         if self.report is not None:
             self.report.kept_exact.clear()
         prefills = []
-        for slot in plan.sites:
+        for slot in plan.sites:  # the list holds each layer's Keys until that layer is built
             keys = outputs[slot.keys_output]
             valid = _valid_tokens(outputs[slot.mask_output] if slot.mask_output >= 0 else None, keys)
             layer_span = span if span is not None else _prompt_head(valid, self.config.query_window)
             prefills.append(LayerPrefill(keys, outputs[slot.values_output], outputs[slot.query_output],
                                          layer_span, valid, slot.scale))
-        keys = None  # the list holds each layer's Keys until that layer is built
+            del keys
         valid_tokens = [prefill.valid.sum(dim=1) for prefill in prefills]  # [B] per site
         for slot, valid, layer in zip(plan.sites, valid_tokens, compress_layers(prefills, self.config)):
             if isinstance(layer, KeptExact):

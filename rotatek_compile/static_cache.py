@@ -174,7 +174,7 @@ class _StaticPrefillRunner(_PrefillRunner):
         if self.report is not None:
             self.report.kept_exact.clear()
         prefills, prompt_end = [], last + 1
-        for site, slot in enumerate(plan.sites):
+        for site, slot in enumerate(plan.sites):  # the list holds each layer's buffers until it is built
             keys = self._buffer(outputs, args, site, "keys")
             length = keys.shape[2]
             valid = _valid_tokens(outputs[slot.mask_output] if slot.mask_output >= 0 else None, keys)
@@ -183,7 +183,7 @@ class _StaticPrefillRunner(_PrefillRunner):
                           else _prompt_head(valid, self.config.query_window))
             prefills.append(LayerPrefill(keys, self._buffer(outputs, args, site, "values"),
                                          outputs[slot.query_output], layer_span, valid, slot.scale))
-        keys = None  # the list holds each layer's buffers until that layer is built
+            del keys
         lengths = [prefill.keys.shape[2] for prefill in prefills]
         for slot, length, layer in zip(plan.sites, lengths, compress_layers(prefills, self.config)):
             if isinstance(layer, KeptExact):  # HF's buffers stay as they are; decode leaves the site exact
