@@ -152,11 +152,12 @@ def _span_split(span: int, exact: int, compressed: int, outside: int, token_byte
 
 @dataclasses.dataclass(frozen=True)
 class KeptExact:
-    """A layer that :func:`compress_layer` leaves uncompressed: HF's cache keeps its exact Keys and
-    Values, because the compressed form would not be smaller (``reason`` says by how much)."""
+    """A layer left uncompressed: HF's cache keeps its exact Keys and Values, because the
+    compressed form would not be smaller (``reason`` says by how much), or because the layer is
+    not what compression assumes (a sliding window: ``split`` is then None)."""
 
     reason: str
-    split: SpanSplit
+    split: Optional[SpanSplit]
 
 
 def _nbytes(tensor: Tensor) -> int:

@@ -33,7 +33,7 @@ from rotatek_compile.backend import (
     RotateKCacheError, StateShapeChecks, _PrefillRunner, _prompt_head, _symbolic_state, _valid_tokens)
 from rotatek_compile.config import RotateKConfig
 from rotatek_compile.passes.static_cache import (
-    StaticPlan, find_static_sites, rewrite_static_decode, rewrite_static_prefill)
+    SLIDING_WINDOW, StaticPlan, find_static_sites, rewrite_static_decode, rewrite_static_prefill)
 from rotatek_compile.state import (
     _ATTRIBUTE, CompressedLayer, KeptExact, LayerPrefill, StandIn, attached, compress_layers, plain, stand_in)
 
@@ -185,7 +185,11 @@ class _StaticPrefillRunner(_PrefillRunner):
                                          outputs[slot.query_output], layer_span, valid, slot.scale))
             del keys
         lengths = [prefill.keys.shape[2] for prefill in prefills]
-        for slot, length, layer in zip(plan.sites, lengths, compress_layers(prefills, self.config)):
+        sliding = [length < max(lengths) for length in lengths]  # symbolic buffer lengths, unequal now
+        prefills = [prefill for prefill, short in zip(prefills, sliding) if not short]
+        layers = iter(compress_layers(prefills, self.config))
+        for slot, length, short in zip(plan.sites, lengths, sliding):
+            layer = KeptExact(SLIDING_WINDOW, None) if short else next(layers)
             if isinstance(layer, KeptExact):  # HF's buffers stay as they are; decode leaves the site exact
                 self._keep_exact(slot.layer, layer)
                 continue

@@ -8,11 +8,13 @@ graphs of a tiny Llama (vLLM ``TestBackend`` idea) and toy graphs for the negati
 from __future__ import annotations
 
 import gc
+import logging
 
 import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+import transformers
 from transformers import StaticCache
 
 import rotatek_compile
@@ -24,7 +26,7 @@ from rotatek_compile.static_cache import StaticCompressedLayer
 from rotatek_compile.tiers import SINK_LIMIT
 from tests.test_generate import HEAD_DIM, LAYERS, generate, max_logit_error, padded_prompt, tiny_llama
 from tests.test_passes import RecordingBackend, trace
-from tests.tiny_models import BY_NAME, image_token_counts
+from tests.tiny_models import BY_NAME, DECODER, image_token_counts
 
 SDPA = torch._C._nn.scaled_dot_product_attention
 DECODE_OP = torch.ops.rotatek.decode_attention.default
@@ -183,6 +185,51 @@ def test_requests_of_other_lengths_reuse_the_decode_graph():
     # compressed: that span less its attention sinks (kept exact), in at least MIN_SEGMENT slots
     assert all(state.span_tokens == max(state.split.span - state.split.exact, 2) for state in states)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3  # prefill, decode, symbolic prefill
+
+
+def _prefill_and_step(model, length: int, capacity: int):
+    """A prefill of ``length`` tokens on a fresh ``StaticCache`` of ``capacity`` positions, then one
+    decode step: both logits and the cache."""
+    cache = StaticCache(config=model.config, max_cache_len=capacity)
+    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
+    with torch.no_grad():
+        prefill = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+        step = model(input_ids=prefill[:, -1:].argmax(-1), past_key_values=cache, use_cache=True).logits
+    return prefill, step, cache
+
+
+def test_requests_with_growing_cache_lengths_compress_every_layer():
+    # a longer cache than before makes each layer's buffer length a symbol of its own: unequal
+    # symbols once left every layer but the first exact, as if sliding-window layers
+    model = tiny_llama()
+    requests = [(40, 48), (44, 52), (48, 64)]  # (prompt, cache positions)
+    exact = [_prefill_and_step(model, *request) for request in requests]
+    model.compile(backend="rotatek", options={"key_channels": HEAD_DIM, "inner": "eager"})
+    for (prefill, step, _), request in zip(exact, requests):
+        got_prefill, got_step, cache = _prefill_and_step(model, *request)
+        assert torch.allclose(prefill, got_prefill, atol=1e-5) and torch.allclose(step, got_step, atol=1e-4)
+        assert all(isinstance(attached(layer.keys), StaticCompressedLayer) for layer in cache.layers), request
+
+
+def test_a_sliding_window_buffer_found_shorter_at_run_time_stays_exact(caplog):
+    # Gemma 3 sizes a sliding layer's buffer min(window, cache length): under the window both lengths
+    # are symbols of the same graph, so the graph cannot tell them apart; the prefill keeps exact
+    # the layer whose buffer is shorter (here the third request: 54 < 64)
+    torch.manual_seed(0)
+    text = transformers.Gemma3TextConfig(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"],
+                                         sliding_window=54, query_pre_attn_scalar=16, **DECODER)
+    model = transformers.Gemma3ForCausalLM(text).eval()
+    requests = [(40, 48), (44, 52), (48, 64)]
+    exact = [_prefill_and_step(model, *request) for request in requests]
+    model.compile(backend="rotatek", options={"key_channels": DECODER["head_dim"], "inner": "eager"})
+    kinds = []
+    with caplog.at_level(logging.WARNING, logger="rotatek_compile"):
+        for (prefill, step, _), request in zip(exact, requests):
+            got_prefill, got_step, cache = _prefill_and_step(model, *request)
+            assert torch.allclose(prefill, got_prefill, atol=1e-5) and torch.allclose(step, got_step, atol=1e-4)
+            kinds.append([type(attached(layer.keys)).__name__ for layer in cache.layers])
+    assert kinds[1:] == [["StaticCompressedLayer"] * 2, ["NoneType", "StaticCompressedLayer"]], kinds
+    assert not [r for r in caplog.records if "compression is off" in r.getMessage()]  # nothing compressible is off
 
 
 def test_preallocated_cache_is_emptied_in_place():

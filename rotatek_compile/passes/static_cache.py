@@ -209,8 +209,11 @@ def _size(node: fx.Node, dim: int):
 def find_static_sites(graph: fx.Graph) -> tuple[list[StaticSite], list[SkippedSite]]:
     """Every attention of ``graph`` that reads a StaticCache layer, and those left exact (why).
 
-    A layer whose buffer is shorter than the longest one is a sliding-window layer (HF sizes its
-    buffer to the window): left exact, since its update switches to a rolling write once full.
+    A layer whose buffer is a constant shorter than another layer's (a larger constant, or a
+    symbolic length) is a sliding-window layer (HF sizes its buffer to the window): left exact,
+    since its update switches to a rolling write once full. Symbolic lengths are all candidates:
+    once requests of several cache lengths made them symbolic, each layer's buffer has a symbol of
+    its own, equal or not at run time; the prefill runner keeps exact any that is shorter then.
     """
     order = {n: i for i, n in enumerate(graph.nodes)}
     sites: list[StaticSite] = []
@@ -222,25 +225,18 @@ def find_static_sites(graph: fx.Graph) -> tuple[list[StaticSite], list[SkippedSi
         elif isinstance(match, str):
             skipped.append(SkippedSite(layer_of(node), node, match))
     kept = []
-    longest = _longest(site.capacity for site in sites)
+    capacities = [site.capacity for site in sites]
+    longest = max((c for c in capacities if isinstance(c, int)), default=None)
+    symbolic = any(c is not None and not isinstance(c, int) for c in capacities)
     for site in sites:
-        if site.capacity is None or site.capacity != longest:
-            skipped.append(SkippedSite(site.layer, site.attention,
-                                       "sliding-window layer (its static buffer is shorter than the cache)",
-                                       compressible=False))
+        if site.capacity is None or (isinstance(site.capacity, int) and (symbolic or site.capacity < longest)):
+            skipped.append(SkippedSite(site.layer, site.attention, SLIDING_WINDOW, compressible=False))
         else:
             kept.append(site)
     return kept, skipped
 
 
-def _longest(capacities):
-    """The cache's full length: the largest int, or a symbolic length (a sliding-window buffer is
-    the window, a constant, while the cache length may have become symbolic)."""
-    capacities = [c for c in capacities if c is not None]
-    symbolic = [c for c in capacities if not isinstance(c, int)]
-    if symbolic:
-        return symbolic[0]
-    return max(capacities, default=None)
+SLIDING_WINDOW = "sliding-window layer (its static buffer is shorter than the cache)"
 
 
 # --- copies that keep what Dynamo's graph tells AOTAutograd ------------------------------------
