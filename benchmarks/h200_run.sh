@@ -5,6 +5,8 @@
 #   bash benchmarks/h200_run.sh tests  # every GPU test
 #   bash benchmarks/h200_run.sh 1      # compression cost; B1 x {16k, 64k}: rotatek-static, HF static, eager
 #   bash benchmarks/h200_run.sh 2      # B1 x 128k and B8 x 32k: eager, rotatek-static
+#   bash benchmarks/h200_run.sh peak   # what is alive at the prefill's peak (8 layers, 16k); then
+#                                      # B1 x {16k, 64k}: rotatek-static, eager (32 layers)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/rotatek_out}
@@ -26,5 +28,10 @@ case "$part" in
   2)
     timeout "$(left 560)" python3 benchmarks/model_decode.py --out "$OUT" --steps 32 \
       --cases 1x131072,8x32768 --backends eager,rotatek-static 2>&1 | grep -v "^\s*$" | tee "$OUT/model_decode.log" | tail -30 ;;
+  peak)
+    timeout 200 python3 benchmarks/prefill_profile.py --layers 8 --tokens 16444 --recipes eager,rotatek,rotatek-static \
+      --out "$OUT" 2>&1 | grep -v "Warning\|warn\|return forward\|^\s*$" | tee "$OUT/prefill_profile.log" | grep -v " ms .*×" | tail -40
+    timeout "$(left 560)" python3 benchmarks/model_decode.py --out "$OUT" --steps 64 \
+      --cases 1x16384,1x65536 --backends rotatek-static,eager 2>&1 | grep -v "^\s*$" | tee "$OUT/model_decode.log" | tail -12 ;;
 esac
 echo "part $part done at $((SECONDS - started)) s"

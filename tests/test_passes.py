@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import re
 
 import pytest
 import torch
@@ -188,6 +189,51 @@ def test_layers_slicing_one_mask_share_it():
     assert calls[3].args[1].target is operator.getitem and calls[3].args[6] is False
     module = fx.GraphModule(gm, graph)
     torch.testing.assert_close(module(*example_inputs)[0], expected)
+
+
+def test_a_mask_computed_in_the_graph_is_materialised_once():
+    """transformers 5.17 builds the prefill mask in the graph (``kv_index <= q_index``, expanded):
+    a pointwise expression that Inductor realised once per layer for the opaque attention op, all
+    copies computed in one kernel at the start of the graph (8 × 0.27 GB at 16k tokens, 8 layers,
+    H200). One ``kept_copy`` of what the expand reads now feeds every layer; Inductor's code holds
+    one mask-sized buffer for it (and its input), however many layers."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.utils import run_and_get_code
+
+    from rotatek_compile.passes.rewrite import use_causal_kernel
+
+    def layers(query, keys, values):
+        length = query.shape[-2]
+        mask = (torch.arange(length)[None, :] <= torch.arange(length)[:, None])[None, None]
+        mask = mask.expand(query.shape[0], -1, length, length)
+        out = query
+        for _ in range(LAYERS_IN_GRAPH):
+            out = F.scaled_dot_product_attention(out, keys, values, attn_mask=mask)
+        return out
+
+    torch._dynamo.reset()
+    recorder = RecordingBackend()
+    args = (torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8))
+    expected = layers(*args)
+    torch.compile(layers, backend=recorder, fullgraph=True)(*args)
+    torch._dynamo.reset()
+    (gm, example_inputs), = recorder.graphs
+    graph = copy.deepcopy(gm.graph)
+    attentions = [n for n in graph.nodes if n.target in (SDPA, F.scaled_dot_product_attention)]
+    assert use_causal_kernel(graph, attentions) == LAYERS_IN_GRAPH
+    calls = [n for n in graph.nodes if n.target is PREFILL_OP]
+    (mask,) = {n.args[3] for n in calls}
+    assert mask.target is torch.ops.rotatek.kept_copy.default  # the expand changed no size: dropped
+    module = fx.GraphModule(gm, graph)
+    result, (code, *_) = run_and_get_code(lambda: compile_fx(module, example_inputs)(*example_inputs))
+    torch.testing.assert_close(result[0], expected)
+    (kept,) = re.findall(r"(buf\d+) = torch\.ops\.rotatek\.kept_copy\.default", code)
+    read = re.findall(r"torch\.ops\.rotatek\.prefill_attention\.default\((?:[^,]+, ){3}([^,]+),", code)
+    alias = dict(re.findall(r"(buf\d+) = (buf\d+)$", code, flags=re.MULTILINE))  # an op's output, renamed
+    assert len(read) == LAYERS_IN_GRAPH and {alias.get(name, name) for name in read} == {kept}, (kept, read)
+
+
+LAYERS_IN_GRAPH = 4
 
 
 def test_prefill_attention_output_is_laid_out_for_the_output_projection():
