@@ -7,6 +7,8 @@
 #   bash benchmarks/h200_run.sh 2      # B1 x 128k and B8 x 32k: eager, rotatek-static
 #   bash benchmarks/h200_run.sh peak   # what is alive at the prefill's peak (8 layers, 16k); then
 #                                      # B1 x {16k, 64k}: rotatek-static, eager (32 layers)
+#   bash benchmarks/h200_run.sh all    # the prefill GPU tests; every point, rotatek-static and eager
+#                                      # (one compile; 32 steps)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/rotatek_out}
@@ -33,5 +35,10 @@ case "$part" in
       --out "$OUT" 2>&1 | grep -v "Warning\|warn\|return forward\|^\s*$" | tee "$OUT/prefill_profile.log" | grep -v " ms .*×" | tail -40
     timeout "$(left 560)" python3 benchmarks/model_decode.py --out "$OUT" --steps 64 \
       --cases 1x16384,1x65536 --backends rotatek-static,eager 2>&1 | grep -v "^\s*$" | tee "$OUT/model_decode.log" | tail -12 ;;
+  all)
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_prefill.py 2>&1 | tail -3 | tee "$OUT/gpu_tests.log"
+    timeout "$(left 590)" python3 benchmarks/model_decode.py --out "$OUT" --steps 32 \
+      --cases 1x16384,1x65536,1x131072,8x32768 --backends rotatek-static,eager 2>&1 | grep -v "^\s*$" \
+      | tee "$OUT/model_decode.log" | tail -12 ;;
 esac
 echo "part $part done at $((SECONDS - started)) s"

@@ -132,6 +132,29 @@ def prefill_attention(query: Tensor, keys: Tensor, values: Tensor, mask: Tensor,
     be read, so the masked branch runs. Returns ``[B, Hq, L, dv]`` laid out as ``[B, L, Hq, dv]``
     (:func:`_prefill_output`), so that HF's ``transpose(1, 2).contiguous()`` after it copies nothing.
     """
+    return _prefill(query, keys, values, lambda: mask, causal, scale, enable_gqa)
+
+
+@torch.library.custom_op("rotatek::prefill_attention_lazy_mask", mutates_args=())
+def prefill_attention_lazy_mask(query: Tensor, keys: Tensor, values: Tensor, causal: Tensor, scale: float,
+                                enable_gqa: bool, mask_builder: str, mask_tensors: list[Tensor],
+                                mask_sizes: list[int]) -> Tensor:
+    """:func:`prefill_attention` with the mask built only when it is not causal:
+    ``MASK_BUILDERS[mask_builder](*mask_tensors, *mask_sizes)`` (the graph's own mask computation,
+    from the graph inputs it reads). A mask that is an input of the op is materialised by Inductor
+    whether it is read or not: ``[B, 1, L, S]`` bytes, 4.3 GB at 64k tokens.
+    """
+    build = functools.partial(MASK_BUILDERS[mask_builder], *mask_tensors, *mask_sizes)
+    return _prefill(query, keys, values, build, causal, scale, enable_gqa)
+
+
+# mask builders by key (a hash of their code): GraphModules cut from prefill graphs by the pass
+MASK_BUILDERS: dict[str, torch.nn.Module] = {}
+
+
+def _prefill(query: Tensor, keys: Tensor, values: Tensor, mask, causal: Tensor, scale: float,
+             enable_gqa: bool) -> Tensor:
+    """The body of both prefill ops; ``mask()`` gives the ``[B, 1|Hq, L, S]`` boolean mask."""
     capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
     length = query.shape[2]
     if not capturing and _is_plain_causal(causal):
@@ -146,7 +169,7 @@ def prefill_attention(query: Tensor, keys: Tensor, values: Tensor, mask: Tensor,
     else:
         keys, values, enable_gqa = _repeat_kv_heads(query, keys, values, enable_gqa)
         out = torch.nn.functional.scaled_dot_product_attention(
-            query, keys, values, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
+            query, keys, values, attn_mask=mask(), scale=scale, enable_gqa=enable_gqa)
     result = _prefill_output(query, values)
     if out.stride() == result.stride():  # SDPA's fused kernels write this layout themselves
         return out
@@ -175,6 +198,11 @@ def _prefill_output(query: Tensor, values: Tensor) -> Tensor:
 
 @prefill_attention.register_fake
 def _(query, keys, values, mask, causal, scale, enable_gqa):
+    return _prefill_output(query, values)
+
+
+@prefill_attention_lazy_mask.register_fake
+def _(query, keys, values, causal, scale, enable_gqa, mask_builder, mask_tensors, mask_sizes):
     return _prefill_output(query, values)
 
 

@@ -54,3 +54,10 @@ def test_causal_prefill_into_a_longer_buffer_runs_a_fused_kernel():
     scores = heads * length * capacity * 4  # what the math kernel would hold
     assert torch.cuda.max_memory_allocated() - before < scores / 8
     torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_lazy_mask_prefill_builds_the_mask_only_when_not_causal(padded):
+    from tests.test_passes import check_lazy_mask_op
+
+    check_lazy_mask_op(padded, device="cuda", dtype=torch.bfloat16, atol=2e-2)

@@ -22,6 +22,7 @@ from tests.test_generate import LAYERS, padded_prompt, tiny_llama
 SDPA = torch._C._nn.scaled_dot_product_attention
 DECODE_OP = torch.ops.rotatek.decode_attention.default
 SPARSE_DECODE_OP = torch.ops.rotatek.sparse_decode_attention.default
+LAZY_MASK_OP = torch.ops.rotatek.prefill_attention_lazy_mask.default
 PREFILL_OP = torch.ops.rotatek.prefill_attention.default
 
 
@@ -48,6 +49,20 @@ def capture(attn_implementation="sdpa", **generate_kwargs):
 
 def count(graph: fx.Graph, target) -> int:
     return sum(1 for n in graph.nodes if n.op == "call_function" and n.target is target)
+
+
+def prefill_calls(graph: fx.Graph) -> list[fx.Node]:
+    """The prefill attention ops, with the mask as an input or built inside."""
+    return [n for n in graph.nodes if n.target in (PREFILL_OP, LAZY_MASK_OP)]
+
+
+def mask_read(call: fx.Node):
+    """What a prefill op reads for its mask: the mask node, or (builder, its inputs)."""
+    return call.args[3] if call.target is PREFILL_OP else (call.args[6], tuple(call.args[7]), tuple(call.args[8]))
+
+
+def grouped_heads(call: fx.Node) -> bool:
+    return call.args[6] if call.target is PREFILL_OP else call.args[5]
 
 
 def past_key_inputs(gm: fx.GraphModule) -> set[int]:
@@ -87,13 +102,13 @@ def test_prefill_rewrite_keeps_attention_and_adds_outputs(sdpa_graphs):
     plan = rewrite_prefill(gm, query_window=32)
     assert plan.phase == "prefill" and len(plan.sites) == LAYERS
     # the padded prompt's boolean mask: SDPA → prefill_attention, one causal check for all layers
-    assert count(gm.graph, SDPA) == LAYERS and count(gm.graph, PREFILL_OP) == 0
-    assert count(plan.module.graph, SDPA) == 0 and count(plan.module.graph, PREFILL_OP) == LAYERS
+    assert count(gm.graph, SDPA) == LAYERS and not prefill_calls(gm.graph)
+    assert count(plan.module.graph, SDPA) == 0 and len(prefill_calls(plan.module.graph)) == LAYERS
     assert count(plan.module.graph, torch.amax) == 1
     # repeat_kv's [B, Hq, S, d] copies are not read: the op groups the cache's own heads
-    for attention in plan.module.graph.find_nodes(op="call_function", target=PREFILL_OP):
+    for attention in prefill_calls(plan.module.graph):
         assert attention.args[1].target is torch.cat and attention.args[2].target is torch.cat
-        assert attention.args[6] is True
+        assert grouped_heads(attention) is True
     (output,) = plan.module.graph.find_nodes(op="output")
     added = len(output.args[0]) - plan.num_outputs
     assert added == LAYERS + 1  # one query window per site, one shared padding mask
@@ -108,7 +123,7 @@ def test_prefill_copies_the_query_window_right_after_each_attention(sdpa_graphs)
     plan = rewrite_prefill(gm, query_window=32)
     nodes = list(plan.module.graph.nodes)
     (output,) = plan.module.graph.find_nodes(op="output")
-    attentions = [n for n in nodes if n.target is PREFILL_OP]
+    attentions = prefill_calls(plan.module.graph)
     for slot, attention in zip(plan.sites, attentions):
         window = output.args[0][slot.query_output]
         assert window.target is torch.ops.rotatek.kept_copy.default
@@ -130,7 +145,7 @@ def test_prefill_without_a_mask_keeps_sdpa():
     plan = rewrite_prefill(gm, query_window=8)
     causal = [n for n in gm.graph.nodes if n.target is SDPA and n.kwargs.get("is_causal")]
     masked = [n for n in gm.graph.nodes if n.target is SDPA and n.kwargs.get("attn_mask") is not None]
-    assert count(plan.module.graph, PREFILL_OP) == len(masked)
+    assert len(prefill_calls(plan.module.graph)) == len(masked)
     assert count(plan.module.graph, SDPA) == len(causal)
 
 
@@ -183,29 +198,115 @@ def test_layers_slicing_one_mask_share_it():
     attentions = [n for n in graph.nodes if n.target in (SDPA, F.scaled_dot_product_attention)]
     assert len({n.kwargs["attn_mask"] for n in attentions}) == 4  # one slice node per call
     assert use_causal_kernel(graph, attentions) == 4
-    calls = [n for n in graph.nodes if n.target is PREFILL_OP]
-    assert len({n.args[3] for n in calls[:3]}) == 1 and calls[3].args[3] is not calls[0].args[3]
+    calls = prefill_calls(graph)
+    assert len({mask_read(n) for n in calls[:3]}) == 1 and mask_read(calls[3]) != mask_read(calls[0])
     assert count(graph, torch.amax) == 2
-    assert calls[3].args[1].target is operator.getitem and calls[3].args[6] is False
+    assert calls[3].args[1].target is operator.getitem and grouped_heads(calls[3]) is False
     module = fx.GraphModule(gm, graph)
     torch.testing.assert_close(module(*example_inputs)[0], expected)
 
 
-def test_a_mask_computed_in_the_graph_is_materialised_once():
-    """transformers 5.17 builds the prefill mask in the graph (``kv_index <= q_index``, expanded):
-    a pointwise expression that Inductor realised once per layer for the opaque attention op, all
+def _mask_layers(query, keys, values, padding):
+    """Four layers reading one mask built in the graph as transformers 5.17 builds it: causal
+    (``kv_index <= q_index``) and the ``[B, S]`` padding mask, expanded; a ``[B, 1, L, S]``
+    pointwise expression until something materialises it."""
+    length = query.shape[-2]
+    causal = torch.arange(length)[None, None, None, :] <= torch.arange(length)[None, None, :, None]
+    mask = (causal & padding[:, None, None, :]).expand(query.shape[0], -1, length, length)
+    out = query
+    for _ in range(LAYERS_IN_GRAPH):
+        out = F.scaled_dot_product_attention(out, keys, values, attn_mask=mask)
+    return out
+
+
+def _rewritten_mask_layers(padding):
+    from rotatek_compile.passes.rewrite import use_causal_kernel
+
+    torch._dynamo.reset()
+    recorder = RecordingBackend()
+    args = (torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8), padding)
+    torch.compile(_mask_layers, backend=recorder, fullgraph=True)(*args)
+    torch._dynamo.reset()
+    (gm, example_inputs), = recorder.graphs
+    graph = copy.deepcopy(gm.graph)
+    attentions = [n for n in graph.nodes if n.target in (SDPA, F.scaled_dot_product_attention)]
+    assert use_causal_kernel(graph, attentions) == LAYERS_IN_GRAPH
+    return fx.GraphModule(gm, graph), example_inputs, _mask_layers(*args)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_mask_computed_in_the_graph_is_built_only_when_not_causal(padded):
+    """As an input of the opaque attention op, Inductor realised such a mask once per layer, all
     copies computed in one kernel at the start of the graph (8 × 0.27 GB at 16k tokens, 8 layers,
-    H200). One ``kept_copy`` of what the expand reads now feeds every layer; Inductor's code holds
-    one mask-sized buffer for it (and its input), however many layers."""
+    H200); realised once for all layers it still took 4.3 GB at 64k tokens. The op now gets the
+    mask's computation (a module cut from the graph) and its inputs, and builds the mask only for
+    a prompt that is not causal: Inductor's code allocates no mask-sized buffer."""
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.utils import run_and_get_code
 
+    from rotatek_compile.ops import MASK_BUILDERS
+
+    padding = torch.ones(2, 10, dtype=torch.bool)
+    if padded:
+        padding[1, :3] = False
+    module, example_inputs, expected = _rewritten_mask_layers(padding)
+    calls = [n for n in module.graph.nodes if n.target is LAZY_MASK_OP]
+    assert len(calls) == LAYERS_IN_GRAPH and count(module.graph, PREFILL_OP) == 0
+    (key,) = {n.args[6] for n in calls}
+    assert [n.target for n in calls[0].args[7]] == ["L_padding_"] and key in MASK_BUILDERS
+    result, (code, *_) = run_and_get_code(lambda: compile_fx(module, example_inputs)(*example_inputs))
+    torch.testing.assert_close(result[0], expected)
+    assert not re.findall(r"empty_strided_cpu\(\(2, 1, 10, 10\)", code)  # no [B, 1, L, S] buffer
+
+
+def check_lazy_mask_op(padded: bool, device: str = "cpu", dtype=torch.float32, atol: float = 1e-5) -> None:
+    """``rotatek.prefill_attention_lazy_mask`` equals masked SDPA and calls its builder only for a
+    mask that is not causal (shared with the GPU test)."""
+    from rotatek_compile.ops import MASK_BUILDERS
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, length, dim = 2, 4, 2, 24, 16
+    query = torch.randn(batch, heads, length, dim, device=device, dtype=dtype)
+    keys, values = (torch.randn(batch, kv_heads, length, dim, device=device, dtype=dtype) for _ in range(2))
+    padding = torch.ones(batch, length, dtype=torch.bool, device=device)
+    if padded:
+        padding[1, :5] = False
+    calls = []
+
+    def build(padding, length):
+        calls.append(length)
+        position = torch.arange(length, device=padding.device)
+        causal = position[None, :] <= position[:, None]
+        return (causal[None, None] & padding[:, None, None, :]) | torch.eye(length, dtype=torch.bool,
+                                                                              device=padding.device)
+
+    MASK_BUILDERS["test: causal and padding"] = build
+    mask = build(padding, length)
+    calls.clear()
+    flag = (mask == torch.ones(length, length, dtype=torch.bool, device=device).tril()).all()
+    expected = F.scaled_dot_product_attention(query, keys.repeat_interleave(2, 1), values.repeat_interleave(2, 1),
+                                              attn_mask=mask, scale=0.3)
+    out = torch.ops.rotatek.prefill_attention_lazy_mask(query, keys, values, flag, 0.3, True,
+                                                        "test: causal and padding", [padding], [length])
+    torch.testing.assert_close(out, expected, atol=atol, rtol=1e-2)
+    assert calls == ([length] if padded else [])
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_lazy_mask_prefill_builds_the_mask_only_when_not_causal(padded):
+    check_lazy_mask_op(padded)
+
+
+def test_a_mask_computed_with_side_effects_is_materialised_once():
+    """A mask whose computation the op cannot replay (an in-place op in it) is copied once
+    (``rotatek.kept_copy``) and that copy read by every layer."""
     from rotatek_compile.passes.rewrite import use_causal_kernel
 
-    def layers(query, keys, values):
+    def layers(query, keys, values, padding):
         length = query.shape[-2]
-        mask = (torch.arange(length)[None, :] <= torch.arange(length)[:, None])[None, None]
-        mask = mask.expand(query.shape[0], -1, length, length)
+        mask = torch.arange(length)[None, None, None, :] <= torch.arange(length)[None, None, :, None]
+        mask = mask.expand(query.shape[0], 1, length, length).clone()
+        mask.logical_and_(padding[:, None, None, :])
         out = query
         for _ in range(LAYERS_IN_GRAPH):
             out = F.scaled_dot_product_attention(out, keys, values, attn_mask=mask)
@@ -213,8 +314,8 @@ def test_a_mask_computed_in_the_graph_is_materialised_once():
 
     torch._dynamo.reset()
     recorder = RecordingBackend()
-    args = (torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8))
-    expected = layers(*args)
+    args = (torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8),
+            torch.ones(2, 10, dtype=torch.bool))
     torch.compile(layers, backend=recorder, fullgraph=True)(*args)
     torch._dynamo.reset()
     (gm, example_inputs), = recorder.graphs
@@ -223,14 +324,8 @@ def test_a_mask_computed_in_the_graph_is_materialised_once():
     assert use_causal_kernel(graph, attentions) == LAYERS_IN_GRAPH
     calls = [n for n in graph.nodes if n.target is PREFILL_OP]
     (mask,) = {n.args[3] for n in calls}
-    assert mask.target is torch.ops.rotatek.kept_copy.default  # the expand changed no size: dropped
-    module = fx.GraphModule(gm, graph)
-    result, (code, *_) = run_and_get_code(lambda: compile_fx(module, example_inputs)(*example_inputs))
-    torch.testing.assert_close(result[0], expected)
-    (kept,) = re.findall(r"(buf\d+) = torch\.ops\.rotatek\.kept_copy\.default", code)
-    read = re.findall(r"torch\.ops\.rotatek\.prefill_attention\.default\((?:[^,]+, ){3}([^,]+),", code)
-    alias = dict(re.findall(r"(buf\d+) = (buf\d+)$", code, flags=re.MULTILINE))  # an op's output, renamed
-    assert len(read) == LAYERS_IN_GRAPH and {alias.get(name, name) for name in read} == {kept}, (kept, read)
+    assert len(calls) == LAYERS_IN_GRAPH and mask.target is torch.ops.rotatek.kept_copy.default
+    torch.testing.assert_close(fx.GraphModule(gm, graph)(*example_inputs)[0], layers(*args))
 
 
 LAYERS_IN_GRAPH = 4

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import logging
 import operator
 from typing import Optional
@@ -29,6 +30,7 @@ import torch
 import torch.fx as fx
 
 from rotatek_compile.kernels import reference
+from rotatek_compile.ops import MASK_BUILDERS
 from rotatek_compile.passes.find_attention import (
     _SDPA, AttentionSite, SkippedSite, _is_call, example_value, graph_outputs, sites_and_skips)
 from rotatek_compile.passes.visual_span import find_merges, find_span_masks
@@ -121,12 +123,16 @@ def use_causal_kernel(graph: fx.Graph, attentions: list[fx.Node]) -> int:
     Left alone: additive masks, dropout, ``is_causal`` already set, no mask.
 
     Layers whose masks are the same prefix slice of one mask share one mask node
-    (:func:`_shared_mask`), and that node is materialised once (:func:`_materialised_once`), so
-    that Inductor keeps one ``[B, 1, L, S]`` mask for the graph instead of one per layer.
+    (:func:`_shared_mask`). Where the graph computes the mask from its inputs, the op gets that
+    computation instead of the mask (``rotatek.prefill_attention_lazy_mask``,
+    :func:`_mask_builder`) and builds it only for a prompt that is not causal: Inductor keeps no
+    ``[B, 1, L, S]`` mask at all (4.3 GB at 64k tokens); the causal check reads the mask's
+    expression without storing it. Any other mask is materialised once for every layer
+    (:func:`_materialised_once`).
     """
     flags: dict[fx.Node, fx.Node] = {}
     shared: dict[tuple, fx.Node] = {}
-    materialised: dict[fx.Node, fx.Node] = {}
+    materialised: dict[fx.Node, object] = {}
     count = 0
     for node in attentions:
         if not _is_call(node, *_SDPA) or len(node.args) != 3:
@@ -136,8 +142,7 @@ def use_causal_kernel(graph: fx.Graph, attentions: list[fx.Node]) -> int:
         if value is None or value.dtype != torch.bool or kwargs.get("dropout_p", 0.0) or kwargs.get("is_causal"):
             continue
         if mask not in materialised:
-            materialised[mask] = _materialised_once(graph, mask)
-        mask = materialised[mask]
+            materialised[mask] = _mask_builder(mask) or _materialised_once(graph, mask)
         query, keys, values = node.args
         gqa = bool(kwargs.get("enable_gqa", False))
         grouped = _unrepeated(keys, query), _unrepeated(values, query)
@@ -159,9 +164,15 @@ def use_causal_kernel(graph: fx.Graph, attentions: list[fx.Node]) -> int:
         scale = kwargs.get("scale")
         if scale is None:
             scale = example_value(query).shape[-1] ** -0.5
+        built = materialised[mask]
         with graph.inserting_before(node):
-            fast = graph.call_function(torch.ops.rotatek.prefill_attention.default,
-                                       (query, keys, values, mask, flags[mask], float(scale), gqa))
+            if isinstance(built, fx.Node):
+                fast = graph.call_function(torch.ops.rotatek.prefill_attention.default,
+                                           (query, keys, values, built, flags[mask], float(scale), gqa))
+            else:
+                key, tensors, sizes = built
+                fast = graph.call_function(torch.ops.rotatek.prefill_attention_lazy_mask.default,
+                                           (query, keys, values, flags[mask], float(scale), gqa, key, tensors, sizes))
         fast.meta.update(node.meta)
         node.replace_all_uses_with(fast)
         graph.erase_node(node)
@@ -216,6 +227,46 @@ def _shared_mask(mask, shared: dict[tuple, fx.Node]):
     value = example_value(mask)
     key = (base, tuple(str(size) for size in value.shape) if value is not None else id(mask))
     return shared.setdefault(key, mask)
+
+
+def _mask_builder(mask: fx.Node) -> Optional[tuple[str, list[fx.Node], list[fx.Node]]]:
+    """The nodes that compute ``mask`` from the graph's inputs, cut out as a module and registered
+    in ``rotatek_compile.ops.MASK_BUILDERS``: ``(key, tensor inputs, size inputs)``. ``None`` where
+    the computation reads a module attribute, has side effects, or reads a tensor that something
+    in the graph writes in place.
+
+    The key hashes the module's code, so an Inductor graph loaded from its cache in another
+    process finds the builder that the same rewrite registered there.
+    """
+    nodes, stack = {}, [mask]
+    while stack:
+        node = stack.pop()
+        if node in nodes:
+            continue
+        if node.op not in ("placeholder", "call_function", "call_method") or (
+                node.op != "placeholder" and has_side_effects(node)):
+            return None
+        if any(has_side_effects(user) for user in node.users if user.op != "output"):
+            return None  # written in place somewhere: a replay would not see the same values
+        nodes[node] = None
+        stack.extend(node.all_input_nodes)
+    order = {node: i for i, node in enumerate(mask.graph.nodes)}
+    inputs = [node for node in nodes if node.op == "placeholder"]
+    tensors = [node for node in inputs if isinstance(example_value(node), torch.Tensor)]
+    sizes = [node for node in inputs if isinstance(node.meta.get("example_value"), (int, torch.SymInt))]
+    if len(tensors) + len(sizes) != len(inputs):
+        return None
+    builder, copied = fx.Graph(), {}
+    for node in tensors + sizes:
+        copied[node] = builder.placeholder(node.name)
+    for node in sorted(nodes, key=order.__getitem__):
+        if node.op != "placeholder":
+            copied[node] = builder.node_copy(node, copied.__getitem__)
+    builder.output(copied[mask])
+    module = fx.GraphModule(torch.nn.Module(), builder)
+    key = hashlib.sha256(module.code.encode()).hexdigest()[:16]
+    MASK_BUILDERS.setdefault(key, module)
+    return key, tensors, sizes
 
 
 def _materialised_once(graph: fx.Graph, mask: fx.Node) -> fx.Node:
@@ -409,7 +460,13 @@ def has_side_effects(node: fx.Node) -> bool:
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     if isinstance(node.target, torch._ops.OpOverload):
         return node.target._schema.is_mutable
+    if getattr(node.target, "__module__", None) == "_operator":  # and_, or_: pure; iand, ior: in place
+        return name in _IN_PLACE_OPERATORS or node.target is operator.delitem
     return name.endswith("_") and not name.endswith("__")
+
+
+_IN_PLACE_OPERATORS = {"iadd", "iand", "iconcat", "ifloordiv", "ilshift", "imatmul", "imod", "imul", "ior",
+                       "ipow", "irshift", "isub", "itruediv", "ixor"}
 
 
 def _new_token_mask(graph: fx.Graph, site: AttentionSite) -> fx.Node:
