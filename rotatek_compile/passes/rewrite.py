@@ -133,6 +133,7 @@ def use_causal_kernel(graph: fx.Graph, attentions: list[fx.Node]) -> int:
     flags: dict[fx.Node, fx.Node] = {}
     shared: dict[tuple, fx.Node] = {}
     materialised: dict[fx.Node, object] = {}
+    private: list[tuple[fx.Node, list[fx.Node]]] = []  # masks the ops build themselves
     count = 0
     for node in attentions:
         if not _is_call(node, *_SDPA) or len(node.args) != 3:
@@ -142,7 +143,11 @@ def use_causal_kernel(graph: fx.Graph, attentions: list[fx.Node]) -> int:
         if value is None or value.dtype != torch.bool or kwargs.get("dropout_p", 0.0) or kwargs.get("is_causal"):
             continue
         if mask not in materialised:
-            materialised[mask] = _mask_builder(mask) or _materialised_once(graph, mask)
+            nodes = _mask_computation(mask)
+            built = _mask_builder(mask, nodes) if nodes else None
+            materialised[mask] = built or _materialised_once(graph, mask)
+            if built:
+                private.append((mask, nodes))
         query, keys, values = node.args
         gqa = bool(kwargs.get("enable_gqa", False))
         grouped = _unrepeated(keys, query), _unrepeated(values, query)
@@ -177,6 +182,8 @@ def use_causal_kernel(graph: fx.Graph, attentions: list[fx.Node]) -> int:
         node.replace_all_uses_with(fast)
         graph.erase_node(node)
         count += 1
+    for mask, nodes in private:
+        _read_privately(graph, mask, nodes)
     return count
 
 
@@ -229,15 +236,10 @@ def _shared_mask(mask, shared: dict[tuple, fx.Node]):
     return shared.setdefault(key, mask)
 
 
-def _mask_builder(mask: fx.Node) -> Optional[tuple[str, list[fx.Node], list[fx.Node]]]:
-    """The nodes that compute ``mask`` from the graph's inputs, cut out as a module and registered
-    in ``rotatek_compile.ops.MASK_BUILDERS``: ``(key, tensor inputs, size inputs)``. ``None`` where
-    the computation reads a module attribute, has side effects, or reads a tensor that something
-    in the graph writes in place.
-
-    The key hashes the module's code, so an Inductor graph loaded from its cache in another
-    process finds the builder that the same rewrite registered there.
-    """
+def _mask_computation(mask: fx.Node) -> Optional[list[fx.Node]]:
+    """The nodes that compute ``mask`` from the graph's inputs (placeholders included), in graph
+    order; ``None`` where the computation reads a module attribute, has side effects, or reads a
+    tensor that something in the graph writes in place (a replay would not see the same values)."""
     nodes, stack = {}, [mask]
     while stack:
         node = stack.pop()
@@ -247,10 +249,20 @@ def _mask_builder(mask: fx.Node) -> Optional[tuple[str, list[fx.Node], list[fx.N
                 node.op != "placeholder" and has_side_effects(node)):
             return None
         if any(has_side_effects(user) for user in node.users if user.op != "output"):
-            return None  # written in place somewhere: a replay would not see the same values
+            return None
         nodes[node] = None
         stack.extend(node.all_input_nodes)
     order = {node: i for i, node in enumerate(mask.graph.nodes)}
+    return sorted(nodes, key=order.__getitem__)
+
+
+def _mask_builder(mask: fx.Node, nodes: list[fx.Node]) -> Optional[tuple[str, list[fx.Node], list[fx.Node]]]:
+    """``mask``'s computation (:func:`_mask_computation`) cut out as a module and registered in
+    ``rotatek_compile.ops.MASK_BUILDERS``: ``(key, tensor inputs, size inputs)``, or None.
+
+    The key hashes the module's code, so an Inductor graph loaded from its cache in another
+    process finds the builder that the same rewrite registered there.
+    """
     inputs = [node for node in nodes if node.op == "placeholder"]
     tensors = [node for node in inputs if isinstance(example_value(node), torch.Tensor)]
     sizes = [node for node in inputs if isinstance(node.meta.get("example_value"), (int, torch.SymInt))]
@@ -259,7 +271,7 @@ def _mask_builder(mask: fx.Node) -> Optional[tuple[str, list[fx.Node], list[fx.N
     builder, copied = fx.Graph(), {}
     for node in tensors + sizes:
         copied[node] = builder.placeholder(node.name)
-    for node in sorted(nodes, key=order.__getitem__):
+    for node in nodes:
         if node.op != "placeholder":
             copied[node] = builder.node_copy(node, copied.__getitem__)
     builder.output(copied[mask])
@@ -267,6 +279,20 @@ def _mask_builder(mask: fx.Node) -> Optional[tuple[str, list[fx.Node], list[fx.N
     key = hashlib.sha256(module.code.encode()).hexdigest()[:16]
     MASK_BUILDERS.setdefault(key, module)
     return key, tensors, sizes
+
+
+def _read_privately(graph: fx.Graph, mask: fx.Node, nodes: list[fx.Node]) -> None:
+    """Give every remaining reader of ``mask`` (the causal check, the returned mask row) its own
+    copy of the computation, placed before it. A pointwise expression with one reader is computed
+    inside that reader's kernel; shared by two, Inductor stored the whole ``[B, 1, L, S]`` mask
+    (17 GB at 128k tokens) although no attention read it."""
+    for user in list(mask.users):
+        copied = {node: node for node in nodes if node.op == "placeholder"}
+        with graph.inserting_before(user):
+            for node in nodes:
+                if node.op != "placeholder":
+                    copied[node] = graph.node_copy(node, copied.__getitem__)
+        user.replace_input_with(mask, copied[mask])
 
 
 def _materialised_once(graph: fx.Graph, mask: fx.Node) -> fx.Node:
