@@ -302,6 +302,24 @@ def test_lazy_mask_prefill_builds_the_mask_only_when_not_causal(padded):
     check_lazy_mask_op(padded)
 
 
+def test_a_mask_reading_what_an_in_place_write_reads_is_still_built_in_the_op():
+    """A StaticCache prefill builds its mask from the cache positions that ``index_copy_`` also
+    reads (transformers 5.17): a read next to a write elsewhere, not a write of the mask's input."""
+    from rotatek_compile.passes.rewrite import use_causal_kernel
+
+    def layer(query, cache_keys, keys, values, positions):
+        cache_keys.index_copy_(2, positions, keys)
+        mask = torch.arange(cache_keys.shape[2])[None, None, None, :] <= positions[None, None, :, None]
+        return F.scaled_dot_product_attention(query, cache_keys, cache_keys, attn_mask=mask)
+
+    args = (torch.randn(1, 2, 6, 8), torch.zeros(1, 2, 6, 8), torch.randn(1, 2, 6, 8), None, torch.arange(6))
+    gm = trace(layer, *args)
+    graph = copy.deepcopy(gm.graph)
+    attentions = [n for n in graph.nodes if n.target in (SDPA, F.scaled_dot_product_attention)]
+    assert use_causal_kernel(graph, attentions) == 1
+    assert [n.target for n in prefill_calls(graph)] == [LAZY_MASK_OP]
+
+
 def test_a_mask_computed_with_side_effects_is_materialised_once():
     """A mask whose computation the op cannot replay (an in-place op in it) is copied once
     (``rotatek.kept_copy``) and that copy read by every layer."""

@@ -333,6 +333,9 @@ def test_static_prefill_keeps_attention_and_adds_outputs(static_graphs):
     # the static buffers' boolean mask: SDPA → prefill_attention (flash when the mask is causal)
     assert _count(gm.graph, SDPA) == LAYERS
     assert _count(graph, SDPA) == 0 and len(prefill_calls(graph)) == LAYERS
+    # the mask is built inside the op, only if not causal (its computation reads the cache length,
+    # which the graph also adds to a counter in place: a read, not a write of what the mask reads)
+    assert all(call.target is torch.ops.rotatek.prefill_attention_lazy_mask.default for call in prefill_calls(graph))
     assert _count(graph, "index_copy_") == _count(gm.graph, "index_copy_") == 2 * LAYERS
     (output,) = graph.find_nodes(op="output")
     assert len(output.args[0]) - plan.num_outputs == LAYERS + 2  # query windows, one mask row, positions

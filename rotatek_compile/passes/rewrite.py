@@ -248,12 +248,26 @@ def _mask_computation(mask: fx.Node) -> Optional[list[fx.Node]]:
         if node.op not in ("placeholder", "call_function", "call_method") or (
                 node.op != "placeholder" and has_side_effects(node)):
             return None
-        if any(has_side_effects(user) for user in node.users if user.op != "output"):
+        if any(_writes_in_place(user, node) for user in node.users):
             return None
         nodes[node] = None
         stack.extend(node.all_input_nodes)
     order = {node: i for i, node in enumerate(mask.graph.nodes)}
     return sorted(nodes, key=order.__getitem__)
+
+
+def _writes_in_place(user: fx.Node, node: fx.Node) -> bool:
+    """Whether ``user`` writes ``node``'s tensor in place (``node.add_(x)``, ``out=node``,
+    ``node[i] = x``), not merely reads it next to a write elsewhere (``cache.index_copy_(2, node, k)``)."""
+    if user.op == "output" or not has_side_effects(user):
+        return False
+    if user.kwargs.get("out") is node:
+        return True
+    if isinstance(user.target, torch._ops.OpOverload):
+        written = [a.name for a in user.target._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+        arguments = dict(zip([a.name for a in user.target._schema.arguments], user.args)) | dict(user.kwargs)
+        return any(arguments.get(name) is node for name in written)
+    return bool(user.args) and user.args[0] is node
 
 
 def _mask_builder(mask: fx.Node, nodes: list[fx.Node]) -> Optional[tuple[str, list[fx.Node], list[fx.Node]]]:
