@@ -219,19 +219,20 @@ def _mask_layers(query, keys, values, padding):
     return out
 
 
-def _rewritten_mask_layers(padding):
+def _rewritten_mask_layers(layers, padding):
+    """``layers``' graph after the prefill mask rewrite, its example inputs, and the eager result."""
     from rotatek_compile.passes.rewrite import use_causal_kernel
 
     torch._dynamo.reset()
     recorder = RecordingBackend()
     args = (torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8), padding)
-    torch.compile(_mask_layers, backend=recorder, fullgraph=True)(*args)
+    torch.compile(layers, backend=recorder, fullgraph=True)(*args)
     torch._dynamo.reset()
     (gm, example_inputs), = recorder.graphs
     graph = copy.deepcopy(gm.graph)
     attentions = [n for n in graph.nodes if n.target in (SDPA, F.scaled_dot_product_attention)]
     assert use_causal_kernel(graph, attentions) == LAYERS_IN_GRAPH
-    return fx.GraphModule(gm, graph), example_inputs, _mask_layers(*args)
+    return fx.GraphModule(gm, graph), example_inputs, layers(*args)
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -249,7 +250,7 @@ def test_a_mask_computed_in_the_graph_is_built_only_when_not_causal(padded):
     padding = torch.ones(2, 10, dtype=torch.bool)
     if padded:
         padding[1, :3] = False
-    module, example_inputs, expected = _rewritten_mask_layers(padding)
+    module, example_inputs, expected = _rewritten_mask_layers(_mask_layers, padding)
     calls = [n for n in module.graph.nodes if n.target is LAZY_MASK_OP]
     assert len(calls) == LAYERS_IN_GRAPH and count(module.graph, PREFILL_OP) == 0
     (key,) = {n.args[6] for n in calls}
@@ -323,7 +324,6 @@ def test_a_mask_reading_what_an_in_place_write_reads_is_still_built_in_the_op():
 def test_a_mask_computed_with_side_effects_is_materialised_once():
     """A mask whose computation the op cannot replay (an in-place op in it) is copied once
     (``rotatek.kept_copy``) and that copy read by every layer."""
-    from rotatek_compile.passes.rewrite import use_causal_kernel
 
     def layers(query, keys, values, padding):
         length = query.shape[-2]
@@ -335,20 +335,11 @@ def test_a_mask_computed_with_side_effects_is_materialised_once():
             out = F.scaled_dot_product_attention(out, keys, values, attn_mask=mask)
         return out
 
-    torch._dynamo.reset()
-    recorder = RecordingBackend()
-    args = (torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8),
-            torch.ones(2, 10, dtype=torch.bool))
-    torch.compile(layers, backend=recorder, fullgraph=True)(*args)
-    torch._dynamo.reset()
-    (gm, example_inputs), = recorder.graphs
-    graph = copy.deepcopy(gm.graph)
-    attentions = [n for n in graph.nodes if n.target in (SDPA, F.scaled_dot_product_attention)]
-    assert use_causal_kernel(graph, attentions) == LAYERS_IN_GRAPH
-    calls = [n for n in graph.nodes if n.target is PREFILL_OP]
+    module, example_inputs, expected = _rewritten_mask_layers(layers, torch.ones(2, 10, dtype=torch.bool))
+    calls = [n for n in module.graph.nodes if n.target is PREFILL_OP]
     (mask,) = {n.args[3] for n in calls}
     assert len(calls) == LAYERS_IN_GRAPH and mask.target is torch.ops.rotatek.kept_copy.default
-    torch.testing.assert_close(fx.GraphModule(gm, graph)(*example_inputs)[0], layers(*args))
+    torch.testing.assert_close(module(*example_inputs)[0], expected)
 
 
 LAYERS_IN_GRAPH = 4
