@@ -321,20 +321,30 @@ def test_a_mask_reading_what_an_in_place_write_reads_is_still_built_in_the_op():
     assert [n.target for n in prefill_calls(graph)] == [LAZY_MASK_OP]
 
 
-def test_a_mask_computed_with_side_effects_is_materialised_once():
-    """A mask whose computation the op cannot replay (an in-place op in it) is copied once
-    (``rotatek.kept_copy``) and that copy read by every layer."""
+def _mask_written_in_place(query, keys, values, padding):
+    length = query.shape[-2]
+    mask = torch.arange(length)[None, None, None, :] <= torch.arange(length)[None, None, :, None]
+    mask = mask.expand(query.shape[0], 1, length, length).clone()
+    mask.logical_and_(padding[:, None, None, :])
+    return _attend_in_layers(query, keys, values, mask)
 
-    def layers(query, keys, values, padding):
-        length = query.shape[-2]
-        mask = torch.arange(length)[None, None, None, :] <= torch.arange(length)[None, None, :, None]
-        mask = mask.expand(query.shape[0], 1, length, length).clone()
-        mask.logical_and_(padding[:, None, None, :])
-        out = query
-        for _ in range(LAYERS_IN_GRAPH):
-            out = F.scaled_dot_product_attention(out, keys, values, attn_mask=mask)
-        return out
 
+def _mask_from_activations(query, keys, values, padding):
+    scores = query @ keys.transpose(-1, -2)  # [B, H, L, S]: what a learned mask would read
+    return _attend_in_layers(query, keys, values, (scores[:, :1] > -1e9) & padding[:, None, None, :])
+
+
+def _attend_in_layers(query, keys, values, mask):
+    out = query
+    for _ in range(LAYERS_IN_GRAPH):
+        out = F.scaled_dot_product_attention(out, keys, values, attn_mask=mask)
+    return out
+
+
+@pytest.mark.parametrize("layers", [_mask_written_in_place, _mask_from_activations], ids=["in_place", "activations"])
+def test_a_mask_the_op_should_not_replay_is_materialised_once(layers):
+    """A mask whose computation writes in place (a replay would differ) or reads activations (a
+    replay would repeat model work) is copied once (``rotatek.kept_copy``) for every layer."""
     module, example_inputs, expected = _rewritten_mask_layers(layers, torch.ones(2, 10, dtype=torch.bool))
     calls = [n for n in module.graph.nodes if n.target is PREFILL_OP]
     (mask,) = {n.args[3] for n in calls}

@@ -132,7 +132,7 @@ def use_causal_kernel(graph: fx.Graph, attentions: list[fx.Node]) -> int:
     """
     flags: dict[fx.Node, fx.Node] = {}
     shared: dict[tuple, fx.Node] = {}
-    materialised: dict[fx.Node, object] = {}
+    mask_inputs: dict[fx.Node, object] = {}  # mask → a node holding it, or (builder key, its inputs)
     private: list[tuple[fx.Node, list[fx.Node]]] = []  # masks the ops build themselves
     count = 0
     for node in attentions:
@@ -142,10 +142,10 @@ def use_causal_kernel(graph: fx.Graph, attentions: list[fx.Node]) -> int:
         value = example_value(mask) if isinstance(mask, fx.Node) else None
         if value is None or value.dtype != torch.bool or kwargs.get("dropout_p", 0.0) or kwargs.get("is_causal"):
             continue
-        if mask not in materialised:
+        if mask not in mask_inputs:
             nodes = _mask_computation(mask)
             built = _mask_builder(mask, nodes) if nodes else None
-            materialised[mask] = built or _materialised_once(graph, mask)
+            mask_inputs[mask] = built or _materialised_once(graph, mask)
             if built:
                 private.append((mask, nodes))
         query, keys, values = node.args
@@ -169,7 +169,7 @@ def use_causal_kernel(graph: fx.Graph, attentions: list[fx.Node]) -> int:
         scale = kwargs.get("scale")
         if scale is None:
             scale = example_value(query).shape[-1] ** -0.5
-        built = materialised[mask]
+        built = mask_inputs[mask]
         with graph.inserting_before(node):
             if isinstance(built, fx.Node):
                 fast = graph.call_function(torch.ops.rotatek.prefill_attention.default,
@@ -272,7 +272,8 @@ def _writes_in_place(user: fx.Node, node: fx.Node) -> bool:
 
 def _mask_builder(mask: fx.Node, nodes: list[fx.Node]) -> Optional[tuple[str, list[fx.Node], list[fx.Node]]]:
     """``mask``'s computation (:func:`_mask_computation`) cut out as a module and registered in
-    ``rotatek_compile.ops.MASK_BUILDERS``: ``(key, tensor inputs, size inputs)``, or None.
+    ``rotatek_compile.ops.MASK_BUILDERS``: ``(key, tensor inputs, size inputs)``, or None where
+    it reads anything but integer or boolean tensors (token ids, positions, padding) and sizes.
 
     The key hashes the module's code, so an Inductor graph loaded from its cache in another
     process finds the builder that the same rewrite registered there.
@@ -280,8 +281,8 @@ def _mask_builder(mask: fx.Node, nodes: list[fx.Node]) -> Optional[tuple[str, li
     inputs = [node for node in nodes if node.op == "placeholder"]
     tensors = [node for node in inputs if isinstance(example_value(node), torch.Tensor)]
     sizes = [node for node in inputs if isinstance(node.meta.get("example_value"), (int, torch.SymInt))]
-    if len(tensors) + len(sizes) != len(inputs):
-        return None
+    if len(tensors) + len(sizes) != len(inputs) or any(example_value(t).is_floating_point() for t in tensors):
+        return None  # a mask from activations or weights: replaying it would repeat model work
     builder, copied = fx.Graph(), {}
     for node in tensors + sizes:
         copied[node] = builder.placeholder(node.name)
