@@ -206,6 +206,7 @@ class RotateKBackend:
 
 
 _NOT_FILLED = "its cache was not filled by a rotatek-compiled prefill"
+_CROSS_ATTENTION = "cross-attention"  # how find_attention's reason for a cross-attention site starts
 
 
 # Graph inputs that carry an image into the model: pixels, patches, or features computed outside
@@ -401,20 +402,40 @@ class _PrefillRunner:
                                          layer_span, valid, slot.scale))
             del keys
         valid_tokens = [prefill.valid.sum(dim=1) for prefill in prefills]  # [B] per site
+        reduced = 0  # layers that store less than HF's exact cache would
         for slot, valid, layer in zip(plan.sites, valid_tokens, compress_layers(prefills, self.config)):
             if isinstance(layer, KeptExact):
                 self._keep_exact(slot.layer, layer)
                 continue
+            reduced += bool(layer.split.compressed or layer.split.dropped)
             dropped = tuple((valid - layer.held_tokens()).tolist())
             layer = dataclasses.replace(layer, span_source=source, dropped=dropped)
             keys, values = outputs[slot.keys_output], outputs[slot.values_output]
             outputs[slot.keys_output] = stand_in(keys.shape, keys, layer)
             outputs[slot.values_output] = stand_in(values.shape, values, None)
             del keys, values
+        self._tell_if_only_cross_attention_holds_the_image(reduced, source)
         outputs = outputs[: plan.num_outputs]
         if span is not None:
             _tag_hidden_states(outputs, span)
         return outputs
+
+    def _tell_if_only_cross_attention_holds_the_image(self, reduced: int, source: str) -> None:
+        """One WARNING where no self-attention layer of a decoder with cross-attention stored less
+        (``reduced`` layers did): an encoder-decoder whose image is in the encoder, so the decoder's
+        own prompt has no image token, and the cross-attention cache that holds the image is never
+        compressed."""
+        names = [slot.layer for slot in self.plan.sites]
+        cross = [s.layer for s in self.plan.skipped if s.reason.startswith(_CROSS_ATTENTION)]
+        reason = f"{_CROSS_ATTENTION} holds the image"
+        if not cross or not names or reduced or reason in self.backend._warned:
+            return
+        self.backend._warned.add(reason)
+        logger.warning("rotatek: compression is off for all %d self-attention layer(s) (%s): nothing of the "
+                       "decoder's own prompt was compressed (span: %s); what the encoder read (the image, in a "
+                       "vision encoder-decoder) reaches this decoder by cross-attention (%s), whose cache is "
+                       "not compressed",
+                       len(names), ", ".join(names), source, ", ".join(dict.fromkeys(cross)))
 
     def _keep_exact(self, name: str, layer: KeptExact) -> None:
         """Record a layer left with HF's exact cache (its Keys and Values are not replaced)."""

@@ -188,14 +188,17 @@ class _StaticPrefillRunner(_PrefillRunner):
         sliding = [length < max(lengths) for length in lengths]  # symbolic buffer lengths, unequal now
         prefills = [prefill for prefill, short in zip(prefills, sliding) if not short]
         layers = iter(compress_layers(prefills, self.config))
+        reduced = 0  # layers that store less than HF's exact cache would
         for slot, length, short in zip(plan.sites, lengths, sliding):
             layer = KeptExact(SLIDING_WINDOW, None) if short else next(layers)
             if isinstance(layer, KeptExact):  # HF's buffers stay as they are; decode leaves the site exact
                 self._keep_exact(slot.layer, layer)
                 continue
+            reduced += bool(layer.split.compressed or layer.split.dropped)
             layer = to_static(dataclasses.replace(layer, span_source=source), prompt_end, length)
             self._hand_stand_in(outputs, args, slot.keys_output, slot.past_keys_input, layer)
             self._hand_stand_in(outputs, args, slot.values_output, slot.past_values_input, None)
+        self._tell_if_only_cross_attention_holds_the_image(reduced, source)
         return outputs[: plan.num_outputs]
 
     def _token_grid(self, outputs: list) -> tuple[int, int]:

@@ -150,3 +150,19 @@ def test_unrecognised_attention_on_a_kv_cache_is_reported_and_left_exact(caplog)
     assert skipped == {"model.layers.0.self_attn", "model.layers.1.self_attn"}
     ours = [r.getMessage() for r in caplog.records if r.name == "rotatek_compile" and r.levelno == logging.WARNING]
     assert len(ours) == 1 and _UNKNOWN_READER in ours[0], ours
+
+
+def test_an_image_reached_only_by_cross_attention_is_loud():
+    """A vision encoder-decoder (ViT encoder, GPT-2 decoder): the decoder's own prompt holds no
+    image token, so no self-attention layer stores less, and the cross-attention cache that holds
+    the image is never compressed. That used to pass without a word; now one WARNING names the
+    layers, and the answers are the uncompiled model's."""
+    from tests.vlm_classes import BY_NAME, checks
+
+    entry = BY_NAME["vision-encoder-decoder"]
+    exact = checks.generate(entry, None)
+    compiled = checks.generate(entry, entry.head_dim)
+    assert torch.equal(exact.sequences, compiled.sequences)
+    (warning,) = compiled.warnings
+    assert "cross-attention" in warning and "decoder.transformer.h.0.attn" in warning, warning
+    assert "decoder.transformer.h.0.crossattention" in warning

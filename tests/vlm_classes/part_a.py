@@ -679,6 +679,6 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "git": "no layer is rewritten (see sites); the image is concatenated in front of the text, not merged",
         "florence2": ("encoder-decoder: the image sits in the encoder (cross-attention cache, never compressed); "
                       "the decoder self-attention span is empty, so its layers stay exact by the byte rule (Key "
-                      "bytes 1.00x)"),
+                      "bytes 1.00x); one WARNING says so"),
     },
 }

@@ -680,12 +680,14 @@ _T5_NAMES = ("(not a product gap) the check's layer pattern expects 'layers.N.';
              "their layers '{}'")
 _ENCODER_IMAGE = ("encoder-decoder: the image is in the encoder (its cross-attention cache is left exact); the "
                   "decoder's self-attention prompt is one start token, so the span is empty and each layer "
-                  "stays exact by the byte rule (Key bytes 1.00x)")
+                  "stays exact by the byte rule (Key bytes 1.00x); one WARNING says so where the decoder has "
+                  "cross-attention layers")
 _GPT2_CROSS = ("(the check's naming, not the product) GPT-2's cross-attention (Conv1D projections) is now told "
                "from self-attention and left exact, and the model is exact at r = d; the check's layer pattern "
                "expects 'layers.N.' where GPT-2 names its layers 'transformer.h.N'")
 _GPT2_SPAN = ("encoder-decoder: the image is in the encoder (cross-attention, never compressed); the decoder's "
-              "prompt is its start token alone, so there is no span to compress (the check finds no attention_mask)")
+              "prompt is its start token alone, so there is no span to compress (the check finds no attention_mask); "
+              "one WARNING says so")
 
 _SPLIT_NAMES = ("each decoder layer is a graph of its own (DeepStack's boolean-index add after layer 0 has a "
                  "data-dependent shape): sites are named relative to the layer ('self_attn'); the span reaches "
