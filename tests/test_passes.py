@@ -341,10 +341,24 @@ def _attend_in_layers(query, keys, values, mask):
     return out
 
 
-@pytest.mark.parametrize("layers", [_mask_written_in_place, _mask_from_activations], ids=["in_place", "activations"])
+def _mask_under_vmap(query, keys, values, padding):
+    """As transformers' ``_vmap_for_bhqkv`` builds some masks: a per-row function under ``vmap``."""
+    length = query.shape[-2]
+    positions = torch.arange(length)
+
+    def row(keep):  # [S] padding of one row → [L, S]
+        return (positions[None, :] <= positions[:, None]) & keep[None, :]
+
+    return _attend_in_layers(query, keys, values, torch.vmap(row)(padding)[:, None])
+
+
+@pytest.mark.parametrize("layers", [_mask_written_in_place, _mask_from_activations, _mask_under_vmap],
+                         ids=["in_place", "activations", "vmap"])
 def test_a_mask_the_op_should_not_replay_is_materialised_once(layers):
-    """A mask whose computation writes in place (a replay would differ) or reads activations (a
-    replay would repeat model work) is copied once (``rotatek.kept_copy``) for every layer."""
+    """A mask whose computation writes in place (a replay would differ), reads activations (a
+    replay would repeat model work) or runs under ``vmap`` (its batch-dim plumbing needs the vmap
+    levels set around it: a replay raised functorch's "tensor may have escaped" error) is copied
+    once (``rotatek.kept_copy``) for every layer."""
     module, example_inputs, expected = _rewritten_mask_layers(layers, torch.ones(2, 10, dtype=torch.bool))
     calls = [n for n in module.graph.nodes if n.target is PREFILL_OP]
     (mask,) = {n.args[3] for n in calls}

@@ -238,8 +238,9 @@ def _shared_mask(mask, shared: dict[tuple, fx.Node]):
 
 def _mask_computation(mask: fx.Node) -> Optional[list[fx.Node]]:
     """The nodes that compute ``mask`` from the graph's inputs (placeholders included), in graph
-    order; ``None`` where the computation reads a module attribute, has side effects, or reads a
-    tensor that something in the graph writes in place (a replay would not see the same values)."""
+    order; ``None`` where the computation reads a module attribute, has side effects, runs inside
+    ``vmap`` (transformers' mask functions may), or reads a tensor that something in the graph
+    writes in place (a replay would not see the same values)."""
     nodes, stack = {}, [mask]
     while stack:
         node = stack.pop()
@@ -248,6 +249,8 @@ def _mask_computation(mask: fx.Node) -> Optional[list[fx.Node]]:
         if node.op not in ("placeholder", "call_function", "call_method") or (
                 node.op != "placeholder" and has_side_effects(node)):
             return None
+        if "functorch" in (getattr(node.target, "__module__", None) or ""):
+            return None  # vmap's batch-dim plumbing: it needs the vmap levels set around it
         if any(_writes_in_place(user, node) for user in node.users):
             return None
         nodes[node] = None
