@@ -24,7 +24,7 @@ import torch.fx as fx
 
 import rotatek_compile.ops  # noqa: F401  (registers torch.ops.rotatek.*)
 from rotatek_compile.config import INNERS, RotateKConfig
-from rotatek_compile.passes.find_attention import SkippedSite, sites_and_skips
+from rotatek_compile.passes.find_attention import CROSS_ATTENTION, SkippedSite, sites_and_skips
 from rotatek_compile.passes.rewrite import (
     RewrittenGraph, rewrite_decode, rewrite_merge, rewrite_prefill, state_inputs)
 from rotatek_compile.passes.visual_span import to_token_mask
@@ -206,7 +206,6 @@ class RotateKBackend:
 
 
 _NOT_FILLED = "its cache was not filled by a rotatek-compiled prefill"
-_CROSS_ATTENTION = "cross-attention"  # how find_attention's reason for a cross-attention site starts
 
 
 # Graph inputs that carry an image into the model: pixels, patches, or features computed outside
@@ -426,8 +425,8 @@ class _PrefillRunner:
         own prompt has no image token, and the cross-attention cache that holds the image is never
         compressed."""
         names = [slot.layer for slot in self.plan.sites]
-        cross = [s.layer for s in self.plan.skipped if s.reason.startswith(_CROSS_ATTENTION)]
-        reason = f"{_CROSS_ATTENTION} holds the image"
+        cross = [s.layer for s in self.plan.skipped if s.reason == CROSS_ATTENTION]
+        reason = "cross-attention holds the image"
         if not cross or not names or reduced or reason in self.backend._warned:
             return
         self.backend._warned.add(reason)

@@ -185,7 +185,8 @@ class _StaticPrefillRunner(_PrefillRunner):
                                          outputs[slot.query_output], layer_span, valid, slot.scale))
             del keys
         lengths = [prefill.keys.shape[2] for prefill in prefills]
-        sliding = [length < max(lengths) for length in lengths]  # symbolic buffer lengths, unequal now
+        longest = max(lengths)
+        sliding = [length < longest for length in lengths]  # symbolic buffer lengths, unequal now
         prefills = [prefill for prefill, short in zip(prefills, sliding) if not short]
         layers = iter(compress_layers(prefills, self.config))
         reduced = 0  # layers that store less than HF's exact cache would

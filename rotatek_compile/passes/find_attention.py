@@ -278,8 +278,7 @@ def find_attention_sites(graph: fx.Graph) -> list[Match]:
         past_keys, new_keys = key_update.args[0]
         past_values, new_values = value_update.args[0]
         if _is_cross_attention(query, new_keys):
-            matches.append(SkippedSite(layer, node, "cross-attention: its Keys come from another sequence",
-                                       compressible=False))
+            matches.append(SkippedSite(layer, node, CROSS_ATTENTION, compressible=False))
             continue
         gqa = "enable_gqa" if enable_gqa else ("repeat_kv" if key_repeated else "none")
         matches.append(AttentionSite(
@@ -413,6 +412,7 @@ def sites_and_skips(graph: fx.Graph) -> tuple[list[AttentionSite], list[SkippedS
     return sites, skipped + state_space_layers(graph)
 
 
+CROSS_ATTENTION = "cross-attention: its Keys come from another sequence"
 _UNKNOWN_READER = ("it writes a KV cache, but no attention the pass recognises reads it (an attention "
                    "form it does not match, e.g. sink logits or a bias inside the softmax)")
 
