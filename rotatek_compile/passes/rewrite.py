@@ -169,13 +169,13 @@ def use_causal_kernel(graph: fx.Graph, attentions: list[fx.Node]) -> int:
         scale = kwargs.get("scale")
         if scale is None:
             scale = example_value(query).shape[-1] ** -0.5
-        built = mask_inputs[mask]
+        mask_input = mask_inputs[mask]
         with graph.inserting_before(node):
-            if isinstance(built, fx.Node):
+            if isinstance(mask_input, fx.Node):
                 fast = graph.call_function(torch.ops.rotatek.prefill_attention.default,
-                                           (query, keys, values, built, flags[mask], float(scale), gqa))
+                                           (query, keys, values, mask_input, flags[mask], float(scale), gqa))
             else:
-                key, tensors, sizes = built
+                key, tensors, sizes = mask_input
                 fast = graph.call_function(torch.ops.rotatek.prefill_attention_lazy_mask.default,
                                            (query, keys, values, flags[mask], float(scale), gqa, key, tensors, sizes))
         fast.meta.update(node.meta)
@@ -286,13 +286,9 @@ def _mask_builder(mask: fx.Node, nodes: list[fx.Node]) -> Optional[tuple[str, li
     sizes = [node for node in inputs if isinstance(node.meta.get("example_value"), (int, torch.SymInt))]
     if len(tensors) + len(sizes) != len(inputs) or any(example_value(t).is_floating_point() for t in tensors):
         return None  # a mask from activations or weights: replaying it would repeat model work
-    builder, copied = fx.Graph(), {}
-    for node in tensors + sizes:
-        copied[node] = builder.placeholder(node.name)
-    for node in nodes:
-        if node.op != "placeholder":
-            copied[node] = builder.node_copy(node, copied.__getitem__)
-    builder.output(copied[mask])
+    builder = fx.Graph()
+    inputs = {node: builder.placeholder(node.name) for node in tensors + sizes}
+    builder.output(_copy_computation(builder, nodes, inputs)[mask])
     module = fx.GraphModule(torch.nn.Module(), builder)
     key = hashlib.sha256(module.code.encode()).hexdigest()[:16]
     MASK_BUILDERS.setdefault(key, module)
@@ -304,13 +300,21 @@ def _read_privately(graph: fx.Graph, mask: fx.Node, nodes: list[fx.Node]) -> Non
     copy of the computation, placed before it. A pointwise expression with one reader is computed
     inside that reader's kernel; shared by two, Inductor stored the whole ``[B, 1, L, S]`` mask
     (17 GB at 128k tokens) although no attention read it."""
+    inputs = {node: node for node in nodes if node.op == "placeholder"}
     for user in list(mask.users):
-        copied = {node: node for node in nodes if node.op == "placeholder"}
         with graph.inserting_before(user):
-            for node in nodes:
-                if node.op != "placeholder":
-                    copied[node] = graph.node_copy(node, copied.__getitem__)
-        user.replace_input_with(mask, copied[mask])
+            user.replace_input_with(mask, _copy_computation(graph, nodes, inputs)[mask])
+
+
+def _copy_computation(graph: fx.Graph, nodes: list[fx.Node], inputs: dict[fx.Node, fx.Node]) -> dict:
+    """Copies of ``nodes`` (a computation in graph order, :func:`_mask_computation`) inserted into
+    ``graph`` at its insertion point, reading ``inputs[p]`` for each placeholder ``p``; every
+    original node → its copy."""
+    copied = dict(inputs)
+    for node in nodes:
+        if node.op != "placeholder":
+            copied[node] = graph.node_copy(node, copied.__getitem__)
+    return copied
 
 
 def _materialised_once(graph: fx.Graph, mask: fx.Node) -> fx.Node:
