@@ -2,13 +2,16 @@
 
     python benchmarks/compress_cost.py --out $OUT          # GPU: 8B-shaped layer, bf16
     python benchmarks/compress_cost.py --lengths 512 --reps 2   # CPU smoke run
+    python benchmarks/compress_cost.py --lengths 16384 --profile --out $OUT   # + where the time goes
 
 One decoder layer of the 8B shape (Hq 32, H 8, d 128, r 32, W 32) with a span of ``N`` tokens:
 ``compress_layer`` (the product's prefill-time work per layer) timed whole, and its steps timed
 alone: token gathers, query norms + covariance, the basis solver (``eigh`` and ``subspace``),
 ``K̃ = K R``; then what the prefill runs, ``compress_layers`` over ``--layers`` such layers (one
 batched basis solve), next to as many separate ``compress_layer`` calls. Also how close the subspace basis is to the exact one (the share of the weighted
-covariance's top-r energy it captures). JSON goes to ``--out``; a table is printed.
+covariance's top-r energy it captures). JSON goes to ``--out``; a table is printed. ``--profile``
+adds the profiler's view of one ``compress_layers`` call (host time per op, device kernel time,
+host synchronisations) to the log and ``compress_profile.txt``.
 """
 
 from __future__ import annotations
@@ -98,12 +101,38 @@ def measure(length: int, device: torch.device, dtype: torch.dtype, reps: int, la
     return row
 
 
+def profile_compress_layers(length: int, device: torch.device, dtype: torch.dtype, layers: int) -> str:
+    """The profiler's table of one ``compress_layers`` call over ``layers`` layers, and its totals."""
+    inputs = layer_inputs(length, device, dtype)
+    config = RotateKConfig(key_channels=RANK, span="prompt", query_window=WINDOW)
+
+    def run():
+        list(compress_layers([LayerPrefill(**inputs, scale=DIM ** -0.5) for _ in range(layers)], config))
+        _sync(device)
+
+    run()  # warm-up
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        run()
+    events = prof.key_averages()
+    # a host read of a device value: item() / bool(), or tolist() (a synchronising copy on CUDA)
+    syncs = sum(e.count for e in events if e.key in ("aten::_local_scalar_dense", "cudaStreamSynchronize"))
+    top_level = sum(e.count for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
+    device_us = sum(e.self_device_time_total for e in events if e.device_type != torch.autograd.DeviceType.CPU)
+    header = (f"compress_layers, {layers} layers of {length} tokens: {top_level} top-level aten calls, "
+              f"{syncs} host synchronisations, device kernel time {device_us / 1e3:.1f} ms")
+    return header + "\n" + events.table(sort_by="self_cpu_time_total", row_limit=25)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", default="16384,32768,65536")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--layers", type=int, default=32, help="layers compressed by one compress_layers call")
     parser.add_argument("--out", default=None, help="folder for compress_cost.json")
+    parser.add_argument("--profile", action="store_true", help="profile one compress_layers call per length")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -118,8 +147,15 @@ def main(argv=None) -> int:
     logger.info("%8s " + " ".join(f"{k[:-3] if k.endswith('_ms') else k:>26}" for k in keys), "N")
     for row in rows:
         logger.info("%8d " + " ".join(f"{row[k]:>26.3f}" for k in keys), row["tokens"])
+    profiles = [profile_compress_layers(int(n), device, dtype, args.layers)
+                for n in args.lengths.split(",")] if args.profile else []
+    for text in profiles:
+        logger.info("%s", text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
+        if profiles:
+            with open(os.path.join(args.out, "compress_profile.txt"), "w") as f:
+                f.write("\n\n".join(profiles))
         with open(os.path.join(args.out, "compress_cost.json"), "w") as f:
             json.dump({"device": device_name, "dtype": str(dtype), "torch": torch.__version__, "rows": rows}, f, indent=1)
     return 0

@@ -77,8 +77,10 @@ COMPRESSING_MODULES = (rotatek_backend, importlib.import_module("rotatek_compile
 
 
 class CompressionTimer:
-    """Adds up the time the prefill spends building compressed layers (synchronised around each
-    layer ``compress_layers`` yields; the first includes the batched basis solve)."""
+    """Adds up the time the prefill spends building compressed layers: from the first layer
+    ``compress_layers`` is asked for to the last one handed over (the runner's own per-layer work,
+    such as laying a layer out for static shapes, included), synchronised at those two points only
+    (a synchronisation per layer would serialise the host's launches with the device's work)."""
 
     def __init__(self):
         self.seconds = 0.0
@@ -95,17 +97,15 @@ class CompressionTimer:
 
     def __call__(self, *args, **kwargs):
         layers = self._inner(*args, **kwargs)
-        while True:
-            _sync()
-            if self.peak_before is None:
-                self.peak_before = _peak_bytes()
-            start = time.perf_counter()
-            layer = next(layers, None)
+        _sync()  # the prefill graph's work is done
+        if self.peak_before is None:
+            self.peak_before = _peak_bytes()
+        start = time.perf_counter()
+        try:
+            yield from layers
+        finally:
             _sync()
             self.seconds += time.perf_counter() - start
-            if layer is None:
-                return
-            yield layer
 
 
 def _weight_bytes(model) -> int:

@@ -407,7 +407,8 @@ class _PrefillRunner:
                 self._keep_exact(slot.layer, layer)
                 continue
             reduced += bool(layer.split.compressed or layer.split.dropped)
-            dropped = tuple((valid - layer.held_tokens()).tolist())
+            dropped = ((0,) * valid.shape[0] if not layer.split.dropped  # no host read when none were
+                       else tuple((valid - layer.held_tokens()).tolist()))
             layer = dataclasses.replace(layer, span_source=source, dropped=dropped)
             keys, values = outputs[slot.keys_output], outputs[slot.values_output]
             outputs[slot.keys_output] = stand_in(keys.shape, keys, layer)

@@ -250,14 +250,17 @@ def derived_from_stand_in(tensor: Tensor) -> bool:
 MIN_SEGMENT = 2
 
 
-def _compact(selected: Tensor) -> tuple[Tensor, Tensor]:
+def _compact(selected: Tensor, widest: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """Positions of the ``True`` entries of each row, left-aligned, and which slots are real.
 
     ``selected`` ``[B, S]`` bool → ``positions`` ``[B, n]`` (ascending, padded with 0) and
-    ``mask`` ``[B, n]`` with ``n`` the largest count in a row (at least ``MIN_SEGMENT``).
+    ``mask`` ``[B, n]`` with ``n`` the largest count in a row (at least ``MIN_SEGMENT``);
+    ``widest``: that count, when the caller has it (else it is read from the device).
     """
     counts = selected.sum(dim=1)  # [B]
-    width = max(int(counts.max()) if selected.numel() else 0, MIN_SEGMENT)
+    if widest is None:
+        widest = int(counts.max()) if selected.numel() else 0
+    width = max(widest, MIN_SEGMENT)
     if selected.shape[1] < width:
         selected = torch.nn.functional.pad(selected, (0, width - selected.shape[1]))
     order = torch.sort((~selected).to(torch.int8), dim=1, stable=True).indices[:, :width]
@@ -267,8 +270,8 @@ def _compact(selected: Tensor) -> tuple[Tensor, Tensor]:
 
 def _gather_positions(tensor: Tensor, positions: Tensor) -> Tensor:
     """``tensor`` ``[B, H, S, x]`` at ``positions`` ``[B, n]`` (same for all heads) → ``[B, H, n, x]``."""
-    index = positions[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[-1])
-    return tensor.gather(2, index)
+    batch, heads, _, width = tensor.shape
+    return tensor.gather(2, positions.view(batch, 1, -1, 1).expand(-1, heads, -1, width))
 
 
 @dataclasses.dataclass
@@ -290,9 +293,14 @@ class SpanTokens:
     count: int  # real span tokens, sinks included
     per_row: Tensor  # [B] the same per row
     compressed: Tensor  # [B, S] bool: the span less its sinks
+    compressed_count: int  # their number, all rows
     positions: Tensor  # [B, Sv] where they are (:func:`_compact`)
     mask: Tensor  # [B, Sv] bool: which of those slots are real
-    basis: Optional[tuple[Tensor, Tensor]] = None  # RotateK's (R [B, H, d, r], μ [B, H, d]) fp32, if solved
+    rest_positions: Tensor  # [B, Sf] the real tokens outside them (the rest segment)
+    rest_mask: Tensor  # [B, Sf] bool
+    outside: int  # real tokens outside the span, all rows
+    # RotateK's basis as stored, (R̂ [B, H, d, r], δμ [B, H, d]) in the cache dtype, if solved
+    basis: Optional[tuple[Tensor, Tensor]] = None
 
 
 def compress_layer(
@@ -328,14 +336,35 @@ def compress_layer(
         The layer's softmax scale (token pruning scores use it).
     """
     prefill = LayerPrefill(keys, values, queries, span, valid, scale)
-    return _build_layer(prefill, _span_tokens(prefill), config)
+    return _build_layer(prefill, _span_tokens([prefill])[0], config)
 
 
-def _span_tokens(prefill: LayerPrefill) -> SpanTokens:
-    span = prefill.span & prefill.valid
-    per_row = span.sum(dim=1)  # [B]
-    compressed = span & ~tiers.attention_sinks(prefill.queries, prefill.keys, prefill.scale, span, prefill.valid)
-    return SpanTokens(int(per_row.sum()), per_row, compressed, *_compact(compressed))
+def _span_tokens(layers: list[LayerPrefill]) -> list[SpanTokens]:
+    """Each layer's span less its sinks, and where its span and rest tokens lie, with one host
+    synchronisation for all layers (the token counts that size the segments): on a GPU the work of
+    every layer is queued without waiting for any of it."""
+    per_rows, compressed, rests, counts = [], [], [], []
+    for prefill in layers:
+        span = prefill.span & prefill.valid  # [B, S]
+        sinks = tiers.attention_sinks(prefill.queries, prefill.keys, prefill.scale, span, prefill.valid)
+        per_rows.append(span.sum(dim=1))  # [B]
+        compressed.append(span & ~sinks)
+        rests.append(prefill.valid & ~compressed[-1])
+        counts.append(torch.stack([per_rows[-1], compressed[-1].sum(dim=1), rests[-1].sum(dim=1)]))  # [3, B]
+    if not layers:
+        return []
+    flat = torch.cat([count.flatten() for count in counts]).tolist()  # the synchronisation
+    tokens, start = [], 0
+    for per_row, kept, rest in zip(per_rows, compressed, rests):
+        batch = per_row.shape[0]
+        span_rows, kept_rows, rest_rows = (flat[start + i * batch: start + (i + 1) * batch] for i in range(3))
+        start += 3 * batch
+        tokens.append(SpanTokens(
+            count=sum(span_rows), per_row=per_row, compressed=kept, compressed_count=sum(kept_rows),
+            **dict(zip(("positions", "mask"), _compact(kept, max(kept_rows, default=0)))),
+            **dict(zip(("rest_positions", "rest_mask"), _compact(rest, max(rest_rows, default=0)))),
+            outside=sum(rest_rows) - (sum(span_rows) - sum(kept_rows))))
+    return tokens
 
 
 def compress_layers(layers: list[LayerPrefill], config: RotateKConfig) -> Iterator[CompressedLayer | KeptExact]:
@@ -348,7 +377,7 @@ def compress_layers(layers: list[LayerPrefill], config: RotateKConfig) -> Iterat
     Keys before the next is built. Methods and options that choose tokens per layer before the
     basis (token pruning, ``kv_budget``), ThinK and SparK-style solve nothing: one layer at a time.
     """
-    tokens = [_span_tokens(prefill) for prefill in layers]
+    tokens = _span_tokens(layers)
     if _solves_together(layers, config):
         tokens = _with_bases(layers, tokens, config)
     for index, span in enumerate(tokens):
@@ -372,18 +401,19 @@ def _with_bases(layers: list[LayerPrefill], tokens: list[SpanTokens], config: Ro
             _gather_positions(prefill.keys, span.positions), span.mask, window)
         covariances.append(covariance)  # [B, H, d, d]
         means.append(mean)  # [B, H, d]
-    head_dim = layers[0].keys.shape[-1]
-    rotations = reference.solve_basis(torch.stack(covariances), config.channels_for(head_dim),
-                                      config.solver_for(layers[0].keys.device), config.subspace_iters)
-    # each layer its own R: a view would keep the whole stack alive (and counted) with any layer
-    return [dataclasses.replace(span, basis=(rotation.clone(), mean))
-            for span, rotation, mean in zip(tokens, rotations.unbind(0), means)]
+    keys = layers[0].keys
+    rotations = reference.solve_basis(torch.stack(covariances), config.channels_for(keys.shape[-1]),
+                                      config.solver_for(keys.device), config.subspace_iters)
+    stored, residuals = reference.stored_basis(rotations, torch.stack(means), keys.dtype)  # [L, B, H, d, r|1]
+    # each layer its own R̂ and δμ: a view would keep the whole stack alive with any layer
+    return [dataclasses.replace(span, basis=(rotation.clone(), residual.clone()))
+            for span, rotation, residual in zip(tokens, stored.unbind(0), residuals.unbind(0))]
 
 
 def _build_layer(prefill: LayerPrefill, tokens: SpanTokens, config: RotateKConfig) -> CompressedLayer | KeptExact:
-    keys, values, queries, valid = prefill.keys, prefill.values, prefill.queries, prefill.valid
-    span, span_count, span_positions, span_mask = tokens.compressed, tokens.count, tokens.positions, tokens.mask
-    rest_positions, rest_mask = _compact(valid & ~span)
+    keys, values, queries = prefill.keys, prefill.values, prefill.queries
+    span_count, span_positions, span_mask = tokens.count, tokens.positions, tokens.mask
+    rest_positions, rest_mask = tokens.rest_positions, tokens.rest_mask
     span_keys = _gather_positions(keys, span_positions)  # [B, H, Sv, d]
     span_values = _gather_positions(values, span_positions)  # [B, H, Sv, dv]
     if config.kv_budget is not None:
@@ -410,8 +440,8 @@ def _build_layer(prefill: LayerPrefill, tokens: SpanTokens, config: RotateKConfi
         head_dim=head_dim,
     )
     token_bytes = keys.shape[1] * (head_dim + values.shape[-1]) * keys.element_size()
-    outside = int(valid.sum()) - span_count
-    split = _span_split(span_count, span_count - int(span.sum()), int(span_mask.sum()), outside, token_bytes,
+    kept = tokens.compressed_count if span_mask is tokens.mask else int(span_mask.sum())  # after token pruning
+    split = _span_split(span_count, span_count - tokens.compressed_count, kept, tokens.outside, token_bytes,
                         layer.stored_bytes)
     exact_bytes = _nbytes(keys) + _nbytes(values)  # what HF's cache would hold for the layer
     saves_nothing = rank >= head_dim and config.token_keep >= 1.0
@@ -513,8 +543,8 @@ def _compress_keys(
     """What the method keeps of the span's Keys (:data:`SPAN_KEY_PARTS`); ``basis``: RotateK's
     ``(R, μ)`` when already solved (:func:`compress_layers`)."""
     if config.method == "rotatek" and basis is not None:
-        compressed = reference.compress_span(keys, *basis)
-        return compressed.keys.contiguous(), compressed.rotation, compressed.mean_residual
+        rotation, mean_residual = basis
+        return reference.project_span(keys, rotation).contiguous(), rotation, mean_residual
     if config.method == "rotatek":
         window = queries if config.query_aware else None
         compressed = reference.rotatek_compress(

@@ -64,7 +64,8 @@ def to_static(layer: CompressedLayer, prompt_end: int, cache_length: int) -> Sta
         fields.update(keys=F.pad(layer.keys, (0, 0, 0, free)),  # [B, H, R + free, d]
                       values=F.pad(layer.values, (0, 0, 0, free)),
                       mask=F.pad(layer.mask, (0, free), value=False))  # [B, R + free]
-    offset = torch.tensor(prompt_end - kept, dtype=torch.int64, device=layer.keys.device)
+    # a fill on the device: a copy from host memory would wait for all the queued work of the prefill
+    offset = torch.full((), prompt_end - kept, dtype=torch.int64, device=layer.keys.device)
     return StaticCompressedLayer(**fields, rest_offset=offset)
 
 

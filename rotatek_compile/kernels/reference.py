@@ -95,9 +95,9 @@ def span_covariance(
     per_head = key_mask if key_mask.dim() == 3 else key_mask[:, None, :]  # [B, 1|H, S]
     weight = per_head[..., None].float()  # [B, 1|H, S, 1]
     count = weight.sum(dim=2).clamp_min(1.0)  # [B, 1|H, 1]
-    k = keys.float()
-    mean = (k * weight).sum(dim=2) / count  # [B, H, d]
-    centred = (k - mean[:, :, None, :]) * weight  # [B, H, S, d]
+    centred = keys.to(torch.float32, copy=True)  # the one fp32 copy, centred in place: [B, H, S, d]
+    mean = (weight.transpose(-1, -2) @ centred)[:, :, 0] / count  # [B, H, d]
+    centred.sub_(mean[:, :, None, :]).mul_(weight)
     cov = _gram(centred)  # [B, H, d, d]
     cov = (cov + cov.transpose(-1, -2)) / 2
     if query_norms is not None:
@@ -212,20 +212,35 @@ def solve_basis(covariance: Tensor, rank: int, solver: str = "eigh", iters: int 
     raise ValueError(f"rotatek option solver={solver!r} is invalid: expected 'eigh' or 'subspace'")
 
 
+def stored_basis(rotation: Tensor, mean: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The basis as the cache keeps it: ``R̂ = R`` rounded to ``dtype`` and ``δμ = μ − (μR̂)R̂ᵀ``.
+
+    ``rotation`` ``[..., d, r]``, ``mean`` ``[..., d]`` (fp32) → ``R̂`` ``[..., d, r]`` and ``δμ``
+    ``[..., d]`` in ``dtype``; ``δμ`` is computed (in fp32) from the ``R̂`` that decode reads, so
+    that at ``r = d``, where ``logit = q·k − q(I − R̂R̂ᵀ)(k − μ)``, only ``R̂``'s departure from
+    orthogonality is lost (none in fp32). Any leading dims: all layers' bases go in one call.
+    """
+    stored = rotation.to(dtype)
+    rounded = stored.float()
+    residual = mean.float() - ((mean.float()[..., None, :] @ rounded) @ rounded.transpose(-1, -2))[..., 0, :]
+    return stored, residual.to(dtype)
+
+
+def project_span(keys: Tensor, stored_rotation: Tensor) -> Tensor:
+    """``K̃ = K R̂``: ``[B, H, S, d]`` · ``[B, H, d, r]`` → ``[B, H, S, r]`` in the Keys' dtype (a GPU
+    product of bf16 or fp16 accumulates in fp32)."""
+    return keys @ stored_rotation.to(keys.dtype)
+
+
 def compress_span(keys: Tensor, rotation: Tensor, mean: Tensor) -> CompressedSpan:
     """Project the span's Keys onto the basis and keep the mean's lost part.
 
     ``keys`` ``[B, H, S, d]``, ``rotation`` ``[B, H, d, r]``, ``mean`` ``[B, H, d]`` →
-    ``K̃ = K R̂`` ``[B, H, S, r]``, ``R̂`` ``[B, H, d, r]`` and ``δμ = μ − (μR̂)R̂ᵀ`` ``[B, H, d]``, all
-    in the Keys' dtype, with ``R̂ = R`` rounded to that dtype: ``K̃`` and ``δμ`` are computed (in
-    fp32) from the basis that decode will read, so that at ``r = d``, where ``logit = q·k −
-    q(I − R̂R̂ᵀ)(k − μ)``, only ``R̂``'s departure from orthogonality is lost (none in fp32).
+    ``K̃ = K R̂`` ``[B, H, S, r]``, ``R̂`` ``[B, H, d, r]`` and ``δμ`` ``[B, H, d]``, all in the Keys'
+    dtype (:func:`stored_basis`).
     """
-    stored = rotation.to(keys.dtype)
-    rotation = stored.float()
-    pruned = (keys.float() @ rotation).to(keys.dtype)
-    residual = mean.float() - ((mean.float()[:, :, None, :] @ rotation) @ rotation.transpose(-1, -2))[:, :, 0]
-    return CompressedSpan(pruned, stored, residual.to(keys.dtype))
+    stored, residual = stored_basis(rotation, mean, keys.dtype)
+    return CompressedSpan(project_span(keys, stored), stored, residual)
 
 
 def rotatek_compress(
@@ -448,11 +463,11 @@ def token_scores(queries: Tensor, keys: Tensor, scale: float, key_mask: Optional
     span of the window's logits, summed over the window and the head's query group.
     """
     batch, kv_heads, _, dim = keys.shape
-    q = queries.float().view(batch, kv_heads, -1, queries.shape[2], dim)  # [B, H, G, W, d]
-    logits = (q @ keys.float()[:, :, None].transpose(-1, -2)) * scale  # [B, H, G, W, S]
+    q = queries.float().reshape(batch, kv_heads, -1, dim) * scale  # [B, H, G·W, d]: each group's rows
+    logits = q @ keys.float().transpose(-1, -2)  # [B, H, G·W, S]
     if key_mask is not None:
-        logits = logits.masked_fill(~key_mask[:, None, None, None, :], -math.inf)
-    return torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(dim=(2, 3))
+        logits.masked_fill_(~key_mask[:, None, None, :], -math.inf)
+    return torch.softmax(logits, dim=-1).nan_to_num_(0.0).sum(dim=2)
 
 
 def keep_tokens(scores: Tensor, keep: float, key_mask: Optional[Tensor] = None,
