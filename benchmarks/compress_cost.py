@@ -52,14 +52,14 @@ def median_ms(fn, device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
-def layer_inputs(length: int, device: torch.device, dtype: torch.dtype) -> dict:
-    generator = torch.Generator(device=device).manual_seed(0)
+def layer_inputs(length: int, device: torch.device, dtype: torch.dtype, batch: int = 1, seed: int = 0) -> dict:
+    generator = torch.Generator(device=device).manual_seed(seed)
     total = length + WINDOW
-    keys = torch.randn(1, KV_HEADS, total, DIM, device=device, dtype=dtype, generator=generator)
+    keys = torch.randn(batch, KV_HEADS, total, DIM, device=device, dtype=dtype, generator=generator)
     keys[..., :DIM // 4] *= 4  # a few dominant channels, as real Keys have
-    values = torch.randn(1, KV_HEADS, total, DIM, device=device, dtype=dtype, generator=generator)
-    queries = torch.randn(1, Q_HEADS, WINDOW, DIM, device=device, dtype=dtype, generator=generator)
-    span = torch.zeros(1, total, dtype=torch.bool, device=device)
+    values = torch.randn(batch, KV_HEADS, total, DIM, device=device, dtype=dtype, generator=generator)
+    queries = torch.randn(batch, Q_HEADS, WINDOW, DIM, device=device, dtype=dtype, generator=generator)
+    span = torch.zeros(batch, total, dtype=torch.bool, device=device)
     span[:, :length] = True
     valid = torch.ones_like(span)
     return dict(keys=keys, values=values, queries=queries, span=span, valid=valid)
@@ -73,20 +73,23 @@ def captured_energy(covariance: torch.Tensor, basis: torch.Tensor, exact: torch.
     return float((energy(basis) / energy(exact)).min())
 
 
-def measure(length: int, device: torch.device, dtype: torch.dtype, reps: int, layers: int) -> dict:
-    inputs = layer_inputs(length, device, dtype)
-    row: dict = {"tokens": length, "layers": layers}
+def measure(length: int, device: torch.device, dtype: torch.dtype, reps: int, layers: int, batch: int = 1) -> dict:
+    inputs = layer_inputs(length, device, dtype, batch)
+    row: dict = {"tokens": length, "batch": batch, "layers": layers}
     for solver in ("eigh", "subspace"):
         config = RotateKConfig(key_channels=RANK, span="prompt", query_window=WINDOW, solver=solver)
         row[f"compress_layer_{solver}_ms"] = median_ms(
             lambda: compress_layer(**inputs, config=config, scale=DIM ** -0.5), device, reps)
     config = RotateKConfig(key_channels=RANK, span="prompt", query_window=WINDOW)  # the default solver
+    # every layer its own Keys, as in a model (the same tensor for all would be read from L2)
+    stack = [inputs] + [layer_inputs(length, device, dtype, batch, seed) for seed in range(1, layers)]
     row["separate_layers_ms"] = median_ms(
-        lambda: [compress_layer(**inputs, config=config, scale=DIM ** -0.5) for _ in range(layers)], device, reps)
+        lambda: [compress_layer(**layer, config=config, scale=DIM ** -0.5) for layer in stack], device, reps)
     row["compress_layers_ms"] = median_ms(lambda: list(compress_layers(
-        [LayerPrefill(**inputs, scale=DIM ** -0.5) for _ in range(layers)], config)), device, reps)
+        [LayerPrefill(**layer, scale=DIM ** -0.5) for layer in stack], config)), device, reps)
+    del stack
     span_keys = inputs["keys"][:, :, :length]
-    positions = torch.arange(length, device=device)[None, :]
+    positions = torch.arange(length, device=device)[None, :].expand(batch, -1)
     index = positions[:, None, :, None].expand(-1, KV_HEADS, -1, DIM)
     row["gather_span_kv_ms"] = median_ms(
         lambda: (inputs["keys"].gather(2, index), inputs["values"].gather(2, index)), device, reps)
@@ -101,13 +104,14 @@ def measure(length: int, device: torch.device, dtype: torch.dtype, reps: int, la
     return row
 
 
-def profile_compress_layers(length: int, device: torch.device, dtype: torch.dtype, layers: int) -> str:
+def profile_compress_layers(length: int, device: torch.device, dtype: torch.dtype, layers: int,
+                            batch: int = 1) -> str:
     """The profiler's table of one ``compress_layers`` call over ``layers`` layers, and its totals."""
-    inputs = layer_inputs(length, device, dtype)
+    stack = [layer_inputs(length, device, dtype, batch, seed) for seed in range(layers)]
     config = RotateKConfig(key_channels=RANK, span="prompt", query_window=WINDOW)
 
     def run():
-        list(compress_layers([LayerPrefill(**inputs, scale=DIM ** -0.5) for _ in range(layers)], config))
+        list(compress_layers([LayerPrefill(**layer, scale=DIM ** -0.5) for layer in stack], config))
         _sync(device)
 
     run()  # warm-up
@@ -121,7 +125,7 @@ def profile_compress_layers(length: int, device: torch.device, dtype: torch.dtyp
     syncs = sum(e.count for e in events if e.key in ("aten::_local_scalar_dense", "cudaStreamSynchronize"))
     top_level = sum(e.count for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
     device_us = sum(e.self_device_time_total for e in events if e.device_type != torch.autograd.DeviceType.CPU)
-    header = (f"compress_layers, {layers} layers of {length} tokens: {top_level} top-level aten calls, "
+    header = (f"compress_layers, {layers} layers of {batch} x {length} tokens: {top_level} top-level aten calls, "
               f"{syncs} host synchronisations, device kernel time {device_us / 1e3:.1f} ms")
     return header + "\n" + events.table(sort_by="self_cpu_time_total", row_limit=25)
 
@@ -131,23 +135,24 @@ def main(argv=None) -> int:
     parser.add_argument("--lengths", default="16384,32768,65536")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--layers", type=int, default=32, help="layers compressed by one compress_layers call")
+    parser.add_argument("--batch", type=int, default=1, help="prompts per layer")
     parser.add_argument("--out", default=None, help="folder for compress_cost.json")
     parser.add_argument("--profile", action="store_true", help="profile one compress_layers call per length")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rows = [measure(int(n), device, dtype, args.reps, args.layers) for n in args.lengths.split(",")]
+    rows = [measure(int(n), device, dtype, args.reps, args.layers, args.batch) for n in args.lengths.split(",")]
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     keys = ["compress_layer_eigh_ms", "compress_layer_subspace_ms", "gather_span_kv_ms", "covariance_ms",
             "eigh_ms", "subspace_ms", "project_ms", "subspace_energy_vs_exact", "separate_layers_ms",
             "compress_layers_ms"]
-    logger.info("%s, %s, one layer (H %d, d %d, r %d), ms (median of %d); the last two: %d layers",
-                device_name, dtype, KV_HEADS, DIM, RANK, args.reps, args.layers)
+    logger.info("%s, %s, one layer (B %d, H %d, d %d, r %d), ms (median of %d); the last two: %d layers",
+                device_name, dtype, args.batch, KV_HEADS, DIM, RANK, args.reps, args.layers)
     logger.info("%8s " + " ".join(f"{k[:-3] if k.endswith('_ms') else k:>26}" for k in keys), "N")
     for row in rows:
         logger.info("%8d " + " ".join(f"{row[k]:>26.3f}" for k in keys), row["tokens"])
-    profiles = [profile_compress_layers(int(n), device, dtype, args.layers)
+    profiles = [profile_compress_layers(int(n), device, dtype, args.layers, args.batch)
                 for n in args.lengths.split(",")] if args.profile else []
     for text in profiles:
         logger.info("%s", text)

@@ -32,6 +32,8 @@ steps. JSON goes to ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import importlib
 import json
 import logging
@@ -82,10 +84,11 @@ class CompressionTimer:
     such as laying a layer out for static shapes, included), synchronised at those two points only
     (a synchronisation per layer would serialise the host's launches with the device's work)."""
 
-    def __init__(self):
+    def __init__(self, profile: bool = False):
         self.seconds = 0.0
         self.peak_before = None  # peak memory when the first layer starts compressing
         self._inner = rotatek_backend.compress_layers
+        self._profile = profile
 
     def install(self) -> None:
         for module in COMPRESSING_MODULES:
@@ -95,17 +98,38 @@ class CompressionTimer:
         for module in COMPRESSING_MODULES:
             module.compress_layers = self._inner
 
-    def __call__(self, *args, **kwargs):
-        layers = self._inner(*args, **kwargs)
+    def __call__(self, prefills, config):
+        # profiling: the same inputs compressed again after the prefill, outside the model
+        again = [dataclasses.replace(prefill) for prefill in prefills] if self._profile else None
+        layers = self._inner(prefills, config)
         _sync()  # the prefill graph's work is done
         if self.peak_before is None:
             self.peak_before = _peak_bytes()
         start = time.perf_counter()
-        try:
+        try:  # the static runner takes as many layers as it has sites: the end comes by close()
             yield from layers
         finally:
             _sync()
             self.seconds += time.perf_counter() - start
+            if again is not None:
+                self._profile_outside(again, config)
+
+    def _profile_outside(self, prefills: list, config) -> None:
+        """Time the same compression outside the model, then log the profiler's table of it."""
+        start = time.perf_counter()
+        list(self._inner([dataclasses.replace(prefill) for prefill in prefills], config))
+        _sync()
+        logger.info("compression: %.1f ms in the model, %.1f ms on the same inputs outside it",
+                    1e3 * self.seconds, 1e3 * (time.perf_counter() - start))
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with torch.profiler.profile(activities=activities) as profiler:
+            list(self._inner(prefills, config))
+            _sync()
+        events = profiler.key_averages()
+        syncs = sum(e.count for e in events if e.key in ("aten::_local_scalar_dense", "cudaStreamSynchronize"))
+        logger.info("compression outside the model, by host time (%d host synchronisations):\n%s", syncs,
+                    events.table(sort_by="self_cpu_time_total", row_limit=20))
 
 
 def _weight_bytes(model) -> int:
@@ -183,7 +207,7 @@ def run_case(model, recipe: tuple, batch: int, span: int, steps: int, device: st
     capacity = capacity or static_capacity(span, steps)
     generator = torch.Generator(device="cpu").manual_seed(1)
     input_ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator).to(device)
-    timer = CompressionTimer()
+    timer = CompressionTimer(profile=profile)
     timer.install()
     try:
         cache = new_cache(model, kind, capacity)
@@ -282,7 +306,10 @@ def main() -> None:
                         help="comma-separated BATCHxSPAN")
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--layers", type=int, default=32, help="decoder layers of the 8B shape")
-    parser.add_argument("--profile", action="store_true", help="print a profile of 3 decode steps (first case)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print a profile of 3 decode steps and of the prefill's compression, which is "
+                             "also timed on the same inputs outside the model (first case; its timings "
+                             "include the profiling)")
     parser.add_argument("--sdpa", choices=["flash", "default"], default="flash",
                         help="flash: turn cuDNN SDPA off for both backends (it re-plans every decode step)")
     parser.add_argument("--key-channels", type=int, default=32)
