@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from rotatek_compile.config import RotateKConfig
 from rotatek_compile.kernels import reference
@@ -85,3 +86,34 @@ def test_layers_of_other_shapes_are_solved_alone():
     alone = [compress_layer(p.keys, p.values, p.queries, p.span, p.valid, config, SCALE) for p in layers]
     for mine, theirs in zip(compress_layers(layers, config), alone):
         assert_same_layer(mine, theirs)
+
+
+# What reads a tensor's value on the host: on a GPU, each waits for all the work queued before it.
+HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
+              torch.Tensor.__float__, torch.Tensor.__index__}
+
+
+class HostReads(TorchFunctionMode):
+    """Records the host reads of tensor values made inside it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("solver, expected", [("eigh", ["tolist"]), ("subspace", ["tolist", "__bool__"])])
+def test_all_layers_are_sized_by_one_host_read(solver, expected):
+    """The segments of every layer (span less its sinks, rest) are sized by one read of all layers'
+    token counts; the subspace solver adds its one breakdown check. Before, each layer read the
+    device 8 times, so a GPU idled while the host waited before each layer's next launches."""
+    config = RotateKConfig(query_window=WINDOW, span="prompt", key_channels=4, solver=solver)
+    layers = prefills(5)
+    with HostReads() as host:
+        built = list(compress_layers(layers, config))
+    assert len(built) == 5 and all(isinstance(layer, CompressedLayer) for layer in built)
+    assert host.reads == expected
