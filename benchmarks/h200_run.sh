@@ -8,7 +8,11 @@
 #   bash benchmarks/h200_run.sh peak   # what is alive at the prefill's peak (8 layers, 16k); then
 #                                      # B1 x {16k, 64k}: rotatek-static, eager (32 layers)
 #   bash benchmarks/h200_run.sh all    # the prefill GPU tests; every point, rotatek-static and eager
-#                                      # (one compile; 32 steps)
+#                                      # (one compile; 32 steps; does not fit 10 minutes: use a, b, base)
+#   bash benchmarks/h200_run.sh a      # rotatek-static, 32 layers: B1 x 16k and B8 x 32k (32 steps)
+#   bash benchmarks/h200_run.sh b      # rotatek-static, 32 layers: B1 x 64k and B1 x 128k (32 steps)
+#   bash benchmarks/h200_run.sh base   # the uncompressed recipes (eager, HF static) at those points
+#   bash benchmarks/h200_run.sh compress  # compression cost, B1 x 16k and B8 x 32k, with profiles
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/rotatek_out}
@@ -40,5 +44,16 @@ case "$part" in
     timeout "$(left 590)" python3 benchmarks/model_decode.py --out "$OUT" --steps 32 \
       --cases 1x16384,1x65536,1x131072,8x32768 --backends rotatek-static,eager 2>&1 | grep -v "^\s*$" \
       | tee "$OUT/model_decode.log" | tail -12 ;;
+  a|b|base)
+    cases=$([ "$part" = b ] && echo 1x65536,1x131072 || echo 1x16384,8x32768)
+    recipes=rotatek-static
+    if [ "$part" = base ]; then cases=1x16384,1x65536,1x131072,8x32768; recipes=eager,static; fi
+    timeout "$(left 590)" python3 benchmarks/model_decode.py --out "$OUT" --steps 32 --cases "$cases" \
+      --backends "$recipes" 2>&1 | grep -v "^\s*$" | tee "$OUT/model_decode.log" | tail -12 ;;
+  compress)
+    timeout 120 python3 benchmarks/compress_cost.py --lengths 16384 --profile --out "$OUT/b1" 2>&1 \
+      | tee "$OUT/compress_cost_b1.log" | head -4
+    timeout 200 python3 benchmarks/compress_cost.py --lengths 32768 --batch 8 --reps 3 --profile \
+      --out "$OUT/b8" 2>&1 | tee "$OUT/compress_cost_b8.log" | head -4 ;;
 esac
 echo "part $part done at $((SECONDS - started)) s"
