@@ -122,7 +122,7 @@ class Cell:
     method: str
     ratio: float  # r/d (1 = all channels)
     token_keep: float
-    query_aware: bool = True
+    query_aware: bool | str = "auto"  # the product's default
     channels: Optional[int] = None  # explicit r (overrides ratio)
     kv_budget: Optional[float] = None  # tiered cache under this byte budget
     rotated: Optional[tuple[float, ...]] = None  # tiered: the rotated fractions tried (None: the product's)

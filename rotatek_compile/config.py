@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 SOLVERS = ("auto", "eigh", "subspace")
 SPANS = ("visual", "prompt")
@@ -29,10 +29,15 @@ class RotateKConfig:
         ``r``: Key channels kept per KV head for the compressed span. Clipped to ``head_dim``.
     key_keep_ratio : float, optional
         ``r / head_dim`` in (0, 1], used when ``key_channels`` is not given. Default 0.25.
-    query_aware : bool
-        Weight the Key covariance by the norms of the last ``query_window`` queries (the paper's
-        default). ``False`` gives plain K-only PCA. With ``kv_budget``, ``True`` lets each layer's
-        rotated tier take whichever of the two bases the window's attention error prefers.
+    query_aware : {"auto", True, False}
+        ``True``: weight the Key covariance by the norms of the last ``query_window`` queries (the
+        paper's basis). ``False``: plain K-only PCA. ``"auto"`` (default): each row and KV head
+        takes whichever of the two bases reproduces the window's attention better (the query-aware
+        basis fitted on the window's first half, both judged on its second half,
+        :func:`rotatek_compile.state.compress_layers`); on Gemma 3 the query-aware basis was 18×
+        worse than K-only PCA, on SmolLM2 1.4× better (``docs/fidelity.md``). With token pruning
+        (``token_keep < 1``), ``"auto"`` is the query-aware basis. With ``kv_budget``, ``"auto"``
+        lets each layer's rotated tier take whichever basis the window's attention error prefers.
     query_window : int
         ``W``: how many of the last prompt queries weight the covariance.
     solver : {"auto", "eigh", "subspace"}
@@ -65,7 +70,7 @@ class RotateKConfig:
 
     key_channels: Optional[int] = None
     key_keep_ratio: Optional[float] = None
-    query_aware: bool = True
+    query_aware: Union[bool, str] = "auto"
     query_window: int = 32
     solver: str = "auto"
     subspace_iters: int = 5
@@ -84,7 +89,8 @@ class RotateKConfig:
                    "key_keep_ratio", "a float in (0, 1]", self.key_keep_ratio)
         if self.key_channels is not None and self.key_keep_ratio is not None:
             raise ValueError("rotatek option key_channels and key_keep_ratio: give one, not both")
-        _check(isinstance(self.query_aware, bool), "query_aware", "True or False", self.query_aware)
+        _check(isinstance(self.query_aware, bool) or self.query_aware == "auto",
+               "query_aware", "'auto', True or False", self.query_aware)
         _check(_is_int(self.query_window) and self.query_window >= 1,
                "query_window", "a positive int", self.query_window)
         _check(self.solver in SOLVERS, "solver", _one_of(SOLVERS), self.solver)

@@ -335,8 +335,7 @@ def compress_layer(
     scale : float
         The layer's softmax scale (token pruning scores use it).
     """
-    prefill = LayerPrefill(keys, values, queries, span, valid, scale)
-    return _build_layer(prefill, _span_tokens([prefill])[0], config)
+    return next(compress_layers([LayerPrefill(keys, values, queries, span, valid, scale)], config))
 
 
 def _span_tokens(layers: list[LayerPrefill]) -> list[SpanTokens]:
@@ -368,46 +367,75 @@ def _span_tokens(layers: list[LayerPrefill]) -> list[SpanTokens]:
 
 
 def compress_layers(layers: list[LayerPrefill], config: RotateKConfig) -> Iterator[CompressedLayer | KeptExact]:
-    """:func:`compress_layer` of each layer, in order, with RotateK's bases of all layers found by
-    one batched solve (``[layers·B·H, d, d]``) instead of one per layer: the solver's launches and
-    host synchronisations are paid once per prefill.
+    """:func:`compress_layer` of each layer, in order, with RotateK's bases of all layers of one
+    shape found by one batched solve (``[bases·layers·B·H, d, d]``) instead of one per layer: the
+    solver's launches and host synchronisations are paid once per prefill.
 
     Each layer's result is yielded once its inputs are dropped from ``layers`` (the list is emptied
     as it goes), so a caller that replaces HF's tensors as results arrive frees each layer's full
     Keys before the next is built. Methods and options that choose tokens per layer before the
-    basis (token pruning, ``kv_budget``), ThinK and SparK-style solve nothing: one layer at a time.
+    basis (token pruning, ``kv_budget``), ThinK and SparK-style solve per layer.
     """
     tokens = _span_tokens(layers)
-    if _solves_together(layers, config):
-        tokens = _with_bases(layers, tokens, config)
+    if config.method == "rotatek" and config.token_keep >= 1.0 and config.kv_budget is None:
+        shapes: dict[tuple, list[int]] = {}
+        for index, prefill in enumerate(layers):
+            shapes.setdefault((prefill.keys.shape[:2], prefill.keys.shape[-1], prefill.keys.device), []).append(index)
+        for group in shapes.values():
+            solved = _with_bases([layers[i] for i in group], [tokens[i] for i in group], config)
+            for index, span in zip(group, solved):
+                tokens[index] = span
     for index, span in enumerate(tokens):
         prefill, layers[index] = layers[index], None
         yield _build_layer(prefill, span, config)
 
 
-def _solves_together(layers: list[LayerPrefill], config: RotateKConfig) -> bool:
-    """One batched basis solve applies: RotateK on the whole span, layers of one shape and device."""
-    if config.method != "rotatek" or config.token_keep < 1.0 or config.kv_budget is not None:
-        return False
-    shapes = {(p.keys.shape[:2], p.keys.shape[-1], p.keys.device) for p in layers}
-    return len(layers) > 1 and len(shapes) == 1
+# RotateK's candidate bases, by ``query_aware``: K-only PCA ("pca"), the query-aware basis of the
+# whole window ("query"), and, for the choice between the two, the query-aware basis of the
+# window's first half ("first half"), judged with K-only PCA on the second half's attention.
+_BASES = {False: ("pca",), True: ("query",), "auto": ("pca", "query", "first half")}
 
 
 def _with_bases(layers: list[LayerPrefill], tokens: list[SpanTokens], config: RotateKConfig) -> list[SpanTokens]:
+    """Each layer's stored basis (``SpanTokens.basis``), layers of one shape: the candidate bases'
+    covariances of every layer solved at once; with ``query_aware="auto"``, each row and KV head
+    keeps the query-aware basis where its attention error on the window's second half
+    (:func:`reference.basis_attention_error`) is at most K-only PCA's."""
+    kinds = _BASES[config.query_aware]
     covariances, means = [], []
     for prefill, span in zip(layers, tokens):
-        window = prefill.queries if config.query_aware else None
-        covariance, mean = reference.weighted_covariance(
-            _gather_positions(prefill.keys, span.positions), span.mask, window)
-        covariances.append(covariance)  # [B, H, d, d]
+        covariance, mean = reference.span_covariance(_gather_positions(prefill.keys, span.positions), span.mask)
+        half = prefill.queries[:, :, :max(prefill.queries.shape[2] // 2, 1)]
+        windows = {"query": prefill.queries, "first half": half}
+        covariances.append([covariance if kind == "pca" else reference.weight_covariance(
+            covariance, reference.query_channel_norms(windows[kind], covariance.shape[1])) for kind in kinds])
         means.append(mean)  # [B, H, d]
     keys = layers[0].keys
-    rotations = reference.solve_basis(torch.stack(covariances), config.channels_for(keys.shape[-1]),
+    stacked = torch.stack([torch.stack(per_kind) for per_kind in zip(*covariances)])  # [kinds, L, B, H, d, d]
+    rotations = reference.solve_basis(stacked, config.channels_for(keys.shape[-1]),
                                       config.solver_for(keys.device), config.subspace_iters)
-    stored, residuals = reference.stored_basis(rotations, torch.stack(means), keys.dtype)  # [L, B, H, d, r|1]
+    chosen = rotations[0] if len(kinds) == 1 else torch.stack([
+        _better_basis(prefill, span, rotations[:, index], means[index])
+        for index, (prefill, span) in enumerate(zip(layers, tokens))])  # [L, B, H, d, r]
+    stored, residuals = reference.stored_basis(chosen, torch.stack(means), keys.dtype)  # [L, B, H, d, r|1]
     # each layer its own R̂ and δμ: a view would keep the whole stack alive with any layer
     return [dataclasses.replace(span, basis=(rotation.clone(), residual.clone()))
             for span, rotation, residual in zip(tokens, stored.unbind(0), residuals.unbind(0))]
+
+
+def _better_basis(prefill: LayerPrefill, span: SpanTokens, rotations: Tensor, mean: Tensor) -> Tensor:
+    """``rotations`` ``[3, B, H, d, r]`` (K-only PCA, query-aware, query-aware of the window's first
+    half) → ``[B, H, d, r]``: per row and KV head, the query-aware basis where its first-half fit
+    moves the second half's attention over the span no more than K-only PCA does."""
+    second = prefill.queries[:, :, prefill.queries.shape[2] // 2:]  # [B, Hq, W - W/2, d]
+    errors = reference.basis_attention_error(
+        second, _gather_positions(prefill.keys, span.positions), _gather_positions(prefill.values, span.positions),
+        span.mask, prefill.scale, rotations[[0, 2]], mean)  # [2, B, H]
+    query_wins = errors[1] <= errors[0]
+    if logger.isEnabledFor(logging.DEBUG):  # a host read: only when asked for
+        logger.debug("rotatek: query-aware basis kept for %d of %d (row, KV head)", int(query_wins.sum()),
+                     query_wins.numel())
+    return torch.where(query_wins[..., None, None], rotations[1], rotations[0])
 
 
 def _build_layer(prefill: LayerPrefill, tokens: SpanTokens, config: RotateKConfig) -> CompressedLayer | KeptExact:

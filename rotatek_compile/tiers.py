@@ -231,7 +231,7 @@ def split_error(q: Tensor, keys: Tensor, values: Tensor, logits: Tensor, referen
 
 
 def choose_split(queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor, scale: float,
-                 layout: Layout, allowed: int, query_aware: bool) -> tuple[Optional[Split], Tensor, list[Split]]:
+                 layout: Layout, allowed: int, query_aware: bool | str) -> tuple[Optional[Split], Tensor, list[Split]]:
     """The tiered split of one layer's span (see the comment above :data:`ROTATED_FRACTIONS`).
 
     Parameters
@@ -246,10 +246,10 @@ def choose_split(queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor, sc
     layout : Layout
     allowed : int
         Stored bytes the layer may take (:class:`Layout`).
-    query_aware : bool
-        Let the rotated tier's basis be query-aware: each split is then judged with both bases,
-        query-aware and K-only PCA, and the better one kept (``Split.query_aware``); ``False``
-        judges K-only PCA alone.
+    query_aware : {"auto", True, False}
+        The rotated tier's basis (:class:`rotatek_compile.config.RotateKConfig`): ``"auto"`` judges
+        each split with both bases, query-aware and K-only PCA, and keeps the better one
+        (``Split.query_aware``); ``True`` the query-aware basis only, ``False`` K-only PCA only.
 
     Returns
     -------
@@ -273,7 +273,7 @@ def choose_split(queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor, sc
         folds = [(queries, queries)]
     # each split with each basis: K-only PCA, and query-aware RotateK where allowed (which of the two
     # reconstructs the attention better depends on the model: on Gemma 3 K-only PCA was 20x better)
-    bases = (False, True) if query_aware else (False,)
+    bases = {"auto": (False, True), True: (True,), False: (False,)}[query_aware]
     splits = [dataclasses.replace(split, query_aware=aware) for split in splits for aware in bases
               if aware or split.rotated_fraction > 0 or len(bases) == 1]  # token-only once
     errors = torch.zeros(len(splits))

@@ -55,7 +55,14 @@ def test_one_solve_for_all_layers_where_rotatek_takes_the_whole_span(monkeypatch
     solve = reference.solve_basis
     monkeypatch.setattr(reference, "solve_basis", lambda cov, *a, **k: calls.append(cov.shape) or solve(cov, *a, **k))
     list(compress_layers(prefills(), RotateKConfig(query_window=WINDOW, span="prompt", key_channels=4)))
-    assert calls == [torch.Size([3, 3, 2, DIM, DIM])]  # [layers, B, H, d, d]
+    # [bases, layers, B, H, d, d]: query_aware="auto" solves K-only PCA, the query-aware basis, and
+    # the query-aware basis of the window's first half (to judge the two)
+    assert calls == [torch.Size([3, 3, 3, 2, DIM, DIM])]
+
+    calls.clear()
+    list(compress_layers(prefills(), RotateKConfig(query_window=WINDOW, span="prompt", key_channels=4,
+                                                   query_aware=True)))
+    assert calls == [torch.Size([1, 3, 3, 2, DIM, DIM])]
 
     calls.clear()  # token pruning chooses tokens per layer before its basis: one solve per layer
     list(compress_layers(prefills(), RotateKConfig(query_window=WINDOW, span="prompt", key_channels=4,

@@ -105,9 +105,10 @@ def test_from_options_defaults_and_values():
 
 
 def test_defaults_follow_the_paper():
+    # the basis: the paper's query-aware one or K-only PCA, per head, whichever the window prefers
     config = RotateKConfig()
     assert (config.query_aware, config.query_window, config.solver, config.kernel, config.method,
-            config.token_keep, config.span) == (True, 32, "auto", "auto", "rotatek", 1.0, "visual")
+            config.token_keep, config.span) == ("auto", 32, "auto", "auto", "rotatek", 1.0, "visual")
 
 
 def test_auto_solver_is_exact_on_cpu_and_subspace_on_cuda():

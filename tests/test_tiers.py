@@ -127,12 +127,12 @@ def test_token_only_is_chosen_where_rotation_cannot_help():
     assert layer.split.compressed == 0 and layer.split.exact >= 100 and layer.split.dropped > 0
 
 
-@pytest.mark.parametrize("query_aware", [False, True])
+@pytest.mark.parametrize("query_aware", [False, "auto"])
 def test_rotatek_on_every_token_is_chosen_where_rotation_is_exact(query_aware):
     # Keys of rank 4 ≤ r = 8: rotating loses nothing, dropping does; with room for the rotated
     # form of every token, nothing is dropped and the decode output equals plain attention (the
     # exact tier, a per-head set of tokens in the rest segment, included). K-only PCA recovers
-    # rank-4 Keys, the query-aware basis does not: allowed both (query_aware=True), the split is
+    # rank-4 Keys, the query-aware basis does not: allowed both (query_aware="auto"), the split is
     # judged with each and K-only PCA must win
     inputs = layer_inputs((0, 6), seed=6, key_rank=4)
     layer = compress(inputs, kv_budget=0.85, query_aware=query_aware)

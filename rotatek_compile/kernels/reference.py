@@ -100,12 +100,41 @@ def span_covariance(
     centred.sub_(mean[:, :, None, :]).mul_(weight)
     cov = _gram(centred)  # [B, H, d, d]
     cov = (cov + cov.transpose(-1, -2)) / 2
-    if query_norms is not None:
-        qn = query_norms.float()
-        cov = cov * (qn[..., :, None] * qn[..., None, :])
-        ridge = COVARIANCE_RIDGE * cov.diagonal(dim1=-2, dim2=-1).abs().mean(dim=-1)  # [B, H]
-        cov = cov + ridge[..., None, None] * torch.eye(cov.shape[-1], device=cov.device)
-    return cov, mean
+    return (cov if query_norms is None else weight_covariance(cov, query_norms)), mean
+
+
+def weight_covariance(covariance: Tensor, query_norms: Tensor) -> Tensor:
+    """``C ⊙ q̄q̄ᵀ`` plus the ridge: ``[B, H, d, d]`` and ``q̄`` ``[B, H, d]`` → ``[B, H, d, d]`` fp32."""
+    qn = query_norms.float()
+    cov = covariance * (qn[..., :, None] * qn[..., None, :])
+    ridge = COVARIANCE_RIDGE * cov.diagonal(dim1=-2, dim2=-1).abs().mean(dim=-1)  # [B, H]
+    return cov + ridge[..., None, None] * torch.eye(cov.shape[-1], device=cov.device)
+
+
+def basis_attention_error(queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor, scale: float,
+                          rotations: Tensor, mean: Tensor) -> Tensor:
+    """How far each basis moves the queries' attention over the span, per row and KV head.
+
+    ``queries`` ``[B, Hq, Q, d]``, ``keys``/``values`` ``[B, H, S, d|dv]`` with ``mask`` ``[B, S]``,
+    ``rotations`` ``[n, B, H, d, r]`` (``n`` candidate bases), ``mean`` ``[B, H, d]`` →
+    ``[n, B, H]``: ``Σ‖O − O_ref‖² / Σ‖O_ref‖²`` over the group's queries, with ``O`` the attention
+    output when each span Key reads ``RRᵀ(k − μ) + μ`` (what decode's logits see) and ``O_ref`` the
+    exact one.
+    """
+    batch, kv_heads, _, dim = keys.shape
+    q = queries.float().reshape(batch, kv_heads, -1, dim) * scale  # [B, H, G·Q, d]
+    hidden = ~mask[:, None, None, :]
+
+    def output(logits: Tensor) -> Tensor:
+        return torch.softmax(logits.masked_fill(hidden, -math.inf), dim=-1).nan_to_num(0.0) @ values.float()
+
+    exact = output(q @ keys.float().transpose(-1, -2))  # [B, H, G·Q, dv]
+    centred = keys.float() - mean[:, :, None, :]
+    errors = []
+    for rotation in rotations:  # [B, H, d, r]
+        seen = (centred @ rotation) @ rotation.transpose(-1, -2) + mean[:, :, None, :]  # [B, H, S, d]
+        errors.append((output(q @ seen.transpose(-1, -2)) - exact).square().sum(dim=(-2, -1)))
+    return torch.stack(errors) / exact.square().sum(dim=(-2, -1)).clamp_min(1e-30)
 
 
 # Token chunk of :func:`_gram`: a [d, S]·[S, d] product with S in the tens of thousands and only
