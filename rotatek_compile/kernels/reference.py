@@ -128,13 +128,12 @@ def basis_attention_error(queries: Tensor, keys: Tensor, values: Tensor, mask: T
     def output(logits: Tensor) -> Tensor:
         return torch.softmax(logits.masked_fill(hidden, -math.inf), dim=-1).nan_to_num(0.0) @ values.float()
 
-    exact = output(q @ keys.float().transpose(-1, -2))  # [B, H, G·Q, dv]
-    centred = keys.float() - mean[:, :, None, :]
-    errors = []
-    for rotation in rotations:  # [B, H, d, r]
-        seen = (centred @ rotation) @ rotation.transpose(-1, -2) + mean[:, :, None, :]  # [B, H, S, d]
-        errors.append((output(q @ seen.transpose(-1, -2)) - exact).square().sum(dim=(-2, -1)))
-    return torch.stack(errors) / exact.square().sum(dim=(-2, -1)).clamp_min(1e-30)
+    k = keys.float()
+    exact = output(q @ k.transpose(-1, -2))  # [B, H, G·Q, dv]
+    centred = k - mean[:, :, None, :]
+    seen = (centred @ rotations) @ rotations.transpose(-1, -2) + mean[:, :, None, :]  # [n, B, H, S, d]
+    errors = (output(q @ seen.transpose(-1, -2)) - exact).square().sum(dim=(-2, -1))  # [n, B, H]
+    return errors / exact.square().sum(dim=(-2, -1)).clamp_min(1e-30)
 
 
 # Token chunk of :func:`_gram`: a [d, S]·[S, d] product with S in the tens of thousands and only
