@@ -292,9 +292,8 @@ class SpanTokens:
 
     count: int  # real span tokens, sinks included
     per_row: Tensor  # [B] the same per row
-    compressed: Tensor  # [B, S] bool: the span less its sinks
-    compressed_count: int  # their number, all rows
-    positions: Tensor  # [B, Sv] where they are (:func:`_compact`)
+    compressed_count: int  # the span's tokens less its sinks, all rows
+    positions: Tensor  # [B, Sv] where those are (:func:`_compact`)
     mask: Tensor  # [B, Sv] bool: which of those slots are real
     rest_positions: Tensor  # [B, Sf] the real tokens outside them (the rest segment)
     rest_mask: Tensor  # [B, Sf] bool
@@ -358,11 +357,12 @@ def _span_tokens(layers: list[LayerPrefill]) -> list[SpanTokens]:
         batch = per_row.shape[0]
         span_rows, kept_rows, rest_rows = (flat[start + i * batch: start + (i + 1) * batch] for i in range(3))
         start += 3 * batch
-        tokens.append(SpanTokens(
-            count=sum(span_rows), per_row=per_row, compressed=kept, compressed_count=sum(kept_rows),
-            **dict(zip(("positions", "mask"), _compact(kept, max(kept_rows, default=0)))),
-            **dict(zip(("rest_positions", "rest_mask"), _compact(rest, max(rest_rows, default=0)))),
-            outside=sum(rest_rows) - (sum(span_rows) - sum(kept_rows))))
+        positions, mask = _compact(kept, max(kept_rows, default=0))
+        rest_positions, rest_mask = _compact(rest, max(rest_rows, default=0))
+        sinks = sum(span_rows) - sum(kept_rows)
+        tokens.append(SpanTokens(count=sum(span_rows), per_row=per_row, compressed_count=sum(kept_rows),
+                                 positions=positions, mask=mask, rest_positions=rest_positions,
+                                 rest_mask=rest_mask, outside=sum(rest_rows) - sinks))
     return tokens
 
 
@@ -427,7 +427,7 @@ def _better_basis(prefill: LayerPrefill, span: SpanTokens, rotations: Tensor, me
     """``rotations`` ``[3, B, H, d, r]`` (K-only PCA, query-aware, query-aware of the window's first
     half) → ``[B, H, d, r]``: per row and KV head, the query-aware basis where its first-half fit
     moves the second half's attention over the span no more than K-only PCA does."""
-    second = prefill.queries[:, :, prefill.queries.shape[2] // 2:]  # [B, Hq, W - W/2, d]
+    second = prefill.queries[:, :, prefill.queries.shape[2] // 2:]  # [B, Hq, W - W/2, d] (W = 1: in-sample)
     errors = reference.basis_attention_error(
         second, _gather_positions(prefill.keys, span.positions), _gather_positions(prefill.values, span.positions),
         span.mask, prefill.scale, rotations[[0, 2]], mean)  # [2, B, H]
