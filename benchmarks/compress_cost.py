@@ -73,14 +73,17 @@ def captured_energy(covariance: torch.Tensor, basis: torch.Tensor, exact: torch.
     return float((energy(basis) / energy(exact)).min())
 
 
-def measure(length: int, device: torch.device, dtype: torch.dtype, reps: int, layers: int, batch: int = 1) -> dict:
+def measure(length: int, device: torch.device, dtype: torch.dtype, reps: int, layers: int, batch: int = 1,
+            query_aware: bool | str = "auto") -> dict:
     inputs = layer_inputs(length, device, dtype, batch)
     row: dict = {"tokens": length, "batch": batch, "layers": layers}
     for solver in ("eigh", "subspace"):
-        config = RotateKConfig(key_channels=RANK, span="prompt", query_window=WINDOW, solver=solver)
+        config = RotateKConfig(key_channels=RANK, span="prompt", query_window=WINDOW, solver=solver,
+                               query_aware=query_aware)
         row[f"compress_layer_{solver}_ms"] = median_ms(
             lambda: compress_layer(**inputs, config=config, scale=DIM ** -0.5), device, reps)
-    config = RotateKConfig(key_channels=RANK, span="prompt", query_window=WINDOW)  # the default solver
+    config = RotateKConfig(key_channels=RANK, span="prompt", query_window=WINDOW,  # the default solver
+                           query_aware=query_aware)
     # every layer its own Keys, as in a model (the same tensor for all would be read from L2)
     stack = [inputs] + [layer_inputs(length, device, dtype, batch, seed) for seed in range(1, layers)]
     row["separate_layers_ms"] = median_ms(
@@ -105,10 +108,10 @@ def measure(length: int, device: torch.device, dtype: torch.dtype, reps: int, la
 
 
 def profile_compress_layers(length: int, device: torch.device, dtype: torch.dtype, layers: int,
-                            batch: int = 1) -> str:
+                            batch: int = 1, query_aware: bool | str = "auto") -> str:
     """The profiler's table of one ``compress_layers`` call over ``layers`` layers, and its totals."""
     stack = [layer_inputs(length, device, dtype, batch, seed) for seed in range(layers)]
-    config = RotateKConfig(key_channels=RANK, span="prompt", query_window=WINDOW)
+    config = RotateKConfig(key_channels=RANK, span="prompt", query_window=WINDOW, query_aware=query_aware)
 
     def run():
         list(compress_layers([LayerPrefill(**layer, scale=DIM ** -0.5) for layer in stack], config))
@@ -136,23 +139,27 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--layers", type=int, default=32, help="layers compressed by one compress_layers call")
     parser.add_argument("--batch", type=int, default=1, help="prompts per layer")
+    parser.add_argument("--query-aware", choices=["auto", "true", "false"], default="auto",
+                        help="the basis (RotateKConfig.query_aware)")
     parser.add_argument("--out", default=None, help="folder for compress_cost.json")
     parser.add_argument("--profile", action="store_true", help="profile one compress_layers call per length")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rows = [measure(int(n), device, dtype, args.reps, args.layers, args.batch) for n in args.lengths.split(",")]
+    query_aware = {"auto": "auto", "true": True, "false": False}[args.query_aware]
+    rows = [measure(int(n), device, dtype, args.reps, args.layers, args.batch, query_aware)
+            for n in args.lengths.split(",")]
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     keys = ["compress_layer_eigh_ms", "compress_layer_subspace_ms", "gather_span_kv_ms", "covariance_ms",
             "eigh_ms", "subspace_ms", "project_ms", "subspace_energy_vs_exact", "separate_layers_ms",
             "compress_layers_ms"]
-    logger.info("%s, %s, one layer (B %d, H %d, d %d, r %d), ms (median of %d); the last two: %d layers",
-                device_name, dtype, args.batch, KV_HEADS, DIM, RANK, args.reps, args.layers)
+    logger.info("%s, %s, one layer (B %d, H %d, d %d, r %d), query_aware=%s, ms (median of %d); the last two: "
+                "%d layers", device_name, dtype, args.batch, KV_HEADS, DIM, RANK, query_aware, args.reps, args.layers)
     logger.info("%8s " + " ".join(f"{k[:-3] if k.endswith('_ms') else k:>26}" for k in keys), "N")
     for row in rows:
         logger.info("%8d " + " ".join(f"{row[k]:>26.3f}" for k in keys), row["tokens"])
-    profiles = [profile_compress_layers(int(n), device, dtype, args.layers, args.batch)
+    profiles = [profile_compress_layers(int(n), device, dtype, args.layers, args.batch, query_aware)
                 for n in args.lengths.split(",")] if args.profile else []
     for text in profiles:
         logger.info("%s", text)
