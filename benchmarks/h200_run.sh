@@ -12,7 +12,8 @@
 #   bash benchmarks/h200_run.sh a      # rotatek-static, 32 layers: B1 x 16k and B8 x 32k (32 steps)
 #   bash benchmarks/h200_run.sh b      # rotatek-static, 32 layers: B1 x 64k and B1 x 128k (32 steps)
 #   bash benchmarks/h200_run.sh base   # the uncompressed recipes (eager, HF static) at those points
-#   bash benchmarks/h200_run.sh compress  # compression cost, B1 x 16k and B8 x 32k, with profiles
+#   bash benchmarks/h200_run.sh compress  # compression cost, B1 x 16k (query_aware auto and True) and
+#                                         # B8 x 32k, with profiles
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/rotatek_out}
@@ -53,6 +54,8 @@ case "$part" in
   compress)
     timeout 120 python3 benchmarks/compress_cost.py --lengths 16384 --profile --out "$OUT/b1" 2>&1 \
       | tee "$OUT/compress_cost_b1.log" | head -4
+    timeout 120 python3 benchmarks/compress_cost.py --lengths 16384 --profile --query-aware true \
+      --out "$OUT/b1_query_aware" 2>&1 | tee "$OUT/compress_cost_b1_query_aware.log" | head -4
     timeout 200 python3 benchmarks/compress_cost.py --lengths 32768 --batch 8 --reps 3 --profile \
       --out "$OUT/b8" 2>&1 | tee "$OUT/compress_cost_b8.log" | head -4 ;;
 esac
