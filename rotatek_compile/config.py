@@ -34,8 +34,8 @@ class RotateKConfig:
         paper's basis). ``False``: plain K-only PCA. ``"auto"`` (default): each row and KV head
         takes whichever of the two bases reproduces the window's attention better (the query-aware
         basis fitted on the window's first half, both judged on its second half,
-        :func:`rotatek_compile.state.compress_layers`); on Gemma 3 the query-aware basis was 18×
-        worse than K-only PCA, on SmolLM2 1.4× better (``docs/fidelity.md``). With token pruning
+        :func:`rotatek_compile.state.compress_layers`); on Gemma 3 the query-aware basis was 15–18×
+        worse than K-only PCA, on SmolLM2 1.7–1.8× better (``docs/fidelity.md``). With token pruning
         (``token_keep < 1``), ``"auto"`` is the query-aware basis. With ``kv_budget``, ``"auto"``
         lets each layer's rotated tier take whichever basis the window's attention error prefers.
     query_window : int
