@@ -14,6 +14,8 @@
 #   bash benchmarks/h200_run.sh base   # the uncompressed recipes (eager, HF static) at those points
 #   bash benchmarks/h200_run.sh compress  # compression cost, B1 x 16k (query_aware auto and True) and
 #                                         # B8 x 32k, with profiles
+#   bash benchmarks/h200_run.sh diagnose  # 8 layers, 16k: the compression of the model's own inputs
+#                                         # timed inside and outside the model, and profiled
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/rotatek_out}
@@ -51,6 +53,10 @@ case "$part" in
     if [ "$part" = base ]; then cases=1x16384,1x65536,1x131072,8x32768; recipes=eager,static; fi
     timeout "$(left 590)" python3 benchmarks/model_decode.py --out "$OUT" --steps 32 --cases "$cases" \
       --backends "$recipes" 2>&1 | grep -v "^\s*$" | tee "$OUT/model_decode.log" | tail -12 ;;
+  diagnose)
+    timeout "$(left 560)" python3 benchmarks/model_decode.py --out "$OUT" --layers 8 --steps 4 --cases 1x16384 \
+      --backends rotatek,rotatek-static --profile 2>&1 | grep -v "^\s*$" | tee "$OUT/diagnose.log" \
+      | grep -A24 "compression:" ;;
   compress)
     timeout 120 python3 benchmarks/compress_cost.py --lengths 16384 --profile --out "$OUT/b1" 2>&1 \
       | tee "$OUT/compress_cost_b1.log" | head -4
