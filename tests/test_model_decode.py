@@ -1,4 +1,5 @@
-"""``benchmarks/model_decode.py``'s max-batch search: the largest batch that fits, found by trying."""
+"""``benchmarks/model_decode.py``: the max-batch search (the largest batch that fits, found by trying) and the
+compression timer."""
 
 from __future__ import annotations
 
@@ -22,3 +23,23 @@ def test_largest_fitting_finds_the_largest_batch_that_fits(capacity):
     assert largest_fitting(fits, limit=64) == min(capacity, 64)
     assert len(tried) <= 2 * 7 + 1  # doubling to 64, then bisecting: logarithmic in the limit
     assert all(1 <= b <= 64 for b in tried)
+
+
+def test_compression_timer_yields_every_layer_and_compares_with_the_same_work_outside(caplog):
+    """The timer hands on what ``compress_layers`` yields; profiling, it also times the same
+    inputs compressed outside the model and logs both."""
+    from model_decode import CompressionTimer
+
+    from rotatek_compile import RotateKConfig
+    from rotatek_compile.state import compress_layers
+    from tests.test_compress_layers import assert_same_layer, prefills
+    from tests.test_sinks import WINDOW
+
+    config = RotateKConfig(query_window=WINDOW, span="prompt", key_channels=4)
+    timer = CompressionTimer(profile=True)
+    with caplog.at_level("INFO", logger="model_decode"):
+        timed = list(timer(prefills(), config))
+    for mine, theirs in zip(timed, compress_layers(prefills(), config), strict=True):
+        assert_same_layer(mine, theirs)
+    assert timer.seconds > 0
+    assert any("on the same inputs outside it" in message for message in caplog.messages)
