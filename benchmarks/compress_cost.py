@@ -115,21 +115,27 @@ def profile_compress_layers(length: int, device: torch.device, dtype: torch.dtyp
 
     def run():
         list(compress_layers([LayerPrefill(**layer, scale=DIM ** -0.5) for layer in stack], config))
-        _sync(device)
 
     run()  # warm-up
+    return profile_table(run, device, f"compress_layers, {layers} layers of {batch} x {length} tokens")
+
+
+def profile_table(run, device: torch.device, what: str) -> str:
+    """``run()`` under the profiler (with the device's kernels on a GPU): a line of totals (top-level
+    aten calls, host synchronisations, device kernel time), then the ops by host time."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         run()
+        _sync(device)
     events = prof.key_averages()
     # a host read of a device value: item() / bool(), or tolist() (a synchronising copy on CUDA)
     syncs = sum(e.count for e in events if e.key in ("aten::_local_scalar_dense", "cudaStreamSynchronize"))
     top_level = sum(e.count for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
     device_us = sum(e.self_device_time_total for e in events if e.device_type != torch.autograd.DeviceType.CPU)
-    header = (f"compress_layers, {layers} layers of {batch} x {length} tokens: {top_level} top-level aten calls, "
-              f"{syncs} host synchronisations, device kernel time {device_us / 1e3:.1f} ms")
+    header = (f"{what}: {top_level} top-level aten calls, {syncs} host synchronisations, "
+              f"device kernel time {device_us / 1e3:.1f} ms")
     return header + "\n" + events.table(sort_by="self_cpu_time_total", row_limit=25)
 
 

@@ -32,7 +32,6 @@ steps. JSON goes to ``--out``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import importlib
 import json
@@ -47,6 +46,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCach
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import rotatek_compile  # noqa: E402
+from compress_cost import profile_table  # noqa: E402  (this script's folder is on the path)
 
 # the module (``rotatek_compile.backend`` the attribute is the public ``backend()`` function)
 rotatek_backend = importlib.import_module("rotatek_compile.backend")
@@ -121,15 +121,9 @@ class CompressionTimer:
         _sync()
         logger.info("compression: %.1f ms in the model, %.1f ms on the same inputs outside it",
                     1e3 * self.seconds, 1e3 * (time.perf_counter() - start))
-        activities = [torch.profiler.ProfilerActivity.CPU] + (
-            [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        with torch.profiler.profile(activities=activities) as profiler:
-            list(self._inner(prefills, config))
-            _sync()
-        events = profiler.key_averages()
-        syncs = sum(e.count for e in events if e.key in ("aten::_local_scalar_dense", "cudaStreamSynchronize"))
-        logger.info("compression outside the model, by host time (%d host synchronisations):\n%s", syncs,
-                    events.table(sort_by="self_cpu_time_total", row_limit=20))
+        device = prefills[0].keys.device if prefills else torch.device("cpu")
+        logger.info("%s", profile_table(lambda: list(self._inner(prefills, config)), device,
+                                        "compression outside the model"))
 
 
 def _weight_bytes(model) -> int:

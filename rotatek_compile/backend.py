@@ -400,15 +400,15 @@ class _PrefillRunner:
             prefills.append(LayerPrefill(keys, outputs[slot.values_output], outputs[slot.query_output],
                                          layer_span, valid, slot.scale))
             del keys
-        valid_tokens = [prefill.valid.sum(dim=1) for prefill in prefills]  # [B] per site
+        valid_masks = [prefill.valid for prefill in prefills]  # [B, S] per site (compress_layers empties the list)
         reduced = 0  # layers that store less than HF's exact cache would
-        for slot, valid, layer in zip(plan.sites, valid_tokens, compress_layers(prefills, self.config)):
+        for slot, valid, layer in zip(plan.sites, valid_masks, compress_layers(prefills, self.config)):
             if isinstance(layer, KeptExact):
                 self._keep_exact(slot.layer, layer)
                 continue
             reduced += bool(layer.split.compressed or layer.split.dropped)
             dropped = ((0,) * valid.shape[0] if not layer.split.dropped  # no host read when none were
-                       else tuple((valid - layer.held_tokens()).tolist()))
+                       else tuple((valid.sum(dim=1) - layer.held_tokens()).tolist()))
             layer = dataclasses.replace(layer, span_source=source, dropped=dropped)
             keys, values = outputs[slot.keys_output], outputs[slot.values_output]
             outputs[slot.keys_output] = stand_in(keys.shape, keys, layer)
