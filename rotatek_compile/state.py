@@ -430,7 +430,7 @@ def _better_basis(prefill: LayerPrefill, span: SpanTokens, rotations: Tensor, me
     second = prefill.queries[:, :, prefill.queries.shape[2] // 2:]  # [B, Hq, W - W/2, d] (W = 1: in-sample)
     errors = reference.basis_attention_error(
         second, _gather_positions(prefill.keys, span.positions), _gather_positions(prefill.values, span.positions),
-        span.mask, prefill.scale, rotations[[0, 2]], mean)  # [2, B, H]
+        span.mask, prefill.scale, rotations[0::2], mean)  # [2, B, H]: a slice, not an index list (a host copy)
     query_wins = errors[1] <= errors[0]
     if logger.isEnabledFor(logging.DEBUG):  # a host read: only when asked for
         logger.debug("rotatek: query-aware basis kept for %d of %d (row, KV head)", int(query_wins.sum()),

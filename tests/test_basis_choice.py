@@ -75,3 +75,26 @@ def test_the_choice_is_exact_at_full_rank():
     expected = reference.decode_attention(query, keys, torch.eye(DIM).expand(BATCH, 2, DIM, DIM), torch.zeros(
         BATCH, 2, DIM), values, valid, keys[:, :, :0], values[:, :, :0], valid[:, :0], DIM ** -0.5)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_attention_error_is_that_of_the_reconstructed_keys():
+    """``basis_attention_error`` works on projected Keys (``(qR)·(kR − μR) + q·μ``); it equals the
+    error of attention over the Keys each basis reconstructs, ``RRᵀ(k − μ) + μ``, with padding."""
+    gen = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(BATCH, 2, 40, DIM, generator=gen), torch.randn(BATCH, 2, 40, 12, generator=gen)
+    queries = torch.randn(BATCH, 2 * GROUP, 5, DIM, generator=gen)
+    mask = torch.ones(BATCH, 40, dtype=torch.bool)
+    mask[1, 31:] = False
+    rotations = torch.linalg.qr(torch.randn(3, BATCH, 2, DIM, RANK, generator=gen)).Q  # [n, B, H, d, r]
+    mean = torch.randn(BATCH, 2, DIM, generator=gen)
+
+    q = queries.double().view(BATCH, 2, GROUP * 5, DIM) * 0.3
+    hidden = ~mask[:, None, None, :]
+    exact = (q @ keys.double().transpose(-1, -2)).masked_fill(hidden, -math.inf).softmax(-1) @ values.double()
+    expected = []
+    for basis in rotations.double():
+        seen = (keys.double() - mean.double()[:, :, None]) @ basis @ basis.transpose(-1, -2) + mean.double()[:, :, None]
+        out = (q @ seen.transpose(-1, -2)).masked_fill(hidden, -math.inf).softmax(-1) @ values.double()
+        expected.append((out - exact).square().sum(dim=(-2, -1)) / exact.square().sum(dim=(-2, -1)))
+    errors = reference.basis_attention_error(queries, keys, values, mask, 0.3, rotations, mean)
+    torch.testing.assert_close(errors.double(), torch.stack(expected), rtol=1e-4, atol=1e-7)

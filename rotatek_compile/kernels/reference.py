@@ -121,18 +121,26 @@ def basis_attention_error(queries: Tensor, keys: Tensor, values: Tensor, mask: T
     output when each span Key reads ``RRᵀ(k − μ) + μ`` (what decode's logits see) and ``O_ref`` the
     exact one.
     """
-    batch, kv_heads, _, dim = keys.shape
+    # Logits with a basis, without building the reconstructed Keys [n, B, H, S, d]:
+    #   q·(RRᵀ(k − μ) + μ) = (qR)·(kR − μR) + q·μ
+    # with every candidate's R side by side ([B, H, d, n·r]), so the Keys are read by one product.
+    count, batch, kv_heads, dim, rank = rotations.shape
     q = queries.float().reshape(batch, kv_heads, -1, dim) * scale  # [B, H, G·Q, d]
+    k, v = keys.float(), values.float()
     hidden = ~mask[:, None, None, :]
 
     def output(logits: Tensor) -> Tensor:
-        return torch.softmax(logits.masked_fill(hidden, -math.inf), dim=-1).nan_to_num(0.0) @ values.float()
+        return torch.softmax(logits.masked_fill(hidden, -math.inf), dim=-1).nan_to_num(0.0) @ v
 
-    k = keys.float()
     exact = output(q @ k.transpose(-1, -2))  # [B, H, G·Q, dv]
-    centred = k - mean[:, :, None, :]
-    seen = (centred @ rotations) @ rotations.transpose(-1, -2) + mean[:, :, None, :]  # [n, B, H, S, d]
-    errors = (output(q @ seen.transpose(-1, -2)) - exact).square().sum(dim=(-2, -1))  # [n, B, H]
+    side_by_side = rotations.permute(1, 2, 3, 0, 4).reshape(batch, kv_heads, dim, count * rank)
+    projected = k @ side_by_side  # [B, H, S, n·r]
+    projected -= mean[:, :, None, :] @ side_by_side  # kR − μR
+    per_basis = projected.view(batch, kv_heads, -1, count, rank).permute(3, 0, 1, 2, 4)  # [n, B, H, S, r]
+    query_side = (q @ side_by_side).view(batch, kv_heads, -1, count, rank).permute(3, 0, 1, 2, 4)  # [n, B, H, G·Q, r]
+    offset = q @ mean[:, :, :, None]  # q·μ: [B, H, G·Q, 1]
+    logits = query_side @ per_basis.transpose(-1, -2) + offset  # [n, B, H, G·Q, S]
+    errors = (output(logits) - exact).square().sum(dim=(-2, -1))  # [n, B, H]
     return errors / exact.square().sum(dim=(-2, -1)).clamp_min(1e-30)
 
 
