@@ -485,3 +485,13 @@ def test_chunked_gram_equals_the_plain_product(length):
     """The covariance's ``xᵀx`` summed over token chunks (a long span's product spread over the GPU)."""
     x = torch.randn(2, 3, length, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(length))
     torch.testing.assert_close(ref._gram(x), x.transpose(-1, -2) @ x)
+
+
+@pytest.mark.parametrize("length", [7, 2 * ref.GRAM_CHUNK + 1, 3 * ref.GRAM_CHUNK])
+def test_chunked_long_product_equals_the_plain_product(length):
+    """``[..., M, S] @ [..., S, N]`` summed over token chunks, leading dims broadcast (the attention
+    output of several candidate bases against one set of Values)."""
+    gen = torch.Generator().manual_seed(length)
+    a = torch.randn(2, 1, 3, 5, length, dtype=torch.float64, generator=gen)
+    b = torch.randn(3, length, 4, dtype=torch.float64, generator=gen)
+    torch.testing.assert_close(ref._long_product(a, b), a @ b)

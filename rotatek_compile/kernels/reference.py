@@ -130,7 +130,7 @@ def basis_attention_error(queries: Tensor, keys: Tensor, values: Tensor, mask: T
     hidden = ~mask[:, None, None, :]
 
     def output(logits: Tensor) -> Tensor:
-        return torch.softmax(logits.masked_fill(hidden, -math.inf), dim=-1).nan_to_num(0.0) @ v
+        return _long_product(torch.softmax(logits.masked_fill(hidden, -math.inf), dim=-1).nan_to_num(0.0), v)
 
     exact = output(q @ k.transpose(-1, -2))  # [B, H, G·Q, dv]
     side_by_side = rotations.permute(1, 2, 3, 0, 4).reshape(batch, kv_heads, dim, count * rank)
@@ -144,22 +144,28 @@ def basis_attention_error(queries: Tensor, keys: Tensor, values: Tensor, mask: T
     return errors / exact.square().sum(dim=(-2, -1)).clamp_min(1e-30)
 
 
-# Token chunk of :func:`_gram`: a [d, S]·[S, d] product with S in the tens of thousands and only
-# B·H outputs of d×d leaves most of a GPU idle (3.2 ms per layer at 64k tokens on an H200);
-# chunks of this many tokens make B·H·S/chunk products, summed after.
+# Token chunk of :func:`_long_product`: a product whose reduction runs over the tokens (S in the
+# tens of thousands) and whose output is small (a [d, S]·[S, d] Gram matrix, a [Q, S]·[S, dv]
+# attention output) leaves most of a GPU idle (3.2 ms per layer for the Gram matrix at 64k tokens
+# on an H200); chunks of this many tokens make S/chunk products per matrix, summed after.
 GRAM_CHUNK = 1024
 
 
-def _gram(x: Tensor) -> Tensor:
-    """``xᵀx`` over the token dim: ``[B, H, S, d]`` → ``[B, H, d, d]``, summed by token chunks."""
-    batch, heads, length, dim = x.shape
+def _long_product(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for ``a`` ``[..., M, S]``, ``b`` ``[..., S, N]`` with a long ``S``, summed by token chunks."""
+    length = a.shape[-1]
     whole = length // GRAM_CHUNK * GRAM_CHUNK
     if whole <= GRAM_CHUNK:
-        return x.transpose(-1, -2) @ x
-    chunks = x[:, :, :whole].reshape(batch, heads, whole // GRAM_CHUNK, GRAM_CHUNK, dim)
-    gram = (chunks.transpose(-1, -2) @ chunks).sum(dim=2)
-    tail = x[:, :, whole:]
-    return gram + tail.transpose(-1, -2) @ tail
+        return a @ b
+    chunks = whole // GRAM_CHUNK
+    left = a[..., :whole].unflatten(-1, (chunks, GRAM_CHUNK)).movedim(-2, -3)  # [..., C, M, chunk]
+    right = b[..., :whole, :].unflatten(-2, (chunks, GRAM_CHUNK))  # [..., C, chunk, N]
+    return (left @ right).sum(dim=-3) + a[..., whole:] @ b[..., whole:, :]
+
+
+def _gram(x: Tensor) -> Tensor:
+    """``xᵀx`` over the token dim: ``[B, H, S, d]`` → ``[B, H, d, d]``."""
+    return _long_product(x.transpose(-1, -2), x)
 
 
 def top_eigenvectors(covariance: Tensor, rank: int) -> Tensor:
