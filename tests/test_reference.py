@@ -6,6 +6,7 @@ whose answer is known by hand. Oracles are independent: ``F.scaled_dot_product_a
 raw Keys, or an fp64 softmax written out here.
 """
 
+import logging
 import math
 
 import pytest
@@ -138,6 +139,22 @@ def test_subspace_basis_orthonormal_on_rank_deficient_span():
     keys = torch.randn(1, 1, 4, 8, generator=_gen(0))  # 4 tokens → rank(C) = 3 < r = 4
     rotation, _ = ref.span_basis(keys, 4, solver="subspace")
     assert _orthonormality_error(rotation) < 1e-3
+
+
+def test_subspace_fallback_reiterates_only_the_broken_bases(caplog):
+    """One head of a rank-deficient span, one well-conditioned: QR redoes the first only, the
+    second keeps its Cholesky-iterated basis."""
+    gen = _gen(1)
+    short = torch.randn(1, 1, 4, 8, generator=gen) @ torch.randn(8, 8, generator=gen)  # rank(C) = 3 < r = 4
+    keys = torch.cat([torch.nn.functional.pad(short, (0, 0, 0, 60)), torch.randn(1, 1, 64, 8, generator=gen)], dim=1)
+    mask = torch.ones(1, 2, 64, dtype=torch.bool)
+    mask[0, 0, 4:] = False
+    with caplog.at_level(logging.DEBUG, logger="rotatek_compile"):
+        rotation, _ = ref.span_basis(keys, 4, key_mask=mask, solver="subspace")
+    assert "broke down for 1 of 2 bases" in caplog.text
+    assert _orthonormality_error(rotation) < 1e-3
+    alone, _ = ref.span_basis(keys[:, 1:], 4, solver="subspace")
+    torch.testing.assert_close(rotation[:, 1:], alone)
 
 
 def test_subspace_basis_does_not_raise_on_short_span_at_full_rank():

@@ -17,11 +17,14 @@ The method, per batch row and KV head, with ``K`` the post-RoPE span Keys::
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+
+logger = logging.getLogger(__name__)
 
 # Numerics of the query-aware weighting: floor of q̄ relative to its median, and
 # ridge added to the diagonal relative to its mean, so that C stays positive definite.
@@ -199,10 +202,14 @@ def subspace_iteration(covariance: Tensor, rank: int, iters: int = 5) -> Tensor:
         basis, converged = _cholesky_orthonormalise(cov @ basis)
         good &= converged
     if not bool(good.all()):
-        householder = start
+        broken = ~good  # [...]: QR only these (a GPU factorises a batch of QRs one matrix at a time)
+        logger.debug("rotatek: Cholesky orthonormalisation broke down for %d of %d bases; Householder QR "
+                     "iterates those", int(broken.sum()), broken.numel())
+        broken_cov, householder = cov[broken], start[broken]  # [m, d, d], [m, d, r]
         for _ in range(iters):
-            householder = torch.linalg.qr(cov @ householder).Q
-        basis = torch.where(good[..., None, None], basis.nan_to_num(0.0), householder)
+            householder = torch.linalg.qr(broken_cov @ householder).Q
+        basis = basis.nan_to_num(0.0)
+        basis[broken] = householder
     ritz = basis.transpose(-1, -2) @ cov @ basis  # [..., r, r]
     _, rotation = torch.linalg.eigh((ritz + ritz.transpose(-1, -2)) / 2)
     return (basis @ rotation.flip(-1)).contiguous()
