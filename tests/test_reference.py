@@ -142,19 +142,37 @@ def test_subspace_basis_orthonormal_on_rank_deficient_span():
 
 
 def test_subspace_fallback_reiterates_only_the_broken_bases(caplog):
-    """One head of a rank-deficient span, one well-conditioned: QR redoes the first only, the
-    second keeps its Cholesky-iterated basis."""
-    gen = _gen(1)
-    short = torch.randn(1, 1, 4, 8, generator=gen) @ torch.randn(8, 8, generator=gen)  # rank(C) = 3 < r = 4
-    keys = torch.cat([torch.nn.functional.pad(short, (0, 0, 0, 60)), torch.randn(1, 1, 64, 8, generator=gen)], dim=1)
+    """A head without span tokens (C = 0: nothing to factorise) next to an ordinary one: QR redoes
+    the first only, the second keeps its Cholesky-iterated basis."""
+    keys = torch.randn(1, 2, 64, 8, generator=_gen(1))
     mask = torch.ones(1, 2, 64, dtype=torch.bool)
-    mask[0, 0, 4:] = False
+    mask[0, 0] = False
     with caplog.at_level(logging.DEBUG, logger="rotatek_compile"):
         rotation, _ = ref.span_basis(keys, 4, key_mask=mask, solver="subspace")
     assert "broke down for 1 of 2 bases" in caplog.text
     assert _orthonormality_error(rotation) < 1e-3
     alone, _ = ref.span_basis(keys[:, 1:], 4, solver="subspace")
     torch.testing.assert_close(rotation[:, 1:], alone)
+
+
+@pytest.mark.parametrize("spread", [1e2, 1e5, 1e8])
+def test_subspace_iteration_needs_no_fallback_on_spread_or_deficient_spectra(spread, caplog):
+    """Spectra spread over many orders of magnitude, and of rank below r (a fifth of a 32-layer
+    model's bases broke plain CholeskyQR): shifted CholeskyQR3 on C + δI factorises them all and
+    the basis keeps the top-r variance."""
+    gen = _gen(int(spread))
+    dim, rank = 32, 8
+    vectors = torch.linalg.qr(torch.randn(2, dim, dim, generator=gen, dtype=torch.float64)).Q
+    values = torch.logspace(0, -math.log10(spread), dim, dtype=torch.float64).expand(2, dim).clone()
+    values[1, rank // 2:] = 0.0  # rank r/2
+    cov = ((vectors * values[:, None, :]) @ vectors.transpose(-1, -2)).float()
+    with caplog.at_level(logging.DEBUG, logger="rotatek_compile"):
+        rotation = ref.subspace_iteration(cov, rank)
+    assert "broke down" not in caplog.text
+    assert _orthonormality_error(rotation) < 1e-4
+    kept = (rotation.transpose(-1, -2) @ cov @ rotation).diagonal(dim1=-2, dim2=-1).sum(-1)  # [2]
+    best = values[:, :rank].sum(-1).float()
+    assert (kept >= 0.97 * best).all(), (kept, best)
 
 
 def test_subspace_basis_does_not_raise_on_short_span_at_full_rank():
