@@ -52,7 +52,7 @@ case "$part" in
     recipes=rotatek-static
     if [ "$part" = base ]; then cases=1x16384,1x65536,1x131072,8x32768; recipes=eager,static; fi
     timeout "$(left 590)" python3 benchmarks/model_decode.py --out "$OUT" --steps 32 --cases "$cases" \
-      --backends "$recipes" 2>&1 | grep -v "^\s*$" | tee "$OUT/model_decode.log" | tail -12 ;;
+      --backends "$recipes" --solver-log 2>&1 | grep -v "^\s*$" | tee "$OUT/model_decode.log" | tail -12 ;;
   diagnose)
     timeout "$(left 560)" python3 benchmarks/model_decode.py --out "$OUT" --layers 8 --steps 4 --cases 1x16384 \
       --backends rotatek,rotatek-static --profile 2>&1 | grep -v "^\s*$" | tee "$OUT/diagnose.log" \

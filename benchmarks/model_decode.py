@@ -311,9 +311,13 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=0, metavar="SPAN",
                         help="also find, by trying, the largest batch of SPAN-token prompts each recipe runs")
     parser.add_argument("--max-batch-limit", type=int, default=64, help="largest batch --max-batch tries")
+    parser.add_argument("--solver-log", action="store_true",
+                        help="log each basis solve's Cholesky breakdowns (rotatek_compile.kernels.reference DEBUG)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    if args.solver_log:
+        logging.getLogger("rotatek_compile.kernels.reference").setLevel(logging.DEBUG)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     cases = [tuple(int(x) for x in case.split("x")) for case in args.cases.split(",")]
