@@ -7,6 +7,9 @@ package (the backend is registered as a ``torch_dynamo_backends`` entry point).
 from rotatek_compile.backend import RotateKBackend, RotateKCacheError
 from rotatek_compile.config import RotateKConfig
 from rotatek_compile.explain import CacheBytes, Explanation, cache_bytes, explain, span_split
+from rotatek_compile import generate_check
+
+generate_check.install()  # one WARNING where generate() would bypass a rotatek-compiled forward
 
 
 def backend(config: RotateKConfig | None = None, *, inner: str = "inductor", mode: str | None = None,

@@ -631,7 +631,8 @@ NOT_BUILDABLE: dict[str, str] = {
 }
 
 _INNER_GENERATE = ("generate() merges the image itself and calls the inner language model's generate(): "
-                   "model.compile() never sees the decoder, nothing is compressed and nothing is reported")
+                   "model.compile() never sees the decoder, nothing is compressed; one WARNING says so "
+                   "(tests/test_generate_check.py)")
 
 _MLA = ("multi-head latent attention: the cache keeps the latent (k_pass [B, 1, S, kv_lora_rank]) and the "
         "shared RoPE Key; Keys are up-projected after the cache read, so the layer is left exact, reported as "

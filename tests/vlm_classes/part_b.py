@@ -738,8 +738,9 @@ NOT_BUILDABLE: dict[str, str] = {
 
 # Causes shared by several classes
 _INNER_GENERATE = ("its generate() merges the image in eager code, then calls the inner language model's "
-                   "generate(), which model.compile() does not reach: nothing is compiled or compressed. The "
-                   "README's recipe (compile model.language_model) rewrites the layers but finds no span there")
+                   "generate(), which model.compile() does not reach: nothing is compiled or compressed, and one "
+                   "WARNING says so (tests/test_generate_check.py). Compiling model.language_model instead "
+                   "compresses the prompt span, not the image tokens alone (the merge happens before it)")
 _LATENT_CACHE = ("multi-head latent attention caches the latent and expands per-head Keys after the cache read: "
                  "left exact, reported as 'multi-head latent attention … (not supported)' with a WARNING, "
                  "nothing compressed")

@@ -657,7 +657,8 @@ NOT_BUILDABLE: dict[str, str] = {
 }
 
 _INNER_GENERATE = ("generate() is the model's own and calls self.thinker.generate(): model.compile() compiles "
-                   "the outer forward, which never runs; nothing is compressed and nothing is reported")
+                   "the outer forward, which never runs; nothing is compressed, and one WARNING says so "
+                   "(tests/test_generate_check.py)")
 _MASK_GRAPH_REFUSED = ("the MoE experts' loop (nonzero) breaks every decoder layer into graphs of its own (the prefill "
                   "site is named 'self_attn'); at the first decode step a graph that builds the causal mask "
                   "reads only cache.layers[1].keys.numel(), and the backend refuses it: RotateKCacheError "
