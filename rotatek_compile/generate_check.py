@@ -47,7 +47,8 @@ def install() -> None:
 
     @functools.wraps(original)
     def generate(self, *args, **kwargs):
-        _warn_if_uncompiled(self, sys._getframe(1))
+        if not torch.compiler.is_compiling():  # generate() itself traced: nothing to read frames for
+            _warn_if_uncompiled(self, sys._getframe(1))
         return original(self, *args, **kwargs)
 
     generate._rotatek_checked = True
@@ -76,10 +77,13 @@ def _bypass(model: torch.nn.Module, caller: Any) -> Optional[str]:
                         "the wrapped module); compile in place with model.compile(backend='rotatek', ...)")
             if (isinstance(value, torch.nn.Module) and value is not model and not isinstance(value, OptimizedModule)
                     and uses_rotatek(value) and any(inner is model for inner in value.modules())):
-                return (f"{type(value).__name__}.generate() calls its inner {type(model).__name__}.generate(), "
-                        "which runs uncompiled; compiling that inner model instead compresses its prompt span "
-                        "(the image is merged before it, so the span is the prompt less its last query_window "
-                        "tokens, not the image tokens alone)")
+                outer, inner = type(value).__name__, type(model).__name__
+                if frame.f_locals.get("self") is not value:  # called directly, not by the outer model
+                    return (f"it is part of {outer}, which is compiled with rotatek, but {inner}.generate() runs "
+                            f"{inner}'s own forward, uncompiled")
+                return (f"{outer}.generate() calls its inner {inner}.generate(), which runs uncompiled; compiling "
+                        "that inner model instead compresses its prompt span (the image is merged before it, so "
+                        "the span is the prompt less its last query_window tokens, not the image tokens alone)")
         frame, depth = frame.f_back, depth + 1
     return None
 

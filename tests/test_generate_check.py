@@ -77,3 +77,15 @@ def test_inner_generate_models_warn(name, caplog):
     warnings = _our_warnings(caplog)
     assert len(warnings) == 1, warnings
     assert f"{type(model).__name__}.generate() calls its inner" in warnings[0]
+
+
+def test_generate_of_a_part_of_a_compiled_model_warns(caplog):
+    """The inner model's generate() called directly: it runs its own forward, uncompiled."""
+    entry = BY_NAME["blip-2"]
+    model = entry.build()
+    model.compile(backend="rotatek", options=OPTIONS)
+    inner = model.language_model
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        inner.generate(input_ids=torch.randint(3, 100, (1, 12)), max_new_tokens=2, do_sample=False)
+    warnings = _our_warnings(caplog)
+    assert len(warnings) == 1 and "it is part of Blip2ForConditionalGeneration" in warnings[0], warnings
