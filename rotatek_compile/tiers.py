@@ -129,6 +129,7 @@ def attention_sinks(queries: Tensor, keys: Tensor, scale: float, span: Tensor, v
 
 ROTATED_FRACTIONS = tuple(i / 8 for i in range(9))
 TIE_TOLERANCE = 1.25
+SPLIT_RULE = "most rotated"  # or "least rotated" (benchmarks/tiered_rule.py compares the two)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,6 +288,13 @@ def choose_split(queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor, sc
             errors[i] += split_error(q, keys, values, logits, reference_out, exact & mask[:, None, :],
                                      rotated & mask[:, None, :], layout.rank, fit if split.query_aware else None)
     scored = [dataclasses.replace(split, error=float(e) / len(folds)) for split, e in zip(splits, errors)]
+    return pick_split(scored), order, scored
+
+
+def pick_split(scored: list[Split], rule: Optional[str] = None) -> Split:
+    """Of the splits within ``TIE_TOLERANCE`` of the smallest held-out error, the one that rotates
+    the most tokens (``SPLIT_RULE`` "most rotated") or the fewest ("least rotated")."""
     best = min(split.error for split in scored)
     near = [split for split in scored if split.error <= TIE_TOLERANCE * best]
-    return max(near, key=lambda split: split.rotated_fraction), order, scored
+    fraction = (max if (rule or SPLIT_RULE) == "most rotated" else min)
+    return fraction(near, key=lambda split: split.rotated_fraction)
