@@ -73,7 +73,11 @@ def test_inner_generate_models_warn(name, caplog):
     inputs = entry.inputs(model, 2)
     model.compile(backend="rotatek", options=OPTIONS)
     with caplog.at_level(logging.WARNING), torch.no_grad():
-        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        try:
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        except ValueError as error:  # transformers 5.17: Qwen3-Omni's generate() passes its inner one a kwarg
+            if "model_kwargs" not in str(error):  # it rejects, after the check has run
+                raise
     warnings = _our_warnings(caplog)
     assert len(warnings) == 1, warnings
     assert f"{type(model).__name__}.generate() calls its inner" in warnings[0]
