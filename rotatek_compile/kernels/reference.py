@@ -212,8 +212,9 @@ def subspace_iteration(covariance: Tensor, rank: int, iters: int = 5) -> Tensor:
         good &= converged
     if not bool(good.all()):
         broken = ~good  # [...]: QR only these (a GPU factorises a batch of QRs one matrix at a time)
-        logger.debug("rotatek: Cholesky orthonormalisation broke down for %d of %d bases; Householder QR "
-                     "iterates those", int(broken.sum()), broken.numel())
+        if logger.isEnabledFor(logging.DEBUG):  # a host read: only when asked for
+            logger.debug("rotatek: Cholesky orthonormalisation broke down for %d of %d bases; Householder QR "
+                         "iterates those", int(broken.sum()), broken.numel())
         broken_cov, householder = cov[broken], start[broken]  # [m, d, d], [m, d, r]
         for _ in range(iters):
             householder = torch.linalg.qr(broken_cov @ householder).Q
