@@ -294,7 +294,9 @@ def choose_split(queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor, sc
 def pick_split(scored: list[Split], rule: Optional[str] = None) -> Split:
     """Of the splits within ``TIE_TOLERANCE`` of the smallest held-out error, the one that rotates
     the most tokens (``SPLIT_RULE`` "most rotated") or the fewest ("least rotated")."""
+    rule = rule or SPLIT_RULE
+    if rule not in ("most rotated", "least rotated"):
+        raise ValueError(f"rotatek tie rule {rule!r} is invalid: expected 'most rotated' or 'least rotated'")
     best = min(split.error for split in scored)
     near = [split for split in scored if split.error <= TIE_TOLERANCE * best]
-    fraction = (max if (rule or SPLIT_RULE) == "most rotated" else min)
-    return fraction(near, key=lambda split: split.rotated_fraction)
+    return (max if rule == "most rotated" else min)(near, key=lambda split: split.rotated_fraction)

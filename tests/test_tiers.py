@@ -127,6 +127,17 @@ def test_token_only_is_chosen_where_rotation_cannot_help():
     assert layer.split.compressed == 0 and layer.split.exact >= 100 and layer.split.dropped > 0
 
 
+@pytest.mark.parametrize("rule, expected", [("most rotated", 0.5), ("least rotated", 0.0)])
+def test_near_ties_go_by_the_split_rule(rule, expected):
+    """Splits within TIE_TOLERANCE of the smallest error are ties; the rule takes the one that
+    rotates the most or the fewest tokens of them, never one outside the tie."""
+    def split(fraction: float, error: float) -> tiers.Split:
+        return tiers.Split(rotated_fraction=fraction, exact=(1,), rotated=(1,), stored_bytes=1, error=error)
+
+    scored = [split(0.0, 1.1), split(0.25, 1.0), split(0.5, 1.2), split(0.75, 1.0 * tiers.TIE_TOLERANCE + 0.01)]
+    assert tiers.pick_split(scored, rule).rotated_fraction == expected
+
+
 @pytest.mark.parametrize("query_aware", [False, "auto"])
 def test_rotatek_on_every_token_is_chosen_where_rotation_is_exact(query_aware):
     # Keys of rank 4 ≤ r = 8: rotating loses nothing, dropping does; with room for the rotated
