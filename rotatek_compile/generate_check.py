@@ -13,7 +13,9 @@ Importing this package (torch does when it looks the backend up) wraps transform
 ``GenerationMixin.generate`` with :func:`_warn_if_uncompiled`, which only reads: the model, and the
 locals of the frames that called ``generate`` (where the compiled wrapper or the outer model is).
 It never changes what ``generate`` does. A model compiled with rotatek itself costs one attribute
-walk per call.
+walk per call. The wrapper or outer model is found where a calling frame holds it in a variable
+(``compiled.generate(...)``, an outer model's own ``generate()``), not where it is only an
+attribute of another object (``self.compiled.generate(...)``): there nothing is said, as before.
 """
 
 from __future__ import annotations
