@@ -14,8 +14,8 @@ Importing this package (torch does when it looks the backend up) wraps transform
 locals of the frames that called ``generate`` (where the compiled wrapper or the outer model is).
 It never changes what ``generate`` does. A model compiled with rotatek itself costs one attribute
 walk per call. The wrapper or outer model is found where a calling frame holds it in a variable
-(``compiled.generate(...)``, an outer model's own ``generate()``), not where it is only an
-attribute of another object (``self.compiled.generate(...)``): there nothing is said, as before.
+(``compiled.generate(...)``, an outer model's own ``generate()``) or in an attribute of one
+(``self.compiled.generate(...)``); deeper than that nothing is said, as before.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import types
 import weakref
 from typing import Any, Optional
 
@@ -73,7 +74,7 @@ def _bypass(model: torch.nn.Module, caller: Any) -> Optional[str]:
 
     frame, depth = caller, 0
     while frame is not None and depth < _CALLER_FRAMES:
-        for value in list(frame.f_locals.values()):
+        for value in _held_by(frame):
             if isinstance(value, OptimizedModule) and value._orig_mod is model and uses_rotatek(value):
                 return ("torch.compile(model).generate() runs the uncompiled model (generate is looked up on "
                         "the wrapped module); compile in place with model.compile(backend='rotatek', ...)")
@@ -88,6 +89,18 @@ def _bypass(model: torch.nn.Module, caller: Any) -> Optional[str]:
                         "the span is the prompt less its last query_window tokens, not the image tokens alone)")
         frame, depth = frame.f_back, depth + 1
     return None
+
+
+def _held_by(frame: Any) -> list:
+    """The frame's local values, and the attributes of those that are plain objects (a server's
+    ``self.compiled``): modules, classes and functions are not opened."""
+    values = list(frame.f_locals.values())
+    for value in list(values):
+        attributes = getattr(value, "__dict__", None)
+        if isinstance(attributes, dict) and not isinstance(value, (torch.nn.Module, type, types.ModuleType,
+                                                                    types.FunctionType, types.MethodType)):
+            values.extend(attributes.values())
+    return values
 
 
 def uses_rotatek(module: torch.nn.Module) -> bool:

@@ -93,3 +93,22 @@ def test_generate_of_a_part_of_a_compiled_model_warns(caplog):
         inner.generate(input_ids=torch.randint(3, 100, (1, 12)), max_new_tokens=2, do_sample=False)
     warnings = _our_warnings(caplog)
     assert len(warnings) == 1 and "it is part of Blip2ForConditionalGeneration" in warnings[0], warnings
+
+
+class _Server:
+    """A compiled model kept as an attribute, called from a method."""
+
+    def __init__(self, model):
+        self.compiled = torch.compile(model, backend="rotatek", options=OPTIONS)
+
+    def answer(self, inputs):
+        with torch.no_grad():
+            return self.compiled.generate(**inputs, max_new_tokens=2, do_sample=False)
+
+
+def test_a_compiled_wrapper_held_as_an_attribute_is_found(caplog):
+    server = _Server(tiny_llama())
+    with caplog.at_level(logging.WARNING):
+        server.answer(padded_prompt())
+    warnings = _our_warnings(caplog)
+    assert len(warnings) == 1 and "torch.compile(model).generate()" in warnings[0], warnings
