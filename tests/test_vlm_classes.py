@@ -8,11 +8,12 @@
     uncompiled and two compiled generations, shared by the checks (:func:`_run`). Known product
     gaps are ``xfail(strict=True)`` with their cause (``KNOWN_GAPS`` of the part files).
 
-Cost: two compiled generations are two Dynamo traces of the whole model: one class costs ~16 s
-of CPU on average (measured: 21 classes, 343 s of CPU), too much for every class in CI. By default the per-class tests run for the
-classes of :data:`QUICK` (every ``QUICK_STRIDE``-th class by name, so that every part is
-sampled, minus the parts' ``SLOW`` classes); ``ROTATEK_VLM_CLASSES=all`` runs every class (the
-others are skipped with that hint).
+Cost: two compiled generations are two Dynamo traces of the whole model (~8 s of CPU per class on
+average). Every class but the parts' ``SLOW`` ones runs by default (``ROTATEK_VLM_CLASSES=all``
+adds those); CI spreads the suite over the machine's cores (``pytest -n
+auto --dist loadgroup``: each class's checks stay on one worker, which shares its runs).
+``ROTATEK_VLM_CLASSES=quick`` runs only the classes of :data:`QUICK` (every ``QUICK_STRIDE``-th class
+by name, so that every part is sampled, minus the parts' ``SLOW`` classes), for a quick local run.
 """
 
 from __future__ import annotations
@@ -30,7 +31,17 @@ from tests.vlm_classes.common import not_in_transformers
 
 QUICK_STRIDE = 5  # ~110 classes → ~22 sampled, ~6 min of CPU
 QUICK = frozenset(sorted(BY_NAME)[::QUICK_STRIDE]) - set(SLOW)
-RUN_ALL = os.environ.get("ROTATEK_VLM_CLASSES") == "all"
+SELECTION = os.environ.get("ROTATEK_VLM_CLASSES", "default")  # "quick", "default" (all but SLOW) or "all"
+
+
+def _skip_reason(name: str) -> Optional[str]:
+    if SELECTION == "all":
+        return None
+    if name in SLOW:
+        return f"slow ({SLOW[name]}): ROTATEK_VLM_CLASSES=all runs it"
+    if SELECTION == "quick" and name not in QUICK:
+        return "not in the quick sample (ROTATEK_VLM_CLASSES=quick)"
+    return None
 
 
 def _mapped_model_types() -> set[str]:
@@ -87,8 +98,9 @@ def _classes(check: str):
         marks = []
         if name in gaps:
             marks.append(pytest.mark.xfail(reason=gaps[name], strict=True))
-        if name not in QUICK and not RUN_ALL:
-            marks.append(pytest.mark.skip(reason="not in the CI sample: ROTATEK_VLM_CLASSES=all runs it"))
+        if _skip_reason(name):
+            marks.append(pytest.mark.skip(reason=_skip_reason(name)))
+        marks.append(pytest.mark.xdist_group(name))  # one worker runs a class's checks: its runs are shared
         params.append(pytest.param(name, id=name, marks=marks))
     return params
 
