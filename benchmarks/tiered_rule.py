@@ -80,8 +80,8 @@ def summary(result: dict) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | budget | rule | tuning: mean KL ratio / geo-mean / wins | held-out: mean KL ratio / geo-mean / wins |",
-             "|---|---|---|---|---|"]
+    halves = " | ".join(f"{half}: mean KL ratio / geo-mean / wins" for half in ("tuning", "held-out"))
+    lines = [f"| model | budget | rule | {halves} |", "|---|---|---|---|---|"]
     for row in rows:
         cells_ = [f"{row[h]['mean_ratio']:.3f} / {row[h]['geo_mean']:.3f} / {row[h]['wins']}/{row[h]['prompts']}"
                   for h in ("tuning", "held-out")]

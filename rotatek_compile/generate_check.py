@@ -117,7 +117,8 @@ def uses_rotatek(module: torch.nn.Module) -> bool:
         if link is None or id(link) in seen:
             continue
         seen.add(id(link))
-        if link is rotatek_backend or isinstance(link, RotateKBackend) or getattr(link, "compiler_name", None) == "rotatek":
+        if (link is rotatek_backend or isinstance(link, RotateKBackend)
+                or getattr(link, "compiler_name", None) == "rotatek"):
             return True
         todo.extend(getattr(link, name, None) for name in _BACKEND_LINKS)
     return False

@@ -10,8 +10,8 @@
 
 Cost: two compiled generations are two Dynamo traces of the whole model (~8 s of CPU per class on
 average). Every class but the parts' ``SLOW`` ones runs by default (``ROTATEK_VLM_CLASSES=all``
-adds those); CI spreads the suite over the machine's cores (``pytest -n
-auto --dist loadgroup``: each class's checks stay on one worker, which shares its runs).
+adds those); CI spreads the suite over the machine's cores (``pytest -n auto --dist loadgroup``:
+each class's checks stay on one worker, which shares its runs).
 ``ROTATEK_VLM_CLASSES=quick`` runs only the classes of :data:`QUICK` (every ``QUICK_STRIDE``-th class
 by name, so that every part is sampled, minus the parts' ``SLOW`` classes), for a quick local run.
 """
@@ -98,8 +98,9 @@ def _classes(check: str):
         marks = []
         if name in gaps:
             marks.append(pytest.mark.xfail(reason=gaps[name], strict=True))
-        if _skip_reason(name):
-            marks.append(pytest.mark.skip(reason=_skip_reason(name)))
+        skip = _skip_reason(name)
+        if skip:
+            marks.append(pytest.mark.skip(reason=skip))
         marks.append(pytest.mark.xdist_group(name))  # one worker runs a class's checks: its runs are shared
         params.append(pytest.param(name, id=name, marks=marks))
     return params

@@ -111,7 +111,14 @@ def weight_covariance(covariance: Tensor, query_norms: Tensor) -> Tensor:
     qn = query_norms.float()
     cov = covariance * (qn[..., :, None] * qn[..., None, :])
     ridge = COVARIANCE_RIDGE * cov.diagonal(dim1=-2, dim2=-1).abs().mean(dim=-1)  # [B, H]
-    return cov + ridge[..., None, None] * torch.eye(cov.shape[-1], device=cov.device)
+    return _add_to_diagonal_(cov, ridge)
+
+
+def _add_to_diagonal_(matrices: Tensor, values: Tensor | float) -> Tensor:
+    """``M + v·I`` in place, for ``matrices`` ``[..., n, n]`` and ``values`` ``[...]`` (one per
+    matrix) or a number: no identity matrix is built (one launch on a GPU, not three)."""
+    matrices.diagonal(dim1=-2, dim2=-1).add_(values[..., None] if isinstance(values, Tensor) else values)
+    return matrices
 
 
 def basis_attention_error(queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor, scale: float,
@@ -137,12 +144,13 @@ def basis_attention_error(queries: Tensor, keys: Tensor, values: Tensor, mask: T
 
     exact = output(q @ k.transpose(-1, -2))  # [B, H, G·Q, dv]
     side_by_side = rotations.permute(1, 2, 3, 0, 4).reshape(batch, kv_heads, dim, count * rank)
-    projected = k @ side_by_side  # [B, H, S, n·r]
-    projected -= mean[:, :, None, :] @ side_by_side  # kR − μR
-    per_basis = projected.view(batch, kv_heads, -1, count, rank).permute(3, 0, 1, 2, 4)  # [n, B, H, S, r]
-    query_side = (q @ side_by_side).view(batch, kv_heads, -1, count, rank).permute(3, 0, 1, 2, 4)  # [n, B, H, G·Q, r]
+
+    def per_basis(x: Tensor) -> Tensor:  # [B, H, N, d] → [n, B, H, N, r]: xR of each basis
+        return (x @ side_by_side).view(batch, kv_heads, -1, count, rank).permute(3, 0, 1, 2, 4)
+
+    keys_side = per_basis(k) - per_basis(mean[:, :, None, :])  # kR − μR: [n, B, H, S, r]
     offset = q @ mean[:, :, :, None]  # q·μ: [B, H, G·Q, 1]
-    logits = query_side @ per_basis.transpose(-1, -2) + offset  # [n, B, H, G·Q, S]
+    logits = per_basis(q) @ keys_side.transpose(-1, -2) + offset  # [n, B, H, G·Q, S]
     errors = (output(logits) - exact).square().sum(dim=(-2, -1))  # [n, B, H]
     return errors / exact.square().sum(dim=(-2, -1)).clamp_min(1e-30)
 
@@ -203,7 +211,7 @@ def subspace_iteration(covariance: Tensor, rank: int, iters: int = 5) -> Tensor:
     cov = covariance.float()
     dim = cov.shape[-1]
     variances = cov.diagonal(dim1=-2, dim2=-1)  # [..., d]
-    shifted = cov + (SUBSPACE_SHIFT * variances.mean(dim=-1))[..., None, None] * torch.eye(dim, device=cov.device)
+    shifted = _add_to_diagonal_(cov.clone(), SUBSPACE_SHIFT * variances.mean(dim=-1))  # C + δI
     start = variances.topk(rank, dim=-1).indices  # [..., r]
     start = torch.nn.functional.one_hot(start, dim).float().transpose(-1, -2)  # [..., d, r]
     basis, good = start, torch.ones(cov.shape[:-2], dtype=torch.bool, device=cov.device)
@@ -240,8 +248,8 @@ def _cholesky_orthonormalise(block: Tensor) -> tuple[Tensor, Tensor]:
     for _ in range(2):
         basis, passed = _cholesky_pass(basis)
         good &= passed
-    eye = torch.eye(rank, device=block.device)
-    error = (basis.transpose(-1, -2) @ basis - eye).abs().amax(dim=(-2, -1)).nan_to_num(float("inf"))
+    departure = _add_to_diagonal_(basis.transpose(-1, -2) @ basis, -1.0)  # XᵀX − I
+    error = departure.abs().amax(dim=(-2, -1)).nan_to_num(float("inf"))
     return basis, good & (error < 1e-3)
 
 
@@ -249,7 +257,7 @@ def _cholesky_pass(block: Tensor, shift: Optional[Tensor] = None) -> tuple[Tenso
     """One CholeskyQR pass: ``X = Y L⁻ᵀ`` with ``L Lᵀ = YᵀY (+ sI)``, and where ``L`` exists."""
     gram = block.transpose(-1, -2) @ block  # [..., r, r]
     if shift is not None:
-        gram = gram + shift[..., None, None] * torch.eye(gram.shape[-1], device=block.device)
+        _add_to_diagonal_(gram, shift)
     factor, info = torch.linalg.cholesky_ex(gram)
     # X = Y L⁻ᵀ  ⇔  Xᵀ = L⁻¹ Yᵀ
     basis = torch.linalg.solve_triangular(factor, block.transpose(-1, -2), upper=False).transpose(-1, -2)
