@@ -17,6 +17,8 @@ host synchronisations) to the log and ``compress_profile.txt``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -27,7 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from rotatek_compile import RotateKConfig  # noqa: E402
+from rotatek_compile import RotateKConfig, state, tiers  # noqa: E402
 from rotatek_compile.kernels import reference  # noqa: E402
 from rotatek_compile.state import LayerPrefill, compress_layer, compress_layers  # noqa: E402
 
@@ -104,6 +106,39 @@ def measure(length: int, device: torch.device, dtype: torch.dtype, reps: int, la
     exact = reference.top_eigenvectors(covariance, RANK)
     row["subspace_energy_vs_exact"] = captured_energy(covariance, reference.subspace_iteration(covariance, RANK), exact)
     row["project_ms"] = median_ms(lambda: reference.compress_span(span_keys, exact, mean), device, reps)
+    row.update(window_attention_ms(inputs, length, device, reps))
+    return row
+
+
+def window_attention_ms(inputs: dict, length: int, device: torch.device, reps: int) -> dict:
+    """The half window's grouped queries (``[B, H, G·W/2, d]``) attending over the span, by SDPA
+    backend, with and without a padding mask, at full width and at ``r`` channels: the basis
+    choice runs three such attentions per layer."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    keys, values = inputs["keys"][:, :, :length], inputs["values"][:, :, :length]
+    batch = keys.shape[0]
+    q = inputs["queries"][:, :, WINDOW // 2:].reshape(batch, KV_HEADS, -1, DIM)
+    mask = torch.ones(batch, 1, 1, length, dtype=torch.bool, device=device)
+    side = torch.randn(batch, KV_HEADS, DIM, 2 * RANK, device=device, dtype=keys.dtype)
+    q_side, k_side = q @ side, keys @ side
+    row = {}
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH, "default": None}
+    for name, backend in backends.items():
+        for masked in (False, True):
+            for width, (qq, kk) in (("d", (q, keys)), ("r", (q_side[..., :RANK], k_side[..., :RANK]))):
+                def attend():
+                    return torch.nn.functional.scaled_dot_product_attention(
+                        qq, kk, values, attn_mask=mask if masked else None, scale=DIM ** -0.5)
+                try:
+                    if backend is None:
+                        row[f"attention_{name}_{width}{'_masked' if masked else ''}_ms"] = median_ms(attend, device, reps)
+                    else:
+                        with sdpa_kernel([backend]):
+                            row[f"attention_{name}_{width}{'_masked' if masked else ''}_ms"] = median_ms(
+                                attend, device, reps)
+                except RuntimeError:
+                    row[f"attention_{name}_{width}{'_masked' if masked else ''}_ms"] = None
     return row
 
 
@@ -117,7 +152,45 @@ def profile_compress_layers(length: int, device: torch.device, dtype: torch.dtyp
         list(compress_layers([LayerPrefill(**layer, scale=DIM ** -0.5) for layer in stack], config))
 
     run()  # warm-up
-    return profile_table(run, device, f"compress_layers, {layers} layers of {batch} x {length} tokens")
+    with phases_marked():
+        return profile_table(run, device, f"compress_layers, {layers} layers of {batch} x {length} tokens")
+
+
+# The steps of ``compress_layers`` whose host and device time the profile reports (inclusive: a
+# step called inside another counts in both).
+PHASES = ((tiers, "attention_sinks"), (state, "_compact"), (state, "_gather_positions"),
+          (reference, "span_covariance"), (reference, "weight_covariance"), (reference, "solve_basis"),
+          (reference, "basis_attention_error"), (reference, "stored_basis"), (state, "_build_layer"),
+          (reference, "project_span"))
+
+
+@contextlib.contextmanager
+def phases_marked():
+    """Each function of :data:`PHASES` runs inside a profiler range named ``phase:<name>``."""
+    originals = [(module, name, getattr(module, name)) for module, name in PHASES]
+
+    def marked(name, function):
+        @functools.wraps(function)
+        def run(*args, **kwargs):
+            with torch.profiler.record_function(f"phase:{name}"):
+                return function(*args, **kwargs)
+        return run
+
+    for module, name, function in originals:
+        setattr(module, name, marked(name, function))
+    try:
+        yield
+    finally:
+        for module, name, function in originals:
+            setattr(module, name, function)
+
+
+def _inside_aten(event) -> bool:
+    """Whether a profiler event runs inside an aten call (not one the Python code made itself)."""
+    parent = event.cpu_parent
+    while parent is not None and not parent.name.startswith("aten::"):
+        parent = parent.cpu_parent
+    return parent is not None
 
 
 def profile_table(run, device: torch.device, what: str) -> str:
@@ -132,11 +205,16 @@ def profile_table(run, device: torch.device, what: str) -> str:
     events = prof.key_averages()
     # a host read of a device value: item() / bool(), or tolist() (a synchronising copy on CUDA)
     syncs = sum(e.count for e in events if e.key in ("aten::_local_scalar_dense", "cudaStreamSynchronize"))
-    top_level = sum(e.count for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
+    top_level = sum(1 for e in prof.events() if e.name.startswith("aten::") and not _inside_aten(e))
     device_us = sum(e.self_device_time_total for e in events if e.device_type != torch.autograd.DeviceType.CPU)
     header = (f"{what}: {top_level} top-level aten calls, {syncs} host synchronisations, "
               f"device kernel time {device_us / 1e3:.1f} ms")
-    return header + "\n" + events.table(sort_by="self_cpu_time_total", row_limit=25)
+    marked = [e for e in events if e.key.startswith("phase:")]
+    phase_lines = [f"{'step (inclusive)':<28} {'calls':>6} {'host ms':>9} {'device ms':>10}"] + [
+        f"{e.key[6:]:<28} {e.count:>6} {e.cpu_time_total / 1e3:>9.2f} {e.device_time_total / 1e3:>10.2f}"
+        for e in sorted(marked, key=lambda e: -e.cpu_time_total)]
+    table = events.table(sort_by="self_cpu_time_total", row_limit=25)
+    return "\n".join([header, *phase_lines, table]) if marked else header + "\n" + table
 
 
 def main(argv=None) -> int:
@@ -165,6 +243,8 @@ def main(argv=None) -> int:
     logger.info("%8s " + " ".join(f"{k[:-3] if k.endswith('_ms') else k:>26}" for k in keys), "N")
     for row in rows:
         logger.info("%8d " + " ".join(f"{row[k]:>26.3f}" for k in keys), row["tokens"])
+        logger.info("window attention ms: %s", {k[10:-3]: None if v is None else round(v, 3)
+                                                for k, v in row.items() if k.startswith("attention_")})
     profiles = [profile_compress_layers(int(n), device, dtype, args.layers, args.batch, query_aware)
                 for n in args.lengths.split(",")] if args.profile else []
     for text in profiles:

@@ -260,12 +260,24 @@ def _compact(selected: Tensor, widest: Optional[int] = None) -> tuple[Tensor, Te
     counts = selected.sum(dim=1)  # [B]
     if widest is None:
         widest = int(counts.max()) if selected.numel() else 0
+    return _compact_sorted(_true_first(selected, widest), counts, widest)
+
+
+def _true_first(selected: Tensor, widest: int) -> Tensor:
+    """``selected`` ``[..., S]`` bool → ``[..., max(S, MIN_SEGMENT)]``: each row's positions, its
+    ``True`` ones first, each group ascending (a stable sort; past ``S``: padding positions);
+    ``widest``: the largest count of ``True`` in a row."""
     width = max(widest, MIN_SEGMENT)
-    if selected.shape[1] < width:
-        selected = torch.nn.functional.pad(selected, (0, width - selected.shape[1]))
-    order = torch.sort((~selected).to(torch.int8), dim=1, stable=True).indices[:, :width]
-    mask = torch.arange(width, device=selected.device)[None, :] < counts[:, None]
-    return torch.where(mask, order, torch.zeros_like(order)), mask
+    if selected.shape[-1] < width:
+        selected = torch.nn.functional.pad(selected, (0, width - selected.shape[-1]))
+    return torch.sort((~selected).to(torch.int8), dim=-1, stable=True).indices
+
+
+def _compact_sorted(order: Tensor, counts: Tensor, widest: int) -> tuple[Tensor, Tensor]:
+    """:func:`_compact` from :func:`_true_first`'s ``order`` ``[B, S']`` and the ``counts`` ``[B]``."""
+    width = max(widest, MIN_SEGMENT)
+    mask = torch.arange(width, device=order.device)[None, :] < counts[:, None]
+    return torch.where(mask, order[:, :width], 0), mask
 
 
 def _gather_positions(tensor: Tensor, positions: Tensor) -> Tensor:
@@ -293,8 +305,10 @@ class SpanTokens:
     count: int  # real span tokens, sinks included
     per_row: Tensor  # [B] the same per row
     compressed_count: int  # the span's tokens less its sinks, all rows
+    selected: Tensor  # [B, S] bool: those tokens, in place
     positions: Tensor  # [B, Sv] where those are (:func:`_compact`)
     mask: Tensor  # [B, Sv] bool: which of those slots are real
+    padded: bool  # some of those slots are not
     rest_positions: Tensor  # [B, Sf] the real tokens outside them (the rest segment)
     rest_mask: Tensor  # [B, Sf] bool
     outside: int  # real tokens outside the span, all rows
@@ -339,30 +353,40 @@ def compress_layer(
 
 def _span_tokens(layers: list[LayerPrefill]) -> list[SpanTokens]:
     """Each layer's span less its sinks, and where its span and rest tokens lie, with one host
-    synchronisation for all layers (the token counts that size the segments): on a GPU the work of
-    every layer is queued without waiting for any of it."""
-    per_rows, compressed, rests, counts = [], [], [], []
-    for prefill in layers:
-        span = prefill.span & prefill.valid  # [B, S]
-        sinks = tiers.attention_sinks(prefill.queries, prefill.keys, prefill.scale, span, prefill.valid)
-        per_rows.append(span.sum(dim=1))  # [B]
-        compressed.append(span & ~sinks)
-        rests.append(prefill.valid & ~compressed[-1])
-        counts.append(torch.stack([per_rows[-1], compressed[-1].sum(dim=1), rests[-1].sum(dim=1)]))  # [3, B]
-    if not layers:
-        return []
-    flat = torch.cat([count.flatten() for count in counts]).tolist()  # the synchronisation
-    tokens, start = [], 0
-    for per_row, kept, rest in zip(per_rows, compressed, rests):
-        batch = per_row.shape[0]
-        span_rows, kept_rows, rest_rows = (flat[start + i * batch: start + (i + 1) * batch] for i in range(3))
-        start += 3 * batch
-        positions, mask = _compact(kept, max(kept_rows, default=0))
-        rest_positions, rest_mask = _compact(rest, max(rest_rows, default=0))
-        sinks = sum(span_rows) - sum(kept_rows)
-        tokens.append(SpanTokens(count=sum(span_rows), per_row=per_row, compressed_count=sum(kept_rows),
-                                 positions=positions, mask=mask, rest_positions=rest_positions,
-                                 rest_mask=rest_mask, outside=sum(rest_rows) - sinks))
+    synchronisation per prompt shape (the token counts that size the segments): on a GPU the work
+    of every layer is queued without waiting for any of it."""
+    groups: dict[tuple, list[int]] = {}
+    for index, prefill in enumerate(layers):
+        groups.setdefault((prefill.span.shape, prefill.span.device), []).append(index)
+    tokens: list[Optional[SpanTokens]] = [None] * len(layers)
+    for group in groups.values():
+        for index, span in zip(group, _span_tokens_of_one_shape([layers[i] for i in group])):
+            tokens[index] = span
+    return tokens
+
+
+def _span_tokens_of_one_shape(layers: list[LayerPrefill]) -> list[SpanTokens]:
+    """:func:`_span_tokens` of layers whose masks are ``[B, S]`` alike: only the sinks' attention
+    shares are computed layer by layer; the rest runs once on the stacked ``[L, B, S]`` masks."""
+    shares = [tiers.window_share(p.queries, p.keys, p.scale, p.span & p.valid).amax(dim=1) for p in layers]
+    valid = torch.stack([prefill.valid for prefill in layers])  # [L, B, S]
+    span = torch.stack([prefill.span for prefill in layers]) & valid
+    compressed = span & ~tiers.sinks_by_share(torch.stack(shares), span, valid)
+    rest = valid & ~compressed
+    per_row = span.sum(dim=-1)  # [L, B]
+    counts = torch.stack([per_row, compressed.sum(dim=-1), rest.sum(dim=-1)], dim=1)  # [L, 3, B]
+    per_layer = counts.tolist()  # the synchronisation: [L][3][B]
+    kept_order = _true_first(compressed, max(max(kept, default=0) for _, kept, _ in per_layer))  # one sort
+    rest_order = _true_first(rest, max(max(rests, default=0) for _, _, rests in per_layer))
+    tokens = []
+    for index, (spans, kept, rests) in enumerate(per_layer):
+        positions, mask = _compact_sorted(kept_order[index], counts[index, 1], max(kept, default=0))
+        rest_positions, rest_mask = _compact_sorted(rest_order[index], counts[index, 2], max(rests, default=0))
+        sinks = sum(spans) - sum(kept)
+        tokens.append(SpanTokens(count=sum(spans), per_row=per_row[index], compressed_count=sum(kept),
+                                 selected=compressed[index], positions=positions, mask=mask,
+                                 padded=min(kept, default=0) < mask.shape[1],
+                                 rest_positions=rest_positions, rest_mask=rest_mask, outside=sum(rests) - sinks))
     return tokens
 
 
@@ -380,7 +404,8 @@ def compress_layers(layers: list[LayerPrefill], config: RotateKConfig) -> Iterat
     if config.method == "rotatek" and config.token_keep >= 1.0 and config.kv_budget is None:
         shapes: dict[tuple, list[int]] = {}
         for index, prefill in enumerate(layers):
-            shapes.setdefault((prefill.keys.shape[:2], prefill.keys.shape[-1], prefill.keys.device), []).append(index)
+            shape = (prefill.keys.shape[:2], prefill.keys.shape[-1], prefill.queries.shape, prefill.keys.device)
+            shapes.setdefault(shape, []).append(index)
         for group in shapes.values():
             solved = _with_bases([layers[i] for i in group], [tokens[i] for i in group], config)
             for index, span in zip(group, solved):
@@ -402,20 +427,24 @@ def _with_bases(layers: list[LayerPrefill], tokens: list[SpanTokens], config: Ro
     keeps the query-aware basis where its attention error on the window's second half
     (:func:`reference.basis_attention_error`) is at most K-only PCA's."""
     kinds = _BASES[config.query_aware]
-    covariances, means = [], []
-    for prefill, span in zip(layers, tokens):
-        covariance, mean = reference.span_covariance(_gather_positions(prefill.keys, span.positions), span.mask)
-        half = prefill.queries[:, :, :max(prefill.queries.shape[2] // 2, 1)]
-        windows = {"query": prefill.queries, "first half": half}
-        covariances.append([covariance if kind == "pca" else reference.weight_covariance(
-            covariance, reference.query_channel_norms(windows[kind], covariance.shape[1])) for kind in kinds])
-        means.append(mean)  # [B, H, d]
+    covariances, means = zip(*(reference.span_covariance(prefill.keys, span.selected)  # the span's tokens, in place
+                               for prefill, span in zip(layers, tokens)))
+    covariance = torch.stack(covariances)  # [L, B, H, d, d]
+    queries = torch.stack([prefill.queries for prefill in layers]).flatten(0, 1)  # [L·B, Hq, W, d]
+    windows = {"query": queries, "first half": queries[:, :, :max(queries.shape[2] // 2, 1)]}
+
+    def weighted(kind: str) -> Tensor:  # every layer's covariance of one kind: [L, B, H, d, d]
+        if kind == "pca":
+            return covariance
+        norms = reference.query_channel_norms(windows[kind], covariance.shape[2])  # [L·B, H, d]
+        return reference.weight_covariance(covariance, norms.view(*covariance.shape[:-1]))
+
     keys = layers[0].keys
-    stacked = torch.stack([torch.stack(per_kind) for per_kind in zip(*covariances)])  # [kinds, L, B, H, d, d]
+    stacked = torch.stack([weighted(kind) for kind in kinds])  # [kinds, L, B, H, d, d]
     rotations = reference.solve_basis(stacked, config.channels_for(keys.shape[-1]),
                                       config.solver_for(keys.device), config.subspace_iters)
     chosen = rotations[0] if len(kinds) == 1 else torch.stack([
-        _better_basis(prefill, span, rotations[:, index], means[index])
+        _better_basis(prefill, span, rotations[:, index])
         for index, (prefill, span) in enumerate(zip(layers, tokens))])  # [L, B, H, d, r]
     stored, residuals = reference.stored_basis(chosen, torch.stack(means), keys.dtype)  # [L, B, H, d, r|1]
     # each layer its own R̂ and δμ: a view would keep the whole stack alive with any layer
@@ -423,14 +452,14 @@ def _with_bases(layers: list[LayerPrefill], tokens: list[SpanTokens], config: Ro
             for span, rotation, residual in zip(tokens, stored.unbind(0), residuals.unbind(0))]
 
 
-def _better_basis(prefill: LayerPrefill, span: SpanTokens, rotations: Tensor, mean: Tensor) -> Tensor:
+def _better_basis(prefill: LayerPrefill, span: SpanTokens, rotations: Tensor) -> Tensor:
     """``rotations`` ``[3, B, H, d, r]`` (K-only PCA, query-aware, query-aware of the window's first
     half) → ``[B, H, d, r]``: per row and KV head, the query-aware basis where its first-half fit
     moves the second half's attention over the span no more than K-only PCA does."""
     second = prefill.queries[:, :, prefill.queries.shape[2] // 2:]  # [B, Hq, W - W/2, d] (W = 1: in-sample)
     errors = reference.basis_attention_error(
         second, _gather_positions(prefill.keys, span.positions), _gather_positions(prefill.values, span.positions),
-        span.mask, prefill.scale, rotations[0::2], mean)  # [2, B, H]: a slice, not an index list (a host copy)
+        span.mask if span.padded else None, prefill.scale, rotations[0::2])  # [2, B, H]: a slice, not an index list
     query_wins = errors[1] <= errors[0]
     if logger.isEnabledFor(logging.DEBUG):  # a host read: only when asked for
         logger.debug("rotatek: query-aware basis kept for %d of %d (row, KV head)", int(query_wins.sum()),

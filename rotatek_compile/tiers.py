@@ -82,22 +82,27 @@ def attention_sinks(queries: Tensor, keys: Tensor, scale: float, span: Tensor, v
         ``[B, S]`` bool, a subset of ``span`` with at most :data:`SINK_LIMIT` tokens per row, the
         same number in every row (as far as its span has tokens).
     """
-    batch, length = span.shape
-    rows = torch.arange(batch, device=span.device)
-    first = valid.int().argmax(dim=1)  # [B] first real token (0 for a row with none)
-    sinks = torch.zeros_like(span)
-    sinks[rows, first] = span[rows, first]
+    return sinks_by_share(window_share(queries, keys, scale, span).amax(dim=1), span, valid)
+
+
+def sinks_by_share(share: Tensor, span: Tensor, valid: Tensor) -> Tensor:
+    """:func:`attention_sinks` from each token's largest window share over the KV heads.
+
+    ``share`` ``[..., B, S]`` (``max_h share_h``), ``span`` and ``valid`` ``[..., B, S]`` bool →
+    ``[..., B, S]`` bool; leading dims (layers) are independent: one call decides every layer.
+    """
+    length = span.shape[-1]
+    first = valid.int().argmax(dim=-1, keepdim=True)  # [..., B, 1] first real token (0 for a row with none)
+    sinks = torch.zeros_like(span).scatter_(-1, first, span.gather(-1, first))
     extra = min(SINK_LIMIT - 1, length)
     if extra <= 0:
         return sinks
-    share = window_share(queries, keys, scale, span).amax(dim=1)  # [B, S]
     share = share.masked_fill(sinks | ~span, -1.0)
-    top, where = share.topk(extra, dim=-1)  # [B, extra], by share descending
-    threshold = (SINK_FACTOR / span.sum(dim=1, keepdim=True).clamp_min(1)).clamp_min(SINK_SHARE)  # [B, 1]
-    outliers = (top >= threshold).sum(dim=1).amax()  # the most any row has (on the device: no wait)
-    taken = (torch.arange(extra, device=span.device) < outliers) & (top >= 0)  # [B, extra] real span tokens
-    sinks[rows[:, None].expand_as(where), where] |= taken
-    return sinks
+    top, where = share.topk(extra, dim=-1)  # [..., B, extra], by share descending
+    threshold = (SINK_FACTOR / span.sum(dim=-1, keepdim=True).clamp_min(1)).clamp_min(SINK_SHARE)  # [..., B, 1]
+    outliers = (top >= threshold).sum(dim=-1, keepdim=True).amax(dim=-2, keepdim=True)  # the most a row has
+    taken = (torch.arange(extra, device=span.device) < outliers) & (top >= 0)  # [..., B, extra] real span tokens
+    return sinks | torch.zeros_like(span).scatter_(-1, where, taken)
 
 
 # --- the tiered cache under one byte budget (``kv_budget``) ---------------------------------------

@@ -78,8 +78,9 @@ def test_the_choice_is_exact_at_full_rank():
 
 
 def test_the_attention_error_is_that_of_the_reconstructed_keys():
-    """``basis_attention_error`` works on projected Keys (``(qR)·(kR − μR) + q·μ``); it equals the
-    error of attention over the Keys each basis reconstructs, ``RRᵀ(k − μ) + μ``, with padding."""
+    """``basis_attention_error`` attends with projected queries and Keys (``(qR)·(kR)``: the mean's
+    terms are the same for every Key); it equals the error of attention over the Keys each basis
+    reconstructs, ``RRᵀ(k − μ) + μ``, with padding."""
     gen = torch.Generator().manual_seed(3)
     keys, values = torch.randn(BATCH, 2, 40, DIM, generator=gen), torch.randn(BATCH, 2, 40, 12, generator=gen)
     queries = torch.randn(BATCH, 2 * GROUP, 5, DIM, generator=gen)
@@ -96,5 +97,8 @@ def test_the_attention_error_is_that_of_the_reconstructed_keys():
         seen = (keys.double() - mean.double()[:, :, None]) @ basis @ basis.transpose(-1, -2) + mean.double()[:, :, None]
         out = (q @ seen.transpose(-1, -2)).masked_fill(hidden, -math.inf).softmax(-1) @ values.double()
         expected.append((out - exact).square().sum(dim=(-2, -1)) / exact.square().sum(dim=(-2, -1)))
-    errors = reference.basis_attention_error(queries, keys, values, mask, 0.3, rotations, mean)
+    errors = reference.basis_attention_error(queries, keys, values, mask, 0.3, rotations)
     torch.testing.assert_close(errors.double(), torch.stack(expected), rtol=1e-4, atol=1e-7)
+    # no mask (no padding slot): the fused attention without a mask, same errors for the full row
+    unmasked = reference.basis_attention_error(queries, keys, values, None, 0.3, rotations)
+    torch.testing.assert_close(unmasked[:, 0].double(), torch.stack(expected)[:, 0], rtol=1e-4, atol=1e-7)

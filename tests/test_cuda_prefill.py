@@ -61,3 +61,33 @@ def test_lazy_mask_prefill_builds_the_mask_only_when_not_causal(padded):
     from tests.test_passes import check_lazy_mask_op
 
     check_lazy_mask_op(padded, device="cuda", dtype=torch.bfloat16, atol=2e-2)
+
+
+@pytest.mark.parametrize("length", [3000, 2048, 1024])
+def test_half_precision_compression_statistics_equal_fp64(length):
+    """The compression's long products on a GPU take bf16 Keys as they are (tensor cores, fp32
+    accumulation): the covariance (centred about the bf16-rounded mean, then corrected) and the
+    window's attention scores equal fp64 ones of the same bf16 values, also with a large mean."""
+    from rotatek_compile.kernels import reference
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    batch, kv_heads, dim = 2, 2, 64
+    keys = torch.randn(batch, kv_heads, length, dim, device="cuda", generator=gen)
+    keys[..., :4] += 40.0  # channels whose mean is far larger than their spread
+    keys = keys.bfloat16()
+    mask = torch.rand(batch, length, device="cuda", generator=gen) > 0.2
+    cov, mean = reference.span_covariance(keys, mask)
+    exact = keys.double()
+    weight = mask[:, None, :, None].double()
+    exact_mean = (exact * weight).sum(2) / weight.sum(2)
+    centred = (exact - exact_mean[:, :, None]) * weight
+    torch.testing.assert_close(mean.double(), exact_mean, rtol=1e-5, atol=1e-5)
+    expected_cov = centred.transpose(-1, -2) @ centred
+    # each centred Key rounded to bf16 once (relative 2⁻⁹, errors of random sign over the tokens)
+    assert (cov.double() - expected_cov).norm() / expected_cov.norm() < 1e-3
+
+    queries = torch.randn(batch, 2 * kv_heads, 8, dim, device="cuda", generator=gen).bfloat16()
+    scores = reference.token_scores(queries, keys, 0.125, mask)
+    logits = queries.double().reshape(batch, kv_heads, -1, dim) @ exact.transpose(-1, -2) * 0.125
+    expected = logits.masked_fill(~mask[:, None, None], float("-inf")).softmax(-1).sum(2)
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=1e-6)

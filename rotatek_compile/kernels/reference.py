@@ -23,6 +23,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -96,12 +97,17 @@ def span_covariance(
     if key_mask is None:
         key_mask = _all_true(keys)
     per_head = key_mask if key_mask.dim() == 3 else key_mask[:, None, :]  # [B, 1|H, S]
-    weight = per_head[..., None].float()  # [B, 1|H, S, 1]
-    count = weight.sum(dim=2).clamp_min(1.0)  # [B, 1|H, 1]
-    centred = keys.to(torch.float32, copy=True)  # the one fp32 copy, centred in place: [B, H, S, d]
-    mean = (weight.transpose(-1, -2) @ centred)[:, :, 0] / count  # [B, H, d]
-    centred.sub_(mean[:, :, None, :]).mul_(weight)
-    cov = _gram(centred)  # [B, H, d, d]
+    weight = per_head[..., None].to(keys.dtype)  # [B, 1|H, S, 1]
+    count = per_head.sum(dim=-1, keepdim=True).float().clamp_min(1.0)  # [B, 1|H, 1]
+    mean = (keys * weight).sum(dim=2, dtype=torch.float32) / count  # [B, H, d]
+    # Centred about μ' = μ as the Keys' dtype holds it (no fp32 copy of the Keys), then corrected:
+    #   Σ (k − μ)(k − μ)ᵀ = Σ (k − μ')(k − μ')ᵀ − n (μ' − μ)(μ' − μ)ᵀ
+    shift = mean.to(keys.dtype)
+    batch, heads, length, dim = keys.shape
+    centred = keys.new_zeros(batch, heads, -(-length // GRAM_CHUNK) * GRAM_CHUNK, dim)  # whole chunks, 0 after S
+    torch.mul(keys - shift[:, :, None, :], weight, out=centred[:, :, :length])
+    offset = shift.float() - mean  # [B, H, d], 0 for fp32 Keys
+    cov = _gram(centred) - count[..., None] * (offset[..., :, None] * offset[..., None, :])  # [B, H, d, d]
     cov = (cov + cov.transpose(-1, -2)) / 2
     return (cov if query_norms is None else weight_covariance(cov, query_norms)), mean
 
@@ -121,38 +127,43 @@ def _add_to_diagonal_(matrices: Tensor, values: Tensor | float) -> Tensor:
     return matrices
 
 
-def basis_attention_error(queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor, scale: float,
-                          rotations: Tensor, mean: Tensor) -> Tensor:
+def basis_attention_error(queries: Tensor, keys: Tensor, values: Tensor, mask: Optional[Tensor], scale: float,
+                          rotations: Tensor) -> Tensor:
     """How far each basis moves the queries' attention over the span, per row and KV head.
 
-    ``queries`` ``[B, Hq, Q, d]``, ``keys``/``values`` ``[B, H, S, d|dv]`` with ``mask`` ``[B, S]``,
-    ``rotations`` ``[n, B, H, d, r]`` (``n`` candidate bases), ``mean`` ``[B, H, d]`` →
-    ``[n, B, H]``: ``Σ‖O − O_ref‖² / Σ‖O_ref‖²`` over the group's queries, with ``O`` the attention
-    output when each span Key reads ``RRᵀ(k − μ) + μ`` (what decode's logits see) and ``O_ref`` the
-    exact one.
+    ``queries`` ``[B, Hq, Q, d]``, ``keys``/``values`` ``[B, H, S, d|dv]`` (the span's tokens) with
+    ``mask`` ``[B, S]`` (``None``: every slot is a real token), ``rotations`` ``[n, B, H, d, r]``
+    (``n`` candidate bases) → ``[n, B, H]``: ``Σ‖O − O_ref‖² / Σ‖O_ref‖²`` over the group's queries,
+    with ``O`` the attention output when each span Key reads ``RRᵀ(k − μ) + μ`` (what decode's
+    logits see) and ``O_ref`` the exact one.
     """
-    # Logits with a basis, without building the reconstructed Keys [n, B, H, S, d]:
-    #   q·(RRᵀ(k − μ) + μ) = (qR)·(kR − μR) + q·μ
-    # with every candidate's R side by side ([B, H, d, n·r]), so the Keys are read by one product.
+    # With a basis, a logit is q·(RRᵀ(k − μ) + μ) = (qR)·(kR) + c(q), c(q) = q·μ − (qR)·(μR) the same
+    # for every Key: the softmax over the span drops it, so O is attention of qR over the Keys kR (in
+    # the Keys' dtype, as decode stores them), and no reconstructed Key is built. qR and kR are
+    # zero-padded to d channels (same logits) and stacked after q and k as more batch rows, so one
+    # fused attention call gives O_ref and every O: flash attention, which splits a few queries'
+    # work over many Keys across the GPU (cuDNN's kernel does not), when there is no padding mask.
     count, batch, kv_heads, dim, rank = rotations.shape
-    q = queries.float().reshape(batch, kv_heads, -1, dim) * scale  # [B, H, G·Q, d]
-    k, v = keys.float(), values.float()
-    hidden = ~mask[:, None, None, :]
-
-    def output(logits: Tensor) -> Tensor:
-        return _long_product(torch.softmax(logits.masked_fill(hidden, -math.inf), dim=-1).nan_to_num(0.0), v)
-
-    exact = output(q @ k.transpose(-1, -2))  # [B, H, G·Q, dv]
-    side_by_side = rotations.permute(1, 2, 3, 0, 4).reshape(batch, kv_heads, dim, count * rank)
-
-    def per_basis(x: Tensor) -> Tensor:  # [B, H, N, d] → [n, B, H, N, r]: xR of each basis
-        return (x @ side_by_side).view(batch, kv_heads, -1, count, rank).permute(3, 0, 1, 2, 4)
-
-    keys_side = per_basis(k) - per_basis(mean[:, :, None, :])  # kR − μR: [n, B, H, S, r]
-    offset = q @ mean[:, :, :, None]  # q·μ: [B, H, G·Q, 1]
-    logits = per_basis(q) @ keys_side.transpose(-1, -2) + offset  # [n, B, H, G·Q, S]
-    errors = (output(logits) - exact).square().sum(dim=(-2, -1))  # [n, B, H]
+    q = queries.to(keys.dtype).reshape(batch, kv_heads, -1, dim)  # [B, H, G·Q, d]: each group's rows
+    identity = torch.eye(dim, dtype=keys.dtype, device=keys.device).expand(1, batch, kv_heads, dim, dim)
+    bases = torch.cat([identity, torch.nn.functional.pad(rotations, (0, dim - rank)).to(keys.dtype)])  # [1+n, B, H, d, d]
+    rows = (1 + count) * batch
+    q_all, k_all = (q @ bases).flatten(0, 1), (keys @ bases).flatten(0, 1)  # [(1+n)·B, H, G·Q | S, d]
+    v_all = values.expand(1 + count, *values.shape).reshape(rows, *values.shape[1:])
+    visible = None if mask is None else mask.repeat(1 + count, 1)[:, None, None, :]  # [(1+n)·B, 1, 1, S]
+    with sdpa_kernel(_FEW_QUERIES_BACKENDS):
+        out = torch.nn.functional.scaled_dot_product_attention(q_all, k_all, v_all, attn_mask=visible, scale=scale)
+    out = out.float().view(1 + count, batch, *out.shape[1:])  # [1+n, B, H, G·Q, dv]
+    if mask is not None:
+        out = out.nan_to_num(0.0)  # a row without span tokens
+    exact = out[0]
+    errors = (out[1:] - exact).square().sum(dim=(-2, -1))  # [n, B, H]
     return errors / exact.square().sum(dim=(-2, -1)).clamp_min(1e-30)
+
+
+# SDPA backends for a window's queries over a long span, in the order tried: flash attention when
+# there is no padding mask and the head dims agree, else memory-efficient attention, else math.
+_FEW_QUERIES_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 # Token chunk of :func:`_long_product`: a product whose reduction runs over the tokens (S in the
@@ -163,20 +174,35 @@ GRAM_CHUNK = 1024
 
 
 def _long_product(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` for ``a`` ``[..., M, S]``, ``b`` ``[..., S, N]`` with a long ``S``, summed by token chunks."""
+    """``a @ b`` (:func:`_fp32_product`) for ``a`` ``[..., M, S]``, ``b`` ``[..., S, N]`` with a long
+    ``S``, summed by token chunks."""
     length = a.shape[-1]
     whole = length // GRAM_CHUNK * GRAM_CHUNK
     if whole <= GRAM_CHUNK:
-        return a @ b
+        return _fp32_product(a, b)
     chunks = whole // GRAM_CHUNK
     left = a[..., :whole].unflatten(-1, (chunks, GRAM_CHUNK)).movedim(-2, -3)  # [..., C, M, chunk]
     right = b[..., :whole, :].unflatten(-2, (chunks, GRAM_CHUNK))  # [..., C, chunk, N]
-    return (left @ right).sum(dim=-3) + a[..., whole:] @ b[..., whole:, :]
+    out = _fp32_product(left, right).sum(dim=-3)
+    return out if whole == length else out + _fp32_product(a[..., whole:], b[..., whole:, :])
 
 
 def _gram(x: Tensor) -> Tensor:
-    """``xᵀx`` over the token dim: ``[B, H, S, d]`` → ``[B, H, d, d]``."""
+    """``xᵀx`` over the token dim: ``[B, H, S, d]`` → ``[B, H, d, d]``, at least fp32."""
     return _long_product(x.transpose(-1, -2), x)
+
+
+def _fp32_product(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` in at least fp32. Half-precision operands on a GPU are multiplied as they are, on
+    tensor cores, accumulating into an fp32 result (no fp32 copies; their products are exact in
+    fp32, so this equals the fp32 product up to the order of the sums); elsewhere both are promoted."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and b.dtype == a.dtype:
+        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        left = a.expand(*batch, *a.shape[-2:]).reshape(math.prod(batch), *a.shape[-2:])
+        right = b.expand(*batch, *b.shape[-2:]).reshape(math.prod(batch), *b.shape[-2:])
+        return torch.bmm(left, right, out_dtype=torch.float32).view(*batch, a.shape[-2], b.shape[-1])
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return a.to(dtype) @ b.to(dtype)
 
 
 def top_eigenvectors(covariance: Tensor, rank: int) -> Tensor:
@@ -213,7 +239,7 @@ def subspace_iteration(covariance: Tensor, rank: int, iters: int = 5) -> Tensor:
     variances = cov.diagonal(dim1=-2, dim2=-1)  # [..., d]
     shifted = _add_to_diagonal_(cov.clone(), SUBSPACE_SHIFT * variances.mean(dim=-1))  # C + δI
     start = variances.topk(rank, dim=-1).indices  # [..., r]
-    start = torch.nn.functional.one_hot(start, dim).float().transpose(-1, -2)  # [..., d, r]
+    start = torch.zeros(*cov.shape[:-1], rank, device=cov.device).scatter_(-2, start[..., None, :], 1.0)  # [..., d, r]
     basis, good = start, torch.ones(cov.shape[:-2], dtype=torch.bool, device=cov.device)
     for _ in range(iters):
         basis, converged = _cholesky_orthonormalise(shifted @ basis)
@@ -549,8 +575,8 @@ def token_scores(queries: Tensor, keys: Tensor, scale: float, key_mask: Optional
     span of the window's logits, summed over the window and the head's query group.
     """
     batch, kv_heads, _, dim = keys.shape
-    q = queries.float().reshape(batch, kv_heads, -1, dim) * scale  # [B, H, G·W, d]: each group's rows
-    logits = q @ keys.float().transpose(-1, -2)  # [B, H, G·W, S]
+    q = queries.to(keys.dtype).reshape(batch, kv_heads, -1, dim)  # [B, H, G·W, d]: each group's rows
+    logits = _fp32_product(q, keys.transpose(-1, -2)).mul_(scale)  # [B, H, G·W, S] fp32
     if key_mask is not None:
         logits.masked_fill_(~key_mask[:, None, None, :], -math.inf)
     return torch.softmax(logits, dim=-1).nan_to_num_(0.0).sum(dim=2)
