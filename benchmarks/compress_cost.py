@@ -11,7 +11,8 @@ alone: token gathers, query norms + covariance, the basis solver (``eigh`` and `
 batched basis solve), next to as many separate ``compress_layer`` calls. Also how close the subspace basis is to the exact one (the share of the weighted
 covariance's top-r energy it captures). JSON goes to ``--out``; a table is printed. ``--profile``
 adds the profiler's view of one ``compress_layers`` call (host time per op, device kernel time,
-host synchronisations) to the log and ``compress_profile.txt``.
+host synchronisations, and each step's host and device time) to the log and
+``compress_profile.txt``.
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ def measure(length: int, device: torch.device, dtype: torch.dtype, reps: int, la
 def window_attention_ms(inputs: dict, length: int, device: torch.device, reps: int) -> dict:
     """The half window's grouped queries (``[B, H, G·W/2, d]``) attending over the span, by SDPA
     backend, with and without a padding mask, at full width and at ``r`` channels: the basis
-    choice runs three such attentions per layer."""
+    choice runs three such attentions per layer (as one call, with ``qR`` and ``kR`` zero-padded to
+    ``d``: flash attention takes only equal head dims, so its ``r`` cells are empty)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     keys, values = inputs["keys"][:, :, :length], inputs["values"][:, :, :length]
     batch = keys.shape[0]
@@ -158,10 +160,10 @@ def profile_compress_layers(length: int, device: torch.device, dtype: torch.dtyp
 
 # The steps of ``compress_layers`` whose host and device time the profile reports (inclusive: a
 # step called inside another counts in both).
-PHASES = ((tiers, "attention_sinks"), (state, "_compact"), (state, "_gather_positions"),
-          (reference, "span_covariance"), (reference, "weight_covariance"), (reference, "solve_basis"),
-          (reference, "basis_attention_error"), (reference, "stored_basis"), (state, "_build_layer"),
-          (reference, "project_span"))
+PHASES = ((tiers, "window_share"), (tiers, "sinks_by_share"), (state, "_true_first"),
+          (state, "_gather_positions"), (reference, "span_covariance"), (reference, "weight_covariance"),
+          (reference, "solve_basis"), (reference, "basis_attention_error"), (reference, "stored_basis"),
+          (state, "_build_layer"), (reference, "project_span"))
 
 
 @contextlib.contextmanager
@@ -206,10 +208,11 @@ def profile_table(run, device: torch.device, what: str) -> str:
     # a host read of a device value: item() / bool(), or tolist() (a synchronising copy on CUDA)
     syncs = sum(e.count for e in events if e.key in ("aten::_local_scalar_dense", "cudaStreamSynchronize"))
     top_level = sum(1 for e in prof.events() if e.name.startswith("aten::") and not _inside_aten(e))
-    device_us = sum(e.self_device_time_total for e in events if e.device_type != torch.autograd.DeviceType.CPU)
+    device_us = sum(e.self_device_time_total for e in events  # kernels, not the steps' ranges on the GPU timeline
+                    if e.device_type != torch.autograd.DeviceType.CPU and not e.key.startswith("phase:"))
     header = (f"{what}: {top_level} top-level aten calls, {syncs} host synchronisations, "
               f"device kernel time {device_us / 1e3:.1f} ms")
-    marked = [e for e in events if e.key.startswith("phase:")]
+    marked = [e for e in events if e.key.startswith("phase:") and e.device_type == torch.autograd.DeviceType.CPU]
     phase_lines = [f"{'step (inclusive)':<28} {'calls':>6} {'host ms':>9} {'device ms':>10}"] + [
         f"{e.key[6:]:<28} {e.count:>6} {e.cpu_time_total / 1e3:>9.2f} {e.device_time_total / 1e3:>10.2f}"
         for e in sorted(marked, key=lambda e: -e.cpu_time_total)]
