@@ -43,6 +43,27 @@ def test_batched_solve_equals_one_layer_at_a_time(solver, rank):
         assert_same_layer(mine, theirs)
 
 
+@pytest.mark.parametrize("query_aware", ["auto", True])
+def test_layers_of_different_prompt_shapes_are_each_built_as_alone(query_aware, monkeypatch):
+    """Layers whose masks differ in shape (length, batch) are grouped by shape for the sinks and the
+    solve; a batch without padding slots takes the attention without a mask in the basis choice."""
+    masked = []
+    judge = reference.basis_attention_error
+    monkeypatch.setattr(reference, "basis_attention_error",
+                        lambda q, k, v, mask, *a: masked.append(mask is not None) or judge(q, k, v, mask, *a))
+    config = RotateKConfig(query_window=WINDOW, span="prompt", key_channels=4, query_aware=query_aware)
+    shapes = [dict(length=160), dict(length=120, seed=1, sink=7), dict(length=160, seed=2),
+              dict(padding=(0, 0), length=96, seed=3), dict(padding=(0, 0), length=96, seed=4, sink=5)]
+    layers = [LayerPrefill(*layer_inputs(**shape), scale=SCALE) for shape in shapes]
+    alone = [compress_layer(p.keys, p.values, p.queries, p.span, p.valid, config, SCALE) for p in layers]
+    batched = list(compress_layers(layers, config))
+    for mine, theirs in zip(batched, alone, strict=True):
+        assert_same_layer(mine, theirs)
+    assert not batched[3].span_mask.logical_not().any()  # no padding slot: the unmasked path
+    if query_aware == "auto":  # judged once alone and once batched per layer; padded rows need the mask
+        assert masked == [True, True, True, False, False] * 2
+
+
 def test_the_sinks_of_each_layer_are_its_own():
     config = RotateKConfig(query_window=WINDOW, span="prompt", key_channels=4)
     batched = list(compress_layers(prefills(), config))
