@@ -1,10 +1,12 @@
 """Which split the adaptive tiered cache takes among near-ties: fitted on the tuning prompts.
 
-    python benchmarks/tiered_rule.py [--models smollm2,gemma3] [--out DIR]
+    python benchmarks/tiered_rule.py [--models smollm2,gemma3] [--rules "most rotated,least rotated"] [--out DIR]
 
 ``rotatek_compile.tiers.pick_split`` keeps, of the candidate splits whose held-out window error is
-within ``TIE_TOLERANCE`` of the smallest, the one that rotates the most tokens ("most rotated") or
-the fewest ("least rotated", token-only when it is among them). For each model this runs the 24
+within ``TIE_TOLERANCE`` of the smallest, the one that rotates the most tokens ("most rotated"), the
+fewest ("least rotated", token-only when it is among them), or token-only when it is among them and
+else the most rotated ("token-only when tied"); ``--rules`` picks the rules to run (default: the
+first two). For each model this runs the 24
 prompts of ``benchmarks/fidelity.py`` (one process per model, in parallel) with token-only and the
 adaptive tiered cache under each rule, at every budget, and prints per rule and budget the mean-KL
 ratio to token-only and the geometric mean of per-prompt ratios, on the tuning prompts (where the
@@ -21,19 +23,26 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fidelity  # noqa: E402
 import fidelity_report  # noqa: E402
+from rotatek_compile import tiers  # noqa: E402
 
-RULES = ("most rotated", "least rotated")
+RULES = ("most rotated", "least rotated")  # the comparison of the first run; --rules picks others
 logger = logging.getLogger("tiered_rule")
 
 
-def cells() -> list[fidelity.Cell]:
+def cells(rules: tuple[str, ...] = RULES) -> list[fidelity.Cell]:
     out = [fidelity.Cell("token-only", "think", 1.0, budget) for budget in fidelity.BUDGETS]
     out += [fidelity.Cell(f"tiered {rule}", "rotatek", 0.5, 1.0, kv_budget=budget)
-            for rule in RULES for budget in fidelity.BUDGETS]
+            for rule in rules for budget in fidelity.BUDGETS]
     return out
+
+
+def rules_of(result: dict) -> list[str]:
+    """The tie rules a result holds cells of."""
+    return [rule for rule in tiers.SPLIT_RULES if any(name.startswith(f"tiered {rule} ") for name in result["cells"])]
 
 
 def _with_rule(cell_run):
@@ -47,12 +56,13 @@ def _with_rule(cell_run):
     return run
 
 
-def run_one(model: str, out: Path, position: int, lengths: tuple[int, ...], steps: int) -> Path:
+def run_one(model: str, out: Path, position: int, lengths: tuple[int, ...], steps: int,
+            rules: tuple[str, ...] = RULES) -> Path:
     import torch
 
     torch.set_num_threads(1)
     fidelity.cell_run = _with_rule(fidelity.cell_run)
-    result = fidelity.run_model(model, lengths, cells(), steps, progress_position=position,
+    result = fidelity.run_model(model, lengths, cells(rules), steps, progress_position=position,
                                 partial=out / f"tiered_rule_{model}.partial.json")
     path = out / f"tiered_rule_{model}.json"
     path.write_text(json.dumps(fidelity._jsonable(result)))
@@ -64,7 +74,7 @@ def summary(result: dict) -> list[dict]:
     rows = []
     for budget in fidelity.BUDGETS:
         base = result["cells"][fidelity.Cell("token-only", "think", 1.0, budget).name]
-        for rule in RULES:
+        for rule in rules_of(result):
             tiered = result["cells"][fidelity.Cell(f"tiered {rule}", "rotatek", 0.5, 1.0, kv_budget=budget).name]
             row = {"model": result["model"], "budget": budget, "rule": rule}
             for half, tuning in (("tuning", True), ("held-out", False)):
@@ -96,14 +106,20 @@ def main() -> None:
     parser.add_argument("--lengths", default=None, help="prompt lengths (default: fidelity.py's 24 prompts)")
     parser.add_argument("--steps", type=int, default=fidelity.STEPS)
     parser.add_argument("--report-only", action="store_true", help="summarise the JSON already under --out")
+    parser.add_argument("--rules", default=",".join(RULES),
+                        help=f"comma-separated tie rules, of {', '.join(tiers.SPLIT_RULES)}")
     args = parser.parse_args()
+    rules = tuple(args.rules.split(","))
+    unknown = [rule for rule in rules if rule not in tiers.SPLIT_RULES]
+    if unknown:
+        parser.error(f"--rules: unknown tie rule(s) {unknown}; expected of {', '.join(tiers.SPLIT_RULES)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     models = args.models.split(",")
     if not args.report_only:
         with multiprocessing.get_context("spawn").Pool(len(models)) as pool:
             lengths = tuple(int(n) for n in args.lengths.split(",")) if args.lengths else fidelity.FULL_LENGTHS
-            pool.starmap(run_one, [(model, args.out, i, lengths, args.steps) for i, model in enumerate(models)])
+            pool.starmap(run_one, [(model, args.out, i, lengths, args.steps, rules) for i, model in enumerate(models)])
     rows = [row for model in models
             for row in summary(json.loads((args.out / f"tiered_rule_{model}.json").read_text()))]
     (args.out / "tiered_rule.json").write_text(json.dumps(rows, indent=1))

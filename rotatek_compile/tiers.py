@@ -299,12 +299,21 @@ def choose_split(queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor, sc
     return pick_split(scored), order, scored
 
 
+# The tie rules :func:`pick_split` knows (``SPLIT_RULE`` is the one the cache uses).
+SPLIT_RULES = ("most rotated", "least rotated", "token-only when tied")
+
+
 def pick_split(scored: list[Split], rule: Optional[str] = None) -> Split:
     """Of the splits within ``TIE_TOLERANCE`` of the smallest held-out error, the one that rotates
-    the most tokens (``SPLIT_RULE`` "most rotated") or the fewest ("least rotated")."""
+    the most tokens (``SPLIT_RULE`` "most rotated"), the fewest ("least rotated"), or token-only
+    when it is among them and else the one that rotates the most ("token-only when tied")."""
     rule = rule or SPLIT_RULE
-    if rule not in ("most rotated", "least rotated"):
-        raise ValueError(f"rotatek tie rule {rule!r} is invalid: expected 'most rotated' or 'least rotated'")
+    if rule not in SPLIT_RULES:
+        raise ValueError(f"rotatek tie rule {rule!r} is invalid: expected one of {', '.join(SPLIT_RULES)}")
     best = min(split.error for split in scored)
     near = [split for split in scored if split.error <= TIE_TOLERANCE * best]
-    return (max if rule == "most rotated" else min)(near, key=lambda split: split.rotated_fraction)
+    if rule == "token-only when tied":
+        token_only = [split for split in near if split.rotated_fraction == 0]
+        if token_only:
+            return token_only[0]
+    return (min if rule == "least rotated" else max)(near, key=lambda split: split.rotated_fraction)

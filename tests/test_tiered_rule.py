@@ -34,3 +34,16 @@ def test_summary_pairs_each_prompt_with_token_only_on_its_half():
     assert most["held-out"]["mean_ratio"] == pytest.approx(4.5 / 3.0)
     assert most["held-out"]["wins"] == 1 and most["held-out"]["prompts"] == 2
     assert "| m | 0.25 | most rotated | 0.900 / 0.707 / 1/2 |" in tiered_rule.table(rows)
+
+
+def test_summary_covers_the_rules_that_were_run():
+    """``--rules`` runs a subset (here one rule): the summary has a row per budget of that rule only."""
+    cells = {}
+    for budget in fidelity.BUDGETS:
+        cells[fidelity.Cell("token-only", "think", 1.0, budget).name] = _record([1.0, 2.0])
+        cells[fidelity.Cell("tiered token-only when tied", "rotatek", 0.5, 1.0, kv_budget=budget).name] = _record([1.0, 1.0])
+    result = {"model": "m", "cells": cells, "prompts": [{"tuning": True}, {"tuning": False}]}
+    assert tiered_rule.rules_of(result) == ["token-only when tied"]
+    rows = tiered_rule.summary(result)
+    assert [row["rule"] for row in rows] == ["token-only when tied"] * len(fidelity.BUDGETS)
+    assert rows[0]["held-out"]["mean_ratio"] == pytest.approx(0.5)

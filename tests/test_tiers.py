@@ -127,15 +127,26 @@ def test_token_only_is_chosen_where_rotation_cannot_help():
     assert layer.split.compressed == 0 and layer.split.exact >= 100 and layer.split.dropped > 0
 
 
-@pytest.mark.parametrize("rule, expected", [("most rotated", 0.5), ("least rotated", 0.0)])
-def test_near_ties_go_by_the_split_rule(rule, expected):
+@pytest.mark.parametrize("rule, tied, not_tied", [("most rotated", 0.5, 0.5), ("least rotated", 0.0, 0.25),
+                                                   ("token-only when tied", 0.0, 0.5)])
+def test_near_ties_go_by_the_split_rule(rule, tied, not_tied):
     """Splits within TIE_TOLERANCE of the smallest error are ties; the rule takes the one that
-    rotates the most or the fewest tokens of them, never one outside the tie."""
+    rotates the most or the fewest tokens of them, or token-only if it is tied and else the most
+    rotated; never one outside the tie."""
     def split(fraction: float, error: float) -> tiers.Split:
         return tiers.Split(rotated_fraction=fraction, exact=(1,), rotated=(1,), stored_bytes=1, error=error)
 
-    scored = [split(0.0, 1.1), split(0.25, 1.0), split(0.5, 1.2), split(0.75, 1.0 * tiers.TIE_TOLERANCE + 0.01)]
-    assert tiers.pick_split(scored, rule).rotated_fraction == expected
+    outside = split(0.75, 1.0 * tiers.TIE_TOLERANCE + 0.01)
+    scored = [split(0.0, 1.1), split(0.25, 1.0), split(0.5, 1.2), outside]
+    assert tiers.pick_split(scored, rule).rotated_fraction == tied
+    scored[0] = split(0.0, 2.0)  # token-only outside the tie
+    assert tiers.pick_split(scored, rule).rotated_fraction == not_tied
+
+
+def test_an_unknown_split_rule_is_refused_by_name():
+    split = tiers.Split(rotated_fraction=0.0, exact=(1,), rotated=(1,), stored_bytes=1, error=1.0)
+    with pytest.raises(ValueError, match="tie rule 'fewest'"):
+        tiers.pick_split([split], "fewest")
 
 
 @pytest.mark.parametrize("query_aware", [False, "auto"])
