@@ -129,18 +129,16 @@ def window_attention_ms(inputs: dict, length: int, device: torch.device, reps: i
     for name, backend in backends.items():
         for masked in (False, True):
             for width, (qq, kk) in (("d", (q, keys)), ("r", (q_side[..., :RANK], k_side[..., :RANK]))):
+                key = f"attention_{name}_{width}{'_masked' if masked else ''}_ms"
+
                 def attend():
                     return torch.nn.functional.scaled_dot_product_attention(
                         qq, kk, values, attn_mask=mask if masked else None, scale=DIM ** -0.5)
                 try:
-                    if backend is None:
-                        row[f"attention_{name}_{width}{'_masked' if masked else ''}_ms"] = median_ms(attend, device, reps)
-                    else:
-                        with sdpa_kernel([backend]):
-                            row[f"attention_{name}_{width}{'_masked' if masked else ''}_ms"] = median_ms(
-                                attend, device, reps)
+                    with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
+                        row[key] = median_ms(attend, device, reps)
                 except RuntimeError:
-                    row[f"attention_{name}_{width}{'_masked' if masked else ''}_ms"] = None
+                    row[key] = None
     return row
 
 
@@ -258,7 +256,8 @@ def main(argv=None) -> int:
             with open(os.path.join(args.out, "compress_profile.txt"), "w") as f:
                 f.write("\n\n".join(profiles))
         with open(os.path.join(args.out, "compress_cost.json"), "w") as f:
-            json.dump({"device": device_name, "dtype": str(dtype), "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({"device": device_name, "dtype": str(dtype), "torch": torch.__version__, "rows": rows}, f,
+                      indent=1)
     return 0
 
 

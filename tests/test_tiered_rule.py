@@ -41,7 +41,8 @@ def test_summary_covers_the_rules_that_were_run():
     cells = {}
     for budget in fidelity.BUDGETS:
         cells[fidelity.Cell("token-only", "think", 1.0, budget).name] = _record([1.0, 2.0])
-        cells[fidelity.Cell("tiered token-only when tied", "rotatek", 0.5, 1.0, kv_budget=budget).name] = _record([1.0, 1.0])
+        tied = fidelity.Cell("tiered token-only when tied", "rotatek", 0.5, 1.0, kv_budget=budget)
+        cells[tied.name] = _record([1.0, 1.0])
     result = {"model": "m", "cells": cells, "prompts": [{"tuning": True}, {"tuning": False}]}
     assert tiered_rule.rules_of(result) == ["token-only when tied"]
     rows = tiered_rule.summary(result)

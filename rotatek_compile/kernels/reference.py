@@ -146,7 +146,8 @@ def basis_attention_error(queries: Tensor, keys: Tensor, values: Tensor, mask: O
     count, batch, kv_heads, dim, rank = rotations.shape
     q = queries.to(keys.dtype).reshape(batch, kv_heads, -1, dim)  # [B, H, G·Q, d]: each group's rows
     identity = torch.eye(dim, dtype=keys.dtype, device=keys.device).expand(1, batch, kv_heads, dim, dim)
-    bases = torch.cat([identity, torch.nn.functional.pad(rotations, (0, dim - rank)).to(keys.dtype)])  # [1+n, B, H, d, d]
+    padded = torch.nn.functional.pad(rotations, (0, dim - rank)).to(keys.dtype)  # [n, B, H, d, d]: R, then 0
+    bases = torch.cat([identity, padded])  # [1+n, B, H, d, d]
     rows = (1 + count) * batch
     q_all, k_all = (q @ bases).flatten(0, 1), (keys @ bases).flatten(0, 1)  # [(1+n)·B, H, G·Q | S, d]
     v_all = values.expand(1 + count, *values.shape).reshape(rows, *values.shape[1:])
