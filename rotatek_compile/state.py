@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -355,14 +355,22 @@ def _span_tokens(layers: list[LayerPrefill]) -> list[SpanTokens]:
     """Each layer's span less its sinks, and where its span and rest tokens lie, with one host
     synchronisation per prompt shape (the token counts that size the segments): on a GPU the work
     of every layer is queued without waiting for any of it."""
+    return _per_group(layers, lambda prefill: (prefill.span.shape, prefill.span.device),
+                      lambda group: _span_tokens_of_one_shape([layers[i] for i in group]))
+
+
+def _per_group(layers: list[LayerPrefill], key: Callable[[LayerPrefill], tuple],
+               build: Callable[[list[int]], list]) -> list:
+    """``build`` once per group of layers of equal ``key`` (given their indices), its results put
+    back in the layers' order."""
     groups: dict[tuple, list[int]] = {}
     for index, prefill in enumerate(layers):
-        groups.setdefault((prefill.span.shape, prefill.span.device), []).append(index)
-    tokens: list[Optional[SpanTokens]] = [None] * len(layers)
+        groups.setdefault(key(prefill), []).append(index)
+    results: list = [None] * len(layers)
     for group in groups.values():
-        for index, span in zip(group, _span_tokens_of_one_shape([layers[i] for i in group])):
-            tokens[index] = span
-    return tokens
+        for index, result in zip(group, build(group), strict=True):
+            results[index] = result
+    return results
 
 
 def _span_tokens_of_one_shape(layers: list[LayerPrefill]) -> list[SpanTokens]:
@@ -400,16 +408,12 @@ def compress_layers(layers: list[LayerPrefill], config: RotateKConfig) -> Iterat
     Keys before the next is built. Methods and options that choose tokens per layer before the
     basis (token pruning, ``kv_budget``), ThinK and SparK-style solve per layer.
     """
-    tokens = _span_tokens(layers)
+    spans = _span_tokens(layers)
+    tokens = spans
     if config.method == "rotatek" and config.token_keep >= 1.0 and config.kv_budget is None:
-        shapes: dict[tuple, list[int]] = {}
-        for index, prefill in enumerate(layers):
-            shape = (prefill.keys.shape[:2], prefill.keys.shape[-1], prefill.queries.shape, prefill.keys.device)
-            shapes.setdefault(shape, []).append(index)
-        for group in shapes.values():
-            solved = _with_bases([layers[i] for i in group], [tokens[i] for i in group], config)
-            for index, span in zip(group, solved):
-                tokens[index] = span
+        tokens = _per_group(
+            layers, lambda p: (p.keys.shape[:2], p.keys.shape[-1], p.queries.shape, p.keys.device),
+            lambda group: _with_bases([layers[i] for i in group], [spans[i] for i in group], config))
     for index, span in enumerate(tokens):
         prefill, layers[index] = layers[index], None
         yield _build_layer(prefill, span, config)

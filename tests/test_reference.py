@@ -524,8 +524,8 @@ def test_chunked_gram_equals_the_plain_product(length):
 
 @pytest.mark.parametrize("length", [7, 2 * ref.GRAM_CHUNK + 1, 3 * ref.GRAM_CHUNK])
 def test_chunked_long_product_equals_the_plain_product(length):
-    """``[..., M, S] @ [..., S, N]`` summed over token chunks, leading dims broadcast (the attention
-    output of several candidate bases against one set of Values)."""
+    """``[..., M, S] @ [..., S, N]`` summed over token chunks, leading dims broadcast (as a shared
+    mask row against every head's Keys)."""
     gen = torch.Generator().manual_seed(length)
     a = torch.randn(2, 1, 3, 5, length, dtype=torch.float64, generator=gen)
     b = torch.randn(3, length, 4, dtype=torch.float64, generator=gen)

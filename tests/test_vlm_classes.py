@@ -32,6 +32,8 @@ from tests.vlm_classes.common import not_in_transformers
 QUICK_STRIDE = 5  # ~110 classes → ~22 sampled, ~6 min of CPU
 QUICK = frozenset(sorted(BY_NAME)[::QUICK_STRIDE]) - set(SLOW)
 SELECTION = os.environ.get("ROTATEK_VLM_CLASSES", "default")  # "quick", "default" (all but SLOW) or "all"
+if SELECTION not in ("quick", "default", "all"):
+    raise ValueError(f"ROTATEK_VLM_CLASSES={SELECTION!r} is invalid: expected 'quick', 'default' or 'all'")
 
 
 def _skip_reason(name: str) -> Optional[str]:

@@ -168,8 +168,8 @@ _FEW_QUERIES_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENT
 
 
 # Token chunk of :func:`_long_product`: a product whose reduction runs over the tokens (S in the
-# tens of thousands) and whose output is small (a [d, S]·[S, d] Gram matrix, a [Q, S]·[S, dv]
-# attention output) leaves most of a GPU idle (3.2 ms per layer for the Gram matrix at 64k tokens
+# tens of thousands) and whose output is small (a [d, S]·[S, d] Gram matrix) leaves most of a GPU
+# idle (3.2 ms per layer for the Gram matrix at 64k tokens
 # on an H200); chunks of this many tokens make S/chunk products per matrix, summed after.
 GRAM_CHUNK = 1024
 
