@@ -17,8 +17,9 @@ An 8B-shaped Llama decoder (32 layers, Hq 32, Hkv 8, d 128; random weights) with
   the compressed cache in fixed-capacity buffers, the decode step under CUDA graphs.
 
 A ``StaticCache`` holds ``30 + N + 30 + steps + 4`` positions (what ``generate()`` would give it).
-``--max-batch N`` also finds, by trying (prefill and 3 decode steps; doubling, then bisecting), the
-largest batch of ``N``-token prompts each recipe runs without running out of memory.
+``--max-batch N`` also finds, by trying (prefill and 3 decode steps: batch 1, then a guess from its
+peak, then steps up or down and bisection), the largest batch of ``N``-token prompts each recipe
+runs without running out of memory.
 Each recipe is warmed up on two short prompts (so that the prefill graph is compiled with dynamic
 shapes) and once at every timed size (prefill and 3 steps) before it is timed.
 For every (N, batch) and recipe: prefill ms and the part spent building the compressed cache,
@@ -251,17 +252,29 @@ def run_case(model, recipe: tuple, batch: int, span: int, steps: int, device: st
         timer.remove()
 
 
-def largest_fitting(fits, limit: int) -> int:
-    """The largest batch ``B <= limit`` with ``fits(B)`` true, trying 1, 2, 4, ... then bisecting
-    between the last that fitted and the first that did not (``fits`` is monotone: a batch that
-    does not fit makes every larger one fail too). 0 if batch 1 does not fit."""
+def largest_fitting(fits, limit: int, guess: int = 1) -> int:
+    """The largest batch ``B <= limit`` with ``fits(B)`` true, found by trying: from ``guess``,
+    steps of 1, 2, 4, ... up while it fits (down while it does not), then bisecting between the
+    largest that fitted and the smallest that did not (``fits`` is monotone: a batch that does not
+    fit makes every larger one fail too). 0 if batch 1 does not fit. A good guess costs two tries."""
     good, bad = 0, limit + 1
-    batch = 1
-    while batch < bad:
-        if not fits(batch):
-            bad = batch
-            break
-        good, batch = batch, min(2 * batch, limit + 1)
+    batch, step = min(max(guess, 1), limit), 1
+    if fits(batch):
+        good = batch
+        while good + step < bad:
+            if not fits(good + step):
+                bad = good + step
+                break
+            good, step = good + step, 2 * step
+        else:
+            bad = min(bad, good + step)
+    else:
+        bad = batch
+        while bad - step > good:
+            if fits(bad - step):
+                good = bad - step
+                break
+            bad, step = bad - step, 2 * step
     while bad - good > 1:
         middle = (good + bad) // 2
         if fits(middle):
@@ -273,13 +286,18 @@ def largest_fitting(fits, limit: int) -> int:
 
 def max_batch(model, recipe: tuple, span: int, device: str, limit: int) -> dict:
     """Tries prefill + 3 decode steps of ``B`` prompts of ``30 + span + 30`` tokens; the largest
-    ``B`` that runs without running out of memory."""
-    tried = {}
+    ``B`` that runs without running out of memory. The first try is ``B = 1``; the next guesses
+    from its peak how many such rows the free memory holds (then :func:`largest_fitting` tries)."""
+    tried, added = {}, {}
 
     def fits(batch: int) -> bool:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        held = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
         try:
             run_case(model, recipe, batch, span, 3, device)
             tried[batch] = True
+            added[batch] = _peak_bytes() - held  # what the request needed beyond what was held
         except torch.cuda.OutOfMemoryError:
             tried[batch] = False
         if torch.cuda.is_available():
@@ -287,7 +305,13 @@ def max_batch(model, recipe: tuple, span: int, device: str, limit: int) -> dict:
         logger.info("max batch at %d tokens: B = %d %s", span, batch, "fits" if tried[batch] else "out of memory")
         return tried[batch]
 
-    return dict(span=span, max_batch=largest_fitting(fits, limit), tried=tried, limit=limit)
+    guess = 1
+    if fits(1) and torch.cuda.is_available() and added[1] > 0:
+        free = torch.cuda.mem_get_info()[1] - torch.cuda.memory_allocated()  # the device's memory less what is held
+        guess = max(1, int(free // added[1]))
+    found = largest_fitting(lambda batch: tried[batch] if batch in tried else fits(batch), limit, guess)
+    return dict(span=span, max_batch=found, tried=tried, limit=limit, guess=guess,
+                added_gb_at_batch_1=added.get(1, 0) / 1e9)
 
 
 def main() -> None:
@@ -297,7 +321,7 @@ def main() -> None:
     parser.add_argument("--bandwidth", type=float, default=4.27e12,
                         help="copy bandwidth in bytes/s for the byte floor (H200 measured: 4.27e12)")
     parser.add_argument("--cases", default="1x16384,1x32768,1x65536,8x32768",
-                        help="comma-separated BATCHxSPAN")
+                        help="comma-separated BATCHxSPAN; none: only --max-batch")
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--layers", type=int, default=32, help="decoder layers of the 8B shape")
     parser.add_argument("--profile", action="store_true",
@@ -320,7 +344,7 @@ def main() -> None:
         logging.getLogger("rotatek_compile.kernels.reference").setLevel(logging.DEBUG)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    cases = [tuple(int(x) for x in case.split("x")) for case in args.cases.split(",")]
+    cases = [tuple(int(x) for x in case.split("x")) for case in args.cases.split(",") if case not in ("", "none")]
     if args.sdpa == "flash" and device == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)
     torch._dynamo.config.recompile_limit = 64  # warm-ups over several batch sizes and lengths

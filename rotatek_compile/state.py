@@ -355,8 +355,54 @@ def _span_tokens(layers: list[LayerPrefill]) -> list[SpanTokens]:
     """Each layer's span less its sinks, and where its span and rest tokens lie, with one host
     synchronisation per prompt shape (the token counts that size the segments): on a GPU the work
     of every layer is queued without waiting for any of it."""
+    shares = _sink_shares(layers)
     return _per_group(layers, lambda prefill: (prefill.span.shape, prefill.span.device),
-                      lambda group: _span_tokens_of_one_shape([layers[i] for i in group]))
+                      lambda group: _span_tokens_of_one_shape([layers[i] for i in group], [shares[i] for i in group]))
+
+
+# Layers whose Keys are copied into one stack, as more batch rows, so that one call serves them all
+# (the sinks' window shares, the covariances, the basis choice): on a GPU a call per layer costs a
+# few microseconds of host time per operation and leaves most of the GPU idle at a few thousand
+# tokens. Bytes of Keys per stack, by device type; a layer larger than that runs alone, on its own
+# tensors. None on a CPU, whose operations cost their arithmetic, not their dispatch: there the
+# stacks' larger working sets made 32 layers of 2048 tokens 1.6x slower.
+STACK_BYTES = {"cuda": 256 << 20}
+
+
+def _layer_shape(prefill: LayerPrefill) -> tuple:
+    """What layers stacked as batch rows must share."""
+    return (prefill.keys.shape, prefill.values.shape, prefill.queries.shape, prefill.span.shape, prefill.scale,
+            prefill.keys.dtype, prefill.keys.device)
+
+
+def _stacks(layers: list[LayerPrefill], key: Callable[[int], tuple]) -> list[list[int]]:
+    """``layers`` cut into runs of consecutive layers of equal ``key(index)`` whose Keys take at most
+    :data:`STACK_BYTES` together (a run may be one layer)."""
+    runs: list[list[int]] = []
+    for index, prefill in enumerate(layers):
+        run = runs[-1] if runs else []
+        limit = STACK_BYTES.get(prefill.keys.device.type, 0)
+        if run and key(run[-1]) == key(index) and (len(run) + 1) * _nbytes(prefill.keys) <= limit:
+            run.append(index)
+        else:
+            runs.append([index])
+    return runs
+
+
+def _rows(tensors: list[Tensor]) -> Tensor:
+    """``[B, ...]`` tensors of a stack's layers as one ``[G·B, ...]`` (the tensor itself when G = 1)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _sink_shares(layers: list[LayerPrefill]) -> list[Tensor]:
+    """Each layer's ``[B, S]`` largest window share of a token over the KV heads (what
+    :func:`tiers.sinks_by_share` reads), layers stacked as batch rows."""
+    shares: list[Tensor] = []
+    for stack in _stacks(layers, lambda index: _layer_shape(layers[index])):
+        share = tiers.window_share(_rows([layers[i].queries for i in stack]), _rows([layers[i].keys for i in stack]),
+                                   layers[stack[0]].scale, _rows([layers[i].span & layers[i].valid for i in stack]))
+        shares += share.amax(dim=1).split(layers[stack[0]].span.shape[0])  # [B, S] per layer
+    return shares
 
 
 def _per_group(layers: list[LayerPrefill], key: Callable[[LayerPrefill], tuple],
@@ -373,10 +419,9 @@ def _per_group(layers: list[LayerPrefill], key: Callable[[LayerPrefill], tuple],
     return results
 
 
-def _span_tokens_of_one_shape(layers: list[LayerPrefill]) -> list[SpanTokens]:
-    """:func:`_span_tokens` of layers whose masks are ``[B, S]`` alike: only the sinks' attention
-    shares are computed layer by layer; the rest runs once on the stacked ``[L, B, S]`` masks."""
-    shares = [tiers.window_share(p.queries, p.keys, p.scale, p.span & p.valid).amax(dim=1) for p in layers]
+def _span_tokens_of_one_shape(layers: list[LayerPrefill], shares: list[Tensor]) -> list[SpanTokens]:
+    """:func:`_span_tokens` of layers whose masks are ``[B, S]`` alike, given their sink ``shares``:
+    it runs once on the stacked ``[L, B, S]`` masks."""
     valid = torch.stack([prefill.valid for prefill in layers])  # [L, B, S]
     span = torch.stack([prefill.span for prefill in layers]) & valid
     compressed = span & ~tiers.sinks_by_share(torch.stack(shares), span, valid)
@@ -401,22 +446,34 @@ def _span_tokens_of_one_shape(layers: list[LayerPrefill]) -> list[SpanTokens]:
 def compress_layers(layers: list[LayerPrefill], config: RotateKConfig) -> Iterator[CompressedLayer | KeptExact]:
     """:func:`compress_layer` of each layer, in order, with RotateK's bases of all layers of one
     shape found by one batched solve (``[bases·layers·B·H, d, d]``) instead of one per layer: the
-    solver's launches and host synchronisations are paid once per prefill.
+    solver's launches and host synchronisations are paid once per prefill. The per-layer steps
+    around it (the sinks' shares, the covariances, the basis choice) run on stacks of layers
+    (:data:`STACK_BYTES`).
 
     Each layer's result is yielded once its inputs are dropped from ``layers`` (the list is emptied
     as it goes), so a caller that replaces HF's tensors as results arrive frees each layer's full
-    Keys before the next is built. Methods and options that choose tokens per layer before the
+    Keys once its stack is built. Methods and options that choose tokens per layer before the
     basis (token pruning, ``kv_budget``), ThinK and SparK-style solve per layer.
     """
     spans = _span_tokens(layers)
-    tokens = spans
+    bases: list = [None] * len(layers)
     if config.method == "rotatek" and config.token_keep >= 1.0 and config.kv_budget is None:
-        tokens = _per_group(
+        bases = _per_group(
             layers, lambda p: (p.keys.shape[:2], p.keys.shape[-1], p.queries.shape, p.keys.device),
-            lambda group: _with_bases([layers[i] for i in group], [spans[i] for i in group], config))
-    for index, span in enumerate(tokens):
-        prefill, layers[index] = layers[index], None
-        yield _build_layer(prefill, span, config)
+            lambda group: _solved_bases([layers[i] for i in group], [spans[i] for i in group], config))
+    # stacks of layers whose span segments have one width, so that their gathered Keys stack as rows
+    for stack in _stacks(layers, lambda i: (_layer_shape(layers[i]), spans[i].positions.shape, spans[i].padded)):
+        span_keys = [_gather_positions(layers[i].keys, spans[i].positions) for i in stack]  # [B, H, Sv, d] each
+        span_values = [_gather_positions(layers[i].values, spans[i].positions) for i in stack]
+        if bases[stack[0]] is not None:
+            stored = _stored_bases([layers[i] for i in stack], [spans[i] for i in stack], [bases[i] for i in stack],
+                                   span_keys, span_values)
+            for position, index in enumerate(stack):
+                spans[index] = dataclasses.replace(spans[index], basis=stored[position])
+        for position, index in enumerate(stack):
+            prefill, layers[index] = layers[index], None
+            yield _build_layer(prefill, spans[index], config, span_keys[position], span_values[position])
+            span_keys[position] = span_values[position] = None
 
 
 # RotateK's candidate bases, by ``query_aware``: K-only PCA ("pca"), the query-aware basis of the
@@ -425,15 +482,17 @@ def compress_layers(layers: list[LayerPrefill], config: RotateKConfig) -> Iterat
 _BASES = {False: ("pca",), True: ("query",), "auto": ("pca", "query", "first half")}
 
 
-def _with_bases(layers: list[LayerPrefill], tokens: list[SpanTokens], config: RotateKConfig) -> list[SpanTokens]:
-    """Each layer's stored basis (``SpanTokens.basis``), layers of one shape: the candidate bases'
-    covariances of every layer solved at once; with ``query_aware="auto"``, each row and KV head
-    keeps the query-aware basis where its attention error on the window's second half
-    (:func:`reference.basis_attention_error`) is at most K-only PCA's."""
+def _solved_bases(layers: list[LayerPrefill], tokens: list[SpanTokens],
+                  config: RotateKConfig) -> list[tuple[Tensor, Tensor]]:
+    """Each layer's candidate bases ``[kinds, B, H, d, r]`` (:data:`_BASES`) and its span's mean
+    ``[B, H, d]``, for layers of one shape: every layer's covariances solved at once."""
     kinds = _BASES[config.query_aware]
-    covariances, means = zip(*(reference.span_covariance(prefill.keys, span.selected)  # the span's tokens, in place
-                               for prefill, span in zip(layers, tokens)))
-    covariance = torch.stack(covariances)  # [L, B, H, d, d]
+    batch = layers[0].keys.shape[0]
+    statistics = [reference.span_covariance(_rows([layers[i].keys for i in stack]),  # the span's tokens, in place
+                                            _rows([tokens[i].selected for i in stack]))
+                  for stack in _stacks(layers, lambda index: _layer_shape(layers[index]))]
+    covariance = torch.cat([cov for cov, _ in statistics]).unflatten(0, (len(layers), batch))  # [L, B, H, d, d]
+    means = torch.cat([mean for _, mean in statistics]).unflatten(0, (len(layers), batch))  # [L, B, H, d]
     queries = torch.stack([prefill.queries for prefill in layers]).flatten(0, 1)  # [L·B, Hq, W, d]
     windows = {"query": queries, "first half": queries[:, :, :max(queries.shape[2] // 2, 1)]}
 
@@ -443,27 +502,36 @@ def _with_bases(layers: list[LayerPrefill], tokens: list[SpanTokens], config: Ro
         norms = reference.query_channel_norms(windows[kind], covariance.shape[2])  # [L·B, H, d]
         return reference.weight_covariance(covariance, norms.view(*covariance.shape[:-1]))
 
-    keys = layers[0].keys
     stacked = torch.stack([weighted(kind) for kind in kinds])  # [kinds, L, B, H, d, d]
-    rotations = reference.solve_basis(stacked, config.channels_for(keys.shape[-1]),
-                                      config.solver_for(keys.device), config.subspace_iters)
-    chosen = rotations[0] if len(kinds) == 1 else torch.stack([
-        _better_basis(prefill, span, rotations[:, index])
-        for index, (prefill, span) in enumerate(zip(layers, tokens))])  # [L, B, H, d, r]
-    stored, residuals = reference.stored_basis(chosen, torch.stack(means), keys.dtype)  # [L, B, H, d, r|1]
+    rotations = reference.solve_basis(stacked, config.channels_for(layers[0].keys.shape[-1]),
+                                      config.solver_for(layers[0].keys.device), config.subspace_iters)
+    return [(rotations[:, index], means[index]) for index in range(len(layers))]
+
+
+def _stored_bases(layers: list[LayerPrefill], tokens: list[SpanTokens], bases: list[tuple[Tensor, Tensor]],
+                  span_keys: list[Tensor], span_values: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """RotateK's basis as each layer of a stack stores it (``R̂`` ``[B, H, d, r]``, ``δμ`` ``[B, H, d]``):
+    with ``query_aware="auto"``, per row and KV head the query-aware basis where its attention error
+    on the window's second half (:func:`reference.basis_attention_error`) is at most K-only PCA's."""
+    rotations = torch.cat([rotation for rotation, _ in bases], dim=1)  # [kinds, G·B, H, d, r]
+    chosen = rotations[0] if rotations.shape[0] == 1 else _better_basis(
+        _rows([prefill.queries for prefill in layers]), _rows(span_keys), _rows(span_values),
+        _rows([span.mask for span in tokens]) if tokens[0].padded else None, layers[0].scale, rotations)
+    stored, residuals = reference.stored_basis(chosen, torch.cat([mean for _, mean in bases]), span_keys[0].dtype)
+    batch = layers[0].keys.shape[0]
     # each layer its own R̂ and δμ: a view would keep the whole stack alive with any layer
-    return [dataclasses.replace(span, basis=(rotation.clone(), residual.clone()))
-            for span, rotation, residual in zip(tokens, stored.unbind(0), residuals.unbind(0))]
+    return [(rotation.clone(), residual.clone()) for rotation, residual in zip(stored.split(batch), residuals.split(batch))]
 
 
-def _better_basis(prefill: LayerPrefill, span: SpanTokens, rotations: Tensor) -> Tensor:
+def _better_basis(queries: Tensor, span_keys: Tensor, span_values: Tensor, mask: Optional[Tensor], scale: float,
+                  rotations: Tensor) -> Tensor:
     """``rotations`` ``[3, B, H, d, r]`` (K-only PCA, query-aware, query-aware of the window's first
     half) → ``[B, H, d, r]``: per row and KV head, the query-aware basis where its first-half fit
-    moves the second half's attention over the span no more than K-only PCA does."""
-    second = prefill.queries[:, :, prefill.queries.shape[2] // 2:]  # [B, Hq, W - W/2, d] (W = 1: in-sample)
-    errors = reference.basis_attention_error(
-        second, _gather_positions(prefill.keys, span.positions), _gather_positions(prefill.values, span.positions),
-        span.mask if span.padded else None, prefill.scale, rotations[0::2])  # [2, B, H]: a slice, not an index list
+    moves the second half's attention over the span (``span_keys``/``span_values`` ``[B, H, Sv, d|dv]``,
+    ``mask`` ``[B, Sv]`` or ``None``) no more than K-only PCA does."""
+    second = queries[:, :, queries.shape[2] // 2:]  # [B, Hq, W - W/2, d] (W = 1: in-sample)
+    errors = reference.basis_attention_error(second, span_keys, span_values, mask, scale,
+                                             rotations[0::2])  # [2, B, H]: a slice, not an index list
     query_wins = errors[1] <= errors[0]
     if logger.isEnabledFor(logging.DEBUG):  # a host read: only when asked for
         logger.debug("rotatek: query-aware basis kept for %d of %d (row, KV head)", int(query_wins.sum()),
@@ -471,12 +539,13 @@ def _better_basis(prefill: LayerPrefill, span: SpanTokens, rotations: Tensor) ->
     return torch.where(query_wins[..., None, None], rotations[1], rotations[0])
 
 
-def _build_layer(prefill: LayerPrefill, tokens: SpanTokens, config: RotateKConfig) -> CompressedLayer | KeptExact:
+def _build_layer(prefill: LayerPrefill, tokens: SpanTokens, config: RotateKConfig, span_keys: Tensor,
+                 span_values: Tensor) -> CompressedLayer | KeptExact:
+    """One layer's cache from its prefill, its ``tokens`` and the span's gathered Keys and Values
+    ``[B, H, Sv, d|dv]`` (at ``tokens.positions``)."""
     keys, values, queries = prefill.keys, prefill.values, prefill.queries
-    span_count, span_positions, span_mask = tokens.count, tokens.positions, tokens.mask
+    span_count, span_mask = tokens.count, tokens.mask
     rest_positions, rest_mask = tokens.rest_positions, tokens.rest_mask
-    span_keys = _gather_positions(keys, span_positions)  # [B, H, Sv, d]
-    span_values = _gather_positions(values, span_positions)  # [B, H, Sv, dv]
     if config.kv_budget is not None:
         return _tiered_layer(keys, values, queries, prefill.scale, config, span_keys, span_values, span_mask,
                              tokens.per_row, rest_positions, rest_mask)

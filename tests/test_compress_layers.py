@@ -64,6 +64,46 @@ def test_layers_of_different_prompt_shapes_are_each_built_as_alone(query_aware, 
         assert masked == [True, True, True, False, False] * 2
 
 
+@pytest.mark.parametrize("stack_bytes", [1 << 30, 1, None])
+def test_layers_are_stacked_as_batch_rows_up_to_a_byte_limit(stack_bytes, monkeypatch):
+    """The sinks' shares, the covariances and the basis choice run once per stack of consecutive
+    layers alike (the choice also needs one span width), not once per layer; with a byte limit
+    below two layers' Keys, or none (the CPU's default), every layer runs alone. Either way each
+    layer is built as alone."""
+    from rotatek_compile import state, tiers
+
+    if stack_bytes is not None:
+        monkeypatch.setattr(state, "STACK_BYTES", {"cpu": stack_bytes})
+    calls = {"window_share": 0, "span_covariance": 0, "basis_attention_error": 0}
+    for module in (tiers, reference):
+        for name in calls:
+            if hasattr(module, name):
+                function = getattr(module, name)
+                monkeypatch.setattr(module, name, lambda *a, _f=function, _n=name: calls.update({_n: calls[_n] + 1})
+                                    or _f(*a))
+    config = RotateKConfig(query_window=WINDOW, span="prompt", key_channels=4)
+    layers = prefills(5)  # layer 1 has a second sink per row: its span is narrower
+    alone = [compress_layer(p.keys, p.values, p.queries, p.span, p.valid, config, SCALE) for p in layers]
+    for name in calls:
+        calls[name] = 0
+    for mine, theirs in zip(compress_layers(layers, config), alone, strict=True):
+        assert_same_layer(mine, theirs)
+    stacked = {"window_share": 1, "span_covariance": 1, "basis_attention_error": 3}  # [0], [1], [2, 3, 4]
+    assert calls == (stacked if stack_bytes == 1 << 30 else dict.fromkeys(calls, 5))
+
+
+@pytest.mark.parametrize("options", [dict(query_aware=False), dict(token_keep=0.5), dict(kv_budget=0.4),
+                                     dict(method="think"), dict(method="spark")])
+def test_every_method_builds_stacked_layers_as_alone(options, monkeypatch):
+    from rotatek_compile import state
+
+    config = RotateKConfig(query_window=WINDOW, span="prompt", key_channels=4, **options)
+    alone = list(compress_layers(prefills(4), config))
+    monkeypatch.setattr(state, "STACK_BYTES", {"cpu": 1 << 30})
+    for mine, theirs in zip(compress_layers(prefills(4), config), alone, strict=True):
+        assert_same_layer(mine, theirs)
+
+
 def test_the_sinks_of_each_layer_are_its_own():
     config = RotateKConfig(query_window=WINDOW, span="prompt", key_channels=4)
     batched = list(compress_layers(prefills(), config))

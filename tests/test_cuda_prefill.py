@@ -3,6 +3,8 @@ bf16, and the output has the layout its fake promises (what Inductor plans with)
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -91,3 +93,31 @@ def test_half_precision_compression_statistics_equal_fp64(length):
     logits = queries.double().reshape(batch, kv_heads, -1, dim) @ exact.transpose(-1, -2) * 0.125
     expected = logits.masked_fill(~mask[:, None, None], float("-inf")).softmax(-1).sum(2)
     torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("query_aware", [True, "auto"])
+def test_layers_stacked_as_rows_equal_layers_alone_on_cuda(query_aware, monkeypatch):
+    """On a GPU consecutive layers alike are stacked as batch rows (``state.STACK_BYTES``) for the
+    sinks' shares, the covariances and the basis choice: in bf16 each layer's cache is the one it
+    gets alone, up to the order of sums (the segments and the tokens kept are the same)."""
+    from rotatek_compile import RotateKConfig, state
+    from tests.test_compress_layers import prefills
+    from tests.test_sinks import WINDOW
+
+    def on_cuda():
+        return [dataclasses.replace(p, keys=p.keys.cuda().bfloat16(), values=p.values.cuda().bfloat16(),
+                                    queries=p.queries.cuda().bfloat16(), span=p.span.cuda(), valid=p.valid.cuda())
+                for p in prefills(5)]
+
+    config = RotateKConfig(query_window=WINDOW, span="prompt", key_channels=4, query_aware=query_aware)
+    stacked = list(state.compress_layers(on_cuda(), config))
+    monkeypatch.setattr(state, "STACK_BYTES", {})
+    alone = list(state.compress_layers(on_cuda(), config))
+    for mine, theirs in zip(stacked, alone, strict=True):
+        assert mine.split == theirs.split
+        for name in ("span_values", "span_mask", "keys", "values", "mask"):
+            assert torch.equal(getattr(mine, name), getattr(theirs, name)), name
+        mine_keys, theirs_keys = mine.span_key_parts[0].float(), theirs.span_key_parts[0].float()
+        # a basis vector's sign is free (so are rotations within near-equal eigenvalues): the span
+        # Keys' norms per token are not
+        assert ((mine_keys.norm(dim=-1) - theirs_keys.norm(dim=-1)).norm() / theirs_keys.norm()) < 2e-2

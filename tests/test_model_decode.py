@@ -25,6 +25,25 @@ def test_largest_fitting_finds_the_largest_batch_that_fits(capacity):
     assert all(1 <= b <= 64 for b in tried)
 
 
+@pytest.mark.parametrize("capacity", [0, 1, 5, 6, 7, 8, 9, 12, 30, 64])
+@pytest.mark.parametrize("guess", [1, 7, 8, 64, 90])
+def test_a_guess_is_checked_by_trying_around_it(capacity, guess):
+    """From a guess the search steps up or down and bisects: the answer never depends on the
+    guess, and a right guess (capacity 7 or 8 for guess 7 or 8) costs two tries."""
+    tried = []
+
+    def fits(batch):
+        tried.append(batch)
+        return batch <= capacity
+
+    assert largest_fitting(fits, limit=64, guess=guess) == min(capacity, 64)
+    assert all(1 <= b <= 64 for b in tried) and len(set(tried)) == len(tried)
+    if guess == capacity < 64:
+        assert tried == [guess, guess + 1]
+    if capacity >= 1 and guess == capacity + 1:
+        assert tried == [guess, guess - 1]
+
+
 def test_compression_timer_yields_every_layer_and_compares_with_the_same_work_outside(caplog):
     """The timer hands on what ``compress_layers`` yields; profiling, it also times the same
     inputs compressed outside the model and logs both."""
