@@ -280,10 +280,11 @@ def _compact_sorted(order: Tensor, counts: Tensor, widest: int) -> tuple[Tensor,
     return torch.where(mask, order[:, :width], 0), mask
 
 
-def _gather_positions(tensor: Tensor, positions: Tensor) -> Tensor:
+def _gather_positions(tensor: Tensor, positions: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """``tensor`` ``[B, H, S, x]`` at ``positions`` ``[B, n]`` (same for all heads) → ``[B, H, n, x]``."""
     batch, heads, _, width = tensor.shape
-    return tensor.gather(2, positions.view(batch, 1, -1, 1).expand(-1, heads, -1, width))
+    index = positions.view(batch, 1, -1, 1).expand(-1, heads, -1, width)
+    return tensor.gather(2, index) if out is None else torch.gather(tensor, 2, index, out=out)
 
 
 @dataclasses.dataclass
@@ -355,13 +356,12 @@ def _span_tokens(layers: list[LayerPrefill]) -> list[SpanTokens]:
     """Each layer's span less its sinks, and where its span and rest tokens lie, with one host
     synchronisation per prompt shape (the token counts that size the segments): on a GPU the work
     of every layer is queued without waiting for any of it."""
-    shares = _sink_shares(layers)
     return _per_group(layers, lambda prefill: (prefill.span.shape, prefill.span.device),
-                      lambda group: _span_tokens_of_one_shape([layers[i] for i in group], [shares[i] for i in group]))
+                      lambda group: _span_tokens_of_one_shape([layers[i] for i in group]))
 
 
 # Layers whose Keys are copied into one stack, as more batch rows, so that one call serves them all
-# (the sinks' window shares, the covariances, the basis choice): on a GPU a call per layer costs a
+# (the covariances; the span's gathered Keys and Values for the basis choice): on a GPU a call per layer costs a
 # few microseconds of host time per operation and leaves most of the GPU idle at a few thousand
 # tokens. Bytes of Keys per stack, by device type; a layer larger than that runs alone, on its own
 # tensors. None on a CPU, whose operations cost their arithmetic, not their dispatch: there the
@@ -394,17 +394,6 @@ def _rows(tensors: list[Tensor]) -> Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
-def _sink_shares(layers: list[LayerPrefill]) -> list[Tensor]:
-    """Each layer's ``[B, S]`` largest window share of a token over the KV heads (what
-    :func:`tiers.sinks_by_share` reads), layers stacked as batch rows."""
-    shares: list[Tensor] = []
-    for stack in _stacks(layers, lambda index: _layer_shape(layers[index])):
-        share = tiers.window_share(_rows([layers[i].queries for i in stack]), _rows([layers[i].keys for i in stack]),
-                                   layers[stack[0]].scale, _rows([layers[i].span & layers[i].valid for i in stack]))
-        shares += share.amax(dim=1).split(layers[stack[0]].span.shape[0])  # [B, S] per layer
-    return shares
-
-
 def _per_group(layers: list[LayerPrefill], key: Callable[[LayerPrefill], tuple],
                build: Callable[[list[int]], list]) -> list:
     """``build`` once per group of layers of equal ``key`` (given their indices), its results put
@@ -419,9 +408,11 @@ def _per_group(layers: list[LayerPrefill], key: Callable[[LayerPrefill], tuple],
     return results
 
 
-def _span_tokens_of_one_shape(layers: list[LayerPrefill], shares: list[Tensor]) -> list[SpanTokens]:
-    """:func:`_span_tokens` of layers whose masks are ``[B, S]`` alike, given their sink ``shares``:
-    it runs once on the stacked ``[L, B, S]`` masks."""
+def _span_tokens_of_one_shape(layers: list[LayerPrefill]) -> list[SpanTokens]:
+    """:func:`_span_tokens` of layers whose masks are ``[B, S]`` alike: only the sinks' attention
+    shares are computed layer by layer (their fp32 window logits are twice the Keys' bytes: not
+    stacked); the rest runs once on the stacked ``[L, B, S]`` masks."""
+    shares = [tiers.window_share(p.queries, p.keys, p.scale, p.span & p.valid).amax(dim=1) for p in layers]
     valid = torch.stack([prefill.valid for prefill in layers])  # [L, B, S]
     span = torch.stack([prefill.span for prefill in layers]) & valid
     compressed = span & ~tiers.sinks_by_share(torch.stack(shares), span, valid)
@@ -461,10 +452,12 @@ def compress_layers(layers: list[LayerPrefill], config: RotateKConfig) -> Iterat
         bases = _per_group(
             layers, lambda p: (p.keys.shape[:2], p.keys.shape[-1], p.queries.shape, p.keys.device),
             lambda group: _solved_bases([layers[i] for i in group], [spans[i] for i in group], config))
-    # stacks of layers whose span segments have one width, so that their gathered Keys stack as rows
+    # stacks of layers whose span segments have one width: their span Keys and Values are gathered
+    # into one [G, B, H, Sv, d|dv] buffer each, whose rows the basis choice reads as a batch and whose
+    # slices each layer keeps (Values) or projects (Keys)
     for stack in _stacks(layers, lambda i: (_layer_shape(layers[i]), spans[i].positions.shape, spans[i].padded)):
-        span_keys = [_gather_positions(layers[i].keys, spans[i].positions) for i in stack]  # [B, H, Sv, d] each
-        span_values = [_gather_positions(layers[i].values, spans[i].positions) for i in stack]
+        span_keys = _gathered([layers[i].keys for i in stack], [spans[i].positions for i in stack])
+        span_values = _gathered([layers[i].values for i in stack], [spans[i].positions for i in stack])
         if bases[stack[0]] is not None:
             stored = _stored_bases([layers[i] for i in stack], [spans[i] for i in stack], [bases[i] for i in stack],
                                    span_keys, span_values)
@@ -473,7 +466,23 @@ def compress_layers(layers: list[LayerPrefill], config: RotateKConfig) -> Iterat
         for position, index in enumerate(stack):
             prefill, layers[index] = layers[index], None
             yield _build_layer(prefill, spans[index], config, span_keys[position], span_values[position])
-            span_keys[position] = span_values[position] = None
+
+
+def _own_storage(tensor: Tensor) -> Tensor:
+    """``tensor``, copied if it is a view of a larger buffer (a slice of a stack): a cache must not
+    keep bytes that its layers do not count."""
+    tensor = tensor.contiguous()
+    return tensor if tensor.untyped_storage().nbytes() == _nbytes(tensor) else tensor.clone()
+
+
+def _gathered(tensors: list[Tensor], positions: list[Tensor]) -> Tensor:
+    """Each ``[B, H, S, x]`` tensor at its ``positions`` ``[B, n]`` (:func:`_gather_positions`), into
+    one ``[G, B, H, n, x]`` buffer."""
+    first = tensors[0]
+    out = first.new_empty(len(tensors), first.shape[0], first.shape[1], positions[0].shape[1], first.shape[-1])
+    for index, (tensor, where) in enumerate(zip(tensors, positions)):
+        _gather_positions(tensor, where, out=out[index])
+    return out
 
 
 # RotateK's candidate bases, by ``query_aware``: K-only PCA ("pca"), the query-aware basis of the
@@ -509,13 +518,14 @@ def _solved_bases(layers: list[LayerPrefill], tokens: list[SpanTokens],
 
 
 def _stored_bases(layers: list[LayerPrefill], tokens: list[SpanTokens], bases: list[tuple[Tensor, Tensor]],
-                  span_keys: list[Tensor], span_values: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
-    """RotateK's basis as each layer of a stack stores it (``R̂`` ``[B, H, d, r]``, ``δμ`` ``[B, H, d]``):
+                  span_keys: Tensor, span_values: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """RotateK's basis as each layer of a stack stores it (``R̂`` ``[B, H, d, r]``, ``δμ`` ``[B, H, d]``),
+    given the stack's gathered span ``[G, B, H, Sv, d|dv]``:
     with ``query_aware="auto"``, per row and KV head the query-aware basis where its attention error
     on the window's second half (:func:`reference.basis_attention_error`) is at most K-only PCA's."""
     rotations = torch.cat([rotation for rotation, _ in bases], dim=1)  # [kinds, G·B, H, d, r]
     chosen = rotations[0] if rotations.shape[0] == 1 else _better_basis(
-        _rows([prefill.queries for prefill in layers]), _rows(span_keys), _rows(span_values),
+        _rows([prefill.queries for prefill in layers]), span_keys.flatten(0, 1), span_values.flatten(0, 1),
         _rows([span.mask for span in tokens]) if tokens[0].padded else None, layers[0].scale, rotations)
     stored, residuals = reference.stored_basis(chosen, torch.cat([mean for _, mean in bases]), span_keys[0].dtype)
     batch = layers[0].keys.shape[0]
@@ -562,7 +572,7 @@ def _build_layer(prefill: LayerPrefill, tokens: SpanTokens, config: RotateKConfi
     layer = CompressedLayer(
         method=config.method,
         span_key_parts=parts,
-        span_values=span_values.contiguous(),
+        span_values=_own_storage(span_values),
         span_mask=span_mask,
         keys=_gather_positions(keys, rest_positions),
         values=_gather_positions(values, rest_positions),

@@ -66,8 +66,9 @@ def test_layers_of_different_prompt_shapes_are_each_built_as_alone(query_aware, 
 
 @pytest.mark.parametrize("stack_bytes", [1 << 30, 1, None])
 def test_layers_are_stacked_as_batch_rows_up_to_a_byte_limit(stack_bytes, monkeypatch):
-    """The sinks' shares, the covariances and the basis choice run once per stack of consecutive
-    layers alike (the choice also needs one span width), not once per layer; with a byte limit
+    """The covariances and the basis choice run once per stack of consecutive layers alike (the
+    choice also needs one span width), not once per layer (the sinks' shares stay per layer: their
+    fp32 logits are larger than the Keys); with a byte limit
     below two layers' Keys, or none (the CPU's default), every layer runs alone. Either way each
     layer is built as alone."""
     from rotatek_compile import state, tiers
@@ -88,7 +89,9 @@ def test_layers_are_stacked_as_batch_rows_up_to_a_byte_limit(stack_bytes, monkey
         calls[name] = 0
     for mine, theirs in zip(compress_layers(layers, config), alone, strict=True):
         assert_same_layer(mine, theirs)
-    stacked = {"window_share": 1, "span_covariance": 1, "basis_attention_error": 3}  # [0], [1], [2, 3, 4]
+        for tensor in (*mine.span_key_parts, mine.span_values, mine.keys, mine.values):  # no slice of a stack
+            assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    stacked = {"window_share": 5, "span_covariance": 1, "basis_attention_error": 3}  # [0], [1], [2, 3, 4]
     assert calls == (stacked if stack_bytes == 1 << 30 else dict.fromkeys(calls, 5))
 
 

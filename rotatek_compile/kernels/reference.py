@@ -137,24 +137,20 @@ def basis_attention_error(queries: Tensor, keys: Tensor, values: Tensor, mask: O
     with ``O`` the attention output when each span Key reads ``RRᵀ(k − μ) + μ`` (what decode's
     logits see) and ``O_ref`` the exact one.
     """
-    # With a basis, a logit is q·(RRᵀ(k − μ) + μ) = (qR)·(kR) + c(q), c(q) = q·μ − (qR)·(μR) the same
-    # for every Key: the softmax over the span drops it, so O is attention of qR over the Keys kR (in
-    # the Keys' dtype, as decode stores them), and no reconstructed Key is built. qR and kR are
-    # zero-padded to d channels (same logits) and stacked after q and k as more batch rows, so one
-    # fused attention call gives O_ref and every O: flash attention, which splits a few queries'
-    # work over many Keys across the GPU (cuDNN's kernel does not), when there is no padding mask.
-    count, batch, kv_heads, dim, rank = rotations.shape
-    q = queries.to(keys.dtype).reshape(batch, kv_heads, -1, dim)  # [B, H, G·Q, d]: each group's rows
-    identity = torch.eye(dim, dtype=keys.dtype, device=keys.device).expand(1, batch, kv_heads, dim, dim)
-    padded = torch.nn.functional.pad(rotations, (0, dim - rank)).to(keys.dtype)  # [n, B, H, d, d]: R, then 0
-    bases = torch.cat([identity, padded])  # [1+n, B, H, d, d]
-    rows = (1 + count) * batch
-    q_all, k_all = (q @ bases).flatten(0, 1), (keys @ bases).flatten(0, 1)  # [(1+n)·B, H, G·Q | S, d]
-    v_all = values.expand(1 + count, *values.shape).reshape(rows, *values.shape[1:])
-    visible = None if mask is None else mask.repeat(1 + count, 1)[:, None, None, :]  # [(1+n)·B, 1, 1, S]
+    # With a basis, a logit is q·(RRᵀ(k − μ) + μ) = (RRᵀq)·k + c(q), c(q) = q·μ − (RRᵀq)·μ the same
+    # for every Key: the softmax over the span drops it, so O is the attention of the projected query
+    # RRᵀq over the span's own Keys. The projected queries of every basis are stacked after q as
+    # more query rows: one fused attention call over the Keys and Values as they are (no copy of
+    # them per basis) gives O_ref and every O, in flash attention when there is no padding mask.
+    count, batch, kv_heads, dim, _ = rotations.shape
+    q = queries.float().reshape(batch, kv_heads, -1, dim)  # [B, H, G·Q, d]: each group's rows
+    projected = (q @ rotations) @ rotations.transpose(-1, -2)  # [n, B, H, G·Q, d]
+    rows = q.shape[2]
+    q_all = torch.cat([q[None], projected]).movedim(0, 2).flatten(2, 3).to(keys.dtype)  # [B, H, (1+n)·G·Q, d]
+    visible = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, S]
     with sdpa_kernel(_FEW_QUERIES_BACKENDS):
-        out = torch.nn.functional.scaled_dot_product_attention(q_all, k_all, v_all, attn_mask=visible, scale=scale)
-    out = out.float().view(1 + count, batch, *out.shape[1:])  # [1+n, B, H, G·Q, dv]
+        out = torch.nn.functional.scaled_dot_product_attention(q_all, keys, values, attn_mask=visible, scale=scale)
+    out = out.float().unflatten(2, (1 + count, rows)).movedim(2, 0)  # [1+n, B, H, G·Q, dv]
     if mask is not None:
         out = out.nan_to_num(0.0)  # a row without span tokens
     exact = out[0]
