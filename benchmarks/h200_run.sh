@@ -16,8 +16,8 @@
 #                                         # B8 x 32k, with profiles
 #   bash benchmarks/h200_run.sh stack  # layers stacked in the compression: its GPU tests, its cost
 #                                      # (B1 x 16k profiled, B8 x 32k), B1 x 16k: eager, rotatek-static
-#   bash benchmarks/h200_run.sh batch [RECIPES]  # the largest batch of 64k-token prompts, by trying
-#                                                # (default eager,rotatek-static: over 10 minutes)
+#   bash benchmarks/h200_run.sh batch [RECIPES [GUESS]]  # the largest batch of 64k-token prompts, by
+#                                      # trying (default eager,rotatek-static: over 10 minutes), from GUESS
 #   bash benchmarks/h200_run.sh diagnose  # 8 layers, 16k: the compression of the model's own inputs
 #                                         # timed inside and outside the model, and profiled
 set -uo pipefail
@@ -68,7 +68,7 @@ case "$part" in
       --backends eager,rotatek-static --solver-log 2>&1 | grep -v "^\s*$" | tee "$OUT/model_decode.log" | tail -8 ;;
   batch)
     timeout "$(left 590)" python3 benchmarks/model_decode.py --out "$OUT" --cases none --max-batch 65536 \
-      --backends "${2:-eager,rotatek-static}" 2>&1 | grep -v "^\s*$" | tee "$OUT/max_batch.log" | tail -12 ;;
+      --backends "${2:-eager,rotatek-static}" --max-batch-guess "${3:-0}" 2>&1 | grep -v "^\s*$" | tee "$OUT/max_batch.log" | tail -12 ;;
   diagnose)
     timeout "$(left 560)" python3 benchmarks/model_decode.py --out "$OUT" --layers 8 --steps 4 --cases 1x16384 \
       --backends rotatek,rotatek-static --profile 2>&1 | grep -v "^\s*$" | tee "$OUT/diagnose.log" \

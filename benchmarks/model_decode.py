@@ -284,10 +284,11 @@ def largest_fitting(fits, limit: int, guess: int = 1) -> int:
     return good
 
 
-def max_batch(model, recipe: tuple, span: int, device: str, limit: int) -> dict:
+def max_batch(model, recipe: tuple, span: int, device: str, limit: int, guess: int = 0) -> dict:
     """Tries prefill + 3 decode steps of ``B`` prompts of ``30 + span + 30`` tokens; the largest
-    ``B`` that runs without running out of memory. The first try is ``B = 1``; the next guesses
-    from its peak how many such rows the free memory holds (then :func:`largest_fitting` tries)."""
+    ``B`` that runs without running out of memory. The first try is ``guess``, or else ``B = 1``,
+    whose peak guesses how many such rows the free memory holds (then :func:`largest_fitting` tries:
+    each new batch size of a compiled recipe costs a compilation)."""
     tried, added = {}, {}
 
     def fits(batch: int) -> bool:
@@ -305,10 +306,10 @@ def max_batch(model, recipe: tuple, span: int, device: str, limit: int) -> dict:
         logger.info("max batch at %d tokens: B = %d %s", span, batch, "fits" if tried[batch] else "out of memory")
         return tried[batch]
 
-    guess = 1
-    if fits(1) and torch.cuda.is_available() and added[1] > 0:
+    if not guess and fits(1) and torch.cuda.is_available() and added[1] > 0:
         free = torch.cuda.mem_get_info()[1] - torch.cuda.memory_allocated()  # the device's memory less what is held
         guess = max(1, int(free // added[1]))
+    guess = guess or 1
     found = largest_fitting(lambda batch: tried[batch] if batch in tried else fits(batch), limit, guess)
     return dict(span=span, max_batch=found, tried=tried, limit=limit, guess=guess,
                 added_gb_at_batch_1=added.get(1, 0) / 1e9)
@@ -335,6 +336,8 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=0, metavar="SPAN",
                         help="also find, by trying, the largest batch of SPAN-token prompts each recipe runs")
     parser.add_argument("--max-batch-limit", type=int, default=64, help="largest batch --max-batch tries")
+    parser.add_argument("--max-batch-guess", type=int, default=0,
+                        help="--max-batch's first try (default: guessed from batch 1's peak)")
     parser.add_argument("--solver-log", action="store_true",
                         help="log each basis solve's Cholesky breakdowns (rotatek_compile.kernels.reference DEBUG)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -386,7 +389,8 @@ def main() -> None:
             lines.write(json.dumps(row) + "\n")
             lines.flush()
         if args.max_batch:
-            found = dict(max_batch(model, recipe, args.max_batch, device, args.max_batch_limit), backend=backend_name)
+            found = dict(max_batch(model, recipe, args.max_batch, device, args.max_batch_limit, args.max_batch_guess),
+                         backend=backend_name)
             batches.append(found)
             lines.write(json.dumps(found) + "\n")
             lines.flush()
