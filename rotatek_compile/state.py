@@ -360,10 +360,10 @@ def _span_tokens(layers: list[LayerPrefill]) -> list[SpanTokens]:
                       lambda group: _span_tokens_of_one_shape([layers[i] for i in group]))
 
 
-# Layers whose Keys are copied into one stack, as more batch rows, so that one call serves them all
-# (the covariances; the span's gathered Keys and Values for the basis choice): on a GPU a call per layer costs a
-# few microseconds of host time per operation and leaves most of the GPU idle at a few thousand
-# tokens. Bytes of Keys per stack, by device type; a layer larger than that runs alone, on its own
+# Layers whose Keys are copied into one stack, as more batch rows, so that one call serves them
+# all (the covariances; the basis choice, on the span's gathered Keys and Values): on a GPU a call
+# per layer costs a few microseconds of host time per operation and leaves most of the GPU idle at
+# a few thousand tokens. Bytes of Keys per stack, by device type; a layer larger than that runs alone, on its own
 # tensors. None on a CPU, whose operations cost their arithmetic, not their dispatch: there the
 # stacks' larger working sets made 32 layers of 2048 tokens 1.6x slower.
 STACK_BYTES = {"cuda": 256 << 20}
@@ -437,9 +437,8 @@ def _span_tokens_of_one_shape(layers: list[LayerPrefill]) -> list[SpanTokens]:
 def compress_layers(layers: list[LayerPrefill], config: RotateKConfig) -> Iterator[CompressedLayer | KeptExact]:
     """:func:`compress_layer` of each layer, in order, with RotateK's bases of all layers of one
     shape found by one batched solve (``[bases·layers·B·H, d, d]``) instead of one per layer: the
-    solver's launches and host synchronisations are paid once per prefill. The per-layer steps
-    around it (the sinks' shares, the covariances, the basis choice) run on stacks of layers
-    (:data:`STACK_BYTES`).
+    solver's launches and host synchronisations are paid once per prefill. The covariances and
+    the basis choice run on stacks of consecutive layers alike (:data:`STACK_BYTES`).
 
     Each layer's result is yielded once its inputs are dropped from ``layers`` (the list is emptied
     as it goes), so a caller that replaces HF's tensors as results arrive frees each layer's full
@@ -497,8 +496,8 @@ def _solved_bases(layers: list[LayerPrefill], tokens: list[SpanTokens],
     ``[B, H, d]``, for layers of one shape: every layer's covariances solved at once."""
     kinds = _BASES[config.query_aware]
     batch = layers[0].keys.shape[0]
-    statistics = [reference.span_covariance(_rows([layers[i].keys for i in stack]),  # the span's tokens, in place
-                                            _rows([tokens[i].selected for i in stack]))
+    statistics = [reference.span_covariance(_rows([layers[i].keys for i in stack]),  # the span's tokens selected
+                                            _rows([tokens[i].selected for i in stack]))  # in place, not gathered
                   for stack in _stacks(layers, lambda index: _layer_shape(layers[index]))]
     covariance = torch.cat([cov for cov, _ in statistics]).unflatten(0, (len(layers), batch))  # [L, B, H, d, d]
     means = torch.cat([mean for _, mean in statistics]).unflatten(0, (len(layers), batch))  # [L, B, H, d]
@@ -530,7 +529,8 @@ def _stored_bases(layers: list[LayerPrefill], tokens: list[SpanTokens], bases: l
     stored, residuals = reference.stored_basis(chosen, torch.cat([mean for _, mean in bases]), span_keys[0].dtype)
     batch = layers[0].keys.shape[0]
     # each layer its own R̂ and δμ: a view would keep the whole stack alive with any layer
-    return [(rotation.clone(), residual.clone()) for rotation, residual in zip(stored.split(batch), residuals.split(batch))]
+    return [(rotation.clone(), residual.clone())
+            for rotation, residual in zip(stored.split(batch), residuals.split(batch))]
 
 
 def _better_basis(queries: Tensor, span_keys: Tensor, span_values: Tensor, mask: Optional[Tensor], scale: float,
