@@ -300,16 +300,27 @@ def choose_split(queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor, sc
 
 
 # The tie rules :func:`pick_split` knows (``SPLIT_RULE`` is the one the cache uses).
-SPLIT_RULES = ("most rotated", "least rotated", "token-only when tied")
+SPLIT_RULES = ("most rotated", "least rotated", "token-only when tied", "token-only below a floor")
+# "token-only below a floor": token-only wherever its own error is at most this (an absolute level:
+# among errors that small, which is the smallest is noise), else the most rotated near-tie. Fitted
+# on the tuning prompts (benchmarks/split_errors.py; docs/fidelity.md).
+TOKEN_ONLY_FLOOR = 0.0
 
 
 def pick_split(scored: list[Split], rule: Optional[str] = None) -> Split:
     """Of the splits within ``TIE_TOLERANCE`` of the smallest held-out error, the one that rotates
     the most tokens (``SPLIT_RULE`` "most rotated"), the fewest ("least rotated"), or token-only
-    when it is among them and else the one that rotates the most ("token-only when tied")."""
+    when it is among them and else the one that rotates the most ("token-only when tied"); or
+    token-only wherever its error is at most :data:`TOKEN_ONLY_FLOOR`, else the one of the ties that
+    rotates the most ("token-only below a floor")."""
     rule = rule or SPLIT_RULE
     if rule not in SPLIT_RULES:
         raise ValueError(f"rotatek tie rule {rule!r} is invalid: expected one of {', '.join(SPLIT_RULES)}")
+    if rule == "token-only below a floor":
+        token_only = [split for split in scored if split.rotated_fraction == 0 and split.error <= TOKEN_ONLY_FLOOR]
+        if token_only:
+            return token_only[0]
+        rule = "most rotated"
     best = min(split.error for split in scored)
     near = [split for split in scored if split.error <= TIE_TOLERANCE * best]
     if rule == "token-only when tied":

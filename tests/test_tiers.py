@@ -128,7 +128,8 @@ def test_token_only_is_chosen_where_rotation_cannot_help():
 
 
 @pytest.mark.parametrize("rule, tied, not_tied", [("most rotated", 0.5, 0.5), ("least rotated", 0.0, 0.25),
-                                                   ("token-only when tied", 0.0, 0.5)])
+                                                   ("token-only when tied", 0.0, 0.5),
+                                                   ("token-only below a floor", 0.5, 0.5)])
 def test_near_ties_go_by_the_split_rule(rule, tied, not_tied):
     """Splits within TIE_TOLERANCE of the smallest error are ties; the rule takes the one that
     rotates the most or the fewest tokens of them, or token-only if it is tied and else the most
@@ -141,6 +142,19 @@ def test_near_ties_go_by_the_split_rule(rule, tied, not_tied):
     assert tiers.pick_split(scored, rule).rotated_fraction == tied
     scored[0] = split(0.0, 2.0)  # token-only outside the tie
     assert tiers.pick_split(scored, rule).rotated_fraction == not_tied
+
+
+def test_token_only_is_taken_below_the_floor_whatever_the_others(monkeypatch):
+    """"token-only below a floor": token-only wherever its error is at most TOKEN_ONLY_FLOOR, even
+    when a split with a rotated tier scores far lower; above it, the most rotated near-tie."""
+    def split(fraction: float, error: float) -> tiers.Split:
+        return tiers.Split(rotated_fraction=fraction, exact=(1,), rotated=(1,), stored_bytes=1, error=error)
+
+    monkeypatch.setattr(tiers, "TOKEN_ONLY_FLOOR", 1e-3)
+    scored = [split(0.0, 1e-3), split(0.5, 1e-5), split(0.75, 1.1e-5)]
+    assert tiers.pick_split(scored, "token-only below a floor").rotated_fraction == 0.0
+    scored[0] = split(0.0, 2e-3)
+    assert tiers.pick_split(scored, "token-only below a floor").rotated_fraction == 0.75
 
 
 def test_an_unknown_split_rule_is_refused_by_name():

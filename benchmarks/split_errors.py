@@ -1,0 +1,71 @@
+"""The tiered cache's candidate splits, as its proxy scores them, on the tuning prompts.
+
+    python benchmarks/split_errors.py [--budgets 0.4] [--out DIR]
+
+Runs ``benchmarks/fidelity.py``'s 24 SmolLM2 prompts with the adaptive tiered cache and records,
+for every layer of every tuning prompt (even index), each candidate split's held-out window error
+(``rotatek_compile.tiers.pick_split``'s input). Held-out prompts run too (the prompts and caches
+are those of the sweep) but their errors are not kept. Prints, per budget and tuning prompt,
+token-only's KL from ``--kl`` (a ``tiered_rule.py`` JSON) next to quantiles of token-only's split
+error over the layers: what an absolute error floor for token-only is fitted on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import fidelity  # noqa: E402
+from rotatek_compile import tiers  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budgets", default="0.4")
+    parser.add_argument("--kl", type=Path,
+                        default=Path("benchmarks/results/tiered_rule_2026-11-30/tiered_rule_smollm2.json"))
+    parser.add_argument("--out", type=Path, default=Path("."))
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(2)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    records: dict[str, dict[int, list[dict[float, float]]]] = {str(b): {} for b in budgets}
+    current = {}
+    run_cell, pick = fidelity.cell_run, tiers.pick_split
+
+    def cell_run(compiled, model, backend, cell, group, *rest, **kwargs):
+        current.update(budget=str(cell.kv_budget), prompt=group)  # "None": the token-only cell
+        return run_cell(compiled, model, backend, cell, group, *rest, **kwargs)
+
+    def recorded(scored, rule=None):
+        if current["prompt"] % 2 == 0 and current["budget"] in records:  # tuning prompts only
+            records[current["budget"]].setdefault(current["prompt"], []).append(
+                {split.rotated_fraction: split.error for split in scored})
+        return pick(scored, rule)
+
+    fidelity.cell_run, tiers.pick_split = cell_run, recorded
+    # a token-only cell first: the sweep's backend compiles its decode graphs with the first cell's
+    # config, for every method, and kv_budget is RotateK's alone
+    cells = [fidelity.Cell("token-only", "think", 1.0, budgets[0])]
+    cells += [fidelity.Cell("tiered most rotated", "rotatek", 0.5, 1.0, kv_budget=b) for b in budgets]
+    fidelity.run_model("smollm2", fidelity.FULL_LENGTHS, cells, fidelity.STEPS)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "split_errors.json").write_text(json.dumps(records))
+    kl = json.loads(args.kl.read_text())["cells"]
+    for budget in budgets:
+        token_kl = kl[fidelity.Cell("token-only", "think", 1.0, budget).name]["per_prompt"]["kl"]
+        print(f"budget {budget}: prompt, token-only KL, token-only split error over layers (min / median / max)")
+        for prompt, layers in sorted(records[str(budget)].items()):
+            errors = sorted(layer.get(0.0, float("nan")) for layer in layers)
+            print(f"  {prompt:2d}  {token_kl[prompt]:.4f}  {errors[0]:.2e} / {errors[len(errors) // 2]:.2e} / "
+                  f"{errors[-1]:.2e}")
+
+
+if __name__ == "__main__":
+    main()
