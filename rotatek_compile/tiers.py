@@ -304,7 +304,7 @@ SPLIT_RULES = ("most rotated", "least rotated", "token-only when tied", "token-o
 # "token-only below a floor": token-only wherever its own error is at most this (an absolute level:
 # among errors that small, which is the smallest is noise), else the most rotated near-tie. Fitted
 # on the tuning prompts (benchmarks/split_errors.py; docs/fidelity.md).
-TOKEN_ONLY_FLOOR = 0.0
+TOKEN_ONLY_FLOOR = 0.0231
 
 
 def pick_split(scored: list[Split], rule: Optional[str] = None) -> Split:
