@@ -5,8 +5,9 @@
 ``rotatek_compile.tiers.pick_split`` keeps, of the candidate splits whose held-out window error is
 within ``TIE_TOLERANCE`` of the smallest, the one that rotates the most tokens ("most rotated"), the
 fewest ("least rotated", token-only when it is among them), or token-only when it is among them and
-else the most rotated ("token-only when tied"); ``--rules`` picks the rules to run (default: the
-first two). For each model this runs the 24
+else the most rotated ("token-only when tied"); or token-only wherever its own error is at most
+``TOKEN_ONLY_FLOOR``, else the most rotated ("token-only below a floor"). ``--rules`` picks the
+rules to run (default: the first two). For each model this runs the 24
 prompts of ``benchmarks/fidelity.py`` (one process per model, in parallel) with token-only and the
 adaptive tiered cache under each rule, at every budget, and prints per rule and budget the mean-KL
 ratio to token-only and the geometric mean of per-prompt ratios, on the tuning prompts (where the
