@@ -7,7 +7,7 @@ for every layer of every tuning prompt (even index), each candidate split's held
 (``rotatek_compile.tiers.pick_split``'s input). Held-out prompts run too (the prompts and caches
 are those of the sweep) but their errors are not kept. Prints, per budget and tuning prompt,
 token-only's KL from ``--kl`` (a ``tiered_rule.py`` JSON) next to quantiles of token-only's split
-error over the layers: what an absolute error floor for token-only is fitted on.
+error over the layers, and the floor fitted on them (:func:`fit_floor`: ``tiers.TOKEN_ONLY_FLOOR``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fidelity  # noqa: E402
 from rotatek_compile import tiers  # noqa: E402
+
+
+EASY_KL = 0.01  # a tuning prompt on which token-only's KL is below this is "easy"
+FLOOR_QUANTILE = 0.75
+
+
+def fit_floor(layers_by_prompt: dict[int, list[dict[float, float]]], token_kl: list[float]) -> float:
+    """The :data:`FLOOR_QUANTILE` quantile (lower) of token-only's per-layer split error over the
+    layers of the prompts whose token-only KL is below :data:`EASY_KL` (``docs/fidelity.md``)."""
+    errors = sorted(layer[0.0] for prompt, layers in layers_by_prompt.items() if token_kl[prompt] < EASY_KL
+                    for layer in layers)
+    if not errors:
+        raise ValueError("split_errors: no tuning prompt has a token-only KL below the easy level")
+    return errors[int(FLOOR_QUANTILE * (len(errors) - 1))]
+
+
+def recorder(records: dict[str, dict[int, list[dict[float, float]]]], current: dict, pick):
+    """``pick`` (``tiers.pick_split``) that first records the candidates' errors of the tuning
+    prompt (even index) and budget in ``current``, for the budgets ``records`` holds."""
+    def recorded(scored, rule=None):
+        if current["prompt"] % 2 == 0 and current["budget"] in records:  # tuning prompts only
+            records[current["budget"]].setdefault(current["prompt"], []).append(
+                {split.rotated_fraction: split.error for split in scored})
+        return pick(scored, rule)
+
+    return recorded
 
 
 def main() -> None:
@@ -43,13 +69,7 @@ def main() -> None:
         current.update(budget=str(cell.kv_budget), prompt=group)  # "None": the token-only cell
         return run_cell(compiled, model, backend, cell, group, *rest, **kwargs)
 
-    def recorded(scored, rule=None):
-        if current["prompt"] % 2 == 0 and current["budget"] in records:  # tuning prompts only
-            records[current["budget"]].setdefault(current["prompt"], []).append(
-                {split.rotated_fraction: split.error for split in scored})
-        return pick(scored, rule)
-
-    fidelity.cell_run, tiers.pick_split = cell_run, recorded
+    fidelity.cell_run, tiers.pick_split = cell_run, recorder(records, current, pick)
     # a token-only cell first: the sweep's backend compiles its decode graphs with the first cell's
     # config, for every method, and kv_budget is RotateK's alone
     cells = [fidelity.Cell("token-only", "think", 1.0, budgets[0])]
@@ -65,6 +85,8 @@ def main() -> None:
             errors = sorted(layer.get(0.0, float("nan")) for layer in layers)
             print(f"  {prompt:2d}  {token_kl[prompt]:.4f}  {errors[0]:.2e} / {errors[len(errors) // 2]:.2e} / "
                   f"{errors[-1]:.2e}")
+        print(f"floor (the {FLOOR_QUANTILE:g} quantile of token-only's error over the layers of prompts with "
+              f"token-only KL < {EASY_KL:g}): {fit_floor(records[str(budget)], token_kl):.4g}")
 
 
 if __name__ == "__main__":
