@@ -266,8 +266,6 @@ def largest_fitting(fits, limit: int, guess: int = 1) -> int:
                 bad = good + step
                 break
             good, step = good + step, 2 * step
-        else:
-            bad = min(bad, good + step)
     else:
         bad = batch
         while bad - step > good:

@@ -363,9 +363,9 @@ def _span_tokens(layers: list[LayerPrefill]) -> list[SpanTokens]:
 # Layers whose Keys are copied into one stack, as more batch rows, so that one call serves them
 # all (the covariances; the basis choice, on the span's gathered Keys and Values): on a GPU a call
 # per layer costs a few microseconds of host time per operation and leaves most of the GPU idle at
-# a few thousand tokens. Bytes of Keys per stack, by device type; a layer larger than that runs alone, on its own
-# tensors. None on a CPU, whose operations cost their arithmetic, not their dispatch: there the
-# stacks' larger working sets made 32 layers of 2048 tokens 1.6x slower.
+# a few thousand tokens. Bytes of Keys per stack, by device type; a layer larger than that runs
+# alone, on its own tensors. None on a CPU, whose operations cost their arithmetic, not their
+# dispatch: there the stacks' larger working sets made 32 layers of 2048 tokens 1.6x slower.
 STACK_BYTES = {"cuda": 256 << 20}
 
 
