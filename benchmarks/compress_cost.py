@@ -8,7 +8,9 @@ One decoder layer of the 8B shape (Hq 32, H 8, d 128, r 32, W 32) with a span of
 ``compress_layer`` (the product's prefill-time work per layer) timed whole, and its steps timed
 alone: token gathers, query norms + covariance, the basis solver (``eigh`` and ``subspace``),
 ``K̃ = K R``; then what the prefill runs, ``compress_layers`` over ``--layers`` such layers (one
-batched basis solve), next to as many separate ``compress_layer`` calls. Also how close the subspace basis is to the exact one (the share of the weighted
+batched basis solve), next to as many separate ``compress_layer`` calls and to ``compress_layers``
+with ``kernel="reference"`` (on a GPU: the eager window shares and covariances instead of the fused
+Triton kernels). Also how close the subspace basis is to the exact one (the share of the weighted
 covariance's top-r energy it captures). JSON goes to ``--out``; a table is printed. ``--profile``
 adds the profiler's view of one ``compress_layers`` call (host time per op, device kernel time,
 host synchronisations, and each step's host and device time) to the log and
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -32,6 +35,11 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from rotatek_compile import RotateKConfig, state, tiers  # noqa: E402
 from rotatek_compile.kernels import reference  # noqa: E402
+
+try:
+    from rotatek_compile.kernels import triton_compress  # the fused statistics, on a GPU
+except ImportError:
+    triton_compress = None
 from rotatek_compile.state import LayerPrefill, compress_layer, compress_layers  # noqa: E402
 
 logger = logging.getLogger("compress_cost")
@@ -93,6 +101,10 @@ def measure(length: int, device: torch.device, dtype: torch.dtype, reps: int, la
         lambda: [compress_layer(**layer, config=config, scale=DIM ** -0.5) for layer in stack], device, reps)
     row["compress_layers_ms"] = median_ms(lambda: list(compress_layers(
         [LayerPrefill(**layer, scale=DIM ** -0.5) for layer in stack], config)), device, reps)
+    # the same with the eager window shares and covariances (on a GPU; on CPU both are the reference)
+    eager = dataclasses.replace(config, kernel="reference")
+    row["compress_layers_reference_ms"] = median_ms(lambda: list(compress_layers(
+        [LayerPrefill(**layer, scale=DIM ** -0.5) for layer in stack], eager)), device, reps)
     del stack
     span_keys = inputs["keys"][:, :, :length]
     positions = torch.arange(length, device=device)[None, :].expand(batch, -1)
@@ -162,12 +174,15 @@ PHASES = ((tiers, "window_share"), (tiers, "sinks_by_share"), (state, "_true_fir
           (state, "_gather_positions"), (reference, "span_covariance"), (reference, "weight_covariance"),
           (reference, "solve_basis"), (reference, "basis_attention_error"), (reference, "stored_basis"),
           (state, "_build_layer"), (reference, "project_span"))
+# ... and on a GPU, the fused covariance (in place of ``span_covariance``)
+FUSED_PHASES = ((triton_compress, "span_covariance_triton"),) if triton_compress is not None else ()
 
 
 @contextlib.contextmanager
 def phases_marked():
-    """Each function of :data:`PHASES` runs inside a profiler range named ``phase:<name>``."""
-    originals = [(module, name, getattr(module, name)) for module, name in PHASES]
+    """Each function of :data:`PHASES` (and :data:`FUSED_PHASES`) runs inside a profiler range named
+    ``phase:<name>``."""
+    originals = [(module, name, getattr(module, name)) for module, name in PHASES + FUSED_PHASES]
 
     def marked(name, function):
         @functools.wraps(function)
@@ -238,8 +253,8 @@ def main(argv=None) -> int:
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     keys = ["compress_layer_eigh_ms", "compress_layer_subspace_ms", "gather_span_kv_ms", "covariance_ms",
             "eigh_ms", "subspace_ms", "project_ms", "subspace_energy_vs_exact", "separate_layers_ms",
-            "compress_layers_ms"]
-    logger.info("%s, %s, one layer (B %d, H %d, d %d, r %d), query_aware=%s, ms (median of %d); the last two: "
+            "compress_layers_ms", "compress_layers_reference_ms"]
+    logger.info("%s, %s, one layer (B %d, H %d, d %d, r %d), query_aware=%s, ms (median of %d); the last three: "
                 "%d layers", device_name, dtype, args.batch, KV_HEADS, DIM, RANK, query_aware, args.reps, args.layers)
     logger.info("%8s " + " ".join(f"{k[:-3] if k.endswith('_ms') else k:>26}" for k in keys), "N")
     for row in rows:

@@ -52,7 +52,8 @@ class RotateKConfig:
         ``"prompt"``. ``"prompt"``: compress the whole prompt except its last ``query_window``
         tokens (text-only models).
     kernel : {"auto", "triton", "reference"}
-        Decode kernel. ``"auto"`` takes Triton on CUDA and the PyTorch reference elsewhere.
+        Decode kernel, and the compression's statistics kernels (window shares, covariances).
+        ``"auto"`` takes Triton on CUDA and the PyTorch reference elsewhere.
     method : {"rotatek", "think", "spark"}
         Channel-compression method: RotateK (rotation + mean correction), ThinK (per-head channel
         selection, no rotation) or SparK-style (per-token channel selection).

@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor
 
-from rotatek_compile import tiers
+from rotatek_compile import kernels, tiers
 from rotatek_compile.config import RotateKConfig
 from rotatek_compile.kernels import reference
 
@@ -352,12 +352,12 @@ def compress_layer(
     return next(compress_layers([LayerPrefill(keys, values, queries, span, valid, scale)], config))
 
 
-def _span_tokens(layers: list[LayerPrefill]) -> list[SpanTokens]:
+def _span_tokens(layers: list[LayerPrefill], kernel: str) -> list[SpanTokens]:
     """Each layer's span less its sinks, and where its span and rest tokens lie, with one host
     synchronisation per prompt shape (the token counts that size the segments): on a GPU the work
     of every layer is queued without waiting for any of it."""
     return _per_group(layers, lambda prefill: (prefill.span.shape, prefill.span.device),
-                      lambda group: _span_tokens_of_one_shape([layers[i] for i in group]))
+                      lambda group: _span_tokens_of_one_shape([layers[i] for i in group], kernel))
 
 
 # Layers whose Keys are copied into one stack, as more batch rows, so that one call serves them
@@ -408,11 +408,11 @@ def _per_group(layers: list[LayerPrefill], key: Callable[[LayerPrefill], tuple],
     return results
 
 
-def _span_tokens_of_one_shape(layers: list[LayerPrefill]) -> list[SpanTokens]:
+def _span_tokens_of_one_shape(layers: list[LayerPrefill], kernel: str) -> list[SpanTokens]:
     """:func:`_span_tokens` of layers whose masks are ``[B, S]`` alike: only the sinks' attention
     shares are computed layer by layer (their fp32 window logits are twice the Keys' bytes: not
     stacked); the rest runs once on the stacked ``[L, B, S]`` masks."""
-    shares = [tiers.window_share(p.queries, p.keys, p.scale, p.span & p.valid).amax(dim=1) for p in layers]
+    shares = [tiers.window_share(p.queries, p.keys, p.scale, p.span & p.valid, kernel).amax(dim=1) for p in layers]
     valid = torch.stack([prefill.valid for prefill in layers])  # [L, B, S]
     span = torch.stack([prefill.span for prefill in layers]) & valid
     compressed = span & ~tiers.sinks_by_share(torch.stack(shares), span, valid)
@@ -445,7 +445,7 @@ def compress_layers(layers: list[LayerPrefill], config: RotateKConfig) -> Iterat
     Keys once its stack is built. Methods and options that choose tokens per layer before the
     basis (token pruning, ``kv_budget``), ThinK and SparK-style solve per layer.
     """
-    spans = _span_tokens(layers)
+    spans = _span_tokens(layers, config.kernel)
     bases: list = [None] * len(layers)
     if config.method == "rotatek" and config.token_keep >= 1.0 and config.kv_budget is None:
         bases = _per_group(
@@ -496,9 +496,14 @@ def _solved_bases(layers: list[LayerPrefill], tokens: list[SpanTokens],
     ``[B, H, d]``, for layers of one shape: every layer's covariances solved at once."""
     kinds = _BASES[config.query_aware]
     batch = layers[0].keys.shape[0]
-    statistics = [reference.span_covariance(_rows([layers[i].keys for i in stack]),  # the span's tokens selected
-                                            _rows([tokens[i].selected for i in stack]))  # in place, not gathered
-                  for stack in _stacks(layers, lambda index: _layer_shape(layers[index]))]
+    fused = kernels.compress_kernels(layers[0].keys.device, config.kernel)
+    if fused is not None:  # one pass over each layer's Keys: no stack to copy them into
+        statistics = [fused.span_covariance_triton(prefill.keys, span.selected)
+                      for prefill, span in zip(layers, tokens)]
+    else:
+        statistics = [reference.span_covariance(_rows([layers[i].keys for i in stack]),  # the span's tokens
+                                                _rows([tokens[i].selected for i in stack]))  # selected in place
+                      for stack in _stacks(layers, lambda index: _layer_shape(layers[index]))]
     covariance = torch.cat([cov for cov, _ in statistics]).unflatten(0, (len(layers), batch))  # [L, B, H, d, d]
     means = torch.cat([mean for _, mean in statistics]).unflatten(0, (len(layers), batch))  # [L, B, H, d]
     queries = torch.stack([prefill.queries for prefill in layers]).flatten(0, 1)  # [L·B, Hq, W, d]

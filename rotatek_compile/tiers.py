@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from rotatek_compile import kernels
 from rotatek_compile.kernels import reference
 
 # A span token with at least this share of some KV head's window attention is a sink. Uniform
@@ -49,13 +50,17 @@ SINK_FACTOR = 10.0
 SINK_LIMIT = 4
 
 
-def window_share(queries: Tensor, keys: Tensor, scale: float, span: Tensor) -> Tensor:
+def window_share(queries: Tensor, keys: Tensor, scale: float, span: Tensor, kernel: str = "auto") -> Tensor:
     """Mean attention probability each span token gets from the window's queries.
 
     ``queries`` ``[B, Hq, W, d]``, ``keys`` ``[B, H, S, d]``, ``span`` ``[B, S]`` bool →
     ``[B, H, S]`` fp32: per KV head, the softmax over the span tokens of each window query of the
     head's group, averaged over those ``G·W`` queries (a row sums to 1 over its span, 0 elsewhere).
+    On CUDA the fused kernel computes it unless ``kernel="reference"`` (the option of that name).
     """
+    fused = kernels.compress_kernels(keys.device, kernel)
+    if fused is not None:
+        return fused.window_share_triton(queries, keys, scale, span)
     group_queries = queries.shape[1] // keys.shape[1] * queries.shape[2]  # G·W
     return reference.token_scores(queries, keys, scale, span) / group_queries
 

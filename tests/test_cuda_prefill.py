@@ -121,3 +121,29 @@ def test_layers_stacked_as_rows_equal_layers_alone_on_cuda(query_aware, monkeypa
         # a basis vector's sign is free (so are rotations within near-equal eigenvalues): the span
         # Keys' norms per token are not
         assert ((mine_keys.norm(dim=-1) - theirs_keys.norm(dim=-1)).norm() / theirs_keys.norm()) < 2e-2
+
+
+@pytest.mark.parametrize("query_aware", ["auto", False])
+def test_fused_statistics_give_the_reference_cache_on_cuda(query_aware):
+    """``kernel="auto"`` computes the sinks' window shares and the span covariances with the fused
+    Triton kernels (``kernels/triton_compress.py``), ``"reference"`` with the eager forms: in bf16 the
+    same tokens are kept exact, and the span Keys agree up to the order of sums."""
+    pytest.importorskip("triton")
+    from rotatek_compile import RotateKConfig, state
+    from tests.test_compress_layers import prefills
+    from tests.test_sinks import WINDOW
+
+    def on_cuda():
+        return [dataclasses.replace(p, keys=p.keys.cuda().bfloat16(), values=p.values.cuda().bfloat16(),
+                                    queries=p.queries.cuda().bfloat16(), span=p.span.cuda(), valid=p.valid.cuda())
+                for p in prefills(5)]
+
+    fused, eager = (list(state.compress_layers(on_cuda(), RotateKConfig(
+        query_window=WINDOW, span="prompt", key_channels=4, query_aware=query_aware, kernel=kernel)))
+        for kernel in ("auto", "reference"))
+    for mine, theirs in zip(fused, eager, strict=True):
+        assert mine.split == theirs.split
+        for name in ("span_values", "span_mask", "keys", "values", "mask"):
+            assert torch.equal(getattr(mine, name), getattr(theirs, name)), name
+        mine_keys, theirs_keys = mine.span_key_parts[0].float(), theirs.span_key_parts[0].float()
+        assert ((mine_keys.norm(dim=-1) - theirs_keys.norm(dim=-1)).norm() / theirs_keys.norm()) < 2e-2
