@@ -408,14 +408,32 @@ def _per_group(layers: list[LayerPrefill], key: Callable[[LayerPrefill], tuple],
     return results
 
 
+def _window_shares(layers: list[LayerPrefill], kernel: str) -> Tensor:
+    """``[L, B, S]`` fp32: each layer's :func:`rotatek_compile.tiers.window_share`, its largest over
+    the KV heads. On a GPU the fused kernels take all layers alike (Keys of one shape and layout,
+    one scale) in one call; otherwise layer by layer (the eager form's fp32 logits are twice the
+    Keys' bytes: not stacked)."""
+    fused = kernels.compress_kernels(layers[0].keys.device, kernel)
+    if fused is None:
+        return torch.stack([tiers.window_share(p.queries, p.keys, p.scale, p.span & p.valid, kernel).amax(dim=1)
+                            for p in layers])
+    shares = _per_group(layers, lambda p: (_layout(p.keys), p.queries.shape, p.scale), lambda group: list(
+        fused.window_shares_triton([layers[i].queries for i in group], [layers[i].keys for i in group],
+                                   layers[group[0]].scale, [layers[i].span & layers[i].valid for i in group])))
+    return torch.stack([share.amax(dim=1) for share in shares])
+
+
+def _layout(tensor: Tensor) -> tuple:
+    return tensor.shape, tensor.stride(), tensor.dtype
+
+
 def _span_tokens_of_one_shape(layers: list[LayerPrefill], kernel: str) -> list[SpanTokens]:
-    """:func:`_span_tokens` of layers whose masks are ``[B, S]`` alike: only the sinks' attention
-    shares are computed layer by layer (their fp32 window logits are twice the Keys' bytes: not
-    stacked); the rest runs once on the stacked ``[L, B, S]`` masks."""
-    shares = [tiers.window_share(p.queries, p.keys, p.scale, p.span & p.valid, kernel).amax(dim=1) for p in layers]
+    """:func:`_span_tokens` of layers whose masks are ``[B, S]`` alike: the sinks' attention shares
+    (:func:`_window_shares`), then the rest once on the stacked ``[L, B, S]`` masks."""
+    shares = _window_shares(layers, kernel)  # [L, B, S]: each token's largest share over the KV heads
     valid = torch.stack([prefill.valid for prefill in layers])  # [L, B, S]
     span = torch.stack([prefill.span for prefill in layers]) & valid
-    compressed = span & ~tiers.sinks_by_share(torch.stack(shares), span, valid)
+    compressed = span & ~tiers.sinks_by_share(shares, span, valid)
     rest = valid & ~compressed
     per_row = span.sum(dim=-1)  # [L, B]
     counts = torch.stack([per_row, compressed.sum(dim=-1), rest.sum(dim=-1)], dim=1)  # [L, 3, B]
@@ -497,9 +515,9 @@ def _solved_bases(layers: list[LayerPrefill], tokens: list[SpanTokens],
     kinds = _BASES[config.query_aware]
     batch = layers[0].keys.shape[0]
     fused = kernels.compress_kernels(layers[0].keys.device, config.kernel)
-    if fused is not None:  # one pass over each layer's Keys: no stack to copy them into
-        statistics = [fused.span_covariance_triton(prefill.keys, span.selected)
-                      for prefill, span in zip(layers, tokens)]
+    if fused is not None:  # layers alike in one call, each layer's Keys read where they are
+        statistics = _per_group(layers, lambda p: _layout(p.keys), lambda group: list(zip(
+            *fused.span_covariances_triton([layers[i].keys for i in group], [tokens[i].selected for i in group]))))
     else:
         statistics = [reference.span_covariance(_rows([layers[i].keys for i in stack]),  # the span's tokens
                                                 _rows([tokens[i].selected for i in stack]))  # selected in place

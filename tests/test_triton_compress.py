@@ -118,3 +118,49 @@ def test_the_kernel_option_picks_the_statistics_kernels():
     assert kernels.compress_kernels(torch.device("cpu"), "auto") is None  # the CPU path is the reference
     if DEVICE == "cuda":
         assert kernels.compress_kernels(device, "auto") is not None
+
+
+def _separate_layers(count, shape, dtype, offset=0.0):
+    """``count`` layers' Keys, each its own allocation (as a model's are), and a view of a larger
+    buffer: the kernels reach each layer by its offset from the first's."""
+    gen = torch.Generator().manual_seed(3)
+    layers = [(torch.randn(*shape, generator=gen) + offset).to(DEVICE, dtype) for _ in range(count - 1)]
+    wide = (torch.randn(*shape[:-1], 2 * shape[-1], generator=gen) + offset).to(DEVICE, dtype)
+    layers.insert(1, wide[..., : shape[-1]].contiguous())  # same strides as the others
+    return layers
+
+
+def test_window_shares_of_several_layers_in_one_call_equal_each_layer_alone():
+    batch, q_heads, kv_heads, window, length, dim = 2, 4, 2, 8, 150, 16
+    keys = _separate_layers(3, (batch, kv_heads, length, dim), torch.float32)
+    gen = torch.Generator().manual_seed(4)
+    queries = [torch.randn(batch, q_heads, window, dim, generator=gen).to(DEVICE) for _ in keys]
+    spans = [torch.rand(batch, length, generator=gen).to(DEVICE) > p for p in (0.1, 0.5, 0.9)]
+    shares = triton_compress.window_shares_triton(queries, keys, 0.3, spans)
+    assert shares.shape == (3, batch, kv_heads, length)
+    for layer, (q, k, span) in enumerate(zip(queries, keys, spans)):
+        torch.testing.assert_close(shares[layer], tiers.window_share(q, k, 0.3, span, kernel="reference"),
+                                   atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["mask [B,S]", "mask [B,H,S]"])
+def test_span_covariances_of_several_layers_in_one_call_equal_each_layer_alone(per_head):
+    batch, kv_heads, length, dim = 2, 2, 130, 16
+    keys = _separate_layers(3, (batch, kv_heads, length, dim), torch.float32, offset=3.0)
+    gen = torch.Generator().manual_seed(5)
+    masks = [torch.rand(*((batch, kv_heads, length) if per_head else (batch, length)), generator=gen).to(DEVICE) > 0.4
+             for _ in keys]
+    cov, mean = triton_compress.span_covariances_triton(keys, masks)
+    assert cov.shape == (3, batch, kv_heads, dim, dim) and mean.shape == (3, batch, kv_heads, dim)
+    for layer, (k, m) in enumerate(zip(keys, masks)):
+        expected_cov, expected_mean = reference.span_covariance(k, m)
+        scale = expected_cov.abs().amax()
+        torch.testing.assert_close(cov[layer] / scale, expected_cov / scale, atol=1e-6, rtol=0)
+        torch.testing.assert_close(mean[layer], expected_mean, atol=1e-5, rtol=1e-5)
+
+
+def test_layers_of_other_shapes_in_one_call_are_refused():
+    keys = [torch.randn(1, 2, 64, 16, device=DEVICE), torch.randn(1, 2, 65, 16, device=DEVICE)]
+    masks = [torch.ones(1, 64, dtype=torch.bool, device=DEVICE), torch.ones(1, 65, dtype=torch.bool, device=DEVICE)]
+    with pytest.raises(ValueError, match="one shape, strides and dtype"):
+        triton_compress.span_covariances_triton(keys, masks)

@@ -171,17 +171,17 @@ GRAM_CHUNK = 1024
 
 
 def _long_product(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` (:func:`fp32_product`) for ``a`` ``[..., M, S]``, ``b`` ``[..., S, N]`` with a long
+    """``a @ b`` (:func:`_fp32_product`) for ``a`` ``[..., M, S]``, ``b`` ``[..., S, N]`` with a long
     ``S``, summed by token chunks."""
     length = a.shape[-1]
     whole = length // GRAM_CHUNK * GRAM_CHUNK
     if whole <= GRAM_CHUNK:
-        return fp32_product(a, b)
+        return _fp32_product(a, b)
     chunks = whole // GRAM_CHUNK
     left = a[..., :whole].unflatten(-1, (chunks, GRAM_CHUNK)).movedim(-2, -3)  # [..., C, M, chunk]
     right = b[..., :whole, :].unflatten(-2, (chunks, GRAM_CHUNK))  # [..., C, chunk, N]
-    out = fp32_product(left, right).sum(dim=-3)
-    return out if whole == length else out + fp32_product(a[..., whole:], b[..., whole:, :])
+    out = _fp32_product(left, right).sum(dim=-3)
+    return out if whole == length else out + _fp32_product(a[..., whole:], b[..., whole:, :])
 
 
 def _gram(x: Tensor) -> Tensor:
@@ -189,7 +189,7 @@ def _gram(x: Tensor) -> Tensor:
     return _long_product(x.transpose(-1, -2), x)
 
 
-def fp32_product(a: Tensor, b: Tensor) -> Tensor:
+def _fp32_product(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` in at least fp32. Half-precision operands on a GPU are multiplied as they are, on
     tensor cores, accumulating into an fp32 result (no fp32 copies; their products are exact in
     fp32, so this equals the fp32 product up to the order of the sums); elsewhere both are promoted."""
@@ -573,7 +573,7 @@ def token_scores(queries: Tensor, keys: Tensor, scale: float, key_mask: Optional
     """
     batch, kv_heads, _, dim = keys.shape
     q = queries.to(keys.dtype).reshape(batch, kv_heads, -1, dim)  # [B, H, G·W, d]: each group's rows
-    logits = fp32_product(q, keys.transpose(-1, -2)).mul_(scale)  # [B, H, G·W, S] fp32
+    logits = _fp32_product(q, keys.transpose(-1, -2)).mul_(scale)  # [B, H, G·W, S] fp32
     if key_mask is not None:
         logits.masked_fill_(~key_mask[:, None, None, :], -math.inf)
     return torch.softmax(logits, dim=-1).nan_to_num_(0.0).sum(dim=2)
