@@ -52,9 +52,11 @@ XFAIL: dict[str, dict[str, str]] = {}
 
 
 def _models(test: str, names: Optional[tuple[str, ...]] = None):
-    """``TINY_MODELS`` (or ``names``) as parameters, the known gaps of ``test`` marked xfail (strict)."""
+    """``TINY_MODELS`` (or ``names``) as parameters, the known gaps of ``test`` marked xfail (strict);
+    one worker runs a model's tests (``--dist loadgroup``), so that they share its runs."""
     gaps = XFAIL.get(test, {})
-    return [pytest.param(m.name, id=m.name, marks=[_xfail(gaps[m.name])] if m.name in gaps else [])
+    return [pytest.param(m.name, id=m.name, marks=([_xfail(gaps[m.name])] if m.name in gaps else [])
+                         + [pytest.mark.xdist_group(f"architecture {m.name}")])
             for m in TINY_MODELS if names is None or m.name in names]
 
 

