@@ -19,6 +19,8 @@
 #   bash benchmarks/h200_run.sh fused  # the fused window shares and covariances: their GPU tests, the
 #                                      # compression's cost (B1 x 16k profiled, B8 x 32k; each with the
 #                                      # eager statistics too), B1 x 16k: eager, rotatek-static (profiled)
+#   bash benchmarks/h200_run.sh fused-timing  # the same without the GPU tests
+#   bash benchmarks/h200_run.sh b8     # rotatek-static, 32 layers, B8 x 32k alone (its compile: ~6 minutes)
 #   bash benchmarks/h200_run.sh batch [RECIPES [GUESS]]  # the largest batch of 64k-token prompts, by
 #                                      # trying (default eager,rotatek-static: over 10 minutes), from GUESS
 #   bash benchmarks/h200_run.sh diagnose  # 8 layers, 16k: the compression of the model's own inputs
@@ -69,8 +71,8 @@ case "$part" in
       | tee "$OUT/compress_cost_b8.log" | grep -A1 "^ *N "
     timeout "$(left 590)" python3 benchmarks/model_decode.py --out "$OUT" --steps 32 --cases 1x16384 \
       --backends eager,rotatek-static --solver-log 2>&1 | grep -v "^\s*$" | tee "$OUT/model_decode.log" | tail -8 ;;
-  fused)
-    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_triton_compress.py tests/test_cuda_prefill.py \
+  fused|fused-timing)
+    [ "$part" = fused ] && timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_triton_compress.py tests/test_cuda_prefill.py \
       tests/test_compress_layers.py tests/test_cuda_static.py tests/test_cuda_model.py 2>&1 | tail -4 | tee "$OUT/gpu_tests.log"
     timeout 100 python3 benchmarks/compress_cost.py --lengths 16384 --reps 10 --profile --out "$OUT/b1" 2>&1 \
       | tee "$OUT/compress_cost_b1.log" | grep -A14 "^ *N "
@@ -79,6 +81,9 @@ case "$part" in
     timeout "$(left 590)" python3 benchmarks/model_decode.py --out "$OUT" --steps 32 --cases 1x16384 \
       --backends eager,rotatek-static --solver-log --profile 2>&1 | grep -v "^\s*$" | tee "$OUT/model_decode.log" \
       | grep -A3 "compression:\|recipe |" ;;
+  b8)
+    timeout "$(left 590)" python3 benchmarks/model_decode.py --out "$OUT" --steps 32 --cases 8x32768 \
+      --backends rotatek-static --solver-log 2>&1 | grep -v "^\s*$" | tee "$OUT/model_decode.log" | tail -6 ;;
   batch)
     timeout "$(left 590)" python3 benchmarks/model_decode.py --out "$OUT" --cases none --max-batch 65536 \
       --backends "${2:-eager,rotatek-static}" --max-batch-guess "${3:-0}" 2>&1 | grep -v "^\s*$" | tee "$OUT/max_batch.log" | tail -12 ;;
