@@ -170,12 +170,12 @@ def profile_compress_layers(length: int, device: torch.device, dtype: torch.dtyp
 
 # The steps of ``compress_layers`` whose host and device time the profile reports (inclusive: a
 # step called inside another counts in both).
-PHASES = ((tiers, "window_share"), (tiers, "sinks_by_share"), (state, "_true_first"),
+PHASES = ((state, "_window_shares"), (tiers, "sinks_by_share"), (state, "_true_first"),
           (state, "_gather_positions"), (reference, "span_covariance"), (reference, "weight_covariance"),
           (reference, "solve_basis"), (reference, "basis_attention_error"), (reference, "stored_basis"),
           (state, "_build_layer"), (reference, "project_span"))
-# ... and on a GPU, the fused covariance (in place of ``span_covariance``)
-FUSED_PHASES = ((triton_compress, "span_covariance_triton"),) if triton_compress is not None else ()
+# ... and on a GPU, the fused covariances (in place of ``span_covariance``)
+FUSED_PHASES = ((triton_compress, "span_covariances_triton"),) if triton_compress is not None else ()
 
 
 @contextlib.contextmanager
