@@ -95,32 +95,43 @@ def test_half_precision_compression_statistics_equal_fp64(length):
     torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=1e-6)
 
 
+def _prefills_on_cuda():
+    """The layers of ``tests/test_compress_layers.py`` (planted sinks, a padded row) in bf16 on the GPU."""
+    from tests.test_compress_layers import prefills
+
+    return [dataclasses.replace(p, keys=p.keys.cuda().bfloat16(), values=p.values.cuda().bfloat16(),
+                                queries=p.queries.cuda().bfloat16(), span=p.span.cuda(), valid=p.valid.cuda())
+            for p in prefills(5)]
+
+
+def _assert_same_caches(mine: list, theirs: list) -> None:
+    """The same segments and tokens kept, and span Keys that agree up to the order of sums."""
+    for a, b in zip(mine, theirs, strict=True):
+        assert a.split == b.split
+        for name in ("span_values", "span_mask", "keys", "values", "mask"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        a_keys, b_keys = a.span_key_parts[0].float(), b.span_key_parts[0].float()
+        # a basis vector's sign is free (so are rotations within near-equal eigenvalues): the span
+        # Keys' norms per token are not
+        assert ((a_keys.norm(dim=-1) - b_keys.norm(dim=-1)).norm() / b_keys.norm()) < 2e-2
+
+
 @pytest.mark.parametrize("query_aware", [True, "auto"])
 def test_layers_stacked_as_rows_equal_layers_alone_on_cuda(query_aware, monkeypatch):
     """On a GPU consecutive layers alike are stacked as batch rows (``state.STACK_BYTES``) for the
-    sinks' shares, the covariances and the basis choice: in bf16 each layer's cache is the one it
-    gets alone, up to the order of sums (the segments and the tokens kept are the same)."""
+    basis choice (and, with ``kernel="reference"``, the covariances): in bf16 each layer's cache is
+    the one it gets alone, up to the order of sums (the segments and the tokens kept are the same)."""
     from rotatek_compile import RotateKConfig, state
-    from tests.test_compress_layers import prefills
     from tests.test_sinks import WINDOW
 
-    def on_cuda():
-        return [dataclasses.replace(p, keys=p.keys.cuda().bfloat16(), values=p.values.cuda().bfloat16(),
-                                    queries=p.queries.cuda().bfloat16(), span=p.span.cuda(), valid=p.valid.cuda())
-                for p in prefills(5)]
-
-    config = RotateKConfig(query_window=WINDOW, span="prompt", key_channels=4, query_aware=query_aware)
-    stacked = list(state.compress_layers(on_cuda(), config))
-    monkeypatch.setattr(state, "STACK_BYTES", {})
-    alone = list(state.compress_layers(on_cuda(), config))
-    for mine, theirs in zip(stacked, alone, strict=True):
-        assert mine.split == theirs.split
-        for name in ("span_values", "span_mask", "keys", "values", "mask"):
-            assert torch.equal(getattr(mine, name), getattr(theirs, name)), name
-        mine_keys, theirs_keys = mine.span_key_parts[0].float(), theirs.span_key_parts[0].float()
-        # a basis vector's sign is free (so are rotations within near-equal eigenvalues): the span
-        # Keys' norms per token are not
-        assert ((mine_keys.norm(dim=-1) - theirs_keys.norm(dim=-1)).norm() / theirs_keys.norm()) < 2e-2
+    for kernel in ("auto", "reference"):
+        config = RotateKConfig(query_window=WINDOW, span="prompt", key_channels=4, query_aware=query_aware,
+                               kernel=kernel)
+        stacked = list(state.compress_layers(_prefills_on_cuda(), config))
+        with monkeypatch.context() as patch:
+            patch.setattr(state, "STACK_BYTES", {})
+            alone = list(state.compress_layers(_prefills_on_cuda(), config))
+        _assert_same_caches(stacked, alone)
 
 
 @pytest.mark.parametrize("query_aware", ["auto", False])
@@ -130,20 +141,9 @@ def test_fused_statistics_give_the_reference_cache_on_cuda(query_aware):
     same tokens are kept exact, and the span Keys agree up to the order of sums."""
     pytest.importorskip("triton")
     from rotatek_compile import RotateKConfig, state
-    from tests.test_compress_layers import prefills
     from tests.test_sinks import WINDOW
 
-    def on_cuda():
-        return [dataclasses.replace(p, keys=p.keys.cuda().bfloat16(), values=p.values.cuda().bfloat16(),
-                                    queries=p.queries.cuda().bfloat16(), span=p.span.cuda(), valid=p.valid.cuda())
-                for p in prefills(5)]
-
-    fused, eager = (list(state.compress_layers(on_cuda(), RotateKConfig(
+    fused, eager = (list(state.compress_layers(_prefills_on_cuda(), RotateKConfig(
         query_window=WINDOW, span="prompt", key_channels=4, query_aware=query_aware, kernel=kernel)))
         for kernel in ("auto", "reference"))
-    for mine, theirs in zip(fused, eager, strict=True):
-        assert mine.split == theirs.split
-        for name in ("span_values", "span_mask", "keys", "values", "mask"):
-            assert torch.equal(getattr(mine, name), getattr(theirs, name)), name
-        mine_keys, theirs_keys = mine.span_key_parts[0].float(), theirs.span_key_parts[0].float()
-        assert ((mine_keys.norm(dim=-1) - theirs_keys.norm(dim=-1)).norm() / theirs_keys.norm()) < 2e-2
+    _assert_same_caches(fused, eager)

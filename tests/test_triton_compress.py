@@ -4,8 +4,6 @@ Without CUDA the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``
 shapes); with CUDA the same checks run on the GPU, plus bf16 and the dispatch from ``kernel``.
 """
 
-import importlib
-import os
 
 import pytest
 import torch
@@ -14,22 +12,9 @@ pytest.importorskip("triton", reason="the Triton compression kernels need triton
 
 from rotatek_compile import kernels, tiers  # noqa: E402
 from rotatek_compile.kernels import reference  # noqa: E402
+from tests.triton_interpreted import kernel_module  # noqa: E402
 
-# TRITON_INTERPRET is read when a kernel is decorated: set around this import alone (as in
-# tests/test_triton_decode.py), and decorate again if another module imported it without.
-_SET_INTERPRET = not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ
-if _SET_INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    from rotatek_compile.kernels import triton_compress  # noqa: E402
-
-    if not torch.cuda.is_available() and not triton_compress.INTERPRETED:
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("no CUDA, and TRITON_INTERPRET is set to something other than 1", allow_module_level=True)
-        triton_compress = importlib.reload(triton_compress)
-finally:
-    if _SET_INTERPRET:
-        del os.environ["TRITON_INTERPRET"]
+triton_compress = kernel_module("triton_compress")  # under the CPU interpreter without CUDA
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])

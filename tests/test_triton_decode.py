@@ -4,9 +4,7 @@ Without CUDA the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``
 small shapes); with CUDA the same properties run on the GPU, plus bf16 and CUDA-graph capture.
 """
 
-import importlib
 import math
-import os
 
 import pytest
 import torch
@@ -17,23 +15,9 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from rotatek_compile.kernels import reference  # noqa: E402
+from tests.triton_interpreted import kernel_module  # noqa: E402
 
-# Without CUDA only Triton's interpreter can run the kernels. TRITON_INTERPRET is read when a kernel
-# is decorated, so it is set around this import alone and the process environment is left as found.
-_SET_INTERPRET = not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ
-if _SET_INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    from rotatek_compile.kernels import triton_decode  # noqa: E402
-
-    if not torch.cuda.is_available() and not triton_decode.INTERPRETED:
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("no CUDA, and TRITON_INTERPRET is set to something other than 1", allow_module_level=True)
-        # Imported earlier (by another test module) without the interpreter: decorate again.
-        triton_decode = importlib.reload(triton_decode)
-finally:
-    if _SET_INTERPRET:
-        del os.environ["TRITON_INTERPRET"]
+triton_decode = kernel_module("triton_decode")  # under the CPU interpreter without CUDA
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Per-dtype tolerance (max abs error; inputs are unit-variance, outputs are convex combinations of

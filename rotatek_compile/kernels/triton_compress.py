@@ -58,6 +58,29 @@ GRAM_BLOCK_N = 64
 # count ``lbh = (l·B + b)·H + h``.
 
 
+@triton.jit
+def _program(lbh, BH, H):
+    """``(layer, row, KV head)`` of a program id that counts ``(l·B + b)·H + h``."""
+    return lbh // BH, (lbh % BH) // H, lbh % H
+
+
+@triton.jit
+def _key_tile(k_base, mask_base, cols, dims, S, s_ks, s_kd, s_ms, D: tl.constexpr):
+    """The Keys at tokens ``cols`` as ``[BLOCK_D, BLOCK_N]`` (0 past ``S`` and ``D``), and which of
+    those tokens the mask marks."""
+    k_tile = tl.load(k_base + cols[None, :] * s_ks + dims[:, None] * s_kd,
+                     mask=(cols < S)[None, :] & (dims < D)[:, None], other=0.0)
+    real = tl.load(mask_base + cols * s_ms, mask=cols < S, other=0) != 0
+    return k_tile, real
+
+
+@triton.jit
+def _query_tile(q_base, rows, dims, M, s_qm, s_qd, D: tl.constexpr):
+    """The window's query rows ``rows`` as ``[BLOCK_M, BLOCK_D]`` (0 past ``M`` and ``D``)."""
+    return tl.load(q_base + rows[:, None] * s_qm + dims[None, :] * s_qd,
+                   mask=(rows < M)[:, None] & (dims < D)[None, :], other=0.0)
+
+
 @triton.jit(do_not_specialize=["M", "S", "blocks_per_chunk", "chunks", "s_kb", "s_kh", "s_sl", "s_sb"])
 def _chunk_statistics_kernel(
     q, k, k_at, span, part_max, part_sum,
@@ -71,22 +94,17 @@ def _chunk_statistics_kernel(
     chunk = tl.program_id(0)
     row_block = tl.program_id(1)
     lbh = tl.program_id(2)
-    layer = lbh // BH
-    b = (lbh % BH) // H
-    h = lbh % H
+    layer, b, h = _program(lbh, BH, H)
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    q_tile = tl.load(q + layer * s_ql + b * s_qb + h * s_qh + rows[:, None] * s_qm + dims[None, :] * s_qd,
-                     mask=(rows < M)[:, None] & (dims < D)[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    q_tile = _query_tile(q + layer * s_ql + b * s_qb + h * s_qh, rows, dims, M, s_qm, s_qd, D)  # [BLOCK_M, BLOCK_D]
     k_base = k + tl.load(k_at + layer) + b * s_kb + h * s_kh
     span_base = span + layer * s_sl + b * s_sb
     row_max = tl.full([BLOCK_M], -float("inf"), tl.float32)
     row_sum = tl.full([BLOCK_M], 0.0, tl.float32)
     for j in range(0, blocks_per_chunk):
         cols = (chunk * blocks_per_chunk + j) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_tile = tl.load(k_base + cols[None, :] * s_ks + dims[:, None] * s_kd,
-                         mask=(cols < S)[None, :] & (dims < D)[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        real = tl.load(span_base + cols * s_ss, mask=cols < S, other=0) != 0
+        k_tile, real = _key_tile(k_base, span_base, cols, dims, S, s_ks, s_kd, s_ss, D)  # [BLOCK_D, BLOCK_N]
         s = tl.dot(q_tile, k_tile, input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N] fp32, log2 units
         s = tl.where(real[None, :], s, -float("inf"))
         new_max = tl.maximum(row_max, tl.reduce(s, 1, _max_op))
@@ -110,14 +128,11 @@ def _share_kernel(
 ):
     key_block = tl.program_id(0)
     lbh = tl.program_id(1)
-    layer = lbh // BH
-    b = (lbh % BH) // H
-    h = lbh % H
+    layer, b, h = _program(lbh, BH, H)
     cols = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    k_tile = tl.load(k + tl.load(k_at + layer) + b * s_kb + h * s_kh + cols[None, :] * s_ks + dims[:, None] * s_kd,
-                     mask=(cols < S)[None, :] & (dims < D)[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-    real = tl.load(span + layer * s_sl + b * s_sb + cols * s_ss, mask=cols < S, other=0) != 0
+    k_tile, real = _key_tile(k + tl.load(k_at + layer) + b * s_kb + h * s_kh, span + layer * s_sl + b * s_sb,
+                             cols, dims, S, s_ks, s_kd, s_ss, D)  # [BLOCK_D, BLOCK_N]
     q_base = q + layer * s_ql + b * s_qb + h * s_qh
     total = tl.full([BLOCK_N], 0.0, tl.float32)
     for row_start in range(0, M, BLOCK_M):
@@ -135,8 +150,7 @@ def _share_kernel(
             row_sum += tl.load(part_sum + at, mask=in_rows, other=0.0) * tl.exp2(
                 tl.load(part_max + at, mask=in_rows, other=-float("inf")) - finite_max)
         lse = finite_max + tl.log2(tl.maximum(row_sum, 1e-30))
-        q_tile = tl.load(q_base + rows[:, None] * s_qm + dims[None, :] * s_qd,
-                         mask=in_rows[:, None] & (dims < D)[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+        q_tile = _query_tile(q_base, rows, dims, M, s_qm, s_qd, D)  # [BLOCK_M, BLOCK_D]
         s = tl.dot(q_tile, k_tile, input_precision=DOT_PREC) * qk_scale
         p = tl.where(in_rows[:, None] & real[None, :], tl.exp2(s - lse[:, None]), 0.0)
         total += tl.reduce(p, 0, _add_op)
@@ -152,18 +166,14 @@ def _masked_sum_kernel(
 ):
     chunk = tl.program_id(0)
     lbh = tl.program_id(1)
-    layer = lbh // BH
-    b = (lbh % BH) // H
-    h = lbh % H
+    layer, b, h = _program(lbh, BH, H)
     dims = tl.arange(0, BLOCK_D)
     k_base = k + tl.load(k_at + layer) + b * s_kb + h * s_kh
     mask_base = mask + layer * s_ml + b * s_mb + h * s_mh
     acc = tl.full([BLOCK_D], 0.0, tl.float32)
     for j in range(0, blocks_per_chunk):
         cols = (chunk * blocks_per_chunk + j) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_tile = tl.load(k_base + cols[None, :] * s_ks + dims[:, None] * s_kd,
-                         mask=(cols < S)[None, :] & (dims < D)[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        real = tl.load(mask_base + cols * s_ms, mask=cols < S, other=0) != 0
+        k_tile, real = _key_tile(k_base, mask_base, cols, dims, S, s_ks, s_kd, s_ms, D)  # [BLOCK_D, BLOCK_N]
         acc += tl.reduce(tl.where(real[None, :], k_tile.to(tl.float32), 0.0), 1, _add_op)
     tl.store(part + (lbh * chunks + chunk) * D + dims, acc, mask=dims < D)
 
@@ -177,9 +187,7 @@ def _centred_gram_kernel(
 ):
     chunk = tl.program_id(0)
     lbh = tl.program_id(1)
-    layer = lbh // BH
-    b = (lbh % BH) // H
-    h = lbh % H
+    layer, b, h = _program(lbh, BH, H)
     dims = tl.arange(0, BLOCK_D)
     centre = tl.load(shift + lbh * D + dims, mask=dims < D, other=0.0).to(tl.float32)  # μ' [BLOCK_D]
     k_base = k + tl.load(k_at + layer) + b * s_kb + h * s_kh
@@ -187,9 +195,7 @@ def _centred_gram_kernel(
     acc = tl.full([BLOCK_D, BLOCK_D], 0.0, tl.float32)
     for j in range(0, blocks_per_chunk):
         cols = (chunk * blocks_per_chunk + j) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_tile = tl.load(k_base + cols[None, :] * s_ks + dims[:, None] * s_kd,
-                         mask=(cols < S)[None, :] & (dims < D)[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        real = tl.load(mask_base + cols * s_ms, mask=cols < S, other=0) != 0
+        k_tile, real = _key_tile(k_base, mask_base, cols, dims, S, s_ks, s_kd, s_ms, D)  # [BLOCK_D, BLOCK_N]
         x = (k_tile.to(tl.float32) - centre[:, None]).to(k_tile.dtype)  # rounded as the eager form's
         x = tl.where(real[None, :] & (dims < D)[:, None], x, 0.0).to(k_tile.dtype)
         acc += tl.dot(x, tl.trans(x), input_precision=DOT_PREC)
