@@ -361,7 +361,8 @@ def _span_tokens(layers: list[LayerPrefill], kernel: str) -> list[SpanTokens]:
 
 
 # Layers whose Keys are copied into one stack, as more batch rows, so that one call serves them
-# all (the covariances; the basis choice, on the span's gathered Keys and Values): on a GPU a call
+# all (the basis choice, on the span's gathered Keys and Values; the eager covariances, which a GPU
+# runs only with ``kernel="reference"``: the fused ones read every layer in place): on a GPU a call
 # per layer costs a few microseconds of host time per operation and leaves most of the GPU idle at
 # a few thousand tokens. Bytes of Keys per stack, by device type; a layer larger than that runs
 # alone, on its own tensors. None on a CPU, whose operations cost their arithmetic, not their
