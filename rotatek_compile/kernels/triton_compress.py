@@ -60,8 +60,9 @@ GRAM_BLOCK_N = 64
 
 @triton.jit
 def _program(lbh, BH, H):
-    """``(layer, row, KV head)`` of a program id that counts ``(l·B + b)·H + h``."""
-    return lbh // BH, (lbh % BH) // H, lbh % H
+    """``(layer, row, KV head)`` of a program id that counts ``(l·B + b)·H + h``, in int64: a row's
+    offset ``b·H·S·d`` passes 2³¹ elements at batch 16 × 128k tokens (8 KV heads, d = 128)."""
+    return (lbh // BH).to(tl.int64), ((lbh % BH) // H).to(tl.int64), (lbh % H).to(tl.int64)
 
 
 @triton.jit
