@@ -13,19 +13,15 @@ import logging
 import torch
 from torch import Tensor
 
+from rotatek_compile import kernels
 from rotatek_compile.kernels import reference
 
 logger = logging.getLogger("rotatek_compile")
 
 
-@functools.cache
 def _triton_decode():
-    try:
-        from rotatek_compile.kernels.triton_decode import decode_attention_triton
-    except ImportError as error:  # triton missing, or the kernel module not built for this triton
-        logger.warning("rotatek: Triton decode kernel unavailable (%s); using the reference", error)
-        return None
-    return decode_attention_triton
+    module = kernels.triton_module("triton_decode")
+    return None if module is None else module.decode_attention_triton
 
 
 def _use_triton(implementation: str, device: torch.device) -> bool:

@@ -420,8 +420,9 @@ def _window_shares(layers: list[LayerPrefill], kernel: str) -> Tensor:
                             for p in layers])
     shares = _per_group(layers, lambda p: (_layout(p.keys), p.queries.shape, p.scale), lambda group: list(
         fused.window_shares_triton([layers[i].queries for i in group], [layers[i].keys for i in group],
-                                   layers[group[0]].scale, [layers[i].span & layers[i].valid for i in group])))
-    return torch.stack([share.amax(dim=1) for share in shares])
+                                   layers[group[0]].scale, [layers[i].span & layers[i].valid for i in group])
+        .amax(dim=2)))  # [G, B, S]: one reduction for the group
+    return torch.stack(shares)
 
 
 def _layout(tensor: Tensor) -> tuple:

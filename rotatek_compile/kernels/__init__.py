@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 from types import ModuleType
 from typing import Optional
@@ -14,13 +15,14 @@ logger = logging.getLogger("rotatek_compile")
 
 
 @functools.cache
-def _triton_compress() -> Optional[ModuleType]:
+def triton_module(name: str) -> Optional[ModuleType]:
+    """``rotatek_compile.kernels.<name>`` (a Triton kernel module), or ``None`` with one WARNING
+    when it cannot be imported (triton missing, or the module not built for this triton)."""
     try:
-        from rotatek_compile.kernels import triton_compress
-    except ImportError as error:  # triton missing, or the kernel module not built for this triton
-        logger.warning("rotatek: Triton compression kernels unavailable (%s); using the reference", error)
+        return importlib.import_module(f"rotatek_compile.kernels.{name}")
+    except ImportError as error:
+        logger.warning("rotatek: Triton kernels %s unavailable (%s); using the reference", name, error)
         return None
-    return triton_compress
 
 
 def compress_kernels(device: torch.device, kernel: str = "auto") -> Optional[ModuleType]:
@@ -28,4 +30,4 @@ def compress_kernels(device: torch.device, kernel: str = "auto") -> Optional[Mod
     ``device`` under the ``kernel`` option, or ``None`` where the reference runs (CPU, ``"reference"``)."""
     if kernel == "reference" or device.type != "cuda":
         return None
-    return _triton_compress()
+    return triton_module("triton_compress")

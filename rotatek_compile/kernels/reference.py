@@ -106,10 +106,18 @@ def span_covariance(
     batch, heads, length, dim = keys.shape
     centred = keys.new_zeros(batch, heads, -(-length // GRAM_CHUNK) * GRAM_CHUNK, dim)  # whole chunks, 0 after S
     torch.mul(keys - shift[:, :, None, :], weight, out=centred[:, :, :length])
-    offset = shift.float() - mean  # [B, H, d], 0 for fp32 Keys
-    cov = _gram(centred) - count[..., None] * (offset[..., :, None] * offset[..., None, :])  # [B, H, d, d]
-    cov = (cov + cov.transpose(-1, -2)) / 2
+    cov = covariance_about_mean(_gram(centred), count, shift, mean)  # [B, H, d, d]
     return (cov if query_norms is None else weight_covariance(cov, query_norms)), mean
+
+
+def covariance_about_mean(gram: Tensor, count: Tensor, shift: Tensor, mean: Tensor) -> Tensor:
+    """``Σ (k − μ)(k − μ)ᵀ`` from the Gram matrix ``Σ (k − μ')(k − μ')ᵀ`` of the Keys centred about
+    ``shift`` ``μ'`` (``μ`` as the Keys' dtype holds it), symmetrised:
+    ``gram − n (μ' − μ)(μ' − μ)ᵀ``. ``gram`` ``[..., d, d]`` fp32, ``count`` ``[..., 1]`` (``n``),
+    ``shift``, ``mean`` ``[..., d]`` → ``[..., d, d]`` fp32."""
+    offset = shift.float() - mean  # 0 for fp32 Keys
+    cov = gram - count[..., None] * (offset[..., :, None] * offset[..., None, :])
+    return (cov + cov.transpose(-1, -2)) / 2
 
 
 def weight_covariance(covariance: Tensor, query_norms: Tensor) -> Tensor:

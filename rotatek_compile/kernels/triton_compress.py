@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from rotatek_compile.kernels import reference
 # tl.max / tl.sum as tl.reduce combiners, which Triton's CPU interpreter runs however triton was imported
 from rotatek_compile.kernels.triton_decode import _add_op, _max_op
 
@@ -258,7 +259,7 @@ def window_shares_triton(queries: Sequence[Tensor], keys: Sequence[Tensor], scal
     common = dict(D=dim, BLOCK_D=max(_MIN_DOT, triton.next_power_of_2(dim)), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                   DOT_PREC=_dot_precision(q.dtype))
     at = _layer_offsets(keys)
-    strides = (*q.stride()[:3], *q.stride()[3:], *keys[0].stride(), *mask.stride())
+    strides = (*q.stride(), *keys[0].stride(), *mask.stride())
     qk_scale = scale * _LOG2E
     _chunk_statistics_kernel[(chunks, row_blocks, programs)](
         q, keys[0], at, mask, part_max, part_sum, rows, length, batch * kv_heads, kv_heads, qk_scale,
@@ -305,10 +306,8 @@ def span_covariances_triton(keys: Sequence[Tensor], masks: Sequence[Tensor]) -> 
     _centred_gram_kernel[(chunks, programs)](
         keys[0], at, mask, shift, part, length, batch * kv_heads, kv_heads, blocks_per_chunk, chunks,
         *keys[0].stride(), *mask_strides, DOT_PREC=_dot_precision(keys[0].dtype), num_warps=8, **shapes)
-    offset = shift.float() - mean  # [L, B, H, d], 0 for fp32 Keys
-    cov = part.sum(dim=1).view(layers, batch, kv_heads, dim, dim) - count[..., None] * (
-        offset[..., :, None] * offset[..., None, :])
-    return (cov + cov.transpose(-1, -2)) / 2, mean
+    gram = part.sum(dim=1).view(layers, batch, kv_heads, dim, dim)
+    return reference.covariance_about_mean(gram, count, shift, mean), mean
 
 
 def span_covariance_triton(keys: Tensor, key_mask: Tensor) -> tuple[Tensor, Tensor]:
