@@ -28,8 +28,8 @@ from rotatek_compile.passes.find_attention import CROSS_ATTENTION, SkippedSite, 
 from rotatek_compile.passes.rewrite import (
     RewrittenGraph, rewrite_decode, rewrite_merge, rewrite_prefill, state_inputs)
 from rotatek_compile.passes.visual_span import to_token_mask
-from rotatek_compile.state import (
-    CompressedLayer, KeptExact, LayerPrefill, attached, compress_layers, derived_from_stand_in, plain, stand_in)
+from rotatek_compile.prefill import PrefillRun, running
+from rotatek_compile.state import CompressedLayer, KeptExact, attached, derived_from_stand_in, plain, stand_in
 
 logger = logging.getLogger("rotatek_compile")
 
@@ -143,7 +143,8 @@ class RotateKBackend:
             return _MergeRunner(plan, self._compile(plan.module, list(example_inputs)))
         report = self._report(plan)
         if plan.phase == "prefill":
-            return _PrefillRunner(plan, self._compile(plan.module, list(example_inputs)), self, report)
+            return _PrefillRunner(plan, self._compile(plan.module, list(example_inputs), cudagraphs=False), self,
+                                  report)
         extra, symbols = _state_inputs(_compressed_layers(plan, example_inputs)), []
         if self.inner == "inductor":
             extra, symbols = _symbolic_state(plan, extra, self.config.method)
@@ -152,13 +153,19 @@ class RotateKBackend:
         checks.take_guards()
         return _DecodeRunner(plan, compiled, checks)
 
-    def _compile(self, module: fx.GraphModule, example_inputs: list) -> Callable:
+    def _compile(self, module: fx.GraphModule, example_inputs: list, cudagraphs: bool = True) -> Callable:
+        """The inner compiler; ``cudagraphs=False`` for a prefill, even in ``mode="reduce-overhead"``:
+        a prefill runs once per request, at a new length each time, a recording would keep its
+        activations (the full-width Keys among them) in the CUDA-graph memory pool, and its
+        compression reads token counts on the host. HF's recipe runs the prefill uncaptured too."""
         if self.inner == "eager":
             return module
         example_inputs = [plain(x) for x in example_inputs]  # Inductor sees plain tensors
         from torch._inductor.compile_fx import compile_fx
 
-        patches = torch._inductor.list_mode_options(self.mode) if self.mode else {}
+        patches = dict(torch._inductor.list_mode_options(self.mode)) if self.mode else {}
+        if not cudagraphs:
+            patches["triton.cudagraphs"] = False
         return compile_fx(module, example_inputs, config_patches=patches)
 
     def _plain(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
@@ -375,7 +382,8 @@ class _MergeRunner:
 
 
 class _PrefillRunner:
-    """Runs the prefill graph, then compresses each site's Keys and hands HF stand-ins.
+    """Runs the prefill graph, which compresses each site's Keys as it goes
+    (:class:`~rotatek_compile.prefill.PrefillRun`), then hands HF stand-ins carrying them.
 
     A layer that :func:`compress_layers` keeps exact (its compressed form would not be smaller)
     hands HF its real Keys and Values; the decode graph then leaves that site exact.
@@ -387,37 +395,30 @@ class _PrefillRunner:
         self.report = report
 
     def __call__(self, *args):
-        outputs = list(self.compiled(*args))
         plan = self.plan
-        span, source = self._span(outputs, args)
+        run = PrefillRun(self.config, [slot.scale for slot in plan.sites],
+                         lambda masks, batch, length: self._span(masks, args, batch, length))
+        with running(run):
+            outputs = list(self.compiled(*args))
         if self.report is not None:
             self.report.kept_exact.clear()
-        prefills = []
-        for slot in plan.sites:  # the list holds each layer's Keys until that layer is built
-            keys = outputs[slot.keys_output]
-            valid = _valid_tokens(outputs[slot.mask_output] if slot.mask_output >= 0 else None, keys)
-            layer_span = span if span is not None else _prompt_head(valid, self.config.query_window)
-            prefills.append(LayerPrefill(keys, outputs[slot.values_output], outputs[slot.query_output],
-                                         layer_span, valid, slot.scale))
-            del keys
-        valid_masks = [prefill.valid for prefill in prefills]  # [B, S] per site (compress_layers empties the list)
         reduced = 0  # layers that store less than HF's exact cache would
-        for slot, valid, layer in zip(plan.sites, valid_masks, compress_layers(prefills, self.config)):
+        for site, slot in enumerate(plan.sites):
+            if site not in run.layers:
+                raise RotateKCacheError(f"rotatek: the prefill graph did not compress {slot.layer}")
+            layer = run.layers[site]
             if isinstance(layer, KeptExact):
                 self._keep_exact(slot.layer, layer)
+                outputs[slot.keys_output], outputs[slot.values_output] = run.exact[site]
                 continue
             reduced += bool(layer.split.compressed or layer.split.dropped)
-            dropped = ((0,) * valid.shape[0] if not layer.split.dropped  # no host read when none were
-                       else tuple((valid.sum(dim=1) - layer.held_tokens()).tolist()))
-            layer = dataclasses.replace(layer, span_source=source, dropped=dropped)
-            keys, values = outputs[slot.keys_output], outputs[slot.values_output]
-            outputs[slot.keys_output] = stand_in(keys.shape, keys, layer)
-            outputs[slot.values_output] = stand_in(values.shape, values, None)
-            del keys, values
-        self._tell_if_only_cross_attention_holds_the_image(reduced, source)
+            key_shape, keys_like, value_shape, values_like = run.shapes[site]
+            outputs[slot.keys_output] = stand_in(key_shape, keys_like, layer)
+            outputs[slot.values_output] = stand_in(value_shape, values_like, None)
+        self._tell_if_only_cross_attention_holds_the_image(reduced, run.source)
         outputs = outputs[: plan.num_outputs]
-        if span is not None:
-            _tag_hidden_states(outputs, span)
+        if run.span is not None:
+            _tag_hidden_states(outputs, run.span)
         return outputs
 
     def _tell_if_only_cross_attention_holds_the_image(self, reduced: int, source: str) -> None:
@@ -444,19 +445,19 @@ class _PrefillRunner:
         if self.report is not None:
             self.report.kept_exact[name] = layer.reason
 
-    def _span(self, outputs: list, args: tuple) -> tuple[Optional[torch.Tensor], str]:
+    def _span(self, masks: list[torch.Tensor], args: tuple, batch: int,
+              length: int) -> tuple[Optional[torch.Tensor], str]:
         """``[B, S]`` image-token mask (``None`` for the prompt fallback), and what it is.
 
-        From this graph's own image merges, or else from merged embeddings that an earlier graph
-        returned and tagged (:class:`_MergeRunner`) and that come in as inputs here.
+        From this graph's own image merges (``masks``), or else from merged embeddings that an
+        earlier graph returned and tagged (:class:`_MergeRunner`) and that come in as inputs here.
+        ``batch`` and ``length``: the prompt's rows and positions.
         """
         head = f"the prompt minus its last {self.config.query_window} tokens"
         if self.config.span != "visual":
             return None, f"{head} (span='prompt')"
-        masks = [outputs[index] for index in self.plan.span_outputs]
         if not masks:
             masks = [getattr(a, _SPAN_TAG) for a in args if isinstance(a, torch.Tensor) and hasattr(a, _SPAN_TAG)]
-        batch, length = self._token_grid(outputs)
         span = None
         for candidate in masks:
             mask = to_token_mask(candidate, batch, length)
@@ -470,11 +471,6 @@ class _PrefillRunner:
             logger.warning("rotatek: the model takes images but %s: compressing %s instead (an image "
                            "merge the pass does not recognise, or a text-only prompt)", why, head)
         return None, f"{head} ({why})"
-
-    def _token_grid(self, outputs: list) -> tuple[int, int]:
-        """Rows and positions of the prompt (the shape of the span mask)."""
-        keys = outputs[self.plan.sites[0].keys_output]
-        return keys.shape[0], keys.shape[2]
 
 
 def _tag_hidden_states(outputs: list, span: torch.Tensor) -> None:
@@ -507,23 +503,6 @@ def _carrying_span(compiled: Callable, example_inputs: Sequence[Any]) -> Callabl
         return outputs
 
     return run
-
-
-def _valid_tokens(mask: Optional[torch.Tensor], keys: torch.Tensor) -> torch.Tensor:
-    """``[B, S]`` bool: the tokens the prompt's last query may attend (all, without a mask)."""
-    batch, length = keys.shape[0], keys.shape[2]
-    if mask is None:
-        return torch.ones(batch, length, dtype=torch.bool, device=keys.device)
-    last = mask  # [B, S]: the prefill graph returns the last query's row of the mask
-    if last.dtype != torch.bool:
-        last = last > torch.finfo(last.dtype).min / 2
-    return last.expand(batch, length)
-
-
-def _prompt_head(valid: torch.Tensor, window: int) -> torch.Tensor:
-    """Every real token except each row's last ``window`` ones."""
-    from_end = valid.flip(-1).cumsum(-1).flip(-1)  # [B, S] real tokens at or after each position
-    return valid & (from_end > window)
 
 
 class _DecodeRunner:

@@ -29,9 +29,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
-from rotatek_compile.backend import (
-    RotateKCacheError, StateShapeChecks, _PrefillRunner, _prompt_head, _symbolic_state, _valid_tokens)
+from rotatek_compile.backend import RotateKCacheError, StateShapeChecks, _PrefillRunner, _symbolic_state
 from rotatek_compile.config import RotateKConfig
+from rotatek_compile.prefill import prompt_head, valid_tokens
 from rotatek_compile.passes.static_cache import (
     SLIDING_WINDOW, StaticPlan, find_static_sites, rewrite_static_decode, rewrite_static_prefill)
 from rotatek_compile.state import (
@@ -103,20 +103,8 @@ def compile_static(backend: Any, gm: fx.GraphModule, example_inputs: Sequence[An
         return None  # one token on an uncompressed static cache: stays exact
     plan = rewrite_static_prefill(gm, backend.config.query_window)
     report = backend._report(plan)
-    return _StaticPrefillRunner(plan, _compile_prefill(backend, plan.module, list(example_inputs)), backend, report)
-
-
-def _compile_prefill(backend: Any, module: fx.GraphModule, example_inputs: list) -> Callable:
-    """The backend's inner compiler without CUDA graphs: a prefill runs once per request, at a new
-    length each time, and a recording would keep its activations (the full-width Keys among them)
-    in the CUDA-graph memory pool. HF's recipe runs the prefill uncaptured too."""
-    if backend.inner == "eager":
-        return module
-    from torch._inductor.compile_fx import compile_fx
-
-    patches = dict(torch._inductor.list_mode_options(backend.mode)) if backend.mode else {}
-    patches["triton.cudagraphs"] = False
-    return compile_fx(module, [plain(x) for x in example_inputs], config_patches=patches)
+    return _StaticPrefillRunner(plan, backend._compile(plan.module, list(example_inputs), cudagraphs=False),
+                                backend, report)
 
 
 def _compile_decode(backend: Any, gm: fx.GraphModule, example_inputs: Sequence[Any],
@@ -170,18 +158,18 @@ class _StaticPrefillRunner(_PrefillRunner):
         if first != 0:  # tokens appended to a cache that was filled without compression
             logger.info("rotatek: static cache written from position %d, not compressed", first)
             return outputs[: plan.num_outputs]
-        self._grid = (self._buffer(outputs, args, 0, "keys").shape[0], last + 1)
-        span, source = self._span(outputs, args)  # [B, S] or None
+        span, source = self._span([outputs[index] for index in plan.span_outputs], args,  # [B, S] or None
+                                  self._buffer(outputs, args, 0, "keys").shape[0], last + 1)
         if self.report is not None:
             self.report.kept_exact.clear()
         prefills, prompt_end = [], last + 1
         for site, slot in enumerate(plan.sites):  # the list holds each layer's buffers until it is built
             keys = self._buffer(outputs, args, site, "keys")
             length = keys.shape[2]
-            valid = _valid_tokens(outputs[slot.mask_output] if slot.mask_output >= 0 else None, keys)
+            valid = valid_tokens(outputs[slot.mask_output] if slot.mask_output >= 0 else None, keys)
             valid = valid & (torch.arange(length, device=keys.device) < prompt_end)  # [B, L]
             layer_span = (F.pad(span, (0, length - prompt_end), value=False) if span is not None
-                          else _prompt_head(valid, self.config.query_window))
+                          else prompt_head(valid, self.config.query_window))
             prefills.append(LayerPrefill(keys, self._buffer(outputs, args, site, "values"),
                                          outputs[slot.query_output], layer_span, valid, slot.scale))
             del keys
@@ -202,9 +190,6 @@ class _StaticPrefillRunner(_PrefillRunner):
             self._hand_stand_in(outputs, args, slot.values_output, slot.past_values_input, None)
         self._tell_if_only_cross_attention_holds_the_image(reduced, source)
         return outputs[: plan.num_outputs]
-
-    def _token_grid(self, outputs: list) -> tuple[int, int]:
-        return self._grid  # the prompt's rows and positions (the buffers are longer)
 
     def _buffer(self, outputs: list, args: tuple, site: int, kind: str) -> Tensor:
         """HF's ``kind`` buffer of ``site``: a graph output (created in the graph) or an input."""

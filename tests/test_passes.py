@@ -18,12 +18,14 @@ import torch.nn.functional as F
 from rotatek_compile.passes.find_attention import AttentionSite, SkippedSite, find_attention_sites
 from rotatek_compile.passes.rewrite import STATE_OUTPUTS, rewrite_decode, rewrite_prefill, state_inputs
 from tests.test_generate import LAYERS, padded_prompt, tiny_llama
+from tests.tiny_models import BY_NAME
 
 SDPA = torch._C._nn.scaled_dot_product_attention
 DECODE_OP = torch.ops.rotatek.decode_attention.default
 SPARSE_DECODE_OP = torch.ops.rotatek.sparse_decode_attention.default
 LAZY_MASK_OP = torch.ops.rotatek.prefill_attention_lazy_mask.default
 PREFILL_OP = torch.ops.rotatek.prefill_attention.default
+COMPRESS_OP = torch.ops.rotatek.compress_site.default
 
 
 class RecordingBackend:
@@ -54,6 +56,10 @@ def count(graph: fx.Graph, target) -> int:
 def prefill_calls(graph: fx.Graph) -> list[fx.Node]:
     """The prefill attention ops, with the mask as an input or built inside."""
     return [n for n in graph.nodes if n.target in (PREFILL_OP, LAZY_MASK_OP)]
+
+
+def compress_calls(graph: fx.Graph) -> list[fx.Node]:
+    return [n for n in graph.nodes if n.target is COMPRESS_OP]
 
 
 def mask_read(call: fx.Node):
@@ -97,7 +103,7 @@ def test_detector_finds_every_layer(sdpa_graphs):
     assert phases == [True, False, False]
 
 
-def test_prefill_rewrite_keeps_attention_and_adds_outputs(sdpa_graphs):
+def test_prefill_rewrite_keeps_attention_and_compresses_each_site(sdpa_graphs):
     gm, _ = sdpa_graphs[0]
     plan = rewrite_prefill(gm, query_window=32)
     assert plan.phase == "prefill" and len(plan.sites) == LAYERS
@@ -109,28 +115,59 @@ def test_prefill_rewrite_keeps_attention_and_adds_outputs(sdpa_graphs):
     for attention in prefill_calls(plan.module.graph):
         assert attention.args[1].target is torch.cat and attention.args[2].target is torch.cat
         assert grouped_heads(attention) is True
+    # one compression per site, on the Keys and Values the attention read; nothing is added to the
+    # outputs, and the full Keys and Values are no longer among them
     (output,) = plan.module.graph.find_nodes(op="output")
-    added = len(output.args[0]) - plan.num_outputs
-    assert added == LAYERS + 1  # one query window per site, one shared padding mask
-    assert all(slot.mask_output >= plan.num_outputs for slot in plan.sites)
+    compressions = compress_calls(plan.module.graph)
+    assert len(compressions) == LAYERS and len(output.args[0]) == plan.num_outputs
+    for site, (slot, attention, call) in enumerate(zip(plan.sites, prefill_calls(plan.module.graph), compressions)):
+        keys, values, window, row, spans, index = call.args
+        assert (keys, values) == (attention.args[1], attention.args[2]) and index == site
+        assert output.args[0][slot.keys_output] is call and output.args[0][slot.values_output] is call
+        assert all(user.op != "output" for user in (*keys.users, *values.users))
+        assert row.target is torch.ops.rotatek.kept_copy.default and spans == []  # a text prompt: no merge
+    assert len({call.args[3] for call in compressions}) == 1  # one copy of the shared mask's last row
     assert rewrite_decode(gm, "rotatek", "auto", compressed=past_key_inputs(gm)) is None
 
 
-def test_prefill_copies_the_query_window_right_after_each_attention(sdpa_graphs):
-    """The returned window is cloned next to its layer's attention, so no layer's whole query
-    [B, Hq, L, d] stays alive until the graph returns (the prefill peak)."""
+def test_prefill_compresses_each_site_right_after_its_attention(sdpa_graphs):
+    """Each site's compression, and the copy of its query window it reads, come right after its
+    attention: Inductor frees the layer's whole query [B, Hq, L, d] and full Keys and Values there,
+    not when the graph returns (the prefill peak)."""
     gm, _ = sdpa_graphs[0]
     plan = rewrite_prefill(gm, query_window=32)
     nodes = list(plan.module.graph.nodes)
-    (output,) = plan.module.graph.find_nodes(op="output")
-    attentions = prefill_calls(plan.module.graph)
-    for slot, attention in zip(plan.sites, attentions):
-        window = output.args[0][slot.query_output]
+    for attention, call in zip(prefill_calls(plan.module.graph), compress_calls(plan.module.graph)):
+        window = call.args[2]
         assert window.target is torch.ops.rotatek.kept_copy.default
         sliced = window.args[0]
-        assert nodes.index(attention) < nodes.index(sliced) < nodes.index(window) < nodes.index(attention) + 4
-        query = attention.args[0]
+        assert nodes.index(attention) < nodes.index(sliced) < nodes.index(window) < nodes.index(call)
+        between = nodes[nodes.index(attention):nodes.index(call)]  # no model work: the mask row's copy at most
+        assert not [n for n in between if n.target is F.linear or n.target is torch._C._nn.linear]
+        query, keys = attention.args[0], attention.args[1]
         assert max(nodes.index(user) for user in query.users) <= nodes.index(window)
+        assert max(nodes.index(user) for user in keys.users) == nodes.index(call)
+
+
+def test_prefill_hands_the_first_site_the_image_span():
+    """A VLM's merge mask [B, S, D] reaches the first site's compression as [B, S] (``any`` over
+    its last dimension), and no other site's."""
+    torch._dynamo.reset()
+    llava = BY_NAME["llava"]
+    model, recorder = llava.build(), RecordingBackend()
+    model.compile(backend=recorder)
+    with torch.no_grad():
+        model.generate(**llava.inputs(model, 1), max_new_tokens=1, do_sample=False)
+    torch._dynamo.reset()
+    plans = [plan for plan in (rewrite_prefill(gm, query_window=4) for gm, _ in recorder.graphs) if plan]
+    (plan,) = plans
+    calls = compress_calls(plan.module.graph)
+    (span,) = calls[0].args[4]
+    assert span.target is torch.any and all(call.args[4] == [] for call in calls[1:])
+    reduced = span
+    while reduced.target is torch.any:
+        reduced = reduced.args[0]
+    assert reduced.meta["example_value"].dtype == torch.bool and reduced.meta["example_value"].dim() == 3
 
 
 def test_prefill_without_a_mask_keeps_sdpa():

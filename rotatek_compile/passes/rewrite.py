@@ -1,10 +1,13 @@
 """The two graph rewrites: prefill exposes what compression needs, decode attends on the result.
 
-Prefill (the cache was empty): attention stays exact. The graph additionally returns, per site,
-the last ``W`` post-RoPE queries and the attention mask, plus the image-merge masks; the runtime
-(:mod:`rotatek_compile.backend`) compresses each layer's returned Keys/Values from them::
+Prefill (the cache was empty): attention stays exact, and each layer's Keys and Values are
+compressed right after it, inside the graph (:mod:`rotatek_compile.prefill`)::
 
-    outputs += [q[:, :, -W:, :] for each site] + [mask[:, 0, -1, :] per mask] + [span masks]
+    out  = sdpa(q, keys, values, ...)
+    done = rotatek.compress_site(keys, values, q[:, :, -W:], mask[:, 0, -1, :], spans, site)
+    return (..., keys, values, ...)   →   return (..., done, done, ...)
+
+where ``spans`` (the first site only) are the image-merge masks reduced to ``[B, S]``.
 
 Decode (new tokens on a compressed cache: one per step, or a chunk of ``T``)::
 
@@ -29,6 +32,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+import rotatek_compile.prefill  # noqa: F401  (registers torch.ops.rotatek.compress_site)
 from rotatek_compile.kernels import reference
 from rotatek_compile.ops import MASK_BUILDERS
 from rotatek_compile.passes.find_attention import (
@@ -363,7 +367,8 @@ def _input_index(graph: fx.Graph, node: fx.Node) -> int:
 
 
 def rewrite_prefill(gm: fx.GraphModule, query_window: int) -> Optional[RewrittenGraph]:
-    """Prefill graph → a copy that also returns each site's query window, mask and the span masks.
+    """Prefill graph → a copy that compresses each site's Keys and Values right after its attention
+    (``rotatek.compress_site``, see the module doc) and no longer returns them.
 
     Returns ``None`` when the graph has no prefill site.
     """
@@ -373,30 +378,55 @@ def rewrite_prefill(gm: fx.GraphModule, query_window: int) -> Optional[Rewritten
     sites = [s for s in sites if s.is_prefill]
     if not sites:
         return None
-    output = _output_node(graph)
-    num_outputs = len(output.args[0])
+    num_outputs = len(_output_node(graph).args[0])
+    span_masks = _token_masks(graph, find_span_masks(graph), before=sites[0].attention)
+    rows: dict[fx.Node, fx.Node] = {}  # mask → the copy of its last row, made at its first site
     slots = []
-    mask_slot: dict[fx.Node, int] = {}
-    for site in sites:
-        window, row = window_and_mask_row(graph, site.attention, site.query, site.mask, query_window,
-                                          mask_slot)
-        (query_output,) = _append_outputs(graph, [window])
-        mask_output = -1
+    for index, site in enumerate(sites):
+        window, row = window_and_mask_row(graph, site.attention, site.query, site.mask, query_window, rows)
         if row is not None:
-            (mask_slot[site.mask],) = _append_outputs(graph, [row])
-        if site.mask is not None:
-            mask_output = mask_slot[site.mask]
+            rows[site.mask] = row
+        with graph.inserting_after(row if row is not None else window):
+            done = graph.call_function(torch.ops.rotatek.compress_site.default, (
+                site.key_update, site.value_update, window, rows.get(site.mask),
+                span_masks if index == 0 else [], index))
         slots.append(SiteSlots(
             layer=site.layer, scale=site.scale,
             past_keys_input=-1, past_values_input=-1,
-            keys_output=_output_index(graph, site.key_update),
-            values_output=_output_index(graph, site.value_update),
-            query_output=query_output, mask_output=mask_output))
-    span_outputs = _append_outputs(graph, find_span_masks(graph))
+            keys_output=_replace_returned(graph, site.key_update, done),
+            values_output=_replace_returned(graph, site.value_update, done)))
     use_causal_kernel(graph, [site.attention for site in sites])
     graph.lint()
     module.recompile()
-    return RewrittenGraph("prefill", module, tuple(slots), tuple(skipped), num_outputs, tuple(span_outputs))
+    return RewrittenGraph("prefill", module, tuple(slots), tuple(skipped), num_outputs)
+
+
+def _replace_returned(graph: fx.Graph, node: fx.Node, by: fx.Node) -> int:
+    """Return ``by`` where the graph returned ``node``; the index of that output (``by``'s, where an
+    earlier call replaced ``node`` already: Keys that are also the Values)."""
+    output = _output_node(graph)
+    values = list(output.args[0])
+    index = values.index(node) if node in values else values.index(by)
+    values[index] = by
+    output.args = (tuple(values),)
+    return index
+
+
+def _token_masks(graph: fx.Graph, masks: list[fx.Node], before: fx.Node) -> list[fx.Node]:
+    """Each ``[B, S, ...]`` merge mask that the graph computes before ``before``, reduced to
+    ``[B, S]`` (``any`` over its trailing dimensions) right after it."""
+    order = {node: position for position, node in enumerate(graph.nodes)}
+    reduced = []
+    for mask in masks:
+        if order[mask] > order[before]:
+            logger.info("rotatek: an image merge after the first attention is not read for the span")
+            continue
+        node = mask
+        for _ in range(example_value(mask).dim() - 2):
+            with graph.inserting_after(node):
+                node = graph.call_function(torch.any, (node, -1))
+        reduced.append(node)
+    return reduced
 
 
 def window_and_mask_row(graph: fx.Graph, attention: fx.Node, query: fx.Node, mask: Optional[fx.Node],

@@ -1,0 +1,181 @@
+"""Compression inside the prefill graph: each layer's cache is compressed while the graph runs.
+
+The prefill rewrite (:func:`rotatek_compile.passes.rewrite.rewrite_prefill`) calls
+``rotatek.compress_site`` right after each layer's attention, and returns its (empty) result where
+the graph returned the layer's Keys and Values::
+
+    out  = attention(q, keys, values, mask)
+    done = rotatek.compress_site(keys, values, q[:, :, -W:], mask[:, 0, -1, :], spans, site)
+    return (..., done, done, ...)            # was (..., keys, values, ...)
+
+The op is opaque: Inductor runs it where it stands and frees the layer's full Keys and Values
+after it, as nothing else reads them. So no point of the prefill holds every layer's full cache:
+its peak holds the compressed layers so far and a few layers' full Keys and Values. The op's body
+hands the tensors to the :class:`PrefillRun` that the runner made current (:func:`running`); the
+runner then gives HF stand-ins (:func:`rotatek_compile.state.stand_in`) in place of ``done``.
+
+Layers are compressed in groups, so that :func:`~rotatek_compile.state.compress_layers` batches
+their work (a few launches and one host synchronisation per group, not per layer): a layer is held
+while the held layers' Keys and Values stay within :data:`HELD_BYTES`. A held layer is a copy,
+since Inductor may give a buffer's memory to a later one once its last reader has run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from rotatek_compile.config import RotateKConfig
+from rotatek_compile.state import CompressedLayer, KeptExact, LayerPrefill, _nbytes, compress_layers
+
+# Bytes of full Keys and Values held across layers, by device type, to compress them in one group.
+# On a GPU each group costs a few milliseconds of host time (its launches and synchronisation);
+# held bytes add to the prefill's peak. None on a CPU, where a call costs its arithmetic: every
+# layer is compressed alone, right after its attention.
+HELD_BYTES = {"cuda": 1 << 30}
+
+_RUNS: list["PrefillRun"] = []  # the runs of the prefill graphs running now, innermost last
+
+# (span masks of the graph, rows, positions) → (the [B, S] span or None for the prompt fallback, what it is)
+SpanOf = Callable[[list[Tensor], int, int], tuple[Optional[Tensor], str]]
+
+
+@dataclasses.dataclass
+class _Held:
+    site: int
+    prefill: LayerPrefill
+    copied: bool  # the run's own copy (else the graph's tensors, read while the op runs)
+
+
+class PrefillRun:
+    """The compression of one run of a rewritten prefill graph, fed site by site by the graph.
+
+    Parameters
+    ----------
+    config : RotateKConfig
+    scales : list[float]
+        Each site's softmax scale, in site order.
+    span_of : SpanOf
+        The image span from the graph's merge masks (reduced to ``[B, S]``), given the rows and
+        positions of the prompt; asked once, at the first site.
+    """
+
+    def __init__(self, config: RotateKConfig, scales: list[float], span_of: SpanOf):
+        self.config, self.scales, self.span_of = config, scales, span_of
+        self.span: Optional[Tensor] = None  # [B, S] bool, the image tokens (None: the prompt's head)
+        self.source = ""  # what the span is
+        self.layers: dict[int, CompressedLayer | KeptExact] = {}
+        self.exact: dict[int, tuple[Tensor, Tensor]] = {}  # layers kept exact: their Keys and Values
+        self.shapes: dict[int, tuple[torch.Size, Tensor, torch.Size, Tensor]] = {}  # Keys' and Values' (shape, like)
+        self.valid: dict[int, Tensor] = {}  # [B, S] bool per site, until its layer is built
+        self._held: list[_Held] = []
+        self._asked_span = False
+        self._seen = 0  # sites taken
+
+    def take(self, site: int, keys: Tensor, values: Tensor, window: Tensor, mask_row: Optional[Tensor],
+             span_masks: list[Tensor]) -> None:
+        """One site's prefill: ``keys`` ``[B, H, S, d]``, ``values`` ``[B, H, S, dv]``, ``window``
+        ``[B, Hq, W, d]``, ``mask_row`` ``[B, S]`` (the last query's row of the mask) or None."""
+        if not self._asked_span:
+            self._asked_span = True
+            self.span, self.source = self.span_of(span_masks, keys.shape[0], keys.shape[2])
+        valid = valid_tokens(mask_row, keys)
+        span = self.span if self.span is not None else prompt_head(valid, self.config.query_window)
+        self.valid[site] = valid
+        self.shapes[site] = (keys.shape, keys.new_empty(0), values.shape, values.new_empty(0))
+        prefill = LayerPrefill(keys, values, window, span, valid, self.scales[site])
+        self._seen += 1
+        last = self._seen == len(self.scales)
+        limit = HELD_BYTES.get(keys.device.type, 0)
+        held = sum(_layer_bytes(h.prefill) for h in self._held) + _layer_bytes(prefill)
+        if not last and held <= limit:
+            copy = LayerPrefill(keys.clone(), values.clone(), window.clone(), span, valid, prefill.scale)
+            self._held.append(_Held(site, copy, copied=True))
+            return
+        self._held.append(_Held(site, prefill, copied=False))
+        self._compress_held()
+
+    def _compress_held(self) -> None:
+        held, self._held = self._held, []
+        prefills = [h.prefill for h in held]
+        exact = {h.site: (h.prefill.keys, h.prefill.values, h.copied) for h in held}
+        for h in held:  # compress_layers empties its list as it goes: no other reference may stay
+            h.prefill = None
+        for h, layer in zip(held, compress_layers(prefills, self.config), strict=True):
+            keys, values, copied = exact.pop(h.site)
+            valid = self.valid.pop(h.site)
+            if isinstance(layer, KeptExact):
+                self.exact[h.site] = (keys, values) if copied else (keys.clone(), values.clone())
+            else:
+                dropped = ((0,) * valid.shape[0] if not layer.split.dropped  # no host read when none were
+                           else tuple((valid.sum(dim=1) - layer.held_tokens()).tolist()))
+                layer = dataclasses.replace(_not_reading(layer, keys, values), span_source=self.source,
+                                            dropped=dropped)
+            self.layers[h.site] = layer
+            del keys, values
+
+
+def _layer_bytes(prefill: LayerPrefill) -> int:
+    return _nbytes(prefill.keys) + _nbytes(prefill.values)
+
+
+def _not_reading(layer: CompressedLayer, keys: Tensor, values: Tensor) -> CompressedLayer:
+    """``layer`` with a copy of any tensor that shares memory with the graph's ``keys`` or
+    ``values`` (none does today: each is gathered or computed), which Inductor may reuse."""
+    graphs = {keys.untyped_storage().data_ptr(), values.untyped_storage().data_ptr()}
+
+    def own(tensor: Tensor) -> Tensor:
+        return tensor.clone() if tensor.untyped_storage().data_ptr() in graphs else tensor
+
+    return dataclasses.replace(layer, span_key_parts=tuple(own(t) for t in layer.span_key_parts),
+                               span_values=own(layer.span_values), keys=own(layer.keys),
+                               values=own(layer.values))
+
+
+@contextlib.contextmanager
+def running(run: PrefillRun) -> Iterator[PrefillRun]:
+    """Make ``run`` the one that the graph's ``rotatek.compress_site`` calls feed."""
+    _RUNS.append(run)
+    try:
+        yield run
+    finally:
+        _RUNS.remove(run)
+
+
+@torch.library.custom_op("rotatek::compress_site", mutates_args=())
+def compress_site(keys: Tensor, values: Tensor, window: Tensor, mask_row: Optional[Tensor],
+                  span_masks: list[Tensor], site: int) -> Tensor:
+    """Hand one layer's prefill to the current :class:`PrefillRun`; returns an empty tensor on the
+    Keys' device (what the graph returns in place of the layer's Keys and Values)."""
+    if not _RUNS:
+        raise RuntimeError("rotatek: a rewritten prefill graph ran outside the backend's prefill runner")
+    _RUNS[-1].take(site, keys, values, window, mask_row, span_masks)
+    return keys.new_empty(0)
+
+
+@compress_site.register_fake
+def _(keys, values, window, mask_row, span_masks, site):
+    return keys.new_empty(0)
+
+
+def valid_tokens(mask: Optional[Tensor], keys: Tensor) -> Tensor:
+    """``[B, S]`` bool: the tokens the prompt's last query may attend (all, without a mask).
+
+    ``mask``: the last query's row of the attention mask, ``[B|1, S]`` (bool, or additive)."""
+    batch, length = keys.shape[0], keys.shape[2]
+    if mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=keys.device)
+    last = mask
+    if last.dtype != torch.bool:
+        last = last > torch.finfo(last.dtype).min / 2
+    return last.expand(batch, length)
+
+
+def prompt_head(valid: Tensor, window: int) -> Tensor:
+    """Every real token except each row's last ``window`` ones."""
+    from_end = valid.flip(-1).cumsum(-1).flip(-1)  # [B, S] real tokens at or after each position
+    return valid & (from_end > window)

@@ -1,0 +1,111 @@
+"""Compression inside the prefill graph (``rotatek_compile.prefill``): each layer's full Keys and
+Values are gone once its compression has run, and layers compressed in groups give the cache of
+layers compressed one by one."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rotatek_compile import prefill
+from rotatek_compile.state import attached
+from tests.test_compress_layers import assert_same_layer
+from tests.test_generate import padded_prompt
+
+LAYERS = 4
+
+
+def four_layer_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def generate(options: dict, steps: int = 4):
+    model = four_layer_llama()
+    model.compile(backend="rotatek", options={"key_channels": 8, "inner": "eager", **options})
+    with torch.no_grad():
+        return model.generate(**padded_prompt(length=64), max_new_tokens=steps, do_sample=False,
+                              return_dict_in_generate=True)
+
+
+def counting_compressions(monkeypatch) -> list[int]:
+    """Record the number of layers of each ``compress_layers`` call the prefill makes."""
+    calls: list[int] = []
+    inner = prefill.compress_layers
+
+    def counted(layers, config):
+        calls.append(len(layers))
+        return inner(layers, config)
+
+    monkeypatch.setattr(prefill, "compress_layers", counted)
+    return calls
+
+
+@pytest.mark.parametrize("held_bytes, groups", [({}, [1] * LAYERS), ({"cpu": 1 << 40}, [LAYERS])],
+                         ids=["alone", "one_group"])
+def test_layers_compressed_in_groups_give_the_cache_of_layers_alone(held_bytes, groups, monkeypatch):
+    monkeypatch.setattr(prefill, "HELD_BYTES", {})
+    alone = generate({})
+    monkeypatch.setattr(prefill, "HELD_BYTES", held_bytes)
+    calls = counting_compressions(monkeypatch)
+    mine = generate({})
+    assert calls == groups
+    assert torch.equal(mine.sequences, alone.sequences)
+    for ours, theirs in zip(mine.past_key_values.layers, alone.past_key_values.layers):
+        assert_same_layer(attached(ours.keys), attached(theirs.keys))
+
+
+@pytest.mark.parametrize("held_bytes", [{}, {"cpu": 1 << 40}], ids=["alone", "one_group"])
+def test_each_layers_full_cache_is_freed_once_it_is_compressed(held_bytes, monkeypatch):
+    """When a layer's compression starts, no earlier layer's full Keys or Values from the graph are
+    alive: they are no longer its outputs, and the run holds none of them (one by one, as on a CPU)
+    or its own copies (in a group)."""
+    monkeypatch.setattr(prefill, "HELD_BYTES", held_bytes)
+    seen: list[weakref.ref] = []
+    alive_at_each_site: list[int] = []
+    take = prefill.PrefillRun.take
+
+    def watched(run, site, keys, values, *rest):
+        alive_at_each_site.append(sum(ref() is not None for ref in seen))
+        seen.extend([weakref.ref(keys), weakref.ref(values)])
+        return take(run, site, keys, values, *rest)
+
+    monkeypatch.setattr(prefill.PrefillRun, "take", watched)
+    generate({}, steps=1)
+    assert alive_at_each_site == [0] * LAYERS
+
+
+def test_a_layer_kept_exact_keeps_its_own_copy_of_the_cache(monkeypatch):
+    """A layer whose compressed form would not be smaller (a 4-token span: the basis outweighs the
+    channels saved) keeps HF's exact Keys and Values: a copy the run made, not a graph buffer."""
+    monkeypatch.setattr(prefill, "HELD_BYTES", {})
+    model = four_layer_llama()
+    with torch.no_grad():
+        exact = model.generate(**padded_prompt(length=40), max_new_tokens=3, do_sample=False,
+                               return_dict_in_generate=True, output_logits=True)
+    model.compile(backend="rotatek", options={"key_channels": 8, "inner": "eager"})
+    with torch.no_grad():
+        kept = model.generate(**padded_prompt(length=40), max_new_tokens=3, do_sample=False,
+                              return_dict_in_generate=True, output_logits=True)
+    assert all(attached(layer.keys) is None for layer in kept.past_key_values.layers)
+    assert torch.equal(kept.sequences, exact.sequences)
+    for mine, theirs in zip(kept.logits, exact.logits):
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_the_op_outside_a_prefill_run_says_so():
+    keys = torch.zeros(1, 1, 4, 8)
+    with pytest.raises(RuntimeError, match="outside the backend's prefill runner"):
+        torch.ops.rotatek.compress_site(keys, keys, torch.zeros(1, 2, 1, 8), None, [], 0)
