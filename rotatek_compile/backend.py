@@ -29,7 +29,8 @@ from rotatek_compile.passes.rewrite import (
     RewrittenGraph, rewrite_decode, rewrite_merge, rewrite_prefill, state_inputs)
 from rotatek_compile.passes.visual_span import to_token_mask
 from rotatek_compile.prefill import PrefillRun, running
-from rotatek_compile.state import CompressedLayer, KeptExact, attached, derived_from_stand_in, plain, stand_in
+from rotatek_compile.state import (
+    CompressedLayer, KeptExact, attached, become_stand_in, derived_from_stand_in, plain, stand_in)
 
 logger = logging.getLogger("rotatek_compile")
 
@@ -395,11 +396,20 @@ class _PrefillRunner:
         self.report = report
 
     def __call__(self, *args):
-        plan = self.plan
-        run = PrefillRun(self.config, [slot.scale for slot in plan.sites],
-                         lambda masks, batch, length: self._span(masks, args, batch, length))
+        run = self._run(args)
         with running(run):
             outputs = list(self.compiled(*args))
+        return self._handed_over(run, outputs, args)
+
+    def _run(self, args: tuple) -> PrefillRun:
+        return PrefillRun(self.config, [slot.scale for slot in self.plan.sites],
+                          lambda masks, batch, length: self._span(masks, args, batch, length))
+
+    def _handed_over(self, run: PrefillRun, outputs: list, args: tuple) -> list:
+        """The graph's outputs, with each compressed site's Keys and Values as stand-ins that carry
+        its layer (HF's buffers that came in as inputs become stand-ins themselves), and the Keys
+        and Values of each site kept exact."""
+        plan = self.plan
         if self.report is not None:
             self.report.kept_exact.clear()
         reduced = 0  # layers that store less than HF's exact cache would
@@ -409,12 +419,13 @@ class _PrefillRunner:
             layer = run.layers[site]
             if isinstance(layer, KeptExact):
                 self._keep_exact(slot.layer, layer)
-                outputs[slot.keys_output], outputs[slot.values_output] = run.exact[site]
+                if site in run.exact:  # made in the graph: the run's copies
+                    outputs[slot.keys_output], outputs[slot.values_output] = run.exact[site]
                 continue
             reduced += bool(layer.split.compressed or layer.split.dropped)
             key_shape, keys_like, value_shape, values_like = run.shapes[site]
-            outputs[slot.keys_output] = stand_in(key_shape, keys_like, layer)
-            outputs[slot.values_output] = stand_in(value_shape, values_like, None)
+            _hand_stand_in(outputs, args, slot.keys_output, slot.past_keys_input, key_shape, keys_like, layer)
+            _hand_stand_in(outputs, args, slot.values_output, slot.past_values_input, value_shape, values_like, None)
         self._tell_if_only_cross_attention_holds_the_image(reduced, run.source)
         outputs = outputs[: plan.num_outputs]
         if run.span is not None:
@@ -471,6 +482,16 @@ class _PrefillRunner:
             logger.warning("rotatek: the model takes images but %s: compressing %s instead (an image "
                            "merge the pass does not recognise, or a text-only prompt)", why, head)
         return None, f"{head} ({why})"
+
+
+def _hand_stand_in(outputs: list, args: tuple, output: int, input_: int, shape: torch.Size, like: torch.Tensor,
+                   layer: Optional[CompressedLayer]) -> None:
+    """Give HF a stand-in of ``shape`` carrying ``layer``: as the graph's output (for a buffer made
+    in the graph, which Dynamo stores in the cache), or HF's own buffer, a graph input, made one."""
+    if output >= 0:
+        outputs[output] = stand_in(shape, like, layer)
+    if input_ >= 0:
+        become_stand_in(args[input_], layer)
 
 
 def _tag_hidden_states(outputs: list, span: torch.Tensor) -> None:

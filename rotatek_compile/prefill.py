@@ -47,8 +47,8 @@ SpanOf = Callable[[list[Tensor], int, int], tuple[Optional[Tensor], str]]
 @dataclasses.dataclass
 class _Held:
     site: int
-    prefill: LayerPrefill
-    copied: bool  # the run's own copy (else the graph's tensors, read while the op runs)
+    prefill: Optional[LayerPrefill]
+    owned: bool  # the run may keep these tensors: its own copies, or buffers the graph takes as inputs
 
 
 class PrefillRun:
@@ -62,59 +62,94 @@ class PrefillRun:
     span_of : SpanOf
         The image span from the graph's merge masks (reduced to ``[B, S]``), given the rows and
         positions of the prompt; asked once, at the first site.
+    in_graph : list[bool], optional
+        Per site, whether its Keys and Values are made in the graph (Inductor's buffers, which the
+        run copies to keep), not taken as its inputs. All, by default.
     """
 
-    def __init__(self, config: RotateKConfig, scales: list[float], span_of: SpanOf):
+    def __init__(self, config: RotateKConfig, scales: list[float], span_of: SpanOf,
+                 in_graph: Optional[list[bool]] = None):
         self.config, self.scales, self.span_of = config, scales, span_of
+        self.in_graph = in_graph if in_graph is not None else [True] * len(scales)
         self.span: Optional[Tensor] = None  # [B, S] bool, the image tokens (None: the prompt's head)
         self.source = ""  # what the span is
         self.layers: dict[int, CompressedLayer | KeptExact] = {}
-        self.exact: dict[int, tuple[Tensor, Tensor]] = {}  # layers kept exact: their Keys and Values
+        self.exact: dict[int, tuple[Tensor, Tensor]] = {}  # layers kept exact, made in the graph: copies
         self.shapes: dict[int, tuple[torch.Size, Tensor, torch.Size, Tensor]] = {}  # Keys' and Values' (shape, like)
         self.valid: dict[int, Tensor] = {}  # [B, S] bool per site, until its layer is built
         self._held: list[_Held] = []
-        self._asked_span = False
+        self._started = False
         self._seen = 0  # sites taken
 
     def take(self, site: int, keys: Tensor, values: Tensor, window: Tensor, mask_row: Optional[Tensor],
-             span_masks: list[Tensor]) -> None:
+             context: list[Tensor]) -> None:
         """One site's prefill: ``keys`` ``[B, H, S, d]``, ``values`` ``[B, H, S, dv]``, ``window``
-        ``[B, Hq, W, d]``, ``mask_row`` ``[B, S]`` (the last query's row of the mask) or None."""
-        if not self._asked_span:
-            self._asked_span = True
-            self.span, self.source = self.span_of(span_masks, keys.shape[0], keys.shape[2])
-        valid = valid_tokens(mask_row, keys)
-        span = self.span if self.span is not None else prompt_head(valid, self.config.query_window)
-        self.valid[site] = valid
+        ``[B, Hq, W, d]``, ``mask_row`` ``[B, S]`` (the last query's row of the mask) or None;
+        ``context``, at the first site only: what :meth:`_start` reads."""
+        if not self._started:
+            self._started = True
+            self._start(keys, context)
         self.shapes[site] = (keys.shape, keys.new_empty(0), values.shape, values.new_empty(0))
-        prefill = LayerPrefill(keys, values, window, span, valid, self.scales[site])
         self._seen += 1
-        last = self._seen == len(self.scales)
-        limit = HELD_BYTES.get(keys.device.type, 0)
-        held = sum(_layer_bytes(h.prefill) for h in self._held) + _layer_bytes(prefill)
-        if not last and held <= limit:
-            copy = LayerPrefill(keys.clone(), values.clone(), window.clone(), span, valid, prefill.scale)
-            self._held.append(_Held(site, copy, copied=True))
+        prefill = self._prefill(site, keys, values, window, mask_row)
+        if prefill is None:  # nothing to compress
+            if self.in_graph[site]:
+                self.exact[site] = (keys.clone(), values.clone())
             return
-        self._held.append(_Held(site, prefill, copied=False))
+        last = self._seen == len(self.scales)
+        held = sum(_layer_bytes(h.prefill) for h in self._held) + _layer_bytes(prefill)
+        if not last and held <= self._held_bytes(keys.device):
+            if self.in_graph[site]:
+                prefill = dataclasses.replace(prefill, keys=keys.clone(), values=values.clone(), queries=window.clone())
+            self._held.append(_Held(site, prefill, owned=True))
+            return
+        self._held.append(_Held(site, prefill, owned=not self.in_graph[site]))
         self._compress_held()
+
+    def _start(self, keys: Tensor, context: list[Tensor]) -> None:
+        """At the first site: the span, from the graph's merge masks (``context``)."""
+        self.span, self.source = self.span_of(context, keys.shape[0], keys.shape[2])
+
+    def _prefill(self, site: int, keys: Tensor, values: Tensor, window: Tensor,
+                 mask_row: Optional[Tensor]) -> Optional[LayerPrefill]:
+        """What :func:`compress_layers` takes of the site (None: the run compresses nothing)."""
+        valid = valid_tokens(mask_row, keys)
+        self.valid[site] = valid
+        span = self.span if self.span is not None else prompt_head(valid, self.config.query_window)
+        return LayerPrefill(keys, values, window, span, valid, self.scales[site])
+
+    def _held_bytes(self, device: torch.device) -> float:
+        """How many bytes of full Keys and Values the run may hold to compress them together."""
+        return HELD_BYTES.get(device.type, 0)
+
+    def _left_exact(self, held: list[_Held]) -> dict[int, KeptExact]:
+        """Held sites to keep exact without compressing them (none here)."""
+        return {}
+
+    def _built(self, site: int, layer: CompressedLayer) -> CompressedLayer:
+        """A compressed layer as the cache keeps it."""
+        return layer
 
     def _compress_held(self) -> None:
         held, self._held = self._held, []
-        prefills = [h.prefill for h in held]
-        exact = {h.site: (h.prefill.keys, h.prefill.values, h.copied) for h in held}
+        left = self._left_exact(held)
+        exact = {h.site: (h.prefill.keys, h.prefill.values, h.owned) for h in held}
+        prefills = [h.prefill for h in held if h.site not in left]
         for h in held:  # compress_layers empties its list as it goes: no other reference may stay
             h.prefill = None
-        for h, layer in zip(held, compress_layers(prefills, self.config), strict=True):
-            keys, values, copied = exact.pop(h.site)
+        layers = iter(compress_layers(prefills, self.config))
+        for h in held:
+            layer = left[h.site] if h.site in left else next(layers)
+            keys, values, owned = exact.pop(h.site)
             valid = self.valid.pop(h.site)
             if isinstance(layer, KeptExact):
-                self.exact[h.site] = (keys, values) if copied else (keys.clone(), values.clone())
+                if self.in_graph[h.site]:
+                    self.exact[h.site] = (keys, values) if owned else (keys.clone(), values.clone())
             else:
                 dropped = ((0,) * valid.shape[0] if not layer.split.dropped  # no host read when none were
                            else tuple((valid.sum(dim=1) - layer.held_tokens()).tolist()))
-                layer = dataclasses.replace(_not_reading(layer, keys, values), span_source=self.source,
-                                            dropped=dropped)
+                layer = dataclasses.replace(layer, span_source=self.source, dropped=dropped)
+                layer = self._built(h.site, layer if owned else _not_reading(layer, keys, values))
             self.layers[h.site] = layer
             del keys, values
 
@@ -148,17 +183,18 @@ def running(run: PrefillRun) -> Iterator[PrefillRun]:
 
 @torch.library.custom_op("rotatek::compress_site", mutates_args=())
 def compress_site(keys: Tensor, values: Tensor, window: Tensor, mask_row: Optional[Tensor],
-                  span_masks: list[Tensor], site: int) -> Tensor:
-    """Hand one layer's prefill to the current :class:`PrefillRun`; returns an empty tensor on the
-    Keys' device (what the graph returns in place of the layer's Keys and Values)."""
+                  context: list[Tensor], site: int) -> Tensor:
+    """Hand one layer's prefill to the current :class:`PrefillRun` (:meth:`PrefillRun.take`);
+    returns an empty tensor on the Keys' device (what the graph returns in place of the layer's
+    Keys and Values)."""
     if not _RUNS:
         raise RuntimeError("rotatek: a rewritten prefill graph ran outside the backend's prefill runner")
-    _RUNS[-1].take(site, keys, values, window, mask_row, span_masks)
+    _RUNS[-1].take(site, keys, values, window, mask_row, context)
     return keys.new_empty(0)
 
 
 @compress_site.register_fake
-def _(keys, values, window, mask_row, span_masks, site):
+def _(keys, values, window, mask_row, context, site):
     return keys.new_empty(0)
 
 

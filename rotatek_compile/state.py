@@ -224,6 +224,15 @@ def stand_in(shape: torch.Size, like: Tensor, layer: Optional[CompressedLayer]) 
     return tensor
 
 
+def become_stand_in(tensor: Tensor, layer: Optional[CompressedLayer]) -> None:
+    """Turn HF's buffer itself into a :class:`StandIn` (same object, one NaN element, all strides 0):
+    its memory is freed while the cache keeps pointing at it."""
+    like = stand_in(tensor.shape, tensor, layer)
+    tensor.set_(like.untyped_storage(), 0, tensor.shape, like.stride())
+    tensor.__class__ = StandIn
+    setattr(tensor, _ATTRIBUTE, layer)
+
+
 def plain(tensor: object) -> object:
     """A stand-in as a plain tensor (same storage, no trap), for the backend's own graphs."""
     return tensor.as_subclass(Tensor) if isinstance(tensor, StandIn) else tensor

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import weakref
 from typing import Any, Callable, Optional, Sequence
 
@@ -31,11 +32,10 @@ from torch import Tensor
 
 from rotatek_compile.backend import RotateKCacheError, StateShapeChecks, _PrefillRunner, _symbolic_state
 from rotatek_compile.config import RotateKConfig
-from rotatek_compile.prefill import prompt_head, valid_tokens
+from rotatek_compile.prefill import PrefillRun, SpanOf, prompt_head, running, valid_tokens
 from rotatek_compile.passes.static_cache import (
     SLIDING_WINDOW, StaticPlan, find_static_sites, rewrite_static_decode, rewrite_static_prefill)
-from rotatek_compile.state import (
-    _ATTRIBUTE, CompressedLayer, KeptExact, LayerPrefill, StandIn, attached, compress_layers, plain, stand_in)
+from rotatek_compile.state import CompressedLayer, KeptExact, LayerPrefill, StandIn, attached, plain
 
 logger = logging.getLogger("rotatek_compile")
 
@@ -75,15 +75,6 @@ def static_state_inputs(layers: Sequence[StaticCompressedLayer]) -> list[Tensor]
     for layer in layers:
         tensors += [*layer.span_key_parts, layer.span_values, layer.span_mask, layer.keys, layer.values, layer.mask]
     return tensors + [layer.rest_offset for layer in layers]
-
-
-def become_stand_in(tensor: Tensor, layer: Optional[CompressedLayer]) -> None:
-    """Turn HF's buffer itself into a :class:`~rotatek_compile.state.StandIn` (same object, one NaN
-    element, all strides 0): its memory is freed while the cache keeps pointing at it."""
-    like = stand_in(tensor.shape, tensor, layer)
-    tensor.set_(like.untyped_storage(), 0, tensor.shape, like.stride())
-    tensor.__class__ = StandIn
-    setattr(tensor, _ATTRIBUTE, layer)
 
 
 def compile_static(backend: Any, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Optional[Callable]:
@@ -146,65 +137,70 @@ def _static_fakes(tensors: list[Tensor]) -> list[Tensor]:
     return [fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
 
 
+class _StaticPrefillRun(PrefillRun):
+    """:class:`~rotatek_compile.prefill.PrefillRun` on HF's static buffers ``[B, H, L, d]``: the
+    prompt is HF positions ``0 .. prompt_end - 1`` (from the write positions, read at the first
+    site), each layer is laid out for static shapes (:func:`to_static`).
+
+    ``hold_all``: the buffers' lengths are symbolic, so a sliding-window layer (a shorter buffer)
+    shows only once every site has run: every layer is held to the last site, and those shorter
+    than the longest are kept exact.
+    """
+
+    def __init__(self, config: RotateKConfig, scales: list[float], span_of: SpanOf, in_graph: list[bool],
+                 hold_all: bool):
+        super().__init__(config, scales, span_of, in_graph)
+        self.hold_all = hold_all
+        self.first = 0  # the first position written: 0 for a prefill on an empty cache
+        self.prompt_end = 0
+
+    def _start(self, keys: Tensor, context: list[Tensor]) -> None:
+        positions, masks = context[0], context[1:]  # [T]: this call's cache positions
+        self.first, last = (int(p) for p in positions[[0, -1]].tolist())
+        self.prompt_end = last + 1
+        if self.first == 0:
+            self.span, self.source = self.span_of(masks, keys.shape[0], self.prompt_end)
+
+    def _prefill(self, site: int, keys: Tensor, values: Tensor, window: Tensor,
+                 mask_row: Optional[Tensor]) -> Optional[LayerPrefill]:
+        if self.first != 0:  # tokens appended to a cache that was filled without compression
+            return None
+        length = keys.shape[2]
+        valid = valid_tokens(mask_row, keys) & (torch.arange(length, device=keys.device) < self.prompt_end)
+        self.valid[site] = valid  # [B, L]
+        span = (F.pad(self.span, (0, length - self.prompt_end), value=False) if self.span is not None
+                else prompt_head(valid, self.config.query_window))
+        return LayerPrefill(keys, values, window, span, valid, self.scales[site])
+
+    def _held_bytes(self, device: torch.device) -> float:
+        return math.inf if self.hold_all else super()._held_bytes(device)
+
+    def _left_exact(self, held: list) -> dict[int, KeptExact]:
+        longest = max(h.prefill.keys.shape[2] for h in held)
+        return {h.site: KeptExact(SLIDING_WINDOW, None) for h in held if h.prefill.keys.shape[2] < longest}
+
+    def _built(self, site: int, layer: CompressedLayer) -> CompressedLayer:
+        return to_static(layer, self.prompt_end, self.shapes[site][0][2])
+
+
 class _StaticPrefillRunner(_PrefillRunner):
-    """Runs the prefill graph, compresses each layer into a :class:`StaticCompressedLayer` and
-    turns HF's buffers into stand-ins."""
+    """Runs the prefill graph, which compresses each layer into a :class:`StaticCompressedLayer`,
+    and turns HF's buffers into stand-ins."""
 
     def __call__(self, *args):
-        outputs = list(self.compiled(*args))
         plan = self.plan
-        positions = outputs[plan.positions_output]  # [T]: this call's cache positions
-        first, last = (int(p) for p in positions[[0, -1]].tolist())
-        if first != 0:  # tokens appended to a cache that was filled without compression
-            logger.info("rotatek: static cache written from position %d, not compressed", first)
+        run = _StaticPrefillRun(self.config, [slot.scale for slot in plan.sites],
+                                lambda masks, batch, length: self._span(masks, args, batch, length),
+                                in_graph=[slot.keys_output >= 0 for slot in plan.sites], hold_all=not plan.equal_lengths)
+        with running(run):
+            outputs = list(self.compiled(*args))
+        if run.first != 0:
+            logger.info("rotatek: static cache written from position %d, not compressed", run.first)
+            for site, slot in enumerate(plan.sites):
+                if site in run.exact:
+                    outputs[slot.keys_output], outputs[slot.values_output] = run.exact[site]
             return outputs[: plan.num_outputs]
-        span, source = self._span([outputs[index] for index in plan.span_outputs], args,  # [B, S] or None
-                                  self._buffer(outputs, args, 0, "keys").shape[0], last + 1)
-        if self.report is not None:
-            self.report.kept_exact.clear()
-        prefills, prompt_end = [], last + 1
-        for site, slot in enumerate(plan.sites):  # the list holds each layer's buffers until it is built
-            keys = self._buffer(outputs, args, site, "keys")
-            length = keys.shape[2]
-            valid = valid_tokens(outputs[slot.mask_output] if slot.mask_output >= 0 else None, keys)
-            valid = valid & (torch.arange(length, device=keys.device) < prompt_end)  # [B, L]
-            layer_span = (F.pad(span, (0, length - prompt_end), value=False) if span is not None
-                          else prompt_head(valid, self.config.query_window))
-            prefills.append(LayerPrefill(keys, self._buffer(outputs, args, site, "values"),
-                                         outputs[slot.query_output], layer_span, valid, slot.scale))
-            del keys
-        lengths = [prefill.keys.shape[2] for prefill in prefills]
-        longest = max(lengths)
-        sliding = [length < longest for length in lengths]  # symbolic buffer lengths, unequal now
-        prefills = [prefill for prefill, short in zip(prefills, sliding) if not short]
-        layers = iter(compress_layers(prefills, self.config))
-        reduced = 0  # layers that store less than HF's exact cache would
-        for slot, length, short in zip(plan.sites, lengths, sliding):
-            layer = KeptExact(SLIDING_WINDOW, None) if short else next(layers)
-            if isinstance(layer, KeptExact):  # HF's buffers stay as they are; decode leaves the site exact
-                self._keep_exact(slot.layer, layer)
-                continue
-            reduced += bool(layer.split.compressed or layer.split.dropped)
-            layer = to_static(dataclasses.replace(layer, span_source=source), prompt_end, length)
-            self._hand_stand_in(outputs, args, slot.keys_output, slot.past_keys_input, layer)
-            self._hand_stand_in(outputs, args, slot.values_output, slot.past_values_input, None)
-        self._tell_if_only_cross_attention_holds_the_image(reduced, source)
-        return outputs[: plan.num_outputs]
-
-    def _buffer(self, outputs: list, args: tuple, site: int, kind: str) -> Tensor:
-        """HF's ``kind`` buffer of ``site``: a graph output (created in the graph) or an input."""
-        slot = self.plan.sites[site]
-        output, input_ = ((slot.keys_output, slot.past_keys_input) if kind == "keys"
-                          else (slot.values_output, slot.past_values_input))
-        return outputs[output] if output >= 0 else args[input_]
-
-    @staticmethod
-    def _hand_stand_in(outputs: list, args: tuple, output: int, input_: int,
-                       layer: Optional[CompressedLayer]) -> None:
-        if output >= 0:  # created in the graph: Dynamo stores the output in the cache
-            outputs[output] = stand_in(outputs[output].shape, outputs[output], layer)
-        if input_ >= 0:  # the cache's own tensor: emptied in place
-            become_stand_in(args[input_], layer)
+        return self._handed_over(run, outputs, args)
 
 
 _STATE_LIST = "_rotatek_static_state"

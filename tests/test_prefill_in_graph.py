@@ -32,12 +32,12 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def generate(options: dict, steps: int = 4):
+def generate(options: dict, steps: int = 4, **kwargs):
     model = four_layer_llama()
     model.compile(backend="rotatek", options={"key_channels": 8, "inner": "eager", **options})
     with torch.no_grad():
         return model.generate(**padded_prompt(length=64), max_new_tokens=steps, do_sample=False,
-                              return_dict_in_generate=True)
+                              return_dict_in_generate=True, **kwargs)
 
 
 def counting_compressions(monkeypatch) -> list[int]:
@@ -67,11 +67,13 @@ def test_layers_compressed_in_groups_give_the_cache_of_layers_alone(held_bytes, 
         assert_same_layer(attached(ours.keys), attached(theirs.keys))
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("held_bytes", [{}, {"cpu": 1 << 40}], ids=["alone", "one_group"])
-def test_each_layers_full_cache_is_freed_once_it_is_compressed(held_bytes, monkeypatch):
+def test_each_layers_full_cache_is_freed_once_it_is_compressed(held_bytes, cache, monkeypatch):
     """When a layer's compression starts, no earlier layer's full Keys or Values from the graph are
-    alive: they are no longer its outputs, and the run holds none of them (one by one, as on a CPU)
-    or its own copies (in a group)."""
+    alive (a DynamicCache's, or the StaticCache buffers HF creates in the graph): they are no longer
+    its outputs, and the run holds none of them (one by one, as on a CPU) or its own copies (in a
+    group)."""
     monkeypatch.setattr(prefill, "HELD_BYTES", held_bytes)
     seen: list[weakref.ref] = []
     alive_at_each_site: list[int] = []
@@ -83,8 +85,9 @@ def test_each_layers_full_cache_is_freed_once_it_is_compressed(held_bytes, monke
         return take(run, site, keys, values, *rest)
 
     monkeypatch.setattr(prefill.PrefillRun, "take", watched)
-    generate({}, steps=1)
+    out = generate({}, steps=2, cache_implementation=cache)
     assert alive_at_each_site == [0] * LAYERS
+    assert all(attached(layer.keys) is not None for layer in out.past_key_values.layers)
 
 
 def test_a_layer_kept_exact_keeps_its_own_copy_of_the_cache(monkeypatch):

@@ -325,7 +325,7 @@ def _compressed_inputs(example_inputs) -> set[int]:
     return {i for i, x in enumerate(example_inputs) if attached(x) is not None}
 
 
-def test_static_prefill_keeps_attention_and_adds_outputs(static_graphs):
+def test_static_prefill_keeps_attention_and_compresses_each_site(static_graphs):
     (gm, _), _ = static_graphs
     plan = rewrite_static_prefill(gm, query_window=32)
     graph = plan.module.graph
@@ -337,10 +337,18 @@ def test_static_prefill_keeps_attention_and_adds_outputs(static_graphs):
     # which the graph also adds to a counter in place: a read, not a write of what the mask reads)
     assert all(call.target is torch.ops.rotatek.prefill_attention_lazy_mask.default for call in prefill_calls(graph))
     assert _count(graph, "index_copy_") == _count(gm.graph, "index_copy_") == 2 * LAYERS
+    # HF creates its buffers inside the prefill graph (lazy initialisation): they were outputs, and
+    # each site's compression, which reads them after its attention, now takes their place
     (output,) = graph.find_nodes(op="output")
-    assert len(output.args[0]) - plan.num_outputs == LAYERS + 2  # query windows, one mask row, positions
-    # HF creates its buffers inside the prefill graph (lazy initialisation): they are outputs
+    calls = [n for n in graph.nodes if n.target is torch.ops.rotatek.compress_site.default]
+    assert len(calls) == LAYERS and len(output.args[0]) == plan.num_outputs
     assert all(slot.keys_output >= 0 and slot.past_keys_input == -1 for slot in plan.sites)
+    writes = [n for n in graph.nodes if n.target == "index_copy_"]  # keys, values of each layer
+    for slot, call, (keys, values) in zip(plan.sites, calls, zip(writes[0::2], writes[1::2])):
+        assert output.args[0][slot.keys_output] is call and output.args[0][slot.values_output] is call
+        assert call.args[:2] == (keys.args[0], values.args[0])  # HF's buffers, written in place
+    # the first site also reads the write positions (is the cache empty? where does the prompt end?)
+    assert calls[0].args[4] == [writes[0].args[2]] and all(call.args[4] == [] for call in calls[1:])
 
 
 def test_static_decode_writes_the_state_in_place(static_graphs):

@@ -379,40 +379,56 @@ def rewrite_prefill(gm: fx.GraphModule, query_window: int) -> Optional[Rewritten
     if not sites:
         return None
     num_outputs = len(_output_node(graph).args[0])
-    span_masks = _token_masks(graph, find_span_masks(graph), before=sites[0].attention)
+    context = token_masks(graph, find_span_masks(graph), before=sites[0].attention)
     rows: dict[fx.Node, fx.Node] = {}  # mask → the copy of its last row, made at its first site
     slots = []
     for index, site in enumerate(sites):
-        window, row = window_and_mask_row(graph, site.attention, site.query, site.mask, query_window, rows)
-        if row is not None:
-            rows[site.mask] = row
-        with graph.inserting_after(row if row is not None else window):
-            done = graph.call_function(torch.ops.rotatek.compress_site.default, (
-                site.key_update, site.value_update, window, rows.get(site.mask),
-                span_masks if index == 0 else [], index))
-        slots.append(SiteSlots(
-            layer=site.layer, scale=site.scale,
-            past_keys_input=-1, past_values_input=-1,
-            keys_output=_replace_returned(graph, site.key_update, done),
-            values_output=_replace_returned(graph, site.value_update, done)))
+        done = compress_after_attention(graph, site.attention, site.query, site.mask, site.key_update,
+                                        site.value_update, query_window, rows, context if index == 0 else [], index)
+        keys_output, values_output = returned_in_place_of(graph, site.key_update, site.value_update, done)
+        slots.append(SiteSlots(layer=site.layer, scale=site.scale, past_keys_input=-1, past_values_input=-1,
+                               keys_output=keys_output, values_output=values_output))
     use_causal_kernel(graph, [site.attention for site in sites])
     graph.lint()
     module.recompile()
     return RewrittenGraph("prefill", module, tuple(slots), tuple(skipped), num_outputs)
 
 
-def _replace_returned(graph: fx.Graph, node: fx.Node, by: fx.Node) -> int:
-    """Return ``by`` where the graph returned ``node``; the index of that output (``by``'s, where an
-    earlier call replaced ``node`` already: Keys that are also the Values)."""
+def compress_after_attention(graph: fx.Graph, attention: fx.Node, query: fx.Node, mask: Optional[fx.Node],
+                             keys: fx.Node, values: fx.Node, query_window: int, rows: dict[fx.Node, fx.Node],
+                             context: list[fx.Node], site: int) -> fx.Node:
+    """``rotatek.compress_site`` of one site, right after its attention and the copies it reads
+    (:func:`window_and_mask_row`; ``rows`` maps each mask to its row's copy, made at its first site).
+    Returns the op's node."""
+    window, row = window_and_mask_row(graph, attention, query, mask, query_window, rows)
+    if row is not None:
+        rows[mask] = row
+    with graph.inserting_after(row if row is not None else window):
+        return graph.call_function(torch.ops.rotatek.compress_site.default,
+                                   (keys, values, window, rows.get(mask), context, site))
+
+
+def returned_in_place_of(graph: fx.Graph, keys: fx.Node, values: fx.Node, done: fx.Node) -> tuple[int, int]:
+    """Return ``done`` where the graph returned ``keys`` and ``values``: the indices of those
+    outputs (-1 where one was not returned). A ``done`` returned nowhere else is appended (the
+    graph's buffers are its inputs): a result no one reads would be removed as dead code."""
     output = _output_node(graph)
-    values = list(output.args[0])
-    index = values.index(node) if node in values else values.index(by)
-    values[index] = by
-    output.args = (tuple(values),)
-    return index
+    returned = list(output.args[0])
+    indices = []
+    for node in (keys, values):
+        index = returned.index(node) if node in returned else -1
+        if index >= 0:
+            returned[index] = done
+        elif node is keys and node is values:  # Keys that are also the Values
+            index = indices[0]
+        indices.append(index)
+    if done not in returned:
+        returned.append(done)
+    output.args = (tuple(returned),)
+    return indices[0], indices[1]
 
 
-def _token_masks(graph: fx.Graph, masks: list[fx.Node], before: fx.Node) -> list[fx.Node]:
+def token_masks(graph: fx.Graph, masks: list[fx.Node], before: fx.Node) -> list[fx.Node]:
     """Each ``[B, S, ...]`` merge mask that the graph computes before ``before``, reduced to
     ``[B, S]`` (``any`` over its trailing dimensions) right after it."""
     order = {node: position for position, node in enumerate(graph.nodes)}

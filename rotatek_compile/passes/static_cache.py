@@ -11,10 +11,11 @@ capacity ``L = max_cache_len`` and writes each call's ``T`` new tokens into them
 The buffers are created inside the prefill graph (``zeros``) when HF initialises them lazily there,
 and are graph inputs otherwise. Shapes never change from step to step: one decode graph.
 
-Prefill (the cache holds no compressed state): attention stays exact; the graph also returns,
-per site, the last ``W`` queries and the last query's mask row, the write positions and the
-image-merge masks. The runtime (:mod:`rotatek_compile.static_cache`) compresses each layer and
-swaps HF's buffers for zero-storage stand-ins.
+Prefill (the cache holds no compressed state): attention stays exact, and each layer's buffers
+are compressed right after it, inside the graph (``rotatek.compress_site``, as with a DynamicCache:
+:mod:`rotatek_compile.prefill`); the first site also reads the write positions. Buffers made in
+the graph are no longer returned; the runtime (:mod:`rotatek_compile.static_cache`) swaps HF's
+buffers for zero-storage stand-ins.
 
 Decode on a compressed cache: HF's buffers are no longer read or written. The layer's state comes
 in as graph inputs: the compressed span, and the full-width rest in buffers of fixed capacity
@@ -44,7 +45,8 @@ from rotatek_compile.passes.find_attention import (
     _SDPA, SkippedSite, _constant_scale, _head_dim, _is_call, _is_eager_final, _is_method, _match_eager,
     example_value, layer_of)
 from rotatek_compile.passes.rewrite import (
-    SiteSlots, copy_module, has_side_effects, state_inputs, use_causal_kernel, window_and_mask_row)
+    SiteSlots, compress_after_attention, copy_module, has_side_effects, returned_in_place_of, state_inputs,
+    token_masks, use_causal_kernel)
 from rotatek_compile.passes.visual_span import find_span_masks
 
 _INDEX_COPY = (torch.Tensor.index_copy_, torch.ops.aten.index_copy_.default)
@@ -265,8 +267,7 @@ class StaticPlan:
     sites: tuple[SiteSlots, ...]
     skipped: tuple[SkippedSite, ...]
     num_outputs: int
-    span_outputs: tuple[int, ...] = ()  # prefill: image-merge masks
-    positions_output: int = -1  # prefill: the write positions [T]
+    equal_lengths: bool = True  # prefill: every site's buffer has one constant length
     new_tokens: tuple[Optional[int], ...] = ()  # decode: T of each site
 
 
@@ -275,19 +276,13 @@ def _output_node(graph: fx.Graph) -> fx.Node:
     return output
 
 
-def _append_outputs(graph: fx.Graph, nodes: list[fx.Node]) -> list[int]:
-    output = _output_node(graph)
-    values = list(output.args[0])
-    output.args = (tuple(values + nodes),)
-    return list(range(len(values), len(values) + len(nodes)))
-
-
 def _index_or(items: list, node: fx.Node) -> int:
     return items.index(node) if node in items else -1
 
 
 def rewrite_static_prefill(gm: fx.GraphModule, query_window: int) -> Optional[StaticPlan]:
-    """Prefill on a StaticCache → a copy that also returns what compression needs (see module doc).
+    """Prefill on a StaticCache → a copy that compresses each site's buffers right after its
+    attention (see the module doc), the write positions and the image span read at the first site.
 
     Returns ``None`` when no attention reads a static cache.
     """
@@ -299,34 +294,27 @@ def rewrite_static_prefill(gm: fx.GraphModule, query_window: int) -> Optional[St
     output = _output_node(graph)
     num_outputs = len(output.args[0])
     placeholders = list(graph.find_nodes(op="placeholder"))
-    mask_slot: dict[fx.Node, int] = {}
+    # at the first site: the write positions [T], then the image-merge masks [B, S]
+    context = [sites[0].positions] + token_masks(graph, find_span_masks(graph), before=sites[0].attention)
+    rows: dict[fx.Node, fx.Node] = {}
     slots = []
-    for site in sites:
-        window, row = window_and_mask_row(graph, site.attention, site.query, site.mask, query_window,
-                                          mask_slot)
-        (query_output,) = _append_outputs(graph, [window])
-        mask_output = -1
-        if row is not None:
-            (mask_slot[site.mask],) = _append_outputs(graph, [row])  # [B|1, L]
-        if site.mask is not None:
-            mask_output = mask_slot[site.mask]
-        returned = list(output.args[0])
+    for index, site in enumerate(sites):
+        done = compress_after_attention(graph, site.attention, site.query, site.mask, site.keys, site.values,
+                                        query_window, rows, context if index == 0 else [], index)
+        keys_output, values_output = returned_in_place_of(graph, site.keys, site.values, done)
         slots.append(SiteSlots(
             layer=site.layer, scale=site.scale,
             past_keys_input=_index_or(placeholders, site.keys),
             past_values_input=_index_or(placeholders, site.values),
-            keys_output=_index_or(returned, site.keys), values_output=_index_or(returned, site.values),
-            query_output=query_output, mask_output=mask_output))
+            keys_output=keys_output, values_output=values_output))
         if -1 in (max(slots[-1].past_keys_input, slots[-1].keys_output),
                   max(slots[-1].past_values_input, slots[-1].values_output)):
             raise AssertionError(f"static cache buffer of {site.layer} is neither an input nor an output")
-    (positions_output,) = _append_outputs(graph, [sites[0].positions])
-    span_outputs = _append_outputs(graph, find_span_masks(graph))
     use_causal_kernel(graph, [site.attention for site in sites])
     graph.lint()
     module.recompile()
     return StaticPlan("prefill", module, tuple(slots), tuple(skipped), num_outputs,
-                      tuple(span_outputs), positions_output)
+                      equal_lengths=all(isinstance(site.capacity, int) for site in sites))
 
 
 def rewrite_static_decode(gm: fx.GraphModule, method: str, kernel: str,
