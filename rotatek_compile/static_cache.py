@@ -34,7 +34,7 @@ from rotatek_compile.backend import RotateKCacheError, StateShapeChecks, _Prefil
 from rotatek_compile.config import RotateKConfig
 from rotatek_compile.prefill import PrefillRun, SpanOf, prompt_head, running, valid_tokens
 from rotatek_compile.passes.static_cache import (
-    SLIDING_WINDOW, StaticPlan, find_static_sites, rewrite_static_decode, rewrite_static_prefill)
+    SLIDING_WINDOW, StaticPlan, buffer_lengths, find_static_sites, rewrite_static_decode, rewrite_static_prefill)
 from rotatek_compile.state import CompressedLayer, KeptExact, LayerPrefill, StandIn, attached, plain
 
 logger = logging.getLogger("rotatek_compile")
@@ -142,15 +142,15 @@ class _StaticPrefillRun(PrefillRun):
     prompt is HF positions ``0 .. prompt_end - 1`` (from the write positions, read at the first
     site), each layer is laid out for static shapes (:func:`to_static`).
 
-    ``hold_all``: the buffers' lengths are symbolic, so a sliding-window layer (a shorter buffer)
-    shows only once every site has run: every layer is held to the last site, and those shorter
-    than the longest are kept exact.
+    ``lengths``: each site's buffer length, known before the graph runs; a buffer shorter than the
+    longest is a sliding window's, kept exact. None where the inputs do not tell them: every layer
+    is then held to the last site, and those shorter than the longest are kept exact.
     """
 
     def __init__(self, config: RotateKConfig, scales: list[float], span_of: SpanOf, in_graph: list[bool],
-                 hold_all: bool):
+                 lengths: Optional[list[int]]):
         super().__init__(config, scales, span_of, in_graph)
-        self.hold_all = hold_all
+        self.lengths = lengths
         self.first = 0  # the first position written: 0 for a prefill on an empty cache
         self.prompt_end = 0
 
@@ -173,11 +173,13 @@ class _StaticPrefillRun(PrefillRun):
         return LayerPrefill(keys, values, window, span, valid, self.scales[site])
 
     def _held_bytes(self, device: torch.device) -> float:
-        return math.inf if self.hold_all else super()._held_bytes(device)
+        return math.inf if self.lengths is None else super()._held_bytes(device)
 
     def _left_exact(self, held: list) -> dict[int, KeptExact]:
-        longest = max(h.prefill.keys.shape[2] for h in held)
-        return {h.site: KeptExact(SLIDING_WINDOW, None) for h in held if h.prefill.keys.shape[2] < longest}
+        lengths = (dict(enumerate(self.lengths)) if self.lengths is not None
+                   else {h.site: h.prefill.keys.shape[2] for h in held})  # every site is held
+        longest = max(lengths.values())
+        return {h.site: KeptExact(SLIDING_WINDOW, None) for h in held if lengths[h.site] < longest}
 
     def _built(self, site: int, layer: CompressedLayer) -> CompressedLayer:
         return to_static(layer, self.prompt_end, self.shapes[site][0][2])
@@ -191,7 +193,8 @@ class _StaticPrefillRunner(_PrefillRunner):
         plan = self.plan
         run = _StaticPrefillRun(self.config, [slot.scale for slot in plan.sites],
                                 lambda masks, batch, length: self._span(masks, args, batch, length),
-                                in_graph=[slot.keys_output >= 0 for slot in plan.sites], hold_all=not plan.equal_lengths)
+                                in_graph=[slot.keys_output >= 0 for slot in plan.sites],
+                                lengths=buffer_lengths(plan, args))
         with running(run):
             outputs = list(self.compiled(*args))
         if run.first != 0:

@@ -147,3 +147,49 @@ def test_fused_statistics_give_the_reference_cache_on_cuda(query_aware):
         query_window=WINDOW, span="prompt", key_channels=4, query_aware=query_aware, kernel=kernel)))
         for kernel in ("auto", "reference"))
     _assert_same_caches(fused, eager)
+
+
+def _prefill_peak(model, input_ids: torch.Tensor, **cache) -> tuple[int, object]:
+    """Bytes the prefill allocates at its peak beyond what was held before it, and its cache."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **cache)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before, out.past_key_values
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_the_prefill_peak_is_below_the_uncompressed_one_on_cuda(cache, monkeypatch):
+    """Each layer compressed inside the prefill graph, its full Keys freed there: the prefill's peak
+    is lower than the uncompressed compiled prefill's by at least half the span Keys' pruned bytes
+    of all layers but one (here a layer at a time: ``HELD_BYTES`` 0)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+
+    from rotatek_compile import prefill
+
+    monkeypatch.setattr(prefill, "HELD_BYTES", {})
+    torch.manual_seed(0)
+    layers, kv_heads, dim, length, rank = 8, 8, 128, 8192, 32
+    config = LlamaConfig(vocab_size=256, hidden_size=1024, intermediate_size=2048, num_hidden_layers=layers,
+                         num_attention_heads=8, num_key_value_heads=kv_heads, head_dim=dim,
+                         max_position_embeddings=2 * length)
+    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    input_ids = torch.randint(0, 256, (1, length), device="cuda")
+
+    def caches():
+        return dict(past_key_values=StaticCache(config=config, max_cache_len=length + 8)) if cache == "static" else {}
+
+    peaks = {}
+    for backend, options in (("inductor", {}), ("rotatek", dict(options={"key_channels": rank}))):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=backend, **options)
+        _prefill_peak(compiled, input_ids[:, : length // 2], **caches())  # compiled on another length
+        peaks[backend], kv = _prefill_peak(compiled, input_ids, **caches())
+    torch._dynamo.reset()
+    assert all(attached(layer.keys) is not None for layer in kv.layers)
+    span_key_bytes = kv_heads * (length - 32) * dim * 2  # per layer, bf16
+    pruned = (layers - 1) * span_key_bytes * (1 - rank / dim)
+    assert peaks["rotatek"] <= peaks["inductor"] - pruned / 2, (peaks, pruned)

@@ -267,7 +267,8 @@ class StaticPlan:
     sites: tuple[SiteSlots, ...]
     skipped: tuple[SkippedSite, ...]
     num_outputs: int
-    equal_lengths: bool = True  # prefill: every site's buffer has one constant length
+    buffer_lengths: tuple = ()  # prefill: each site's buffer length L, an int or a sympy expression
+    size_sources: tuple[tuple, ...] = ()  # prefill: (symbol, input index, dim or None for an int input)
     new_tokens: tuple[Optional[int], ...] = ()  # decode: T of each site
 
 
@@ -314,7 +315,36 @@ def rewrite_static_prefill(gm: fx.GraphModule, query_window: int) -> Optional[St
     graph.lint()
     module.recompile()
     return StaticPlan("prefill", module, tuple(slots), tuple(skipped), num_outputs,
-                      equal_lengths=all(isinstance(site.capacity, int) for site in sites))
+                      buffer_lengths=tuple(site.capacity for site in sites), size_sources=_size_sources(graph))
+
+
+def _size_sources(graph: fx.Graph) -> tuple[tuple, ...]:
+    """Where the graph's inputs carry each size symbol: ``(symbol, input index, dim)``, with dim
+    None for an int input."""
+    sources: dict = {}
+    for index, node in enumerate(graph.find_nodes(op="placeholder")):
+        value = node.meta.get("example_value", node.meta.get("val"))
+        sizes = [(None, value)] if isinstance(value, torch.SymInt) else (
+            enumerate(value.shape) if isinstance(value, torch.Tensor) else [])
+        for dim, size in sizes:
+            if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
+                sources.setdefault(size.node.expr, (index, dim))
+    return tuple((symbol, index, dim) for symbol, (index, dim) in sources.items())
+
+
+def buffer_lengths(plan: StaticPlan, args: tuple) -> Optional[list[int]]:
+    """Each site's buffer length for the inputs ``args``, before the graph runs; None where an
+    input does not tell one (a size symbol no input carries)."""
+    values = {symbol: args[index] if dim is None else args[index].shape[dim]
+              for symbol, index, dim in plan.size_sources}
+    lengths = []
+    for length in plan.buffer_lengths:
+        if not isinstance(length, int):
+            if length is None or not length.free_symbols <= values.keys():
+                return None
+            length = int(length.xreplace({symbol: values[symbol] for symbol in length.free_symbols}))
+        lengths.append(length)
+    return lengths
 
 
 def rewrite_static_decode(gm: fx.GraphModule, method: str, kernel: str,
