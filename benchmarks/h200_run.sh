@@ -23,6 +23,8 @@
 #   bash benchmarks/h200_run.sh b8     # rotatek-static, 32 layers, B8 x 32k alone (its compile: ~6 minutes)
 #   bash benchmarks/h200_run.sh batch [RECIPES [GUESS]]  # the largest batch of 64k-token prompts, by
 #                                      # trying (default eager,rotatek-static: over 10 minutes), from GUESS
+#   bash benchmarks/h200_run.sh ingraph  # compression inside the prefill graph: the GPU tests, then
+#                                      # B1 x 16k: eager, rotatek-static (32 steps)
 #   bash benchmarks/h200_run.sh diagnose  # 8 layers, 16k: the compression of the model's own inputs
 #                                         # timed inside and outside the model, and profiled
 set -uo pipefail
@@ -81,6 +83,11 @@ case "$part" in
     timeout "$(left 590)" python3 benchmarks/model_decode.py --out "$OUT" --steps 32 --cases 1x16384 \
       --backends eager,rotatek-static --solver-log --profile 2>&1 | grep -v "^\s*$" | tee "$OUT/model_decode.log" \
       | grep -A3 "compression:\|recipe |" ;;
+  ingraph)
+    timeout 280 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_prefill.py tests/test_prefill_in_graph.py \
+      tests/test_triton_compress.py tests/test_cuda_static.py tests/test_cuda_model.py 2>&1 | tail -4 | tee "$OUT/gpu_tests.log"
+    timeout "$(left 590)" python3 benchmarks/model_decode.py --out "$OUT" --steps 32 --cases 1x16384 \
+      --backends eager,rotatek-static --solver-log 2>&1 | grep -v "^\s*$" | tee "$OUT/model_decode.log" | tail -6 ;;
   b8)
     timeout "$(left 590)" python3 benchmarks/model_decode.py --out "$OUT" --steps 32 --cases 8x32768 \
       --backends rotatek-static --solver-log 2>&1 | grep -v "^\s*$" | tee "$OUT/model_decode.log" | tail -6 ;;

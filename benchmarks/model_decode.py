@@ -49,9 +49,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import rotatek_compile  # noqa: E402
 from compress_cost import profile_table  # noqa: E402  (this script's folder is on the path)
 
-# the module (``rotatek_compile.backend`` the attribute is the public ``backend()`` function)
-rotatek_backend = importlib.import_module("rotatek_compile.backend")
-
 logger = logging.getLogger("model_decode")
 PROMPT, TEXT = 30, 30
 
@@ -75,20 +72,21 @@ def build_model(tiny: bool, device: str, dtype: torch.dtype, layers: int) -> Lla
     return model.eval()
 
 
-# the modules whose prefill runners call ``compress_layers`` (DynamicCache, StaticCache)
-COMPRESSING_MODULES = (rotatek_backend, importlib.import_module("rotatek_compile.static_cache"))
+# the module whose prefill runs call ``compress_layers`` (inside the prefill graph)
+COMPRESSING_MODULES = (importlib.import_module("rotatek_compile.prefill"),)
 
 
 class CompressionTimer:
-    """Adds up the time the prefill spends building compressed layers: from the first layer
-    ``compress_layers`` is asked for to the last one handed over (the runner's own per-layer work,
-    such as laying a layer out for static shapes, included), synchronised at those two points only
-    (a synchronisation per layer would serialise the host's launches with the device's work)."""
+    """Adds up the time the prefill spends building compressed layers: per group of layers that a
+    prefill run compresses together, from the first layer ``compress_layers`` is asked for to the
+    last one handed over (the run's own per-layer work, such as laying a layer out for static
+    shapes, included), synchronised at those two points only (a synchronisation per layer would
+    serialise the host's launches with the device's work)."""
 
     def __init__(self, profile: bool = False):
         self.seconds = 0.0
-        self.peak_before = None  # peak memory when the first layer starts compressing
-        self._inner = rotatek_backend.compress_layers
+        self.peak_before = None  # peak memory when the first group starts compressing
+        self._inner = COMPRESSING_MODULES[0].compress_layers
         self._profile = profile
 
     def install(self) -> None:
@@ -100,14 +98,16 @@ class CompressionTimer:
             module.compress_layers = self._inner
 
     def __call__(self, prefills, config):
-        # profiling: the same inputs compressed again after the prefill, outside the model
-        again = [dataclasses.replace(prefill) for prefill in prefills] if self._profile else None
+        # profiling: the same inputs compressed again, outside the model (copies: the graph's own
+        # buffers may be reused once the compression has read them)
+        again = [dataclasses.replace(p, keys=p.keys.clone(), values=p.values.clone(), queries=p.queries.clone())
+                 for p in prefills] if self._profile else None
         layers = self._inner(prefills, config)
-        _sync()  # the prefill graph's work is done
+        _sync()  # the prefill graph's work so far is done
         if self.peak_before is None:
             self.peak_before = _peak_bytes()
         start = time.perf_counter()
-        try:  # the static runner takes as many layers as it has sites: the end comes by close()
+        try:  # the run takes as many layers as it gave
             yield from layers
         finally:
             _sync()
