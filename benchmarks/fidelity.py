@@ -194,28 +194,49 @@ def quick_cells() -> list[Cell]:
 
 
 class _MemoPrefill:
-    """The compiled prefill graph, run once per ``memo_key`` (its outputs do not depend on the cell)."""
+    """The compiled prefill graph, run once per ``memo_key``: its outputs, and what each site hands
+    the compression inside it (``PrefillRun.take``), do not depend on the cell. Later cells of the
+    key get the outputs back and the recorded sites fed to their own run."""
 
     def __init__(self, compiled, owner: "SweepBackend"):
         self.compiled, self.owner = compiled, owner
         self.key: Any = None
         self.outputs: Optional[tuple] = None
+        self.sites: list[tuple] = []
         self.shapes: Optional[list] = None
 
     def __call__(self, *args):
+        from rotatek_compile import prefill
+
         key = self.owner.memo_key
         shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]
         if key is None:
             return self.compiled(*args)
         if self.key != key or self.outputs is None:
-            self.outputs, self.key, self.shapes = None, None, None
-            self.outputs, self.key, self.shapes = tuple(self.compiled(*args)), key, shapes
+            self.drop()
+            with prefill.running(_SiteRecorder()) as recorder:
+                self.outputs = tuple(self.compiled(*args))
+            self.key, self.shapes, self.sites = key, shapes, recorder.sites
         elif shapes != self.shapes:
             raise RuntimeError("fidelity: prefill memo key reused for different inputs")
+        run = prefill.current()  # the runner's own run, for this cell's config
+        for site in self.sites:
+            run.take(*site)
         return list(self.outputs)
 
     def drop(self) -> None:
-        self.outputs, self.key, self.shapes = None, None, None
+        self.outputs, self.key, self.shapes, self.sites = None, None, None, []
+
+
+class _SiteRecorder:
+    """Stands for a ``PrefillRun`` while the prefill graph runs: keeps a copy of each site's inputs."""
+
+    def __init__(self):
+        self.sites: list[tuple] = []
+
+    def take(self, site, keys, values, window, mask_row, context) -> None:
+        self.sites.append((site, keys.clone(), values.clone(), window.clone(),
+                           None if mask_row is None else mask_row.clone(), [t.clone() for t in context]))
 
 
 def sweep_backend(inner: str = "eager"):
@@ -226,8 +247,9 @@ def sweep_backend(inner: str = "eager"):
         """A :class:`RotateKBackend` whose compiled graphs serve every cell of the sweep.
 
         ``select(config, memo_key)`` switches the config that the prefill runtime compresses with
-        and the decode graph (one per method: each reads its own state layout); the prefill graph's outputs are memoised per
-        ``memo_key``. Relies on the prefill runner's ``plan``/``config``/``compiled`` attributes.
+        and the decode graph (one per method: each reads its own state layout); the prefill graph's outputs, and
+        what it hands the compression, are memoised per ``memo_key``. Relies on the prefill runner's
+        ``plan``/``config``/``compiled`` attributes and on ``rotatek_compile.prefill``'s current run.
         """
 
         def __init__(self):

@@ -171,6 +171,13 @@ def _not_reading(layer: CompressedLayer, keys: Tensor, values: Tensor) -> Compre
                                values=own(layer.values))
 
 
+def current() -> PrefillRun:
+    """The run that the prefill graph running now feeds."""
+    if not _RUNS:
+        raise RuntimeError("rotatek: a rewritten prefill graph ran outside the backend's prefill runner")
+    return _RUNS[-1]
+
+
 @contextlib.contextmanager
 def running(run: PrefillRun) -> Iterator[PrefillRun]:
     """Make ``run`` the one that the graph's ``rotatek.compress_site`` calls feed."""
@@ -187,9 +194,7 @@ def compress_site(keys: Tensor, values: Tensor, window: Tensor, mask_row: Option
     """Hand one layer's prefill to the current :class:`PrefillRun` (:meth:`PrefillRun.take`);
     returns an empty tensor on the Keys' device (what the graph returns in place of the layer's
     Keys and Values)."""
-    if not _RUNS:
-        raise RuntimeError("rotatek: a rewritten prefill graph ran outside the backend's prefill runner")
-    _RUNS[-1].take(site, keys, values, window, mask_row, context)
+    current().take(site, keys, values, window, mask_row, context)
     return keys.new_empty(0)
 
 
