@@ -15,15 +15,16 @@ hands the tensors to the :class:`PrefillRun` that the runner made current (:func
 runner then gives HF stand-ins (:func:`rotatek_compile.state.stand_in`) in place of ``done``.
 
 Layers are compressed in groups, so that :func:`~rotatek_compile.state.compress_layers` batches
-their work (a few launches and one host synchronisation per group, not per layer): a layer is held
-while the held layers' Keys and Values stay within :data:`HELD_BYTES`. A held layer is a copy,
-since Inductor may give a buffer's memory to a later one once its last reader has run.
+their work (a few launches and one host synchronisation per group, not per layer): groups of equal
+size, as few as keep the held layers' Keys and Values within :data:`HELD_BYTES`. A held layer is
+a copy, since Inductor may give a buffer's memory to a later one once its last reader has run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -33,10 +34,12 @@ from rotatek_compile.config import RotateKConfig
 from rotatek_compile.state import CompressedLayer, KeptExact, LayerPrefill, _nbytes, compress_layers
 
 # Bytes of full Keys and Values held across layers, by device type, to compress them in one group.
-# On a GPU each group costs a few milliseconds of host time (its launches and synchronisation);
-# held bytes add to the prefill's peak. None on a CPU, where a call costs its arithmetic: every
-# layer is compressed alone, right after its attention.
-HELD_BYTES = {"cuda": 1 << 30}
+# On a GPU each group costs a few milliseconds of host time (its launches and synchronisation:
+# 32 layers of one 16k-token row took 31-33 ms in one group, 41 ms in three), and held bytes add
+# to the prefill's peak: at 64k tokens and more than 7 rows a layer's Keys and Values pass 4 GiB
+# alone, so each is compressed right after its attention. None on a CPU, where a call costs its
+# arithmetic: every layer is compressed alone.
+HELD_BYTES = {"cuda": 4 << 30}
 
 _RUNS: list["PrefillRun"] = []  # the runs of the prefill graphs running now, innermost last
 
@@ -80,6 +83,7 @@ class PrefillRun:
         self._held: list[_Held] = []
         self._started = False
         self._seen = 0  # sites taken
+        self._group = 1  # layers compressed together
 
     def take(self, site: int, keys: Tensor, values: Tensor, window: Tensor, mask_row: Optional[Tensor],
              context: list[Tensor]) -> None:
@@ -89,6 +93,7 @@ class PrefillRun:
         if not self._started:
             self._started = True
             self._start(keys, context)
+            self._group = self._group_size(_nbytes(keys) + _nbytes(values), keys.device)
         self.shapes[site] = (keys.shape, keys.new_empty(0), values.shape, values.new_empty(0))
         self._seen += 1
         prefill = self._prefill(site, keys, values, window, mask_row)
@@ -97,8 +102,7 @@ class PrefillRun:
                 self.exact[site] = (keys.clone(), values.clone())
             return
         last = self._seen == len(self.scales)
-        held = sum(_layer_bytes(h.prefill) for h in self._held) + _layer_bytes(prefill)
-        if not last and held <= self._held_bytes(keys.device):
+        if not last and len(self._held) + 1 < self._group:
             if self.in_graph[site]:
                 prefill = dataclasses.replace(prefill, keys=keys.clone(), values=values.clone(), queries=window.clone())
             self._held.append(_Held(site, prefill, owned=True))
@@ -121,6 +125,14 @@ class PrefillRun:
     def _held_bytes(self, device: torch.device) -> float:
         """How many bytes of full Keys and Values the run may hold to compress them together."""
         return HELD_BYTES.get(device.type, 0)
+
+    def _group_size(self, layer_bytes: int, device: torch.device) -> int:
+        """Layers per group: the sites in as few equal groups as hold at most :meth:`_held_bytes` of
+        copies (the last layer of a group is compressed as it comes), layers taken alike."""
+        sites, limit = len(self.scales), self._held_bytes(device)
+        if sites * layer_bytes <= limit:
+            return sites
+        return math.ceil(sites / math.ceil(sites * layer_bytes / limit)) if limit > 0 else 1
 
     def _left_exact(self, held: list[_Held]) -> dict[int, KeptExact]:
         """Held sites to keep exact without compressing them (none here)."""
@@ -152,10 +164,6 @@ class PrefillRun:
                 layer = self._built(h.site, layer if owned else _not_reading(layer, keys, values))
             self.layers[h.site] = layer
             del keys, values
-
-
-def _layer_bytes(prefill: LayerPrefill) -> int:
-    return _nbytes(prefill.keys) + _nbytes(prefill.values)
 
 
 def _not_reading(layer: CompressedLayer, keys: Tensor, values: Tensor) -> CompressedLayer:

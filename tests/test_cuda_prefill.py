@@ -168,7 +168,9 @@ def test_the_prefill_peak_is_below_the_uncompressed_one_on_cuda(cache, monkeypat
     of all layers but one (here a layer at a time: ``HELD_BYTES`` 0)."""
     from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
+    import rotatek_compile
     from rotatek_compile import prefill
+    from rotatek_compile.state import attached
 
     monkeypatch.setattr(prefill, "HELD_BYTES", {})
     torch.manual_seed(0)
@@ -183,11 +185,11 @@ def test_the_prefill_peak_is_below_the_uncompressed_one_on_cuda(cache, monkeypat
         return dict(past_key_values=StaticCache(config=config, max_cache_len=length + 8)) if cache == "static" else {}
 
     peaks = {}
-    for backend, options in (("inductor", {}), ("rotatek", dict(options={"key_channels": rank}))):
+    for name, backend in (("inductor", "inductor"), ("rotatek", rotatek_compile.backend(key_channels=rank))):
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend=backend, **options)
+        compiled = torch.compile(model, backend=backend)
         _prefill_peak(compiled, input_ids[:, : length // 2], **caches())  # compiled on another length
-        peaks[backend], kv = _prefill_peak(compiled, input_ids, **caches())
+        peaks[name], kv = _prefill_peak(compiled, input_ids, **caches())
     torch._dynamo.reset()
     assert all(attached(layer.keys) is not None for layer in kv.layers)
     span_key_bytes = kv_heads * (length - 32) * dim * 2  # per layer, bf16

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import rotatek_compile
 from rotatek_compile import prefill
 from rotatek_compile.state import attached
 from tests.test_compress_layers import assert_same_layer
@@ -36,7 +37,7 @@ def generate(options: dict, steps: int = 4, warm_up: bool = False, **kwargs):
     """Greedy generation from a 64-token prompt; ``warm_up``: after one from a 40-token prompt (the
     prefill graph is then compiled again, with symbolic sizes)."""
     model = four_layer_llama()
-    model.compile(backend="rotatek", options={"key_channels": 8, "inner": "eager", **options})
+    model.compile(backend=rotatek_compile.backend(key_channels=8, inner="eager", **options))
     with torch.no_grad():
         for length in [40, 64] if warm_up else [64]:
             out = model.generate(**padded_prompt(length=length), max_new_tokens=steps, do_sample=False,
@@ -57,8 +58,9 @@ def counting_compressions(monkeypatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("held_bytes, groups", [({}, [1] * LAYERS), ({"cpu": 1 << 40}, [LAYERS])],
-                         ids=["alone", "one_group"])
+# a layer's Keys and Values: 2 rows x 2 heads x 64 tokens x 16 channels, fp32, twice: 32 KiB
+@pytest.mark.parametrize("held_bytes, groups", [({}, [1] * LAYERS), ({"cpu": 80_000}, [2, 2]),
+                                                ({"cpu": 1 << 40}, [LAYERS])], ids=["alone", "two_groups", "one_group"])
 def test_layers_compressed_in_groups_give_the_cache_of_layers_alone(held_bytes, groups, monkeypatch):
     monkeypatch.setattr(prefill, "HELD_BYTES", {})
     alone = generate({})
@@ -105,7 +107,7 @@ def test_a_layer_kept_exact_keeps_its_own_copy_of_the_cache(monkeypatch):
     with torch.no_grad():
         exact = model.generate(**padded_prompt(length=40), max_new_tokens=3, do_sample=False,
                                return_dict_in_generate=True, output_logits=True)
-    model.compile(backend="rotatek", options={"key_channels": 8, "inner": "eager"})
+    model.compile(backend=rotatek_compile.backend(key_channels=8, inner="eager"))
     with torch.no_grad():
         kept = model.generate(**padded_prompt(length=40), max_new_tokens=3, do_sample=False,
                               return_dict_in_generate=True, output_logits=True)
