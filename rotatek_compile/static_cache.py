@@ -4,8 +4,8 @@
 buffers never change shape, so one decode graph serves every step and can be captured as a CUDA
 graph (``mode="reduce-overhead"``). This module gives the compressed cache the same property.
 
-After the prefill graph, each layer is compressed as with a ``DynamicCache``
-(:func:`rotatek_compile.state.compress_layers`), then laid out for static shapes
+Inside the prefill graph, each layer is compressed as with a ``DynamicCache``
+(:mod:`rotatek_compile.prefill`), then laid out for static shapes
 (:class:`StaticCompressedLayer`): the span as compressed, and the full-width rest (prompt and
 text tokens, then every generated token) in buffers of a fixed capacity ``C``, with a validity
 mask. HF position ``p`` (its ``cumulative_length``) goes to rest slot ``p − rest_offset``; the

@@ -612,29 +612,6 @@ def test_sliding_window_cache_is_skipped_as_such():
     assert isinstance(match, SkippedSite) and "sliding-window" in match.reason and not match.compressible
 
 
-def test_latent_attention_is_named():
-    # MLA: the cache keeps a latent; Keys are projected from it after the cache read
-    def latent(q, past, new, up):
-        cache = torch.cat([past, new], dim=-2)  # [B, 1, S, rank]
-        keys = (cache @ up).expand(-1, 2, -1, -1)  # [B, 2, S, d]
-        return F.scaled_dot_product_attention(q, keys, keys), cache
-
-    q, past, new, up = torch.randn(1, 2, 1, 16), torch.randn(1, 1, 8, 4), torch.randn(1, 1, 1, 4), torch.randn(4, 16)
-    (match,) = find_attention_sites(trace(latent, q, past, new, up).graph)
-    assert isinstance(match, SkippedSite) and "latent attention" in match.reason and match.compressible
-
-
-def test_attention_scaled_by_division_is_matched():
-    def divided(q, past_k, past_v, k, v):
-        keys, values = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
-        probs = torch.softmax(torch.matmul(q, keys.transpose(2, 3)) / 4.0, dim=-1, dtype=torch.float32)
-        return torch.matmul(probs.to(q.dtype), values), keys, values
-
-    q, past = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 8, 16)
-    (match,) = find_attention_sites(trace(divided, q, past, past, q, q).graph)
-    assert isinstance(match, AttentionSite) and match.kind == "eager" and match.scale == pytest.approx(0.25)
-
-
 def test_mask_from_learned_weights_is_left_exact():
     # a relative-position bias (or a sparse indexer's block choice) inside the additive mask:
     # the decode op keeps only valid/invalid, so the site must stay exact (and be reported)

@@ -25,7 +25,7 @@ from rotatek_compile.state import attached
 from rotatek_compile.static_cache import StaticCompressedLayer
 from rotatek_compile.tiers import SINK_LIMIT
 from tests.test_generate import HEAD_DIM, LAYERS, generate, max_logit_error, padded_prompt, tiny_llama
-from tests.test_passes import RecordingBackend, prefill_calls, trace
+from tests.test_passes import prefill_calls, trace
 from tests.tiny_models import BY_NAME, DECODER, image_token_counts
 
 SDPA = torch._C._nn.scaled_dot_product_attention

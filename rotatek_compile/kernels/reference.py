@@ -240,7 +240,6 @@ def subspace_iteration(covariance: Tensor, rank: int, iters: int = 5) -> Tensor:
     ``covariance`` ``[..., d, d]`` → ``[..., d, rank]`` fp32 orthonormal columns.
     """
     cov = covariance.float()
-    dim = cov.shape[-1]
     variances = cov.diagonal(dim1=-2, dim2=-1)  # [..., d]
     shifted = _add_to_diagonal_(cov.clone(), SUBSPACE_SHIFT * variances.mean(dim=-1))  # C + δI
     start = variances.topk(rank, dim=-1).indices  # [..., r]

@@ -60,8 +60,6 @@ class SiteSlots:
     past_values_input: int
     keys_output: int  # index of the Keys Dynamo writes back into HF's cache
     values_output: int
-    query_output: int = -1  # prefill: q[:, :, -W:]
-    mask_output: int = -1  # prefill: the attention mask, -1 if None
     mask_input: int = -1  # decode: the attention mask when it is a graph input (built elsewhere)
 
 
@@ -72,7 +70,7 @@ class RewrittenGraph:
     sites: tuple[SiteSlots, ...]
     skipped: tuple[SkippedSite, ...]
     num_outputs: int  # outputs of the original graph (the rest are added)
-    span_outputs: tuple[int, ...] = ()  # prefill, merge: image-merge masks
+    span_outputs: tuple[int, ...] = ()  # merge: image-merge masks
     merge_outputs: tuple[int, ...] = ()  # merge: the merged embeddings each mask belongs to
 
 
