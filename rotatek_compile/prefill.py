@@ -35,10 +35,10 @@ from rotatek_compile.state import CompressedLayer, KeptExact, LayerPrefill, _nby
 
 # Bytes of full Keys and Values held across layers, by device type, to compress them in one group.
 # On a GPU each group costs a few milliseconds of host time (its launches and synchronisation:
-# 32 layers of one 16k-token row took 31-33 ms in one group, 41 ms in three), and held bytes add
-# to the prefill's peak: at 64k tokens and more than 7 rows a layer's Keys and Values pass 4 GiB
-# alone, so each is compressed right after its attention. None on a CPU, where a call costs its
-# arithmetic: every layer is compressed alone.
+# on an H200, 32 layers of one 16k-token row took 35 ms in one group, 41 ms in three), and held
+# bytes add to the prefill's peak: with 9 rows of 64k tokens (2.4 GB of Keys and Values a layer)
+# layers go in pairs, one copy held. None on a CPU, where a call costs its arithmetic: every layer
+# is compressed alone.
 HELD_BYTES = {"cuda": 4 << 30}
 
 _RUNS: list["PrefillRun"] = []  # the runs of the prefill graphs running now, innermost last
