@@ -26,7 +26,7 @@ import rotatek_compile.ops  # noqa: F401  (registers torch.ops.rotatek.*)
 from rotatek_compile.config import INNERS, RotateKConfig
 from rotatek_compile.passes.find_attention import CROSS_ATTENTION, SkippedSite, sites_and_skips
 from rotatek_compile.passes.rewrite import (
-    RewrittenGraph, rewrite_decode, rewrite_merge, rewrite_prefill, state_inputs)
+    RewrittenGraph, SiteSlots, rewrite_decode, rewrite_merge, rewrite_prefill, state_inputs)
 from rotatek_compile.passes.visual_span import to_token_mask
 from rotatek_compile.prefill import PrefillRun, running
 from rotatek_compile.state import (
@@ -419,8 +419,7 @@ class _PrefillRunner:
             layer = run.layers[site]
             if isinstance(layer, KeptExact):
                 self._keep_exact(slot.layer, layer)
-                if site in run.exact:  # made in the graph: the run's copies
-                    outputs[slot.keys_output], outputs[slot.values_output] = run.exact[site]
+                _hand_exact(outputs, slot, run.exact.get(site))
                 continue
             reduced += bool(layer.split.compressed or layer.split.dropped)
             key_shape, keys_like, value_shape, values_like = run.shapes[site]
@@ -482,6 +481,14 @@ class _PrefillRunner:
             logger.warning("rotatek: the model takes images but %s: compressing %s instead (an image "
                            "merge the pass does not recognise, or a text-only prompt)", why, head)
         return None, f"{head} ({why})"
+
+
+def _hand_exact(outputs: list, slot: SiteSlots, exact: Optional[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Return the run's copies of a layer kept exact (``exact``: made in the graph) where the graph
+    returned its Keys and Values."""
+    for index, tensor in zip((slot.keys_output, slot.values_output), exact or ()):
+        if index >= 0:
+            outputs[index] = tensor
 
 
 def _hand_stand_in(outputs: list, args: tuple, output: int, input_: int, shape: torch.Size, like: torch.Tensor,

@@ -30,7 +30,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
-from rotatek_compile.backend import RotateKCacheError, StateShapeChecks, _PrefillRunner, _symbolic_state
+from rotatek_compile.backend import (
+    RotateKCacheError, StateShapeChecks, _hand_exact, _PrefillRunner, _symbolic_state)
 from rotatek_compile.config import RotateKConfig
 from rotatek_compile.prefill import PrefillRun, SpanOf, prompt_head, running, valid_tokens
 from rotatek_compile.passes.static_cache import (
@@ -200,8 +201,7 @@ class _StaticPrefillRunner(_PrefillRunner):
         if run.first != 0:
             logger.info("rotatek: static cache written from position %d, not compressed", run.first)
             for site, slot in enumerate(plan.sites):
-                if site in run.exact:
-                    outputs[slot.keys_output], outputs[slot.values_output] = run.exact[site]
+                _hand_exact(outputs, slot, run.exact.get(site))
             return outputs[: plan.num_outputs]
         return self._handed_over(run, outputs, args)
 
