@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import threading
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -41,7 +42,7 @@ from rotatek_compile.state import CompressedLayer, KeptExact, LayerPrefill, _nby
 # is compressed alone.
 HELD_BYTES = {"cuda": 4 << 30}
 
-_RUNS: list["PrefillRun"] = []  # the runs of the prefill graphs running now, innermost last
+_THREAD = threading.local()  # .runs: the runs of the prefill graphs this thread runs now, innermost last
 
 # (span masks of the graph, rows, positions) → (the [B, S] span or None for the prompt fallback, what it is)
 SpanOf = Callable[[list[Tensor], int, int], tuple[Optional[Tensor], str]]
@@ -179,21 +180,28 @@ def _not_reading(layer: CompressedLayer, keys: Tensor, values: Tensor) -> Compre
                                values=own(layer.values))
 
 
+def _runs() -> list[PrefillRun]:
+    if not hasattr(_THREAD, "runs"):
+        _THREAD.runs = []
+    return _THREAD.runs
+
+
 def current() -> PrefillRun:
-    """The run that the prefill graph running now feeds."""
-    if not _RUNS:
+    """The run that the prefill graph running now (in this thread) feeds."""
+    if not _runs():
         raise RuntimeError("rotatek: a rewritten prefill graph ran outside the backend's prefill runner")
-    return _RUNS[-1]
+    return _runs()[-1]
 
 
 @contextlib.contextmanager
 def running(run: PrefillRun) -> Iterator[PrefillRun]:
-    """Make ``run`` the one that the graph's ``rotatek.compress_site`` calls feed."""
-    _RUNS.append(run)
+    """Make ``run`` the one that the graph's ``rotatek.compress_site`` calls feed, in this thread
+    (two threads may each run a prefill)."""
+    _runs().append(run)
     try:
         yield run
     finally:
-        _RUNS.remove(run)
+        _runs().remove(run)
 
 
 @torch.library.custom_op("rotatek::compress_site", mutates_args=())

@@ -4,6 +4,7 @@ layers compressed one by one."""
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import pytest
@@ -121,3 +122,22 @@ def test_the_op_outside_a_prefill_run_says_so():
     keys = torch.zeros(1, 1, 4, 8)
     with pytest.raises(RuntimeError, match="outside the backend's prefill runner"):
         torch.ops.rotatek.compress_site(keys, keys, torch.zeros(1, 2, 1, 8), None, [], 0)
+
+
+def test_each_thread_feeds_its_own_run():
+    """Two threads inside a prefill at once: each graph's sites reach the run of its own thread."""
+    barrier, seen = threading.Barrier(2), {}
+
+    def prefill_in_thread(name):
+        run = object()  # what the runner would make current
+        with prefill.running(run):
+            barrier.wait()  # both threads inside their runs
+            seen[name] = prefill.current() is run
+            barrier.wait()
+
+    threads = [threading.Thread(target=prefill_in_thread, args=(name,)) for name in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == {"a": True, "b": True}
