@@ -3,8 +3,9 @@
 For each graph Dynamo hands over:
 
 1. find the attention sites (:mod:`rotatek_compile.passes.find_attention`);
-2. prefill graph → :func:`~rotatek_compile.passes.rewrite.rewrite_prefill`, and at run time
-   compress each layer's Keys from what the graph returns, handing HF zero-storage stand-ins;
+2. prefill graph → :func:`~rotatek_compile.passes.rewrite.rewrite_prefill`, which compresses each
+   layer's Keys inside the graph (:mod:`rotatek_compile.prefill`); at run time hand HF
+   zero-storage stand-ins in their place;
    decode graph on a compressed cache → :func:`~rotatek_compile.passes.rewrite.rewrite_decode`,
    feeding each layer's compressed state in and the grown stand-ins back;
    any other graph → unchanged;

@@ -1,4 +1,4 @@
-"""The two graph rewrites: prefill exposes what compression needs, decode attends on the result.
+"""The two graph rewrites: prefill compresses each layer's cache, decode attends on the result.
 
 Prefill (the cache was empty): attention stays exact, and each layer's Keys and Values are
 compressed right after it, inside the graph (:mod:`rotatek_compile.prefill`)::
@@ -447,7 +447,7 @@ def window_and_mask_row(graph: fx.Graph, attention: fx.Node, query: fx.Node, mas
                         window: int, done: dict) -> tuple[fx.Node, Optional[fx.Node]]:
     """Copies of ``query[:, :, -W:]`` and of the mask's last row (``None`` if ``mask`` is in ``done``
     or None), taken right after ``attention`` (``rotatek.kept_copy``: Inductor keeps them there),
-    so that no layer's whole ``[B, Hq, L, d]`` query stays alive until the graph returns.
+    so that no layer's whole ``[B, Hq, L, d]`` query stays alive past its attention.
     """
     with graph.inserting_after(attention):
         copy_window = graph.call_function(torch.ops.rotatek.kept_copy.default, (None,))  # [B, Hq, W, d]
