@@ -105,7 +105,7 @@ def test_pruned_static_cache_holds_fewer_key_bytes():
     model, inputs = tiny_llama(), padded_prompt()
     steps, rank = 4, HEAD_DIM // 4
     exact = static(model, inputs, steps=steps)
-    model.compile(backend="rotatek", options={"key_channels": rank, "inner": "eager"})
+    model.compile(backend=rotatek_compile.backend(key_channels=rank, inner="eager"))
     compressed = static(model, inputs, steps=steps)
     assert all(torch.isfinite(x).all() for x in compressed.logits)
     cache = compressed.past_key_values
@@ -128,7 +128,7 @@ def test_pruned_static_cache_holds_fewer_key_bytes():
 
 def test_static_state_dies_with_the_cache():
     model, inputs = tiny_llama(), padded_prompt(batch=1)
-    model.compile(backend="rotatek", options={"key_channels": 4, "inner": "eager"})
+    model.compile(backend=rotatek_compile.backend(key_channels=4, inner="eager"))
     out = static(model, inputs, steps=3)
     gc.collect()
     assert sum(isinstance(o, StaticCompressedLayer) for o in gc.get_objects()) == LAYERS
@@ -141,7 +141,7 @@ def test_requests_do_not_keep_their_compressed_caches():
     """A request's compressed cache is freed by reference counting when the request ends, not by
     Python's cyclic collector (which runs rarely: GPU memory ran out across requests)."""
     model = tiny_llama()
-    model.compile(backend="rotatek", options={"key_channels": 4, "inner": "eager"})
+    model.compile(backend=rotatek_compile.backend(key_channels=4, inner="eager"))
 
     def request(n):
         cache = StaticCache(config=model.config, max_cache_len=64)
@@ -175,7 +175,7 @@ def test_requests_of_other_lengths_reuse_the_decode_graph():
     prompts = [{"input_ids": torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(n))}
                for n in (44, 40, 36)]
     exact = [static(model, prompt, steps=4) for prompt in prompts]
-    model.compile(backend="rotatek", options={"key_channels": HEAD_DIM, "inner": "eager"})
+    model.compile(backend=rotatek_compile.backend(key_channels=HEAD_DIM, inner="eager"))
     compressed = [static(model, prompt, steps=4) for prompt in prompts]
     for e, c in zip(exact, compressed):
         assert torch.equal(e.sequences, c.sequences) and max_logit_error(e, c) < 1e-4
@@ -204,7 +204,7 @@ def test_requests_with_growing_cache_lengths_compress_every_layer():
     model = tiny_llama()
     requests = [(40, 48), (44, 52), (48, 64)]  # (prompt, cache positions)
     exact = [_prefill_and_step(model, *request) for request in requests]
-    model.compile(backend="rotatek", options={"key_channels": HEAD_DIM, "inner": "eager"})
+    model.compile(backend=rotatek_compile.backend(key_channels=HEAD_DIM, inner="eager"))
     for (prefill, step, _), request in zip(exact, requests):
         got_prefill, got_step, cache = _prefill_and_step(model, *request)
         assert torch.allclose(prefill, got_prefill, atol=1e-5) and torch.allclose(step, got_step, atol=1e-4)
@@ -221,7 +221,7 @@ def test_a_sliding_window_buffer_found_shorter_at_run_time_stays_exact(caplog):
     model = transformers.Gemma3ForCausalLM(text).eval()
     requests = [(40, 48), (44, 52), (48, 64)]
     exact = [_prefill_and_step(model, *request) for request in requests]
-    model.compile(backend="rotatek", options={"key_channels": DECODER["head_dim"], "inner": "eager"})
+    model.compile(backend=rotatek_compile.backend(key_channels=DECODER["head_dim"], inner="eager"))
     kinds = []
     with caplog.at_level(logging.WARNING, logger="rotatek_compile"):
         for (prefill, step, _), request in zip(exact, requests):
@@ -252,7 +252,7 @@ def test_preallocated_cache_is_emptied_in_place():
         return torch.stack(logits), cache, buffers
 
     exact, _, _ = run()
-    model.compile(backend="rotatek", options={"key_channels": HEAD_DIM, "inner": "eager"})
+    model.compile(backend=rotatek_compile.backend(key_channels=HEAD_DIM, inner="eager"))
     compressed, cache, buffers = run()
     assert (compressed - exact).abs().max().item() < 1e-4
     assert all(layer.keys is keys and layer.values is values for layer, (keys, values) in zip(cache.layers, buffers))
@@ -263,7 +263,7 @@ def test_preallocated_cache_is_emptied_in_place():
 def test_chunk_on_a_compressed_static_cache_is_refused():
     # a second prompt turn of 3 tokens at once: the static decode graph serves one token per call
     model = tiny_llama()
-    model.compile(backend="rotatek", options={"key_channels": 4, "inner": "eager"})
+    model.compile(backend=rotatek_compile.backend(key_channels=4, inner="eager"))
     ids = torch.randint(0, 128, (1, 44), generator=torch.Generator().manual_seed(3))
     cache = StaticCache(config=model.config, max_cache_len=64)
     with torch.no_grad():
@@ -277,7 +277,7 @@ def test_chunk_on_a_compressed_static_cache_is_refused():
 def test_full_rank_static_under_inductor():
     model, inputs = tiny_llama(), padded_prompt()
     exact = static(model, inputs, steps=4)
-    model.compile(backend="rotatek", options={"key_channels": HEAD_DIM})
+    model.compile(backend=rotatek_compile.backend(key_channels=HEAD_DIM))
     compressed = static(model, inputs, steps=4)
     assert torch.equal(exact.sequences, compressed.sequences)
     assert max_logit_error(exact, compressed) < 1e-4
