@@ -73,7 +73,7 @@ def build_model(tiny: bool, device: str, dtype: torch.dtype, layers: int) -> Lla
 
 
 # the module whose prefill runs call ``compress_layers`` (inside the prefill graph)
-COMPRESSING_MODULES = (importlib.import_module("rotatek_compile.prefill"),)
+COMPRESSING_MODULE = importlib.import_module("rotatek_compile.prefill")
 
 
 class CompressionTimer:
@@ -86,16 +86,14 @@ class CompressionTimer:
     def __init__(self, profile: bool = False):
         self.seconds = 0.0
         self.peak_before = None  # peak memory when the first group starts compressing
-        self._inner = COMPRESSING_MODULES[0].compress_layers
+        self._inner = COMPRESSING_MODULE.compress_layers
         self._profile = profile
 
     def install(self) -> None:
-        for module in COMPRESSING_MODULES:
-            module.compress_layers = self
+        COMPRESSING_MODULE.compress_layers = self
 
     def remove(self) -> None:
-        for module in COMPRESSING_MODULES:
-            module.compress_layers = self._inner
+        COMPRESSING_MODULE.compress_layers = self._inner
 
     def __call__(self, prefills, config):
         # profiling: the same inputs compressed again, outside the model (copies: the graph's own

@@ -29,7 +29,7 @@ from rotatek_compile.passes.find_attention import CROSS_ATTENTION, SkippedSite, 
 from rotatek_compile.passes.rewrite import (
     RewrittenGraph, SiteSlots, rewrite_decode, rewrite_merge, rewrite_prefill, state_inputs)
 from rotatek_compile.passes.visual_span import to_token_mask
-from rotatek_compile.prefill import PrefillRun, running
+from rotatek_compile.prefill import PrefillRun, SpanOf, running
 from rotatek_compile.state import (
     CompressedLayer, KeptExact, attached, become_stand_in, derived_from_stand_in, plain, stand_in)
 
@@ -403,8 +403,11 @@ class _PrefillRunner:
         return self._handed_over(run, outputs, args)
 
     def _run(self, args: tuple) -> PrefillRun:
-        return PrefillRun(self.config, [slot.scale for slot in self.plan.sites],
-                          lambda masks, batch, length: self._span(masks, args, batch, length))
+        """The run that this call's graph feeds."""
+        return PrefillRun(self.config, [slot.scale for slot in self.plan.sites], self._span_of(args))
+
+    def _span_of(self, args: tuple) -> SpanOf:
+        return lambda masks, batch, length: self._span(masks, args, batch, length)
 
     def _handed_over(self, run: PrefillRun, outputs: list, args: tuple) -> list:
         """The graph's outputs, with each compressed site's Keys and Values as stand-ins that carry

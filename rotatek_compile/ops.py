@@ -207,9 +207,10 @@ def kept_copy(tensor: Tensor) -> Tensor:
     """A contiguous copy that Inductor neither fuses nor moves.
 
     The prefill graph copies each layer's query window and the mask's last row for the layer's
-    compression (``rotatek.compress_site``). As plain ``clone`` nodes (when the graph returned them), Inductor fused the copies of all layers into one kernel at the end
-    of the graph, which kept every layer's whole query alive until then (+0.12 GB per layer at
-    16k tokens); as an opaque op each copy runs where it stands, right after its layer's attention.
+    compression (``rotatek.compress_site``). As plain ``clone`` nodes (when the graph returned them),
+    Inductor fused the copies of all layers into one kernel at the end of the graph, which kept
+    every layer's whole query alive until then (+0.12 GB per layer at 16k tokens); as an opaque op
+    each copy runs where it stands, right after its layer's attention.
     """
     return tensor.clone(memory_format=torch.contiguous_format)
 

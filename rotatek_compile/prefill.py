@@ -80,7 +80,6 @@ class PrefillRun:
         self.layers: dict[int, CompressedLayer | KeptExact] = {}
         self.exact: dict[int, tuple[Tensor, Tensor]] = {}  # layers kept exact, made in the graph: copies
         self.shapes: dict[int, tuple[torch.Size, Tensor, torch.Size, Tensor]] = {}  # Keys' and Values' (shape, like)
-        self.valid: dict[int, Tensor] = {}  # [B, S] bool per site, until its layer is built
         self._held: list[_Held] = []
         self._started = False
         self._seen = 0  # sites taken
@@ -119,7 +118,6 @@ class PrefillRun:
                  mask_row: Optional[Tensor]) -> Optional[LayerPrefill]:
         """What :func:`compress_layers` takes of the site (None: the run compresses nothing)."""
         valid = valid_tokens(mask_row, keys)
-        self.valid[site] = valid
         span = self.span if self.span is not None else prompt_head(valid, self.config.query_window)
         return LayerPrefill(keys, values, window, span, valid, self.scales[site])
 
@@ -146,15 +144,15 @@ class PrefillRun:
     def _compress_held(self) -> None:
         held, self._held = self._held, []
         left = self._left_exact(held)
-        exact = {h.site: (h.prefill.keys, h.prefill.values, h.owned) for h in held}
+        # what each layer's result needs once compress_layers has dropped its prefill
+        inputs = {h.site: (h.prefill.keys, h.prefill.values, h.prefill.valid, h.owned) for h in held}
         prefills = [h.prefill for h in held if h.site not in left]
         for h in held:  # compress_layers empties its list as it goes: no other reference may stay
             h.prefill = None
         layers = iter(compress_layers(prefills, self.config))
         for h in held:
             layer = left[h.site] if h.site in left else next(layers)
-            keys, values, owned = exact.pop(h.site)
-            valid = self.valid.pop(h.site)
+            keys, values, valid, owned = inputs.pop(h.site)
             if isinstance(layer, KeptExact):
                 if self.in_graph[h.site]:
                     self.exact[h.site] = (keys, values) if owned else (keys.clone(), values.clone())

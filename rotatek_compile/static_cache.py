@@ -33,7 +33,7 @@ from torch import Tensor
 from rotatek_compile.backend import (
     RotateKCacheError, StateShapeChecks, _hand_exact, _PrefillRunner, _symbolic_state)
 from rotatek_compile.config import RotateKConfig
-from rotatek_compile.prefill import PrefillRun, SpanOf, prompt_head, running, valid_tokens
+from rotatek_compile.prefill import PrefillRun, SpanOf, prompt_head, valid_tokens
 from rotatek_compile.passes.static_cache import (
     SLIDING_WINDOW, StaticPlan, buffer_lengths, find_static_sites, rewrite_static_decode, rewrite_static_prefill)
 from rotatek_compile.state import CompressedLayer, KeptExact, LayerPrefill, StandIn, attached, plain
@@ -167,8 +167,8 @@ class _StaticPrefillRun(PrefillRun):
         if self.first != 0:  # tokens appended to a cache that was filled without compression
             return None
         length = keys.shape[2]
+        # [B, L]: real tokens of the prompt
         valid = valid_tokens(mask_row, keys) & (torch.arange(length, device=keys.device) < self.prompt_end)
-        self.valid[site] = valid  # [B, L]
         span = (F.pad(self.span, (0, length - self.prompt_end), value=False) if self.span is not None
                 else prompt_head(valid, self.config.query_window))
         return LayerPrefill(keys, values, window, span, valid, self.scales[site])
@@ -190,20 +190,18 @@ class _StaticPrefillRunner(_PrefillRunner):
     """Runs the prefill graph, which compresses each layer into a :class:`StaticCompressedLayer`,
     and turns HF's buffers into stand-ins."""
 
-    def __call__(self, *args):
-        plan = self.plan
-        run = _StaticPrefillRun(self.config, [slot.scale for slot in plan.sites],
-                                lambda masks, batch, length: self._span(masks, args, batch, length),
-                                in_graph=[slot.keys_output >= 0 for slot in plan.sites],
-                                lengths=buffer_lengths(plan, args))
-        with running(run):
-            outputs = list(self.compiled(*args))
-        if run.first != 0:
-            logger.info("rotatek: static cache written from position %d, not compressed", run.first)
-            for site, slot in enumerate(plan.sites):
-                _hand_exact(outputs, slot, run.exact.get(site))
-            return outputs[: plan.num_outputs]
-        return self._handed_over(run, outputs, args)
+    def _run(self, args: tuple) -> PrefillRun:
+        return _StaticPrefillRun(self.config, [slot.scale for slot in self.plan.sites], self._span_of(args),
+                                 in_graph=[slot.keys_output >= 0 for slot in self.plan.sites],
+                                 lengths=buffer_lengths(self.plan, args))
+
+    def _handed_over(self, run: PrefillRun, outputs: list, args: tuple) -> list:
+        if run.first == 0:
+            return super()._handed_over(run, outputs, args)
+        logger.info("rotatek: static cache written from position %d, not compressed", run.first)
+        for site, slot in enumerate(self.plan.sites):
+            _hand_exact(outputs, slot, run.exact.get(site))
+        return outputs[: self.plan.num_outputs]
 
 
 _STATE_LIST = "_rotatek_static_state"
