@@ -47,6 +47,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCach
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import rotatek_compile  # noqa: E402
+from rotatek_compile.state import compress_layers  # noqa: E402
 from compress_cost import profile_table  # noqa: E402  (this script's folder is on the path)
 
 logger = logging.getLogger("model_decode")
@@ -72,56 +73,85 @@ def build_model(tiny: bool, device: str, dtype: torch.dtype, layers: int) -> Lla
     return model.eval()
 
 
-# the module whose prefill runs call ``compress_layers`` (inside the prefill graph)
+# the module whose prefill runs compress the layers (inside the prefill graph)
 COMPRESSING_MODULE = importlib.import_module("rotatek_compile.prefill")
 
 
 class CompressionTimer:
-    """Adds up the time the prefill spends building compressed layers: per group of layers that a
-    prefill run compresses together, from the first layer ``compress_layers`` is asked for to the
-    last one handed over (the run's own per-layer work, such as laying a layer out for static
-    shapes, included), synchronised at those two points only (a synchronisation per layer would
-    serialise the host's launches with the device's work)."""
+    """Adds up the time the compression costs the prefill: per group of layers that a prefill run
+    compresses together, the span of each of its two steps (``count_tokens`` and
+    ``compress_counted``, the run's own per-layer work such as laying a layer out for static
+    shapes included) on the device's timeline, between events recorded around it and read once
+    the prefill is done. Nothing is synchronised, so the compression stays queued behind the
+    prefill's later layers as it is without the timer; a span includes the device's idle time
+    while it waits for the step's launches (host time the prefill does not hide), not the prefill
+    work queued before it. On a CPU, wall time."""
 
     def __init__(self, profile: bool = False):
-        self.seconds = 0.0
+        self.spans: list[tuple] = []  # (start, end): CUDA events, or perf_counter seconds
         self.peak_before = None  # peak memory when the first group starts compressing
-        self._inner = COMPRESSING_MODULE.compress_layers
+        self._count = COMPRESSING_MODULE.count_tokens
+        self._compress = COMPRESSING_MODULE.compress_counted
         self._profile = profile
+        self._again: dict[int, tuple] = {}  # a group's inputs, copied to compress them again outside
 
     def install(self) -> None:
-        COMPRESSING_MODULE.compress_layers = self
+        COMPRESSING_MODULE.count_tokens = self.count_tokens
+        COMPRESSING_MODULE.compress_counted = self.compress_counted
 
     def remove(self) -> None:
-        COMPRESSING_MODULE.compress_layers = self._inner
+        COMPRESSING_MODULE.count_tokens = self._count
+        COMPRESSING_MODULE.compress_counted = self._compress
 
-    def __call__(self, prefills, config):
+    @property
+    def seconds(self) -> float:
+        """The spans' total; on a GPU, once the prefill's work is done."""
+        return sum(end - start if isinstance(start, float) else start.elapsed_time(end) / 1e3
+                   for start, end in self.spans)
+
+    @staticmethod
+    def _mark():
+        if torch.cuda.is_available():
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def count_tokens(self, prefills, config):
+        if self.peak_before is None:
+            self.peak_before = _peak_bytes()
         # profiling: the same inputs compressed again, outside the model (copies: the graph's own
         # buffers may be reused once the compression has read them)
         again = [dataclasses.replace(p, keys=p.keys.clone(), values=p.values.clone(), queries=p.queries.clone())
                  for p in prefills] if self._profile else None
-        layers = self._inner(prefills, config)
-        _sync()  # the prefill graph's work so far is done
-        if self.peak_before is None:
-            self.peak_before = _peak_bytes()
-        start = time.perf_counter()
+        start = self._mark()
+        counts = self._count(prefills, config)
+        self.spans.append((start, self._mark()))
+        if again is not None:
+            self._again[id(counts)] = (again, config)
+        return counts
+
+    def compress_counted(self, counts):
+        again = self._again.pop(id(counts), None)
+        start = self._mark()
         try:  # the run takes as many layers as it gave
-            yield from layers
+            yield from self._compress(counts)
         finally:
-            _sync()
-            self.seconds += time.perf_counter() - start
+            self.spans.append((start, self._mark()))
             if again is not None:
-                self._profile_outside(again, config)
+                self._profile_outside(*again)
 
     def _profile_outside(self, prefills: list, config) -> None:
         """Time the same compression outside the model, then log the profiler's table of it."""
+        _sync()
+        inside = self.seconds
         start = time.perf_counter()
-        list(self._inner([dataclasses.replace(prefill) for prefill in prefills], config))
+        list(compress_layers([dataclasses.replace(prefill) for prefill in prefills], config))
         _sync()
         logger.info("compression: %.1f ms in the model, %.1f ms on the same inputs outside it",
-                    1e3 * self.seconds, 1e3 * (time.perf_counter() - start))
+                    1e3 * inside, 1e3 * (time.perf_counter() - start))
         device = prefills[0].keys.device if prefills else torch.device("cpu")
-        logger.info("%s", profile_table(lambda: list(self._inner(prefills, config)), device,
+        logger.info("%s", profile_table(lambda: list(compress_layers(prefills, config)), device,
                                         "compression outside the model"))
 
 

@@ -15,9 +15,19 @@ hands the tensors to the :class:`PrefillRun` that the runner made current (:func
 runner then gives HF stand-ins (:func:`rotatek_compile.state.stand_in`) in place of ``done``.
 
 Layers are compressed in groups, so that :func:`~rotatek_compile.state.compress_layers` batches
-their work (a few launches and one host synchronisation per group, not per layer): groups of equal
-size, as few as keep the held layers' Keys and Values within :data:`HELD_BYTES`. A held layer is
-a copy, since Inductor may give a buffer's memory to a later one once its last reader has run.
+their work (a few launches and one host read per group, not per layer). A held layer is a copy,
+since Inductor may give a buffer's memory to a later one once its last reader has run.
+
+On a GPU the host queues the prefill graph's kernels far ahead of the device, and the compression
+is bound by the host's launches (thousands of small ones at a 16k-token row). Where every layer's
+copy fits in :data:`HELD_BYTES`, the run cuts the layers into :data:`PIPELINED_GROUPS` groups and
+only queues each group's first step as it completes (:func:`~rotatek_compile.state.count_tokens`:
+sinks and segments decided on the device, token counts copied to pinned memory without waiting).
+At the last site it compresses the groups in order (:func:`~rotatek_compile.state.compress_counted`),
+each once its counts have arrived: the host queues the first groups' compression while the device
+still runs the later layers, and only the last group's host time is exposed. Otherwise the groups
+are of equal size, as few as keep the copies within :data:`HELD_BYTES`, each compressed as it
+completes.
 """
 
 from __future__ import annotations
@@ -32,7 +42,8 @@ import torch
 from torch import Tensor
 
 from rotatek_compile.config import RotateKConfig
-from rotatek_compile.state import CompressedLayer, KeptExact, LayerPrefill, _nbytes, compress_layers
+from rotatek_compile.state import (CompressedLayer, KeptExact, LayerPrefill, TokenCounts, _nbytes, compress_counted,
+                                   count_tokens)
 
 # Bytes of full Keys and Values held across layers, by device type, to compress them in one group.
 # On a GPU each group costs a few milliseconds of host time (its launches and synchronisation:
@@ -41,6 +52,10 @@ from rotatek_compile.state import CompressedLayer, KeptExact, LayerPrefill, _nby
 # layers go in pairs, one copy held. None on a CPU, where a call costs its arithmetic: every layer
 # is compressed alone.
 HELD_BYTES = {"cuda": 4 << 30}
+
+# Groups of a run whose every layer's copy fits in HELD_BYTES, compressed at the last site (the
+# module's docstring): the host time of all but the last group is spent while the device is busy.
+PIPELINED_GROUPS = 4
 
 _THREAD = threading.local()  # .runs: the runs of the prefill graphs this thread runs now, innermost last
 
@@ -53,6 +68,17 @@ class _Held:
     site: int
     prefill: Optional[LayerPrefill]
     owned: bool  # the run may keep these tensors: its own copies, or buffers the graph takes as inputs
+
+
+@dataclasses.dataclass
+class _Counted:
+    """A group whose first step is queued (:func:`~rotatek_compile.state.count_tokens`)."""
+
+    held: list[_Held]
+    left: dict[int, KeptExact]  # sites kept exact without compressing them
+    # per site, what the layer's result needs once compress_counted has dropped its prefill
+    inputs: dict[int, tuple[Tensor, Tensor, Tensor, bool]]
+    counts: TokenCounts
 
 
 class PrefillRun:
@@ -80,10 +106,12 @@ class PrefillRun:
         self.layers: dict[int, CompressedLayer | KeptExact] = {}
         self.exact: dict[int, tuple[Tensor, Tensor]] = {}  # layers kept exact, made in the graph: copies
         self.shapes: dict[int, tuple[torch.Size, Tensor, torch.Size, Tensor]] = {}  # Keys' and Values' (shape, like)
-        self._held: list[_Held] = []
+        self._held: list[_Held] = []  # the group being filled
+        self._counted: list[_Counted] = []  # groups whose first step is queued, in site order
         self._started = False
         self._seen = 0  # sites taken
         self._group = 1  # layers compressed together
+        self._pipelined = False  # groups compressed at the last site
 
     def take(self, site: int, keys: Tensor, values: Tensor, window: Tensor, mask_row: Optional[Tensor],
              context: list[Tensor]) -> None:
@@ -93,22 +121,26 @@ class PrefillRun:
         if not self._started:
             self._started = True
             self._start(keys, context)
-            self._group = self._group_size(_nbytes(keys) + _nbytes(values), keys.device)
+            self._group, self._pipelined = self._grouping(_nbytes(keys) + _nbytes(values), keys.device)
         self.shapes[site] = (keys.shape, keys.new_empty(0), values.shape, values.new_empty(0))
         self._seen += 1
         prefill = self._prefill(site, keys, values, window, mask_row)
+        last = self._seen == len(self.scales)
         if prefill is None:  # nothing to compress
             if self.in_graph[site]:
                 self.exact[site] = (keys.clone(), values.clone())
-            return
-        last = self._seen == len(self.scales)
-        if not last and len(self._held) + 1 < self._group:
+        elif last or (len(self._held) + 1 >= self._group and not self._pipelined):
+            # compressed now, while the graph's buffers are alive: no copy of this one
+            self._held.append(_Held(site, prefill, owned=not self.in_graph[site]))
+        else:
             if self.in_graph[site]:
-                prefill = dataclasses.replace(prefill, keys=keys.clone(), values=values.clone(), queries=window.clone())
+                prefill = dataclasses.replace(prefill, keys=keys.clone(), values=values.clone(),
+                                              queries=window.clone(), valid=prefill.valid.clone())
             self._held.append(_Held(site, prefill, owned=True))
-            return
-        self._held.append(_Held(site, prefill, owned=not self.in_graph[site]))
-        self._compress_held()
+        if self._held and (last or len(self._held) >= self._group):
+            self._counted.append(self._count_held())
+        if last or not self._pipelined:
+            self._compress_counted()
 
     def _start(self, keys: Tensor, context: list[Tensor]) -> None:
         """At the first site: the span, from the graph's merge masks (``context``)."""
@@ -125,13 +157,15 @@ class PrefillRun:
         """How many bytes of full Keys and Values the run may hold to compress them together."""
         return HELD_BYTES.get(device.type, 0)
 
-    def _group_size(self, layer_bytes: int, device: torch.device) -> int:
-        """Layers per group: the sites in as few equal groups as hold at most :meth:`_held_bytes` of
-        copies (the last layer of a group is compressed as it comes), layers taken alike."""
+    def _grouping(self, layer_bytes: int, device: torch.device) -> tuple[int, bool]:
+        """Layers per group, and whether the groups are compressed at the last site: in
+        :data:`PIPELINED_GROUPS` groups if every site's copy fits in :meth:`_held_bytes`; else in
+        as few equal groups as hold at most that much (the last layer of a group is compressed as
+        it comes), each compressed as it completes. Layers taken alike."""
         sites, limit = len(self.scales), self._held_bytes(device)
         if sites * layer_bytes <= limit:
-            return sites
-        return math.ceil(sites / math.ceil(sites * layer_bytes / limit)) if limit > 0 else 1
+            return math.ceil(sites / PIPELINED_GROUPS), True
+        return (math.ceil(sites / math.ceil(sites * layer_bytes / limit)) if limit > 0 else 1), False
 
     def _left_exact(self, held: list[_Held]) -> dict[int, KeptExact]:
         """Held sites to keep exact without compressing them (none here)."""
@@ -141,15 +175,24 @@ class PrefillRun:
         """A compressed layer as the cache keeps it."""
         return layer
 
-    def _compress_held(self) -> None:
+    def _count_held(self) -> _Counted:
+        """Queue the held group's first step (:func:`~rotatek_compile.state.count_tokens`)."""
         held, self._held = self._held, []
         left = self._left_exact(held)
-        # what each layer's result needs once compress_layers has dropped its prefill
         inputs = {h.site: (h.prefill.keys, h.prefill.values, h.prefill.valid, h.owned) for h in held}
         prefills = [h.prefill for h in held if h.site not in left]
-        for h in held:  # compress_layers empties its list as it goes: no other reference may stay
+        for h in held:  # compress_counted empties its list as it goes: no other reference may stay
             h.prefill = None
-        layers = iter(compress_layers(prefills, self.config))
+        return _Counted(held, left, inputs, count_tokens(prefills, self.config))
+
+    def _compress_counted(self) -> None:
+        """Compress the queued groups, in order."""
+        while self._counted:
+            self._compress(self._counted.pop(0))
+
+    def _compress(self, group: _Counted) -> None:
+        held, left, inputs = group.held, group.left, group.inputs
+        layers = iter(compress_counted(group.counts))
         for h in held:
             layer = left[h.site] if h.site in left else next(layers)
             keys, values, valid, owned = inputs.pop(h.site)

@@ -361,14 +361,6 @@ def compress_layer(
     return next(compress_layers([LayerPrefill(keys, values, queries, span, valid, scale)], config))
 
 
-def _span_tokens(layers: list[LayerPrefill], kernel: str) -> list[SpanTokens]:
-    """Each layer's span less its sinks, and where its span and rest tokens lie, with one host
-    synchronisation per prompt shape (the token counts that size the segments): on a GPU the work
-    of every layer is queued without waiting for any of it."""
-    return _per_group(layers, lambda prefill: (prefill.span.shape, prefill.span.device),
-                      lambda group: _span_tokens_of_one_shape([layers[i] for i in group], kernel))
-
-
 # Layers whose Keys are copied into one stack, as more batch rows, so that one call serves them
 # all (the basis choice, on the span's gathered Keys and Values; the eager covariances, which a GPU
 # runs only with ``kernel="reference"``: the fused ones read every layer in place): on a GPU a call
@@ -438,9 +430,24 @@ def _layout(tensor: Tensor) -> tuple:
     return tensor.shape, tensor.stride(), tensor.dtype
 
 
-def _span_tokens_of_one_shape(layers: list[LayerPrefill], kernel: str) -> list[SpanTokens]:
-    """:func:`_span_tokens` of layers whose masks are ``[B, S]`` alike: the sinks' attention shares
-    (:func:`_window_shares`), then the rest once on the stacked ``[L, B, S]`` masks."""
+@dataclasses.dataclass
+class _ShapeCounts:
+    """The sinks and segments of layers whose masks are ``[B, S]`` alike, decided on the device."""
+
+    indices: list[int]  # the layers', in :class:`TokenCounts`
+    per_row: Tensor  # [L, B] span tokens, sinks included
+    compressed: Tensor  # [L, B, S] bool: the span less its sinks
+    counts: Tensor  # [L, 3, B]: span, compressed and rest tokens per row
+    kept_order: Tensor  # [L, B, max(S, MIN_SEGMENT)]: each row's compressed positions first
+    rest_order: Tensor  # the same for the rest tokens
+    host: Tensor  # ``counts`` in host memory (pinned on a GPU), once ``copied`` has passed
+    copied: Optional[torch.cuda.Event]  # None: ``host`` is ready
+
+
+def _counted(layers: list[LayerPrefill], indices: list[int], kernel: str) -> _ShapeCounts:
+    """:class:`_ShapeCounts` of ``layers``: the sinks' attention shares (:func:`_window_shares`),
+    then the rest once on the stacked ``[L, B, S]`` masks; on a GPU the counts are copied to pinned
+    host memory behind the queued work, and nothing waits for it."""
     shares = _window_shares(layers, kernel)  # [L, B, S]: each token's largest share over the KV heads
     valid = torch.stack([prefill.valid for prefill in layers])  # [L, B, S]
     span = torch.stack([prefill.span for prefill in layers]) & valid
@@ -448,33 +455,92 @@ def _span_tokens_of_one_shape(layers: list[LayerPrefill], kernel: str) -> list[S
     rest = valid & ~compressed
     per_row = span.sum(dim=-1)  # [L, B]
     counts = torch.stack([per_row, compressed.sum(dim=-1), rest.sum(dim=-1)], dim=1)  # [L, 3, B]
-    per_layer = counts.tolist()  # the synchronisation: [L][3][B]
-    kept_order = _true_first(compressed, max(max(kept, default=0) for _, kept, _ in per_layer))  # one sort
-    rest_order = _true_first(rest, max(max(rests, default=0) for _, _, rests in per_layer))
+    length = span.shape[-1]  # the widest a row's count can be: one sort for all layers, before the counts
+    kept_order, rest_order = _true_first(compressed, length), _true_first(rest, length)
+    copied = None
+    host = counts
+    if counts.is_cuda:
+        host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+        host.copy_(counts, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+    return _ShapeCounts(indices, per_row, compressed, counts, kept_order, rest_order, host, copied)
+
+
+def _span_tokens(counted: _ShapeCounts) -> list[SpanTokens]:
+    """Each layer's span less its sinks, and where its span and rest tokens lie, from the counts
+    that size the segments: the one host read (on a GPU, a wait for the counts' copy only)."""
+    if counted.copied is not None:
+        counted.copied.synchronize()
+    per_layer = counted.host.tolist()  # [L][3][B]
     tokens = []
     for index, (spans, kept, rests) in enumerate(per_layer):
-        positions, mask = _compact_sorted(kept_order[index], counts[index, 1], max(kept, default=0))
-        rest_positions, rest_mask = _compact_sorted(rest_order[index], counts[index, 2], max(rests, default=0))
+        positions, mask = _compact_sorted(counted.kept_order[index], counted.counts[index, 1], max(kept, default=0))
+        rest_positions, rest_mask = _compact_sorted(counted.rest_order[index], counted.counts[index, 2],
+                                                    max(rests, default=0))
         sinks = sum(spans) - sum(kept)
-        tokens.append(SpanTokens(count=sum(spans), per_row=per_row[index], compressed_count=sum(kept),
-                                 selected=compressed[index], positions=positions, mask=mask,
+        tokens.append(SpanTokens(count=sum(spans), per_row=counted.per_row[index], compressed_count=sum(kept),
+                                 selected=counted.compressed[index], positions=positions, mask=mask,
                                  padded=min(kept, default=0) < mask.shape[1],
                                  rest_positions=rest_positions, rest_mask=rest_mask, outside=sum(rests) - sinks))
     return tokens
 
 
+@dataclasses.dataclass
+class TokenCounts:
+    """:func:`count_tokens`' result: the layers, with their sinks and segments decided on the device."""
+
+    layers: list[LayerPrefill]
+    config: RotateKConfig
+    shapes: list[_ShapeCounts]  # per prompt shape
+
+    def ready(self) -> bool:
+        """Whether the token counts have reached host memory (:func:`compress_counted` would not wait)."""
+        return all(counted.copied is None or counted.copied.query() for counted in self.shapes)
+
+    def span_tokens(self) -> list[SpanTokens]:
+        tokens: list = [None] * len(self.layers)
+        for counted in self.shapes:
+            for index, span in zip(counted.indices, _span_tokens(counted), strict=True):
+                tokens[index] = span
+        return tokens
+
+
+def count_tokens(layers: list[LayerPrefill], config: RotateKConfig) -> TokenCounts:
+    """The first step of :func:`compress_layers`, which only queues work: each layer's attention
+    sinks and segments, decided on the device for all layers of one prompt shape at once, and the
+    token counts that size the segments copied to host memory without waiting for them. A caller
+    that has other work to queue (the prefill's next layers) does so before
+    :func:`compress_counted` reads the counts: the device then runs it meanwhile."""
+    groups: dict[tuple, list[int]] = {}
+    for index, prefill in enumerate(layers):
+        groups.setdefault((prefill.span.shape, prefill.span.device), []).append(index)
+    return TokenCounts(layers, config, [_counted([layers[i] for i in group], group, config.kernel)
+                                        for group in groups.values()])
+
+
 def compress_layers(layers: list[LayerPrefill], config: RotateKConfig) -> Iterator[CompressedLayer | KeptExact]:
     """:func:`compress_layer` of each layer, in order, with RotateK's bases of all layers of one
     shape found by one batched solve (``[bases·layers·B·H, d, d]``) instead of one per layer: the
-    solver's launches and host synchronisations are paid once per prefill. The covariances and
-    the basis choice run on stacks of consecutive layers alike (:data:`STACK_BYTES`).
+    solver's launches are paid once per prefill. The covariances and the basis choice run on
+    stacks of consecutive layers alike (:data:`STACK_BYTES`). Its one host read is the token
+    counts that size the segments (per prompt shape): :func:`count_tokens`, then
+    :func:`compress_counted`.
 
     Each layer's result is yielded once its inputs are dropped from ``layers`` (the list is emptied
     as it goes), so a caller that replaces HF's tensors as results arrive frees each layer's full
     Keys once its stack is built. Methods and options that choose tokens per layer before the
-    basis (token pruning, ``kv_budget``), ThinK and SparK-style solve per layer.
+    basis (token pruning, ``kv_budget``), ThinK and SparK-style solve per layer (and read the
+    device more often).
     """
-    spans = _span_tokens(layers, config.kernel)
+    return compress_counted(count_tokens(layers, config))
+
+
+def compress_counted(counted: TokenCounts) -> Iterator[CompressedLayer | KeptExact]:
+    """The rest of :func:`compress_layers` once :func:`count_tokens` has run: waits for the token
+    counts, then queues the rest of the work without reading the device (RotateK's defaults)."""
+    layers, config = counted.layers, counted.config
+    spans = counted.span_tokens()
     bases: list = [None] * len(layers)
     if config.method == "rotatek" and config.token_keep >= 1.0 and config.kv_budget is None:
         bases = _per_group(

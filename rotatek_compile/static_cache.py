@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import weakref
 from typing import Any, Callable, Optional, Sequence
 
@@ -173,8 +172,10 @@ class _StaticPrefillRun(PrefillRun):
                 else prompt_head(valid, self.config.query_window))
         return LayerPrefill(keys, values, window, span, valid, self.scales[site])
 
-    def _held_bytes(self, device: torch.device) -> float:
-        return math.inf if self.lengths is None else super()._held_bytes(device)
+    def _grouping(self, layer_bytes: int, device: torch.device) -> tuple[int, bool]:
+        if self.lengths is None:  # one group: the longest buffer is known at the last site
+            return len(self.scales), False
+        return super()._grouping(layer_bytes, device)
 
     def _left_exact(self, held: list) -> dict[int, KeptExact]:
         lengths = (dict(enumerate(self.lengths)) if self.lengths is not None

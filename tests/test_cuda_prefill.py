@@ -149,6 +149,36 @@ def test_fused_statistics_give_the_reference_cache_on_cuda(query_aware):
     _assert_same_caches(fused, eager)
 
 
+@pytest.mark.parametrize("query_aware", ["auto", False])
+def test_the_compression_queues_its_work_without_waiting_for_the_device(query_aware):
+    """RotateK's compression reads the device once per group, for the token counts that
+    ``count_tokens`` copies to pinned memory behind the queued work; once they are there,
+    ``compress_counted`` queues everything else without a host synchronisation (the subspace
+    solver's breakdowns are handled on the device). So a prefill can queue a group's compression
+    while the device still runs its later layers (``rotatek_compile.prefill``)."""
+    pytest.importorskip("triton")
+    from rotatek_compile import RotateKConfig, state
+    from tests.test_sinks import WINDOW
+
+    config = RotateKConfig(query_window=WINDOW, span="prompt", key_channels=4, query_aware=query_aware)
+    prefills = _prefills_on_cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        counts = state.count_tokens(prefills, config)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()  # the counts have arrived
+    assert counts.ready()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layers = list(state.compress_counted(counts))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(layers) == 5 and all(isinstance(layer, state.CompressedLayer) for layer in layers)
+    _assert_same_caches(layers, list(state.compress_layers(_prefills_on_cuda(), config)))
+
+
 def _prefill_peak(model, input_ids: torch.Tensor, **cache) -> tuple[int, object]:
     """Bytes the prefill allocates at its peak beyond what was held before it, and its cache."""
     torch.cuda.synchronize()

@@ -45,8 +45,8 @@ def test_a_guess_is_checked_by_trying_around_it(capacity, guess):
 
 
 def test_compression_timer_yields_every_layer_and_compares_with_the_same_work_outside(caplog):
-    """The timer hands on what ``compress_layers`` yields; profiling, it also times the same
-    inputs compressed outside the model and logs both."""
+    """The timer hands on what the compression's two steps give; profiling, it also times the
+    same inputs compressed outside the model and logs both."""
     from model_decode import CompressionTimer
 
     from rotatek_compile import RotateKConfig
@@ -57,7 +57,7 @@ def test_compression_timer_yields_every_layer_and_compares_with_the_same_work_ou
     config = RotateKConfig(query_window=WINDOW, span="prompt", key_channels=4)
     timer = CompressionTimer(profile=True)
     with caplog.at_level("INFO", logger="model_decode"):
-        timed = list(timer(prefills(), config))
+        timed = list(timer.compress_counted(timer.count_tokens(prefills(), config)))
     for mine, theirs in zip(timed, compress_layers(prefills(), config), strict=True):
         assert_same_layer(mine, theirs)
     assert timer.seconds > 0

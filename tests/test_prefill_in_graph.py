@@ -46,43 +46,69 @@ def generate(options: dict, steps: int = 4, warm_up: bool = False, **kwargs):
     return out
 
 
-def counting_compressions(monkeypatch) -> list[int]:
-    """Record the number of layers of each ``compress_layers`` call the prefill makes."""
-    calls: list[int] = []
-    inner = prefill.compress_layers
+def counting_compressions(monkeypatch) -> list[tuple[str, int]]:
+    """Record the steps of each group's compression the prefill makes, in order: ``("count", n)``
+    when a group of ``n`` layers is queued, ``("compress", n)`` when it is compressed."""
+    calls: list[tuple[str, int]] = []
+    count, compress = prefill.count_tokens, prefill.compress_counted
 
     def counted(layers, config):
-        calls.append(len(layers))
-        return inner(layers, config)
+        calls.append(("count", len(layers)))
+        return count(layers, config)
 
-    monkeypatch.setattr(prefill, "compress_layers", counted)
+    def compressed(counts):
+        calls.append(("compress", len(counts.layers)))
+        return compress(counts)
+
+    monkeypatch.setattr(prefill, "count_tokens", counted)
+    monkeypatch.setattr(prefill, "compress_counted", compressed)
     return calls
 
 
+def one_by_one(groups: list[int]) -> list[tuple[str, int]]:
+    """Each group counted and compressed before the next one."""
+    return [step for size in groups for step in (("count", size), ("compress", size))]
+
+
+def pipelined(groups: list[int]) -> list[tuple[str, int]]:
+    """Every group counted as it completes, all compressed at the last site."""
+    return [("count", size) for size in groups] + [("compress", size) for size in groups]
+
+
 # a layer's Keys and Values: 2 rows x 2 heads x 64 tokens x 16 channels, fp32, twice: 32 KiB
-@pytest.mark.parametrize("held_bytes, groups", [({}, [1] * LAYERS), ({"cpu": 80_000}, [2, 2]),
-                                                ({"cpu": 1 << 40}, [LAYERS])], ids=["alone", "two_groups", "one_group"])
-def test_layers_compressed_in_groups_give_the_cache_of_layers_alone(held_bytes, groups, monkeypatch):
+@pytest.mark.parametrize("held_bytes, pipelined_groups, steps", [
+    ({}, 4, one_by_one([1] * LAYERS)),
+    ({"cpu": 80_000}, 4, one_by_one([2, 2])),  # 2 groups of copies within the bytes
+    ({"cpu": 1 << 40}, 1, pipelined([LAYERS])),
+    ({"cpu": 1 << 40}, 2, pipelined([2, 2])),
+    ({"cpu": 1 << 40}, 4, pipelined([1] * LAYERS)),
+], ids=["alone", "two_groups", "one_group", "pipelined_pairs", "pipelined_layers"])
+def test_layers_compressed_in_groups_give_the_cache_of_layers_alone(held_bytes, pipelined_groups, steps,
+                                                                     monkeypatch):
     monkeypatch.setattr(prefill, "HELD_BYTES", {})
     alone = generate({})
     monkeypatch.setattr(prefill, "HELD_BYTES", held_bytes)
+    monkeypatch.setattr(prefill, "PIPELINED_GROUPS", pipelined_groups)
     calls = counting_compressions(monkeypatch)
     mine = generate({})
-    assert calls == groups
+    assert calls == steps
     assert torch.equal(mine.sequences, alone.sequences)
     for ours, theirs in zip(mine.past_key_values.layers, alone.past_key_values.layers):
         assert_same_layer(attached(ours.keys), attached(theirs.keys))
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-@pytest.mark.parametrize("held_bytes", [{}, {"cpu": 1 << 40}], ids=["alone", "one_group"])
-def test_each_layers_full_cache_is_freed_once_it_is_compressed(held_bytes, cache, monkeypatch):
+@pytest.mark.parametrize("held_bytes, pipelined_groups", [({}, 4), ({"cpu": 1 << 40}, 1), ({"cpu": 1 << 40}, 2)],
+                         ids=["alone", "one_group", "pipelined_pairs"])
+def test_each_layers_full_cache_is_freed_once_it_is_compressed(held_bytes, pipelined_groups, cache, monkeypatch):
     """When a layer's compression starts, no earlier layer's full Keys or Values from the graph are
     alive (a DynamicCache's, or the StaticCache buffers HF creates in the graph): they are no longer
-    its outputs, and the run holds none of them (one by one, as on a CPU) or its own copies (in a
-    group). Measured on a second request, whose prefill graph has symbolic sizes (a StaticCache's
-    buffer lengths among them: the runner reads them off the graph's inputs)."""
+    its outputs, and the run holds none of them (one by one, as on a CPU) or its own copies (in
+    groups, also those queued to the last site). Measured on a second request, whose prefill graph
+    has symbolic sizes (a StaticCache's buffer lengths among them: the runner reads them off the
+    graph's inputs)."""
     monkeypatch.setattr(prefill, "HELD_BYTES", held_bytes)
+    monkeypatch.setattr(prefill, "PIPELINED_GROUPS", pipelined_groups)
     seen: list[weakref.ref] = []
     alive_at_each_site: list[int] = []
     take = prefill.PrefillRun.take
@@ -96,7 +122,8 @@ def test_each_layers_full_cache_is_freed_once_it_is_compressed(held_bytes, cache
     calls = counting_compressions(monkeypatch)
     out = generate({}, steps=2, warm_up=True, cache_implementation=cache)
     assert alive_at_each_site[-LAYERS:] == [0] * LAYERS
-    assert calls[-LAYERS if not held_bytes else -1:] == ([1] * LAYERS if not held_bytes else [LAYERS])
+    last_request = {4: one_by_one([1] * LAYERS), 1: pipelined([LAYERS]), 2: pipelined([2, 2])}[pipelined_groups]
+    assert calls[-len(last_request):] == last_request
     assert all(attached(layer.keys) is not None for layer in out.past_key_values.layers)
 
 

@@ -225,42 +225,39 @@ SUBSPACE_SHIFT = 1e-4
 
 
 def subspace_iteration(covariance: Tensor, rank: int, iters: int = 5) -> Tensor:
-    """Top-``rank`` invariant subspace by block power iteration with Cholesky orthonormalisation.
+    """Top-``rank`` invariant subspace by block power iteration with Cholesky orthonormalisation,
+    queued on the device without reading anything back to the host.
 
     Starts from the ``rank`` coordinate axes of largest variance; each step is ``Y = (C + δI) X``
     (same eigenvectors as ``C``), ``X = Y L⁻ᵀ`` with ``L Lᵀ = YᵀY`` (shifted CholeskyQR3, see
-    :func:`_cholesky_orthonormalise`). A final Rayleigh–Ritz step orders the columns by eigenvalue,
-    so with enough iterations the result matches :func:`top_eigenvectors` up to column signs.
+    :func:`_cholesky_orthonormalise`), which keeps ``cond(Y) ≤ d/δ`` within what fp32 factorises.
     Plain Cholesky orthonormalisation (the official solver's) broke down for a fifth of the bases
-    of a 32-layer model's prefill (spectra spread over many orders of magnitude); where this one
-    still does, those batch entries are iterated again with Householder QR, so the columns are
-    always orthonormal. The breakdown check is read once, after the last step (one host
-    synchronisation per call).
+    of a 32-layer model's prefill (spectra spread over many orders of magnitude). A covariance
+    without variance (a head without span tokens: any basis is exact for it) iterates the identity
+    and keeps the start axes. A basis whose factorisation still fails (non-finite Keys) is replaced
+    by its start axes, selected on the device: no host synchronisation, so a prefill's compression
+    can be queued behind its later layers (:mod:`rotatek_compile.prefill`).
+
+    The result spans the same subspace as :func:`top_eigenvectors`' columns (decode reads only
+    the subspace: ``K R`` and ``q R``), in no particular column order.
 
     ``covariance`` ``[..., d, d]`` → ``[..., d, rank]`` fp32 orthonormal columns.
     """
     cov = covariance.float()
     variances = cov.diagonal(dim1=-2, dim2=-1)  # [..., d]
-    shifted = _add_to_diagonal_(cov.clone(), SUBSPACE_SHIFT * variances.mean(dim=-1))  # C + δI
+    mean_variance = variances.mean(dim=-1)  # [...]
+    # C + δI, and I where C = 0
+    shifted = _add_to_diagonal_(cov.clone(), SUBSPACE_SHIFT * mean_variance + (mean_variance == 0))
     start = variances.topk(rank, dim=-1).indices  # [..., r]
     start = torch.zeros(*cov.shape[:-1], rank, device=cov.device).scatter_(-2, start[..., None, :], 1.0)  # [..., d, r]
     basis, good = start, torch.ones(cov.shape[:-2], dtype=torch.bool, device=cov.device)
     for _ in range(iters):
         basis, converged = _cholesky_orthonormalise(shifted @ basis)
         good &= converged
-    if not bool(good.all()):
-        broken = ~good  # [...]: QR only these (a GPU factorises a batch of QRs one matrix at a time)
-        if logger.isEnabledFor(logging.DEBUG):  # a host read: only when asked for
-            logger.debug("rotatek: Cholesky orthonormalisation broke down for %d of %d bases; Householder QR "
-                         "iterates those", int(broken.sum()), broken.numel())
-        broken_cov, householder = cov[broken], start[broken]  # [m, d, d], [m, d, r]
-        for _ in range(iters):
-            householder = torch.linalg.qr(broken_cov @ householder).Q
-        basis = basis.nan_to_num(0.0)
-        basis[broken] = householder
-    ritz = basis.transpose(-1, -2) @ cov @ basis  # [..., r, r]
-    _, rotation = torch.linalg.eigh((ritz + ritz.transpose(-1, -2)) / 2)
-    return (basis @ rotation.flip(-1)).contiguous()
+    if logger.isEnabledFor(logging.DEBUG) and not bool(good.all()):  # a host read: only when asked for
+        logger.debug("rotatek: Cholesky orthonormalisation broke down for %d of %d bases; they keep their "
+                     "start axes", int((~good).sum()), good.numel())
+    return torch.where(good[..., None, None], basis.nan_to_num(0.0), start).contiguous()
 
 
 def _cholesky_orthonormalise(block: Tensor) -> tuple[Tensor, Tensor]:
