@@ -25,6 +25,11 @@
 #                                      # trying (default eager,rotatek-static: over 10 minutes), from GUESS
 #   bash benchmarks/h200_run.sh ingraph  # compression inside the prefill graph: the GPU tests, then
 #                                      # B1 x 16k: eager, rotatek-static (32 steps)
+#   bash benchmarks/h200_run.sh overlap  # the compression queued behind the prefill: its GPU tests (and the
+#                                      # CPU tests of the prefill run), then B1 x 16k: eager, rotatek-static,
+#                                      # the prefill also timed with 1 and 4 pipelined groups
+#   bash benchmarks/h200_run.sh long   # B1 x 64k and 128k: eager, rotatek-static (the groups are not
+#                                      # pipelined there: every layer's copy does not fit in 4 GiB)
 #   bash benchmarks/h200_run.sh diagnose  # 8 layers, 16k: the compression of the model's own inputs
 #                                         # timed inside and outside the model, and profiled
 set -uo pipefail
@@ -88,6 +93,19 @@ case "$part" in
       tests/test_triton_compress.py tests/test_cuda_static.py tests/test_cuda_model.py 2>&1 | tail -4 | tee "$OUT/gpu_tests.log"
     timeout "$(left 590)" python3 benchmarks/model_decode.py --out "$OUT" --steps 32 --cases 1x16384 \
       --backends eager,rotatek-static --solver-log 2>&1 | grep -v "^\s*$" | tee "$OUT/model_decode.log" | tail -6 ;;
+  overlap)
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_prefill_in_graph.py \
+      tests/test_compress_layers.py tests/test_reference.py tests/test_model_decode.py \
+      "tests/test_cuda_prefill.py::test_the_compression_queues_its_work_without_waiting_for_the_device" \
+      "tests/test_cuda_prefill.py::test_layers_stacked_as_rows_equal_layers_alone_on_cuda" \
+      "tests/test_cuda_prefill.py::test_fused_statistics_give_the_reference_cache_on_cuda" > "$OUT/gpu_tests.log" 2>&1
+    tail -12 "$OUT/gpu_tests.log"
+    timeout "$(left 590)" python3 benchmarks/model_decode.py --out "$OUT" --steps 32 --cases 1x16384 \
+      --backends eager,rotatek-static --pipelined-groups 1,4 --solver-log 2>&1 | grep -v "^\s*$" \
+      | tee "$OUT/model_decode.log" | tail -8 ;;
+  long)
+    timeout "$(left 590)" python3 benchmarks/model_decode.py --out "$OUT" --steps 32 --cases 1x65536,1x131072 \
+      --backends eager,rotatek-static --solver-log 2>&1 | grep -v "^\s*$" | tee "$OUT/model_decode.log" | tail -8 ;;
   b8)
     timeout "$(left 590)" python3 benchmarks/model_decode.py --out "$OUT" --steps 32 --cases 8x32768 \
       --backends rotatek-static --solver-log 2>&1 | grep -v "^\s*$" | tee "$OUT/model_decode.log" | tail -6 ;;

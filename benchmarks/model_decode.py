@@ -22,7 +22,8 @@ peak, then steps up or down and bisection), the largest batch of ``N``-token pro
 runs without running out of memory.
 Each recipe is warmed up on two short prompts (so that the prefill graph is compiled with dynamic
 shapes) and once at every timed size (prefill and 3 steps) before it is timed.
-For every (N, batch) and recipe: prefill ms and the part spent building the compressed cache,
+For every (N, batch) and recipe: prefill ms and the part the compression costs it (the device's
+time in the compression's steps: :class:`CompressionTimer`),
 median ms per decode step over ``--steps`` steps next to the byte floor ``(weights + KV bytes) /
 --bandwidth`` (KV bytes as measured on the cache: a ``StaticCache`` counts its whole capacity,
 which its decode step reads), peak memory (``prefill_peak_gb``: the weights plus what the prefill adds to the memory held
@@ -280,6 +281,23 @@ def run_case(model, recipe: tuple, batch: int, span: int, steps: int, device: st
         timer.remove()
 
 
+def by_pipelined_groups(run, values: list[int], repeats: int = 3) -> dict:
+    """``run()`` ``repeats`` times with ``prefill.PIPELINED_GROUPS`` set to each of ``values``:
+    ``{groups: {"prefill_ms": median, "compression_ms": median}}``, in alternation (value by value
+    within each repeat), so that a drift of the device's clocks touches every value alike."""
+    default = COMPRESSING_MODULE.PIPELINED_GROUPS
+    rows: dict[int, list[dict]] = {groups: [] for groups in values}
+    try:
+        for _ in range(repeats):
+            for groups in values:
+                COMPRESSING_MODULE.PIPELINED_GROUPS = groups
+                rows[groups].append(run())
+    finally:
+        COMPRESSING_MODULE.PIPELINED_GROUPS = default
+    return {groups: {name: statistics.median(row[name] for row in runs) for name in ("prefill_ms", "compression_ms")}
+            for groups, runs in rows.items()}
+
+
 def largest_fitting(fits, limit: int, guess: int = 1) -> int:
     """The largest batch ``B <= limit`` with ``fits(B)`` true, found by trying: from ``guess``,
     steps of 1, 2, 4, ... up while it fits (down while it does not), then bisecting between the
@@ -366,6 +384,10 @@ def main() -> None:
                         help="--max-batch's first try (default: guessed from batch 1's peak)")
     parser.add_argument("--solver-log", action="store_true",
                         help="log each basis solve's Cholesky breakdowns (rotatek_compile.kernels.reference DEBUG)")
+    parser.add_argument("--pipelined-groups", default="",
+                        help="rotatek recipes: also time each case's prefill (median of 3, with 2 decode steps) "
+                             "with prefill.PIPELINED_GROUPS set to each of these comma-separated values "
+                             "(1: one group, compressed at the last site, nothing overlapped)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
@@ -408,6 +430,10 @@ def main() -> None:
                          profile=args.profile and span == cases[0][1])
                 row = run_case(model, recipe, batch, span, args.steps, device, capacity=capacity)
                 row["floor_ms"] = 1e3 * (weight_bytes + row["kv_bytes"]) / args.bandwidth
+                if args.pipelined_groups and backend_name.startswith("rotatek"):
+                    row["by_pipelined_groups"] = by_pipelined_groups(
+                        lambda: run_case(model, recipe, batch, span, 2, device, capacity=capacity),
+                        [int(groups) for groups in args.pipelined_groups.split(",")])
             except torch.cuda.OutOfMemoryError:
                 row = dict(batch=batch, span=span, error="out of memory")
                 torch.cuda.empty_cache()
@@ -453,6 +479,9 @@ def _print_cases(report: dict) -> None:
               f"{row['floor_ms']:>8.2f} {row['decode_ms'] / row['floor_ms']:>7.2f} | {row['prefill_ms']:>10.0f} "
               f"{row['compression_ms']:>9.0f} | {row.get('prefill_peak_gb', row['peak_gb']):>7.2f} | {row['key_bytes'] / 1e9:>9.3f} "
               f"{row['kv_bytes'] / 1e9:>9.3f} | {row['recompiles']}")
+        for groups, timed in row.get("by_pipelined_groups", {}).items():
+            print(f"{'':>3} {'':>6} {'':>14}   pipelined groups {groups}: prefill {timed['prefill_ms']:.0f} ms, "
+                  f"of it compression {timed['compression_ms']:.1f} ms (medians of 3)")
 
 
 if __name__ == "__main__":
