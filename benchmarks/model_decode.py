@@ -383,7 +383,8 @@ def main() -> None:
     parser.add_argument("--max-batch-guess", type=int, default=0,
                         help="--max-batch's first try (default: guessed from batch 1's peak)")
     parser.add_argument("--solver-log", action="store_true",
-                        help="log each basis solve's Cholesky breakdowns (rotatek_compile.kernels.reference DEBUG)")
+                        help="log each basis solve's Cholesky breakdowns (rotatek_compile.kernels.reference "
+                             "DEBUG: a host read per solve, so the compression no longer overlaps the prefill)")
     parser.add_argument("--pipelined-groups", default="",
                         help="rotatek recipes: also time each case's prefill (median of 3, with 2 decode steps) "
                              "with prefill.PIPELINED_GROUPS set to each of these comma-separated values "
