@@ -71,6 +71,34 @@ def waiting_calls(run) -> dict[str, int]:
     return {event.key: event.count for event in prof.key_averages() if event.key in WAITING_CALLS}
 
 
+def sync_sites(run) -> dict[str, int]:
+    """Where ``run()`` synchronises with the device, as far as ``torch.cuda.set_sync_debug_mode``
+    detects it: the innermost frames of this project or transformers that made each wait, counted."""
+    import traceback
+    import warnings
+
+    found: dict[str, int] = {}
+    shown = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if "rotatek_compile" in f.filename or "transformers" in f.filename or "benchmarks" in f.filename]
+        where = " < ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in frames[::-1][:3])
+        found[where] = found.get(where, 0) + 1
+
+    warnings.showwarning = record
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = shown
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=16384, help="N, the span's tokens")
@@ -104,12 +132,15 @@ def main() -> None:
                 row = prefill()
             sites = clock.rows()
             calls = waiting_calls(prefill)
+            syncs = sync_sites(prefill)
         finally:
             COMPRESSING_MODULE.PIPELINED_GROUPS = default
         report["runs"].append(dict(groups=groups, prefill_ms=row["prefill_ms"], compression_ms=row["compression_ms"],
-                                   sites=sites, waiting_calls=calls))
+                                   sites=sites, waiting_calls=calls, synchronised_at=syncs))
         print(f"pipelined groups {groups}: prefill {row['prefill_ms']:.0f} ms, compression {row['compression_ms']:.1f} ms; "
               f"CUDA calls that may wait: {calls}")
+        for where, count in sorted(syncs.items(), key=lambda item: -item[1]):
+            print(f"  {count:>4} synchronisations at {where}")
         print("  site  host ms  device ms")
         for site in sites[:: max(1, len(sites) // 8)] + sites[-1:]:
             print(f"  {site['site']:>4} {site['host_ms']:>8.1f} {site['device_ms']:>10.1f}")

@@ -104,14 +104,18 @@ _last_causal_flag: tuple = (None, False)  # (weakref to the flag tensor, its val
 
 
 def _is_plain_causal(causal: Tensor) -> bool:
-    """``bool(causal)``, read once per flag tensor (every layer of a graph call shares one)."""
+    """``bool(causal)``, read once per flag tensor: every layer of a graph call shares one (Inductor
+    hands each op call a new view of its buffer, hence the view's base). Each read waits for the
+    device, which a prefill must do once, not per layer: the host then stays ahead of the device,
+    which the compression queued behind the prefill's layers needs (:mod:`rotatek_compile.prefill`)."""
     global _last_causal_flag
     import weakref
 
+    flag = causal if causal._base is None else causal._base
     ref, value = _last_causal_flag
-    if ref is None or ref() is not causal:
+    if ref is None or ref() is not flag:
         value = bool(causal)
-        _last_causal_flag = (weakref.ref(causal), value)
+        _last_causal_flag = (weakref.ref(flag), value)
     return value
 
 
