@@ -25,7 +25,7 @@
 #                                      # trying (default eager,rotatek-static: over 10 minutes), from GUESS
 #   bash benchmarks/h200_run.sh ingraph  # compression inside the prefill graph: the GPU tests, then
 #                                      # B1 x 16k: eager, rotatek-static (32 steps)
-#   bash benchmarks/h200_run.sh overlap  # the compression queued behind the prefill: its GPU tests (and the
+#   bash benchmarks/h200_run.sh overlap  # the compression without host reads: its GPU tests (and the
 #                                      # CPU tests of the prefill run), then B1 x 16k: eager, rotatek-static,
 #                                      # the prefill also timed with 1 and 4 pipelined groups
 #   bash benchmarks/h200_run.sh long   # B1 x 64k and 128k: eager, rotatek-static (the groups are not

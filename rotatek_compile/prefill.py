@@ -18,16 +18,15 @@ Layers are compressed in groups, so that :func:`~rotatek_compile.state.compress_
 their work (a few launches and one host read per group, not per layer). A held layer is a copy,
 since Inductor may give a buffer's memory to a later one once its last reader has run.
 
-On a GPU the host queues the prefill graph's kernels far ahead of the device, and the compression
-is bound by the host's launches (thousands of small ones at a 16k-token row). Where every layer's
-copy fits in :data:`HELD_BYTES`, the run cuts the layers into :data:`PIPELINED_GROUPS` groups and
-only queues each group's first step as it completes (:func:`~rotatek_compile.state.count_tokens`:
-sinks and segments decided on the device, token counts copied to pinned memory without waiting).
-At the last site it compresses the groups in order (:func:`~rotatek_compile.state.compress_counted`),
-each once its counts have arrived: the host queues the first groups' compression while the device
-still runs the later layers, and only the last group's host time is exposed. Otherwise the groups
-are of equal size, as few as keep the copies within :data:`HELD_BYTES`, each compressed as it
-completes.
+On a GPU the host queues the prefill graph's kernels ahead of the device, and the compression is
+bound by the host's launches (thousands of small ones at a 16k-token row). Where every layer's copy
+fits in :data:`HELD_BYTES`, the run cuts the layers into :data:`PIPELINED_GROUPS` groups and only
+queues each group's first step as it completes (:func:`~rotatek_compile.state.count_tokens`:
+sinks and segments decided on the device, token counts copied to pinned memory without waiting);
+at the last site it compresses the groups in order (:func:`~rotatek_compile.state.compress_counted`),
+each once its counts have arrived, so that the host may queue the first groups' compression while
+the device still runs the later layers. Otherwise the groups are of equal size, as few as keep the
+copies within :data:`HELD_BYTES`, each compressed as it completes.
 """
 
 from __future__ import annotations
@@ -46,16 +45,17 @@ from rotatek_compile.state import (CompressedLayer, KeptExact, LayerPrefill, Tok
                                    count_tokens)
 
 # Bytes of full Keys and Values held across layers, by device type, to compress them in one group.
-# On a GPU each group costs a few milliseconds of host time (its launches and synchronisation:
-# on an H200, 32 layers of one 16k-token row took 35 ms in one group, 41 ms in three), and held
+# On a GPU each group costs a few milliseconds of host time (its launches and its host read: on an
+# H200, 32 layers of one 16k-token row took 25 ms in one group, 31 ms in two), and held
 # bytes add to the prefill's peak: with 9 rows of 64k tokens (2.4 GB of Keys and Values a layer)
 # layers go in pairs, one copy held. None on a CPU, where a call costs its arithmetic: every layer
 # is compressed alone.
 HELD_BYTES = {"cuda": 4 << 30}
 
 # Groups of a run whose every layer's copy fits in HELD_BYTES, compressed at the last site (the
-# module's docstring): the host time of all but the last group is spent while the device is busy.
-PIPELINED_GROUPS = 4
+# module's docstring). One: on an H200 (32 layers, one 16k-token row) more groups made the
+# prefill slower, not faster (1, 2, 4, 8 groups: 595, 601, 613, 651 ms; docs/performance.md).
+PIPELINED_GROUPS = 1
 
 _THREAD = threading.local()  # .runs: the runs of the prefill graphs this thread runs now, innermost last
 

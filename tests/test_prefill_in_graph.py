@@ -12,8 +12,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import rotatek_compile
-from rotatek_compile import prefill
+from rotatek_compile import ops, prefill
 from rotatek_compile.state import attached
+from tests.host_reads import HostReads
 from tests.test_compress_layers import assert_same_layer
 from tests.test_generate import padded_prompt
 
@@ -143,6 +144,43 @@ def test_a_layer_kept_exact_keeps_its_own_copy_of_the_cache(monkeypatch):
     assert torch.equal(kept.sequences, exact.sequences)
     for mine, theirs in zip(kept.logits, exact.logits):
         torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_the_causal_flag_is_read_once_per_prefill(cache, monkeypatch):
+    """Every layer's prefill attention asks whether the mask is plainly causal; the flag is read
+    from the device once per graph call. On a GPU a read per layer made the host wait for the
+    device at every layer, so it never queued the prefill ahead of the device."""
+    inner, calls, reads = ops._is_plain_causal, [], []
+
+    def spied(causal):
+        with HostReads() as host:
+            value = inner(causal)
+        calls.append(causal)
+        reads.extend(host.reads)
+        return value
+
+    monkeypatch.setattr(ops, "_is_plain_causal", spied)
+    model = four_layer_llama()
+    model.compile(backend=rotatek_compile.backend(key_channels=8))
+    with torch.no_grad():
+        for length in (40, 64):
+            calls.clear(), reads.clear()
+            model.generate(**padded_prompt(length=length), max_new_tokens=1, do_sample=False,
+                           cache_implementation=cache)
+    assert len(calls) == LAYERS and reads == ["__bool__"]
+
+
+def test_the_causal_flag_is_read_once_through_its_views():
+    """Inductor on a GPU passes each op call a new view of the flag's buffer (on a CPU, the buffer
+    itself): views of one flag are read once, a new flag (the next graph call's) again."""
+    flag = torch.tensor(True)
+    with HostReads() as host:
+        assert ops._is_plain_causal(flag.view(())) and ops._is_plain_causal(flag.view(()))
+    assert host.reads == ["__bool__"]
+    with HostReads() as host:
+        assert not ops._is_plain_causal(torch.tensor(False).view(()))
+    assert host.reads == ["__bool__"]
 
 
 def test_the_op_outside_a_prefill_run_says_so():
