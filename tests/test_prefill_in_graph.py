@@ -162,7 +162,9 @@ def test_the_causal_flag_is_read_once_per_prefill(cache, monkeypatch):
 
     monkeypatch.setattr(ops, "_is_plain_causal", spied)
     model = four_layer_llama()
-    model.compile(backend=rotatek_compile.backend(key_channels=8))
+    # Inductor's own views of the flag: test_the_causal_flag_is_read_once_through_its_views (the
+    # CPU code Inductor 2.11 generates for this padded prompt does not compile)
+    model.compile(backend=rotatek_compile.backend(key_channels=8, inner="eager"))
     with torch.no_grad():
         for length in (40, 64):
             calls.clear(), reads.clear()
