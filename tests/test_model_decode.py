@@ -1,5 +1,5 @@
-"""``benchmarks/model_decode.py``: the max-batch search (the largest batch that fits, found by trying) and the
-compression timer."""
+"""``benchmarks/model_decode.py``: the max-batch search (the largest batch that fits, found by trying), the
+compression timer and the prefills timed by number of pipelined groups."""
 
 from __future__ import annotations
 
@@ -62,3 +62,28 @@ def test_compression_timer_yields_every_layer_and_compares_with_the_same_work_ou
         assert_same_layer(mine, theirs)
     assert timer.seconds > 0
     assert any("on the same inputs outside it" in message for message in caplog.messages)
+
+
+def test_prefills_by_pipelined_groups_alternate_and_restore_the_default():
+    """Each number of groups is timed in turn within each repeat, the medians are reported, and the
+    module's default is back afterwards (also when a run fails)."""
+    from model_decode import COMPRESSING_MODULE, by_pipelined_groups
+
+    default, seen = COMPRESSING_MODULE.PIPELINED_GROUPS, []
+
+    def run():
+        groups = COMPRESSING_MODULE.PIPELINED_GROUPS
+        seen.append(groups)
+        return {"prefill_ms": 100.0 * groups + len(seen), "compression_ms": float(groups)}
+
+    timed = by_pipelined_groups(run, [1, 4])
+    assert seen == [1, 4, 1, 4, 1, 4]
+    assert timed == {1: {"prefill_ms": 103.0, "compression_ms": 1.0}, 4: {"prefill_ms": 404.0, "compression_ms": 4.0}}
+    assert COMPRESSING_MODULE.PIPELINED_GROUPS == default
+
+    def failing():
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        by_pipelined_groups(failing, [8])
+    assert COMPRESSING_MODULE.PIPELINED_GROUPS == default
