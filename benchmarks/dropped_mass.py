@@ -12,8 +12,10 @@ token-only drops at that budget:
 - held-out: each half of the window ranks them and the other half's attention is measured
   (averaged over the two folds), as the split proxy does.
 
-Prints per tuning prompt token-only's KL (from ``--kl``, a ``tiered_rule.py`` JSON) next to the
-median over the layers of both dropped shares. Nothing here is fitted; the held-out prompts'
+It also records the share of the span Keys' centred energy outside their top-r principal subspace
+(:func:`key_residual`: what a rotated tier's basis cannot keep). Prints per tuning prompt
+token-only's KL (from ``--kl``, a ``tiered_rule.py`` JSON) next to the median over the layers of
+each. Nothing here is fitted; the held-out prompts'
 values are not kept.
 """
 
@@ -41,6 +43,20 @@ def dropped_share(rank_queries, judge_queries, keys, mask, scale: float, exact: 
     return float((share * ~kept).sum(dim=-1).mean())
 
 
+def key_residual(keys, mask, rank: int) -> float:
+    """Share of the span Keys' centred energy outside their top-``rank`` principal subspace (K-only
+    PCA, per row and KV head, then the mean): what a rotated tier's basis cannot keep."""
+    import torch
+
+    x = keys.float()
+    weight = mask[:, None, :, None].float()  # [B, 1, N, 1]
+    mean = (x * weight).sum(dim=2, keepdim=True) / weight.sum(dim=2, keepdim=True).clamp_min(1)
+    centred = (x - mean) * weight
+    values = torch.linalg.eigvalsh(centred.transpose(-1, -2) @ centred)  # [B, H, d] ascending
+    total = values.sum(dim=-1).clamp_min(1e-30)
+    return float((values[..., :-rank].sum(dim=-1) / total).mean()) if rank < values.shape[-1] else 0.0
+
+
 def recorder(records: dict, current: dict, choose):
     """``tiers.choose_split`` that also records, for tuning prompts, token-only's dropped shares."""
     def chosen(queries, keys, values, mask, scale, layout, allowed, query_aware):
@@ -54,7 +70,7 @@ def recorder(records: dict, current: dict, choose):
                         + dropped_share(second, first, keys, mask, scale, token_only.exact)) / 2
             records[current["budget"]].setdefault(current["prompt"], []).append(dict(
                 in_sample=dropped_share(queries, queries, keys, mask, scale, token_only.exact),
-                held_out=held_out, error=token_only.error))
+                held_out=held_out, error=token_only.error, key_residual=key_residual(keys, mask, layout.rank)))
         return result
 
     return chosen
@@ -90,10 +106,12 @@ def main() -> None:
     for budget in budgets:
         token_kl = kl[fidelity.Cell("token-only", "think", 1.0, budget).name]["per_prompt"]["kl"]
         print(f"budget {budget}: prompt, token-only KL, median over layers of token-only's dropped window "
-              "share (in-sample, held-out) and of its split error")
+              "share (in-sample, held-out), of its split error, and of the span Keys' energy outside rank r")
         for prompt, layers in sorted(records[str(budget)].items()):
-            medians = [statistics.median(layer[key] for layer in layers) for key in ("in_sample", "held_out", "error")]
-            print(f"  {prompt:2d}  {token_kl[prompt]:.4f}  {medians[0]:.4f}  {medians[1]:.4f}  {medians[2]:.2e}")
+            medians = [statistics.median(layer[key] for layer in layers)
+                       for key in ("in_sample", "held_out", "error", "key_residual")]
+            print(f"  {prompt:2d}  {token_kl[prompt]:.4f}  {medians[0]:.4f}  {medians[1]:.4f}  {medians[2]:.2e}  "
+                  f"{medians[3]:.4f}")
 
 
 if __name__ == "__main__":

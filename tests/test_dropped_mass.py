@@ -50,5 +50,17 @@ def test_only_tuning_prompts_of_the_recorded_budgets_are_kept():
     assert all(split == alone for split in chosen)  # the product's choice is unchanged
     assert list(records["0.4"]) == [0] and len(records["0.4"][0]) == 1
     layer = records["0.4"][0][0]
-    assert set(layer) == {"in_sample", "held_out", "error"}
+    assert set(layer) == {"in_sample", "held_out", "error", "key_residual"}
     assert 0 <= layer["in_sample"] <= 1 and 0 <= layer["held_out"] <= 1
+
+
+def test_the_key_residual_is_the_energy_outside_the_top_subspace():
+    """Keys spread over two channels with variances 9 and 1: rank 1 misses a tenth, rank 2 nothing;
+    masked tokens do not count."""
+    keys = torch.zeros(1, 1, 8, DIM)
+    keys[0, 0, :4, 0] = torch.tensor([3.0, -3.0, 3.0, -3.0])
+    keys[0, 0, :4, 1] = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    keys[0, 0, 4:] = 50.0  # padding
+    mask = torch.tensor([[True] * 4 + [False] * 4])
+    assert dropped_mass.key_residual(keys, mask, 1) == pytest.approx(0.1, abs=1e-6)
+    assert dropped_mass.key_residual(keys, mask, 2) == pytest.approx(0.0, abs=1e-6)
