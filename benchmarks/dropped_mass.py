@@ -21,7 +21,6 @@ values are not kept.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import fidelity  # noqa: E402
+import split_errors  # noqa: E402
 from rotatek_compile import tiers  # noqa: E402
 
 
@@ -77,34 +76,20 @@ def recorder(records: dict, current: dict, choose):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budgets", default="0.4")
-    parser.add_argument("--kl", type=Path,
-                        default=Path("benchmarks/results/tiered_rule_2026-11-30/tiered_rule_smollm2.json"))
-    parser.add_argument("--out", type=Path, default=Path("."))
-    args = parser.parse_args()
-    import torch
-
-    torch.set_num_threads(2)
+    args = split_errors.arguments(__doc__)
     budgets = [float(b) for b in args.budgets.split(",")]
     records: dict[str, dict[int, list[dict]]] = {str(b): {} for b in budgets}
     current: dict = {}
-    run_cell = fidelity.cell_run
-
-    def cell_run(compiled, model, backend, cell, group, *rest, **kwargs):
-        current.update(budget=str(cell.kv_budget), prompt=group)  # "None": the token-only cell
-        return run_cell(compiled, model, backend, cell, group, *rest, **kwargs)
-
-    fidelity.cell_run, tiers.choose_split = cell_run, recorder(records, current, tiers.choose_split)
-    # a token-only cell first, as in split_errors.py (the decode graphs follow the first cell's config)
-    cells = [fidelity.Cell("token-only", "think", 1.0, budgets[0])]
-    cells += [fidelity.Cell("tiered most rotated", "rotatek", 0.5, 1.0, kv_budget=b) for b in budgets]
-    fidelity.run_model("smollm2", fidelity.FULL_LENGTHS, cells, fidelity.STEPS)
+    choose = tiers.choose_split
+    tiers.choose_split = recorder(records, current, choose)
+    try:
+        split_errors.sweep(budgets, current)
+    finally:
+        tiers.choose_split = choose
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "dropped_mass.json").write_text(json.dumps(records))
-    kl = json.loads(args.kl.read_text())["cells"]
     for budget in budgets:
-        token_kl = kl[fidelity.Cell("token-only", "think", 1.0, budget).name]["per_prompt"]["kl"]
+        token_kl = split_errors.token_only_kl(args.kl, budget)
         print(f"budget {budget}: prompt, token-only KL, median over layers of token-only's dropped window "
               "share (in-sample, held-out), of its split error, and of the span Keys' energy outside rank r")
         for prompt, layers in sorted(records[str(budget)].items()):

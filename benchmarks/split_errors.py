@@ -50,36 +50,62 @@ def recorder(records: dict[str, dict[int, list[dict[float, float]]]], current: d
     return recorded
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(doc: str) -> argparse.Namespace:
+    """The command line of this script and of ``dropped_mass.py``, which records other statistics
+    on the same sweep."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", default="0.4")
     parser.add_argument("--kl", type=Path,
                         default=Path("benchmarks/results/tiered_rule_2026-11-30/tiered_rule_smollm2.json"))
     parser.add_argument("--out", type=Path, default=Path("."))
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def sweep(budgets: list[float], current: dict) -> None:
+    """``fidelity.py``'s 24 SmolLM2 prompts with token-only, then the adaptive tiered cache at each
+    of ``budgets``; while a cell runs, ``current`` holds its prompt and budget (``"None"`` for the
+    token-only cell), which a recorder patched into the product reads."""
     import torch
 
     torch.set_num_threads(2)
-    budgets = [float(b) for b in args.budgets.split(",")]
-    records: dict[str, dict[int, list[dict[float, float]]]] = {str(b): {} for b in budgets}
-    current = {}
-    run_cell, pick = fidelity.cell_run, tiers.pick_split
+    run_cell = fidelity.cell_run
 
     def cell_run(compiled, model, backend, cell, group, *rest, **kwargs):
-        current.update(budget=str(cell.kv_budget), prompt=group)  # "None": the token-only cell
+        current.update(budget=str(cell.kv_budget), prompt=group)
         return run_cell(compiled, model, backend, cell, group, *rest, **kwargs)
 
-    fidelity.cell_run, tiers.pick_split = cell_run, recorder(records, current, pick)
     # a token-only cell first: the sweep's backend compiles its decode graphs with the first cell's
     # config, for every method, and kv_budget is RotateK's alone
     cells = [fidelity.Cell("token-only", "think", 1.0, budgets[0])]
     cells += [fidelity.Cell("tiered most rotated", "rotatek", 0.5, 1.0, kv_budget=b) for b in budgets]
-    fidelity.run_model("smollm2", fidelity.FULL_LENGTHS, cells, fidelity.STEPS)
+    fidelity.cell_run = cell_run
+    try:
+        fidelity.run_model("smollm2", fidelity.FULL_LENGTHS, cells, fidelity.STEPS)
+    finally:
+        fidelity.cell_run = run_cell
+
+
+def token_only_kl(path: Path, budget: float) -> list[float]:
+    """Token-only's per-prompt KL at ``budget`` from a ``tiered_rule.py`` JSON."""
+    cells = json.loads(path.read_text())["cells"]
+    return cells[fidelity.Cell("token-only", "think", 1.0, budget).name]["per_prompt"]["kl"]
+
+
+def main() -> None:
+    args = arguments(__doc__)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    records: dict[str, dict[int, list[dict[float, float]]]] = {str(b): {} for b in budgets}
+    current: dict = {}
+    pick = tiers.pick_split
+    tiers.pick_split = recorder(records, current, pick)
+    try:
+        sweep(budgets, current)
+    finally:
+        tiers.pick_split = pick
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "split_errors.json").write_text(json.dumps(records))
-    kl = json.loads(args.kl.read_text())["cells"]
     for budget in budgets:
-        token_kl = kl[fidelity.Cell("token-only", "think", 1.0, budget).name]["per_prompt"]["kl"]
+        token_kl = token_only_kl(args.kl, budget)
         print(f"budget {budget}: prompt, token-only KL, token-only split error over layers (min / median / max)")
         for prompt, layers in sorted(records[str(budget)].items()):
             errors = sorted(layer.get(0.0, float("nan")) for layer in layers)
