@@ -396,15 +396,20 @@ def _rows(tensors: list[Tensor]) -> Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
+def _groups(layers: list[LayerPrefill], key: Callable[[LayerPrefill], tuple]) -> list[list[int]]:
+    """The indices of ``layers``, grouped by equal ``key``, in order of first appearance."""
+    groups: dict[tuple, list[int]] = {}
+    for index, prefill in enumerate(layers):
+        groups.setdefault(key(prefill), []).append(index)
+    return list(groups.values())
+
+
 def _per_group(layers: list[LayerPrefill], key: Callable[[LayerPrefill], tuple],
                build: Callable[[list[int]], list]) -> list:
     """``build`` once per group of layers of equal ``key`` (given their indices), its results put
     back in the layers' order."""
-    groups: dict[tuple, list[int]] = {}
-    for index, prefill in enumerate(layers):
-        groups.setdefault(key(prefill), []).append(index)
     results: list = [None] * len(layers)
-    for group in groups.values():
+    for group in _groups(layers, key):
         for index, result in zip(group, build(group), strict=True):
             results[index] = result
     return results
@@ -512,11 +517,9 @@ def count_tokens(layers: list[LayerPrefill], config: RotateKConfig) -> TokenCoun
     token counts that size the segments copied to host memory without waiting for them. A caller
     that has other work to queue (the prefill's next layers) does so before
     :func:`compress_counted` reads the counts: the device then runs it meanwhile."""
-    groups: dict[tuple, list[int]] = {}
-    for index, prefill in enumerate(layers):
-        groups.setdefault((prefill.span.shape, prefill.span.device), []).append(index)
+    groups = _groups(layers, lambda prefill: (prefill.span.shape, prefill.span.device))
     return TokenCounts(layers, config, [_counted([layers[i] for i in group], group, config.kernel)
-                                        for group in groups.values()])
+                                        for group in groups])
 
 
 def compress_layers(layers: list[LayerPrefill], config: RotateKConfig) -> Iterator[CompressedLayer | KeptExact]:
