@@ -78,7 +78,6 @@ def sync_sites(run) -> dict[str, int]:
     import warnings
 
     found: dict[str, int] = {}
-    shown = warnings.showwarning
 
     def record(message, category, filename, lineno, file=None, line=None):
         frames = [f for f in traceback.extract_stack()[:-1]
@@ -86,16 +85,14 @@ def sync_sites(run) -> dict[str, int]:
         where = " < ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in frames[::-1][:3])
         found[where] = found.get(where, 0) + 1
 
-    warnings.showwarning = record
     torch.cuda.set_sync_debug_mode("warn")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # puts showwarning back on exit
             warnings.simplefilter("always")
             warnings.showwarning = record
             run()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-        warnings.showwarning = shown
     return found
 
 
