@@ -30,6 +30,9 @@
 #                                      # the prefill also timed with 1 and 4 pipelined groups
 #   bash benchmarks/h200_run.sh long   # B1 x 64k and 128k: eager, rotatek-static (the groups are not
 #                                      # pipelined there: every layer's copy does not fit in 4 GiB)
+#   bash benchmarks/h200_run.sh kernel [BASELINE]  # the one-launch decode kernel: its GPU tests and the
+#                                      # StaticCache + CUDA-graph tests, then the kernel's variants at B1 x {16k,
+#                                      # 128k}, B4 and B32 x 16k (and BASELINE, another triton_decode.py)
 #   bash benchmarks/h200_run.sh diagnose  # 8 layers, 16k: the compression of the model's own inputs
 #                                         # timed inside and outside the model, and profiled
 set -uo pipefail
@@ -112,6 +115,12 @@ case "$part" in
   batch)
     timeout "$(left 590)" python3 benchmarks/model_decode.py --out "$OUT" --cases none --max-batch 65536 \
       --backends "${2:-eager,rotatek-static}" --max-batch-guess "${3:-0}" 2>&1 | grep -v "^\s*$" | tee "$OUT/max_batch.log" | tail -12 ;;
+  kernel)
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_triton_decode.py \
+      tests/test_cuda_static.py > "$OUT/gpu_tests.log" 2>&1
+    tail -8 "$OUT/gpu_tests.log"
+    timeout "$(left 560)" python3 benchmarks/decode_kernel.py --out "$OUT" --cases 1x16384,1x131072,4x16384,32x16384 \
+      ${2:+--baseline "$2"} 2>&1 | tee "$OUT/decode_kernel.log" | tail -40 ;;
   diagnose)
     timeout "$(left 560)" python3 benchmarks/model_decode.py --out "$OUT" --layers 8 --steps 4 --cases 1x16384 \
       --backends rotatek,rotatek-static --profile 2>&1 | grep -v "^\s*$" | tee "$OUT/diagnose.log" \
