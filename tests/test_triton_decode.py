@@ -99,12 +99,15 @@ def decode_shapes(draw):
 
 @CI
 @given(shape=decode_shapes(), num_splits=st.sampled_from([None, 1, 2, 5]), block_n=st.sampled_from([16, 32]),
-       fused_merge_max=st.sampled_from([0, 16]))
-def test_kernel_matches_reference(shape, num_splits, block_n, fused_merge_max):
+       rotation_in_query_dtype=st.booleans())
+def test_kernel_matches_reference(shape, num_splits, block_n, rotation_in_query_dtype):
     """Random shapes, GQA ratios 1–8, ranks ≤ d, empty and ragged segments, padding, strides,
-    both merge paths (in the split kernel, or a separate launch)."""
-    config = triton_decode.DecodeConfig(block_n=block_n, num_warps=4, num_stages=2, fused_merge_max=fused_merge_max)
-    check(make_inputs(**shape), num_splits=num_splits, config=config)
+    one split or several (merged by a second launch), ``R`` in fp32 or in the query's dtype."""
+    config = triton_decode.DecodeConfig(block_n=block_n, num_warps=4, num_stages=2)
+    inputs = list(make_inputs(**shape))
+    if rotation_in_query_dtype:
+        inputs[2] = inputs[2].to(inputs[0].dtype)
+    check(tuple(inputs), num_splits=num_splits, config=config)
 
 
 def test_full_rank_is_plain_attention():
@@ -139,6 +142,19 @@ def test_half_precision():
     check(make_inputs(2, 8, 2, 128, 32, 128, 70, 21, dtype=torch.float16, strided=True), num_splits=3)
 
 
+def test_half_precision_query_projection_on_tensor_cores():
+    """``q`` and ``R`` both fp16, as the cache stores ``R``: ``qR`` is a dot of their own values."""
+    inputs = list(make_inputs(2, 8, 2, 128, 32, 128, 70, 21, dtype=torch.float16, strided=True))
+    inputs[2] = inputs[2].half()
+    check(tuple(inputs), num_splits=3)
+
+
+def test_the_query_projection_takes_r_in_slices():
+    """d = 256, r = 256 in fp32: ``R`` is projected 32 rows at a time (a whole ``R`` would not
+    fit in a GPU's shared memory)."""
+    check(make_inputs(1, 2, 1, 256, 256, 256, 40, 9), num_splits=2)
+
+
 def test_default_config_and_split_plan():
     """The public entry point plans its own splits; the plan covers every token, no empty split."""
     check(make_inputs(1, 4, 1, 128, 32, 128, 300, 40), atol=1e-4)
@@ -152,8 +168,8 @@ def test_default_config_and_split_plan():
 
 @pytest.mark.parametrize("num_splits", [12, 44])
 def test_many_splits(num_splits):
-    """Past ``fused_merge_max`` the merge is a launch of its own; at 44 splits it also slices dv."""
-    config = triton_decode.DecodeConfig(block_n=16, num_stages=2, fused_merge_max=16)
+    """The merge launch takes every split at once; at 44 splits it also slices dv."""
+    config = triton_decode.DecodeConfig(block_n=16, num_stages=2)
     check(make_inputs(1, 4, 1, 128, 32, 128, 640, 60, keep=0.9), num_splits=num_splits, config=config)
 
 

@@ -11,21 +11,21 @@ same semantics. Shapes (``G = Hq // H`` query heads per KV head)::
 
 Two launches, neither of which syncs with the host (CUDA-graph capturable):
 
-1. ``_query_prologue_kernel`` — once per (row, KV head): ``qR`` ``[G, r]`` and ``q·δμ`` ``[G]``, in
-   fp32, pre-multiplied by ``scale·log2(e)`` so that the softmax runs on ``exp2``; it also zeroes
-   the row's arrival counter used by the merge.
-2. ``_decode_split_kernel`` — grid ``(splits, B·H)``. Each program owns one KV head of one row and
-   one contiguous range of the concatenated sequence ``[span | full]``; it loads every K/V tile of
-   that range once for all ``G`` query heads of the KV head (a ``[G_PAD, ·]`` query block, ``G``
-   padded to 16 rows for ``tl.dot``) and keeps one online softmax across both segments. With
-   several splits it writes a partial result ``(acc / l, log2-sum-exp)``; the last program of a
-   (row, KV head) to finish — found with an atomic counter — merges them (all ``G`` heads in one
-   tile) and writes the output. With one split it writes the output directly.
+1. ``_decode_split_kernel`` — grid ``(splits, B·H)``. Each program owns one KV head of one row and
+   one contiguous range of the concatenated sequence ``[span | full]``. It projects its ``G``
+   queries itself (``qR`` ``[G, r]`` and ``q·δμ`` ``[G]``, in fp32, pre-multiplied by
+   ``scale·log2(e)`` so that the softmax runs on ``exp2``), loads every K/V tile of its range once
+   for all ``G`` query heads of the KV head (a ``[G_PAD, ·]`` query block, ``G`` padded to 16 rows
+   for ``tl.dot``) and keeps one online softmax across both segments. With one split it writes the
+   output; with several, a partial result ``(acc / l, log2-sum-exp)``.
+2. ``_merge_kernel`` (several splits only) — one program per query head and slice of ``dv``
+   merges all splits at once.
 
-With many splits (small batches) a third launch, ``_merge_kernel``, merges instead: one program
-per query head and slice of ``dv`` reads all splits at once, where one CTA per (row, KV head)
-would be a serial tail (``DecodeConfig.fused_merge_max``). The host side launches the compiled
-kernels directly once a plan has been seen (see :func:`_decode_attention`).
+Measured on an H200 (``docs/performance.md``): the projection inside the split kernel pays (it was
+a launch of its own); the merge inside it, by the last program of a (row, KV head) to finish,
+does not (a serial tail at many splits, and slower than this second launch even at 16 splits).
+The host side launches the compiled kernels directly once a plan has been seen (see
+:func:`_decode_attention`).
 The split count comes from the shape and the SM count (:func:`plan_splits`): as many splits as
 fill one wave of resident programs. Numerics: fp16/bf16/fp32 inputs; logits, softmax statistics
 and the accumulator are fp32; the span's ``qR`` is rounded to the Keys' dtype before the
@@ -33,8 +33,7 @@ tensor-core dot (bf16: ~2⁻⁹ relative per element), the probabilities to the 
 ``P·V`` (as in FlashAttention). fp32 inputs use exact fp32 dots (``input_precision="ieee"``).
 
 Limits: ``Hq`` must be a multiple of ``H``; all tensors on one CUDA device (or CPU tensors under
-``TRITON_INTERPRET=1``, for tests); two calls must not run concurrently on one set of scratch
-buffers (each call allocates its own, so only a caller sharing them could).
+``TRITON_INTERPRET=1``, for tests).
 """
 
 from __future__ import annotations
@@ -57,8 +56,8 @@ _LOG2E = 1.4426950408889634
 _MIN_DOT = 16
 # SM count used for the split plan when there is no CUDA device (interpreter tests).
 _CPU_SM_COUNT = 4
-# Rows (heads × splits, powers of 2) of the fused merge's tile: 64 × dv 128 fp32 = 64 registers a thread.
-_FUSED_TILE_ROWS = 64
+# Elements of a [D_CHUNK, R_PAD] slice of R in the query projection (8192 fp32: 32 KB of shared memory).
+_PROJECTION_TILE = 8192
 # Elements of the merge kernel's [splits, dv slice] tile (4096 fp32: 32 registers a thread at 4 warps).
 _MERGE_TILE = 4096
 # Launch through the compiled kernels after the first call for a plan (see _decode_attention).
@@ -73,14 +72,10 @@ class DecodeConfig:
     span loop's pipelining depth, ``full_stages`` the full-segment loop's); ``ctas_per_sm`` how many
     split programs one SM holds at once (from the compiled kernel's registers and shared memory:
     128 registers × 128 threads and 44 KB at the default), so that the plan fills one wave;
-    ``min_blocks`` the fewest tiles a split may own; ``fused_merge_max`` the most splits merged
-    inside the split kernel (by the last program per row and KV head to finish, all ``G`` heads in
-    one tile, so only while ``G·splits`` stays small); past it a third launch merges, one program
-    per query head and slice of ``dv``, all splits at once; ``pdl`` launches with
-    programmatic dependent launch (Hopper+): each kernel's programs become resident while the
-    previous kernel runs and wait for it with ``griddepcontrol.wait``; ``maxnreg`` caps the split
-    kernel's registers per thread, which pins its occupancy (``ctas_per_sm``) across its variants
-    (ptxas otherwise picks 96–142 registers depending on the epilogue).
+    ``min_blocks`` the fewest tiles a split may own; ``maxnreg`` caps the split kernel's registers
+    per thread, which pins its occupancy (``ctas_per_sm``) across its variants (ptxas otherwise
+    picks 96–142 registers depending on the epilogue). At the cap, a projection in fp32 (``R`` not
+    in the query's 16-bit dtype) spills: the cache stores ``R`` in its own dtype, so it does not.
     """
 
     block_n: int = 64
@@ -89,8 +84,6 @@ class DecodeConfig:
     ctas_per_sm: int = 4
     min_blocks: int = 2
     full_stages: int = 2
-    fused_merge_max: int = 16
-    pdl: bool = False
     maxnreg: Optional[int] = 128
 
 
@@ -109,11 +102,6 @@ _WIDE_CONFIG = DecodeConfig(block_n=32, num_stages=2)
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@functools.lru_cache(maxsize=None)
-def _has_pdl(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def plan_splits(total_len: int, rows: int, block_n: int, sm_count: int, config: DecodeConfig) -> tuple[int, int]:
@@ -155,50 +143,6 @@ _add_op = getattr(tl.standard, "_sum_combine", _local_add)
 
 
 @triton.jit
-def _query_prologue_kernel(
-    q_ptr, rot_ptr, dmu_ptr, ws_ptr,
-    qdm_off, cnt_off, qk_scale,
-    stride_qb, stride_qh, stride_qd,
-    stride_rb, stride_rh, stride_rd, stride_rr,
-    stride_mb, stride_mh, stride_md,
-    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
-    D: tl.constexpr, D_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, R_BLOCK: tl.constexpr,
-    ZERO_COUNTER: tl.constexpr, USE_GDC: tl.constexpr,
-):
-    """Into the fp32 workspace: ``qr[bh] = (q R)·qk_scale`` ``[G_PAD, R_PAD]`` at 0,
-    ``qdm[bh] = (q·δμ)·qk_scale`` ``[G_PAD]`` at ``qdm_off``, and the arrival counter ``cnt[bh] = 0``
-    at ``cnt_off`` (``ZERO_COUNTER``). Grid ``(B·H, R_PAD // R_BLOCK)``; padding is written as zeros.
-    """
-    if USE_GDC:  # the query may come from the kernel launched just before
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    pid = tl.program_id(0)
-    rb = tl.program_id(1)
-    b = pid // NUM_HEADS
-    h = pid % NUM_HEADS
-    offs_g = tl.arange(0, G_PAD)
-    offs_d = tl.arange(0, D_PAD)
-    offs_r = rb * R_BLOCK + tl.arange(0, R_BLOCK)
-    g_mask = offs_g < GROUP
-    d_mask = offs_d < D
-    q_base = q_ptr + b.to(tl.int64) * stride_qb + (h * GROUP).to(tl.int64) * stride_qh
-    q = tl.load(q_base + offs_g[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)  # [G_PAD, D_PAD]
-    r_base = rot_ptr + b.to(tl.int64) * stride_rb + h.to(tl.int64) * stride_rh
-    rot = tl.load(r_base + offs_d[:, None] * stride_rd + offs_r[None, :] * stride_rr,
-                  mask=d_mask[:, None] & (offs_r[None, :] < R), other=0.0).to(tl.float32)  # [D_PAD, R_BLOCK]
-    qr = tl.dot(q, rot, input_precision="ieee") * qk_scale  # [G_PAD, R_BLOCK] fp32, exact fp32 dot
-    tl.store(ws_ptr + pid.to(tl.int64) * (G_PAD * R_PAD) + offs_g[:, None] * R_PAD + offs_r[None, :], qr)
-    if rb == 0:
-        dmu = tl.load(dmu_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + offs_d * stride_md,
-                      mask=d_mask, other=0.0).to(tl.float32)  # [D_PAD]
-        qdm = tl.reduce(q * dmu[None, :], 1, _add_op) * qk_scale  # [G_PAD]
-        tl.store(ws_ptr + qdm_off + pid.to(tl.int64) * G_PAD + offs_g, qdm)
-        if ZERO_COUNTER:
-            tl.store(ws_ptr + cnt_off + pid, 0.0)
-
-
-@triton.jit
 def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC: tl.constexpr):
     """Fold one tile into the running softmax. ``s`` ``[G_PAD, BLOCK_N]`` base-2 logits (−inf =
     masked), ``v`` ``[BLOCK_N, DV_PAD]``; ``m_i``, ``l_i`` ``[G_PAD]``, ``acc`` ``[G_PAD, DV_PAD]`` fp32.
@@ -217,10 +161,11 @@ def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC: tl.constexpr):
 
 @triton.jit(do_not_specialize=["span_len", "full_len", "tokens_per_split"])
 def _decode_split_kernel(
-    q_ptr, ks_ptr, vs_ptr, ms_ptr, kf_ptr, vf_ptr, mf_ptr, out_ptr, ws_ptr,
-    qdm_off, cnt_off, part_off, lse_off,
-    span_len, full_len, tokens_per_split, qk_scale,
+    q_ptr, rot_ptr, dmu_ptr, ks_ptr, vs_ptr, ms_ptr, kf_ptr, vf_ptr, mf_ptr, out_ptr, ws_ptr,
+    lse_off, span_len, full_len, tokens_per_split, qk_scale,
     stride_qb, stride_qh, stride_qd,
+    stride_rb, stride_rh, stride_rd, stride_rr,
+    stride_mb, stride_mh, stride_md,
     stride_ksb, stride_ksh, stride_kss, stride_ksr,
     stride_vsb, stride_vsh, stride_vss, stride_vsd,
     stride_msb, stride_mss,
@@ -231,28 +176,26 @@ def _decode_split_kernel(
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
     DV: tl.constexpr, DV_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, FULL_STAGES: tl.constexpr, SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
-    G_P2: tl.constexpr, FUSE_SPLITS: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    USE_GDC: tl.constexpr,
+    BLOCK_N: tl.constexpr, FULL_STAGES: tl.constexpr, SPLIT: tl.constexpr,
+    QR_NATIVE: tl.constexpr, D_CHUNK: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One (split, row·KV head) program over tokens ``[lo, hi)`` of ``[span | full]``.
 
-    Workspace (fp32, offsets in elements): ``qR`` at 0 and ``q·δμ`` at ``qdm_off`` from the
-    prologue; arrival counters at ``cnt_off``; partials ``[B, Hq, splits, DV]`` at ``part_off``;
-    their ``lse`` ``[B, Hq, splits]`` at ``lse_off``.
-    ``SPLIT``: write the normalised partial ``acc / l`` and ``lse = m + log2(l)`` (base 2, −inf for
-    an all-masked range); with ``FUSED_MERGE`` the last of the row's programs to arrive at its
-    counter merges the splits (≤ ``FUSE_SPLITS``) of all ``G`` heads (``G_P2`` = ``G`` rounded up
-    to a power of 2) in one ``[G_P2·FUSE_SPLITS, DV]`` tile into ``out``. Without ``SPLIT``: write
-    ``out`` ``[B, Hq, DV]``.
+    Every program first projects its ``G`` queries, ``qR`` ``[G_PAD, R_PAD]`` and ``q·δμ``
+    ``[G_PAD]``, pre-multiplied by ``qk_scale = scale·log2(e)``: ``R`` is 8 KB at d = 128, r = 32,
+    read from L2 by all splits of a row, which costs less than a launch of its own.
+    ``QR_NATIVE``: ``q`` and ``R`` share a 16-bit dtype, so the projection runs on tensor cores from
+    their own values (exact products, fp32 sums); otherwise both are widened to fp32 (exact dot).
+    ``D_CHUNK`` rows of ``R`` at a time, so that a slice's operands fit in shared memory at any d, r.
+    ``SPLIT``: write the normalised partial ``acc / l`` ``[B, Hq, splits, DV]`` at the start of the
+    fp32 workspace and ``lse = m + log2(l)`` (base 2, −inf for an all-masked range)
+    ``[B, Hq, splits]`` at ``lse_off``, for ``_merge_kernel``. Without ``SPLIT``: write ``out``
+    ``[B, Hq, DV]``.
     ``FULL_STAGES``: pipelining depth of the full-segment loop (short in RotateK: prompt, text and
     generated tokens); lower than the span loop's, it saves shared memory, hence occupancy.
     ``UPCAST``: compute in fp32 from the load on (the interpreter cannot compute in bf16).
-    ``USE_GDC``: wait for the prologue before the first load (nothing is read before it).
     """
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     split = tl.program_id(0)
     num_splits = tl.num_programs(0)
     pid = tl.program_id(1)
@@ -278,14 +221,34 @@ def _decode_split_kernel(
     l_i = tl.full([G_PAD], 0.0, tl.float32)
     acc = tl.full([G_PAD, DV_PAD], 0.0, tl.float32)
 
-    # --- pruned span: logits = (qR)·K̃ + q·δμ, both pre-scaled by scale·log2(e) in the prologue
+    # --- the queries, projected: qR [G_PAD, R_PAD] and q·δμ [G_PAD], pre-scaled by scale·log2(e)
+    q_base = q_ptr + b64 * stride_qb + (h * GROUP).to(tl.int64) * stride_qh
+    rot_base = rot_ptr + b64 * stride_rb + h64 * stride_rh
+    dmu_base = dmu_ptr + b64 * stride_mb + h64 * stride_mh
+    qr = tl.zeros([G_PAD, R_PAD], dtype=tl.float32)
+    qdm = tl.zeros([G_PAD], dtype=tl.float32)
+    for first in tl.static_range(0, D_PAD, D_CHUNK):  # R in [D_CHUNK, R_PAD] slices (shared memory)
+        offs_c = first + tl.arange(0, D_CHUNK)
+        c_mask = offs_c < D
+        q_c = tl.load(q_base + offs_g[:, None] * stride_qh + offs_c[None, :] * stride_qd,
+                      mask=g_mask[:, None] & c_mask[None, :], other=0.0)  # [G_PAD, D_CHUNK]
+        rot_c = tl.load(rot_base + offs_c[:, None] * stride_rd + offs_r[None, :] * stride_rr,
+                        mask=c_mask[:, None] & r_mask[None, :], other=0.0)  # [D_CHUNK, R_PAD]
+        if QR_NATIVE:
+            qr += tl.dot(q_c, rot_c)
+        else:
+            qr += tl.dot(q_c.to(tl.float32), rot_c.to(tl.float32), input_precision="ieee")
+        dmu_c = tl.load(dmu_base + offs_c * stride_md, mask=c_mask, other=0.0).to(tl.float32)  # [D_CHUNK]
+        qdm += tl.reduce(q_c.to(tl.float32) * dmu_c[None, :], 1, _add_op)
+    qr = qr * qk_scale
+    qdm = qdm * qk_scale  # [G_PAD] fp32
+
+    # --- pruned span: logits = (qR)·K̃ + q·δμ
     ks_base = ks_ptr + b64 * stride_ksb + h64 * stride_ksh
     vs_base = vs_ptr + b64 * stride_vsb + h64 * stride_vsh
     ms_base = ms_ptr + b64 * stride_msb
-    qr = tl.load(ws_ptr + pid.to(tl.int64) * (G_PAD * R_PAD) + offs_g[:, None] * R_PAD + offs_r[None, :])
     if not UPCAST:
         qr = qr.to(ks_ptr.dtype.element_ty)  # [G_PAD, R_PAD]
-    qdm = tl.load(ws_ptr + qdm_off + pid.to(tl.int64) * G_PAD + offs_g)  # [G_PAD] fp32
     span_hi = tl.minimum(hi, span_len)
     for start in range(lo, span_hi, BLOCK_N):
         tok = start + offs_n  # [BLOCK_N]
@@ -307,9 +270,8 @@ def _decode_split_kernel(
     kf_base = kf_ptr + b64 * stride_kfb + h64 * stride_kfh
     vf_base = vf_ptr + b64 * stride_vfb + h64 * stride_vfh
     mf_base = mf_ptr + b64 * stride_mfb
-    q_base = q_ptr + b64 * stride_qb + (h * GROUP).to(tl.int64) * stride_qh
     q = tl.load(q_base + offs_g[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # loaded again: not live in the span loop
     q = q.to(tl.float32) * qk_scale  # [G_PAD, D_PAD]
     if not UPCAST:
         q = q.to(kf_ptr.dtype.element_ty)
@@ -337,42 +299,12 @@ def _decode_split_kernel(
     hq = (h * GROUP + offs_g).to(tl.int64)  # [G_PAD] query-head index
     store_mask = g_mask[:, None] & v_mask[None, :]
     if SPLIT:
-        part_ptr = ws_ptr + part_off
+        part_ptr = ws_ptr
         lse_ptr = ws_ptr + lse_off
         row = (b64 * (NUM_HEADS * GROUP) + hq) * num_splits + split  # [G_PAD]
         tl.store(part_ptr + row[:, None] * DV + offs_v[None, :], acc, mask=store_mask)
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
         tl.store(lse_ptr + row, lse, mask=g_mask)
-        if FUSED_MERGE:
-            # Publish, then count arrivals: every thread's stores are issued before the barrier,
-            # and the gpu-scope acq_rel atomic orders them before the count others read. The last
-            # program reads the partials through L2 (.cg), never a stale L1 line.
-            tl.debug_barrier()
-            arrived = tl.atomic_add(ws_ptr + cnt_off + pid, 1.0, sem="acq_rel")  # fp32: exact below 2²⁴
-            if arrived == (num_splits - 1).to(tl.float32):
-                # rows (g, s) of the tile: g-major; 2^(lse − M_g)-weighted sum over s, per g
-                offs_gs = tl.arange(0, G_P2 * FUSE_SPLITS)
-                g_idx = offs_gs // FUSE_SPLITS
-                s_idx = offs_gs % FUSE_SPLITS
-                valid = (g_idx < GROUP) & (s_idx < num_splits)
-                rows = (b64 * (NUM_HEADS * GROUP) + h * GROUP + g_idx) * num_splits + s_idx
-                lse_t = tl.load(lse_ptr + rows, mask=valid, other=float("-inf"), cache_modifier=".cg")
-                part = tl.load(part_ptr + rows[:, None] * DV + offs_v[None, :],
-                               mask=valid[:, None] & v_mask[None, :], other=0.0,
-                               cache_modifier=".cg")  # [G_P2·FUSE_SPLITS, DV_PAD]
-                lse2 = tl.reshape(lse_t, [G_P2, FUSE_SPLITS])
-                m = tl.reduce(lse2, 1, _max_op)  # [G_P2]
-                m_safe = tl.where(m == float("-inf"), 0.0, m)
-                w2 = tl.math.exp2(lse2 - m_safe[:, None])  # 0 for −inf
-                den = tl.reduce(w2, 1, _add_op)  # [G_P2]
-                weighted = tl.reshape(tl.reshape(w2, [G_P2 * FUSE_SPLITS])[:, None] * part,
-                                      [G_P2, FUSE_SPLITS, DV_PAD])
-                merged = tl.reduce(weighted, 1, _add_op) / tl.where(den == 0.0, 1.0, den)[:, None]
-                offs_g2 = tl.arange(0, G_P2)
-                ptrs = (out_ptr + b64 * stride_ob + (h * GROUP + offs_g2).to(tl.int64)[:, None] * stride_oh
-                        + offs_v[None, :] * stride_od)
-                tl.store(ptrs, merged.to(out_ptr.dtype.element_ty),
-                         mask=(offs_g2 < GROUP)[:, None] & v_mask[None, :])
     else:
         ptrs = out_ptr + b64 * stride_ob + hq[:, None] * stride_oh + offs_v[None, :] * stride_od
         tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=store_mask)
@@ -381,16 +313,12 @@ def _decode_split_kernel(
 @triton.jit
 def _merge_kernel(
     ws_ptr, out_ptr,
-    part_off, lse_off, num_splits,
+    lse_off, num_splits,
     stride_ob, stride_oh, stride_od,
     NUM_Q_HEADS: tl.constexpr, DV: tl.constexpr, DV_BLOCK: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    USE_GDC: tl.constexpr,
 ):
     """Grid ``(B·Hq, cdiv(DV, DV_BLOCK))``: ``out[b, hq, slice]`` from all ``num_splits`` partials at
     once (``SPLITS_PAD`` ≥ ``num_splits``): ``Σ_s 2^(lse_s − M)·part_s / Σ_s 2^(lse_s − M)``."""
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     vb = tl.program_id(1)
     b = pid // NUM_Q_HEADS
@@ -405,7 +333,7 @@ def _merge_kernel(
     den = tl.reduce(w, 0, _add_op)
     offs_v = vb * DV_BLOCK + tl.arange(0, DV_BLOCK)
     v_mask = offs_v < DV
-    part = tl.load(ws_ptr + part_off + (row0 + offs_s)[:, None] * DV + offs_v[None, :],
+    part = tl.load(ws_ptr + (row0 + offs_s)[:, None] * DV + offs_v[None, :],
                    mask=inside[:, None] & v_mask[None, :], other=0.0)  # [SPLITS_PAD, DV_BLOCK]
     out = tl.reduce(w[:, None] * part, 0, _add_op) / tl.where(den == 0.0, 1.0, den)
     ptrs = out_ptr + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh + offs_v * stride_od
@@ -438,10 +366,6 @@ def _next_pow2(n: int) -> int:
 
 def _pad(n: int) -> int:
     return max(_next_pow2(n), _MIN_DOT)
-
-
-def _align16(n: int) -> int:
-    return (n + 15) // 16 * 16
 
 
 def _placeholder(like: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -532,67 +456,57 @@ def _decode_attention(
         per_split = _cdiv(blocks, max(1, min(num_splits, blocks)))
         splits, per_split = _cdiv(blocks, per_split), per_split * config.block_n
     split = splits > 1
-    g_p2, splits_p2 = _next_pow2(group), _next_pow2(splits)
-    fused = split and splits <= config.fused_merge_max and g_p2 * splits_p2 <= _FUSED_TILE_ROWS
-    merge = split and not fused
+    splits_p2 = _next_pow2(splits)
     dtypes = (span_keys.dtype, span_values.dtype, keys.dtype, values.dtype)
     # The interpreter computes bf16 wrongly unless values are widened right after the load.
     upcast = INTERPRETED and torch.bfloat16 in dtypes
     dot_prec = "ieee" if upcast or torch.float32 in dtypes else "tf32"  # only fp32 operands heed it
-    use_pdl = config.pdl and on_gpu and not INTERPRETED and _has_pdl(device_index)
+    qr_native = (not upcast and query.dtype == rotation.dtype
+                 and query.dtype in (torch.float16, torch.bfloat16))
     qk_scale = float(scale) * _LOG2E
     g_pad, d_pad, r_pad, dv_pad = _pad(group), _pad(dim), _pad(rank), _pad(value_dim)
-    r_block = min(r_pad, 64)
     dv_block = max(1, min(_next_pow2(value_dim), _MERGE_TILE // splits_p2))
+    d_chunk = max(_MIN_DOT, min(d_pad, _PROJECTION_TILE // r_pad))
 
-    # One fp32 workspace, regions 16-element aligned: qR, q·δμ, counters, partials, their lse.
-    qdm_off = rows * g_pad * r_pad
-    cnt_off = qdm_off + rows * g_pad
-    part_off = cnt_off + _align16(rows)
-    lse_off = part_off + (batch * q_heads * splits * value_dim if split else 0)
-    workspace = torch.empty(lse_off + (batch * q_heads * splits if split else 0), dtype=torch.float32, device=device)
+    # fp32 workspace: the partials [B, Hq, splits, dv], then their lse [B, Hq, splits].
+    lse_off = batch * q_heads * splits * value_dim if split else 0
+    workspace = torch.empty(max(lse_off + (batch * q_heads * splits if split else 0), 1),
+                            dtype=torch.float32, device=device)
 
-    grids = [(rows, r_pad // r_block, 1), (splits, rows, 1)]
+    grids = [(splits, rows, 1)]
     launches = [
-        # 1. qR, q·δμ once per (row, KV head); zero the counters
-        (query, rotation, mean_residual, workspace, qdm_off, cnt_off, qk_scale,
-         *query.stride(), *rotation.stride(), *mean_residual.stride()),
-        # 2. split kernel (+ merge by the last program of each row and KV head when fused)
-        (query, span_keys, span_values, span_mask, keys, values, mask, out, workspace,
-         qdm_off, cnt_off, part_off, lse_off, span_len, full_len, per_split, qk_scale,
-         *query.stride(), *span_keys.stride(), *span_values.stride(), *span_mask.stride(),
+        # the split kernel
+        (query, rotation, mean_residual, span_keys, span_values, span_mask, keys, values, mask, out,
+         workspace, lse_off, span_len, full_len, per_split, qk_scale,
+         *query.stride(), *rotation.stride(), *mean_residual.stride(),
+         *span_keys.stride(), *span_values.stride(), *span_mask.stride(),
          *keys.stride(), *values.stride(), *mask.stride(), *out.stride()),
     ]
-    if merge:  # 3. merge in a launch of its own (many splits)
+    if split:  # the merge
         grids.append((batch * q_heads, _cdiv(value_dim, dv_block), 1))
-        launches.append((workspace, out, part_off, lse_off, splits, *out.stride()))
+        launches.append((workspace, out, lse_off, splits, *out.stride()))
 
     fast = FAST_LAUNCH and on_gpu and not INTERPRETED
     if fast:
-        plan = (kv_heads, group, dim, rank, value_dim, config, split, fused, merge,
-                splits_p2 if split else 0, dot_prec, upcast, use_pdl)
-        key = (device_index, plan, _spec_key(launches[0] + launches[1] + (launches[2] if merge else ())))
+        plan = (kv_heads, group, dim, rank, value_dim, config, splits_p2 if split else 0, qr_native,
+                d_chunk, dot_prec, upcast)
+        key = (device_index, plan, _spec_key(sum(launches, ())))
         hit = _COMPILED.get(key)
         if hit is not None:
             for (compiled, constexprs), grid, args in zip(hit, grids, launches):
                 compiled[grid](*args, *constexprs)
             return out
 
-    options = {"num_warps": config.num_warps, "launch_pdl": True} if use_pdl else {"num_warps": config.num_warps}
-    split_options = dict(options, num_stages=config.num_stages)
+    split_options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     if config.maxnreg:
         split_options["maxnreg"] = config.maxnreg
     kernels = [
-        (_query_prologue_kernel, options,
-         dict(NUM_HEADS=kv_heads, GROUP=group, G_PAD=g_pad, D=dim, D_PAD=d_pad, R=rank, R_PAD=r_pad,
-              R_BLOCK=r_block, ZERO_COUNTER=fused, USE_GDC=use_pdl)),
         (_decode_split_kernel, split_options,
          dict(NUM_HEADS=kv_heads, GROUP=group, G_PAD=g_pad, D=dim, D_PAD=d_pad, R=rank, R_PAD=r_pad,
               DV=value_dim, DV_PAD=dv_pad, BLOCK_N=config.block_n, FULL_STAGES=config.full_stages,
-              SPLIT=split, FUSED_MERGE=fused, G_P2=g_p2, FUSE_SPLITS=splits_p2 if fused else 1,
-              DOT_PREC=dot_prec, UPCAST=upcast, USE_GDC=use_pdl)),
-        (_merge_kernel, options,
-         dict(NUM_Q_HEADS=q_heads, DV=value_dim, DV_BLOCK=dv_block, SPLITS_PAD=splits_p2, USE_GDC=use_pdl)),
+              SPLIT=split, QR_NATIVE=qr_native, D_CHUNK=d_chunk, DOT_PREC=dot_prec, UPCAST=upcast)),
+        (_merge_kernel, {"num_warps": config.num_warps},
+         dict(NUM_Q_HEADS=q_heads, DV=value_dim, DV_BLOCK=dv_block, SPLITS_PAD=splits_p2)),
     ]
     compiled_kernels = []
     for (kernel, opts, constexprs), grid, args in zip(kernels, grids, launches):
