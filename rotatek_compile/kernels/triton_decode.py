@@ -225,8 +225,8 @@ def _decode_split_kernel(
     q_base = q_ptr + b64 * stride_qb + (h * GROUP).to(tl.int64) * stride_qh
     rot_base = rot_ptr + b64 * stride_rb + h64 * stride_rh
     dmu_base = dmu_ptr + b64 * stride_mb + h64 * stride_mh
-    qr = tl.zeros([G_PAD, R_PAD], dtype=tl.float32)
-    qdm = tl.zeros([G_PAD], dtype=tl.float32)
+    qr = tl.full([G_PAD, R_PAD], 0.0, tl.float32)
+    qdm = tl.full([G_PAD], 0.0, tl.float32)
     for first in tl.static_range(0, D_PAD, D_CHUNK):  # R in [D_CHUNK, R_PAD] slices (shared memory)
         offs_c = first + tl.arange(0, D_CHUNK)
         c_mask = offs_c < D
