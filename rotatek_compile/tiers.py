@@ -143,6 +143,11 @@ TIE_TOLERANCE = 1.25
 # token-only than "least rotated" at every budget of both models on fidelity.py's tuning prompts
 # (benchmarks/tiered_rule.py; docs/fidelity.md).
 SPLIT_RULE = "most rotated"
+# Which queries judge a split (:func:`choose_split`): "both halves" (each half of the window ranks
+# and fits, the other half judges, the two errors averaged) or "later half" (the first half ranks
+# and fits, the later half judges: the continuation's queries come after the whole window).
+JUDGINGS = ("both halves", "later half")
+JUDGING = "both halves"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,7 +287,11 @@ def choose_split(queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor, sc
         return None, order, []
     batch, kv_heads, _, dim = keys.shape
     half = queries.shape[2] // 2
+    if JUDGING not in JUDGINGS:
+        raise ValueError(f"rotatek judging {JUDGING!r} is invalid: expected one of {', '.join(JUDGINGS)}")
     folds = [(queries[:, :, :half], queries[:, :, half:]), (queries[:, :, half:], queries[:, :, :half])]
+    if JUDGING == "later half":
+        folds = folds[:1]
     if half == 0:  # a one-query window: judge in-sample
         folds = [(queries, queries)]
     # each split with each basis: K-only PCA, and query-aware RotateK where allowed (which of the two

@@ -157,6 +157,30 @@ def test_token_only_is_taken_below_the_floor_whatever_the_others(monkeypatch):
     assert tiers.pick_split(scored, "token-only below a floor").rotated_fraction == 0.75
 
 
+def test_the_later_half_alone_judges_when_asked(monkeypatch):
+    """``JUDGING = "later half"``: a split's error is the one the window's later half measures after
+    the first half ranked and fitted; "both halves" averages it with the mirrored fold (the same
+    window with its halves swapped)."""
+    keys, values, queries, span, valid = layer_inputs(length=120, seed=3)
+    layout = tiers.Layout(heads=KV_HEADS, head_dim=DIM, value_dim=DIM, rank=DIM // 2, element=4,
+                          outside=(int((valid & ~span).sum()),), min_segment=2)
+    allowed = layout.stored_bytes([int(span.sum()) // 2], [0])
+    swapped = torch.cat([queries[:, :, WINDOW // 2:], queries[:, :, :WINDOW // 2]], dim=2)
+
+    def errors(judging, window):
+        monkeypatch.setattr(tiers, "JUDGING", judging)
+        scored = tiers.choose_split(window, keys, values, span, DIM ** -0.5, layout, allowed, False)[2]
+        return {split.rotated_fraction: split.error for split in scored}
+
+    both, later, mirrored = errors("both halves", queries), errors("later half", queries), errors("later half", swapped)
+    assert len(both) > 1 and both.keys() == later.keys() == mirrored.keys()
+    for fraction in both:
+        assert both[fraction] == pytest.approx((later[fraction] + mirrored[fraction]) / 2, rel=1e-5)
+    assert any(later[f] != pytest.approx(both[f], rel=1e-3) for f in both)
+    with pytest.raises(ValueError, match="rotatek judging 'later' is invalid: expected one of both halves, later half"):
+        errors("later", queries)
+
+
 def test_an_unknown_split_rule_is_refused_by_name():
     split = tiers.Split(rotated_fraction=0.0, exact=(1,), rotated=(1,), stored_bytes=1, error=1.0)
     with pytest.raises(ValueError, match="tie rule 'fewest'"):
