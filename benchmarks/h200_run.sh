@@ -30,7 +30,7 @@
 #                                      # the prefill also timed with 1 and 4 pipelined groups
 #   bash benchmarks/h200_run.sh long   # B1 x 64k and 128k: eager, rotatek-static (the groups are not
 #                                      # pipelined there: every layer's copy does not fit in 4 GiB)
-#   bash benchmarks/h200_run.sh kernel [BASELINE]  # the one-launch decode kernel: its GPU tests and the
+#   bash benchmarks/h200_run.sh kernel [BASELINE]  # the decode attention kernel: its GPU tests and the
 #                                      # StaticCache + CUDA-graph tests, then the kernel's variants at B1 x {16k,
 #                                      # 128k}, B4 and B32 x 16k (and BASELINE, another triton_decode.py)
 #   bash benchmarks/h200_run.sh diagnose  # 8 layers, 16k: the compression of the model's own inputs

@@ -185,8 +185,8 @@ def test_rejects_bad_group():
 @pytest.mark.parametrize("batch, span_len", [(2, 2000), (1, 16000)])
 def test_gpu_paper_shape_and_cuda_graph(dtype, batch, span_len):
     """Paper head layout (Hq 32, H 8, d 128, r 32, R in the cache dtype): rel. L2 ≤ 1e-2, and
-    the same output on every replay of a captured graph (the merge's counters are reset by each
-    call; at B1 16k there are ~66 splits, merged in chunks)."""
+    the same output on every replay of a captured graph (at B1 16k the plan has ~65 splits,
+    which the merge launch reads all at once)."""
     inputs = list(make_inputs(batch, 32, 8, 128, 32, 128, span_len, 60, dtype=dtype))
     inputs[2] = inputs[2].to(dtype)
     out = triton_decode.decode_attention_triton(*inputs)

@@ -234,12 +234,13 @@ def _decode_split_kernel(
                       mask=g_mask[:, None] & c_mask[None, :], other=0.0)  # [G_PAD, D_CHUNK]
         rot_c = tl.load(rot_base + offs_c[:, None] * stride_rd + offs_r[None, :] * stride_rr,
                         mask=c_mask[:, None] & r_mask[None, :], other=0.0)  # [D_CHUNK, R_PAD]
+        q_c32 = q_c.to(tl.float32)
         if QR_NATIVE:
             qr += tl.dot(q_c, rot_c)
         else:
-            qr += tl.dot(q_c.to(tl.float32), rot_c.to(tl.float32), input_precision="ieee")
+            qr += tl.dot(q_c32, rot_c.to(tl.float32), input_precision="ieee")
         dmu_c = tl.load(dmu_base + offs_c * stride_md, mask=c_mask, other=0.0).to(tl.float32)  # [D_CHUNK]
-        qdm += tl.reduce(q_c.to(tl.float32) * dmu_c[None, :], 1, _add_op)
+        qdm += tl.reduce(q_c32 * dmu_c[None, :], 1, _add_op)
     qr = qr * qk_scale
     qdm = qdm * qk_scale  # [G_PAD] fp32
 
