@@ -1,7 +1,7 @@
 """Which split the adaptive tiered cache takes among near-ties: fitted on the tuning prompts.
 
     python benchmarks/tiered_rule.py [--models smollm2,gemma3] [--rules "most rotated,least rotated"]
-        [--judging "later half"] [--out DIR]
+        [--judging "later half"] [--exact-tier "share × rotation error"] [--out DIR]
 
 ``rotatek_compile.tiers.pick_split`` keeps, of the candidate splits whose held-out window error is
 within ``TIE_TOLERANCE`` of the smallest, the one that rotates the most tokens ("most rotated"), the
@@ -9,7 +9,9 @@ fewest ("least rotated", token-only when it is among them), or token-only when i
 else the most rotated ("token-only when tied"); or token-only wherever its own error is at most
 ``TOKEN_ONLY_FLOOR``, else the most rotated ("token-only below a floor"). ``--rules`` picks the
 rules to run (default: the first two); ``--judging`` which queries of the window judge a split
-(``rotatek_compile.tiers.JUDGING``: "both halves", the default, or "later half"). For each model this runs the 24
+(``rotatek_compile.tiers.JUDGING``: "both halves", the default, or "later half"); ``--exact-tier``
+which of a split's kept tokens stay exact (``rotatek_compile.tiers.EXACT_TIER``: "largest share",
+the default, or "share × rotation error"). For each model this runs the 24
 prompts of ``benchmarks/fidelity.py`` (one process per model, in parallel) with token-only and the
 adaptive tiered cache under each rule, at every budget, and prints per rule and budget the mean-KL
 ratio to token-only and the geometric mean of per-prompt ratios, on the tuning prompts (where the
@@ -60,15 +62,18 @@ def _with_rule(cell_run):
 
 
 def run_one(model: str, out: Path, position: int, lengths: tuple[int, ...], steps: int,
-            rules: tuple[str, ...] = RULES, judging: str = tiers.JUDGING) -> Path:
+            rules: tuple[str, ...] = RULES, judging: str = tiers.JUDGING,
+            exact_tier: str = tiers.EXACT_TIER) -> Path:
     import torch
 
     torch.set_num_threads(1)
     tiers.JUDGING = judging
+    tiers.EXACT_TIER = exact_tier
     fidelity.cell_run = _with_rule(fidelity.cell_run)
     result = fidelity.run_model(model, lengths, cells(rules), steps, progress_position=position,
                                 partial=out / f"tiered_rule_{model}.partial.json")
     result["judging"] = judging
+    result["exact_tier"] = exact_tier
     path = out / f"tiered_rule_{model}.json"
     path.write_text(json.dumps(fidelity._jsonable(result)))
     return path
@@ -115,9 +120,13 @@ def main() -> None:
                         help=f"comma-separated tie rules, of {', '.join(tiers.SPLIT_RULES)}")
     parser.add_argument("--judging", default=tiers.JUDGING,
                         help=f"which window queries judge a split, of {', '.join(tiers.JUDGINGS)}")
+    parser.add_argument("--exact-tier", default=tiers.EXACT_TIER,
+                        help=f"which kept tokens stay exact, of {', '.join(tiers.EXACT_TIERS)}")
     args = parser.parse_args()
     if args.judging not in tiers.JUDGINGS:
         parser.error(f"--judging: unknown {args.judging!r}; expected one of {', '.join(tiers.JUDGINGS)}")
+    if args.exact_tier not in tiers.EXACT_TIERS:
+        parser.error(f"--exact-tier: unknown {args.exact_tier!r}; expected one of {', '.join(tiers.EXACT_TIERS)}")
     rules = tuple(args.rules.split(","))
     unknown = [rule for rule in rules if rule not in tiers.SPLIT_RULES]
     if unknown:
@@ -128,7 +137,7 @@ def main() -> None:
     if not args.report_only:
         with multiprocessing.get_context("spawn").Pool(len(models)) as pool:
             lengths = tuple(int(n) for n in args.lengths.split(",")) if args.lengths else fidelity.FULL_LENGTHS
-            pool.starmap(run_one, [(model, args.out, i, lengths, args.steps, rules, args.judging)
+            pool.starmap(run_one, [(model, args.out, i, lengths, args.steps, rules, args.judging, args.exact_tier)
                                    for i, model in enumerate(models)])
     rows = [row for model in models
             for row in summary(json.loads((args.out / f"tiered_rule_{model}.json").read_text()))]

@@ -148,6 +148,17 @@ SPLIT_RULE = "most rotated"
 # and fits, the later half judges: the continuation's queries come after the whole window).
 JUDGINGS = ("both halves", "later half")
 JUDGING = "both halves"
+# Which of a split's kept tokens (each head's first E_b + T_b by window share) stay exact
+# (:func:`exact_first`): "largest share", the first E_b; or "share × rotation error", the E_b whose
+# rotation would move the attention output most, to first order (a token's weight in the output
+# times the logit error rotating it makes):
+#
+#     score_s = share_s · rms_q |q·(I − R₀R₀ᵀ)(k_s − μ₀)|·scale      (R₀, μ₀: rank-r K-only PCA of the span)
+#
+# so a well-attended token that the rank-r basis reproduces well is rotated, and one it does not
+# stays exact in its place. One basis per window half serves every candidate split.
+EXACT_TIERS = ("largest share", "share × rotation error")
+EXACT_TIER = "largest share"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +239,41 @@ def tier_masks(order: Tensor, exact: tuple[int, ...], rotated: tuple[int, ...]) 
     return rank_of < exact_t, (rank_of >= exact_t) & (rank_of < exact_t + rotated_t)
 
 
+def rotation_error(queries: Tensor, keys: Tensor, scale: float, mask: Tensor, rank: int) -> Tensor:
+    """Per span token, the rms over its KV head's group of window queries of the logit error that
+    rank-``rank`` K-only PCA of the span makes: ``queries`` ``[B, Hq, W, d]``, ``keys``
+    ``[B, H, N, d]``, ``mask`` ``[B, N]`` → ``[B, H, N]`` fp32 (0 at padding)."""
+    batch, heads, _, dim = keys.shape
+    rotation, mean = reference.span_basis(keys, rank, mask[:, None, :].expand(-1, heads, -1))  # [B, H, d, r], [B, H, d]
+    centred = keys.float() - mean[:, :, None, :]
+    residual = centred - (centred @ rotation) @ rotation.transpose(-1, -2)  # [B, H, N, d]
+    q = queries.float().reshape(batch, heads, -1, dim) * scale  # [B, H, G·W, d]
+    error = (q @ residual.transpose(-1, -2)).square().mean(dim=2).sqrt()  # [B, H, N]
+    return error.masked_fill(~mask[:, None, :], 0.0)
+
+
+def exact_first(order: Tensor, score: Tensor, exact: tuple[int, ...], rotated: tuple[int, ...]) -> Tensor:
+    """``order`` ``[B, H, N]`` (token indices, best share first) with each head's kept tokens, its
+    first ``exact[b] + rotated[b]``, re-sorted by ``score`` ``[B, H, N]`` (≥ 0, per token), largest
+    first (ties keep their share order); the dropped tokens stay where they were."""
+    kept = torch.tensor([e + t for e, t in zip(exact, rotated)], device=order.device)[:, None, None]  # [B, 1, 1]
+    position = torch.arange(order.shape[-1], device=order.device)
+    ranked = score.gather(-1, order).nan_to_num(0.0).clamp_min(0.0)  # [B, H, N] each place's token's score
+    key = torch.where(position < kept, ranked + 1.0, -(position + 1.0) / (order.shape[-1] + 1.0))
+    return order.gather(-1, key.argsort(dim=-1, descending=True, stable=True))
+
+
+def exact_tier_score(queries: Tensor, keys: Tensor, scale: float, mask: Tensor, rank: int,
+                     share: Tensor) -> Optional[Tensor]:
+    """The score :func:`exact_first` sorts the kept tokens by under :data:`EXACT_TIER` (``None``
+    for "largest share": the ranking stands)."""
+    if EXACT_TIER not in EXACT_TIERS:
+        raise ValueError(f"rotatek exact tier {EXACT_TIER!r} is invalid: expected one of {', '.join(EXACT_TIERS)}")
+    if EXACT_TIER == "largest share":
+        return None
+    return share * rotation_error(queries, keys, scale, mask, rank)
+
+
 def split_error(q: Tensor, keys: Tensor, values: Tensor, logits: Tensor, reference_out: Tensor,
                 exact: Tensor, rotated: Tensor, rank: int, queries: Optional[Tensor]) -> float:
     """Relative attention-output error of the queries ``q`` over the span under one split.
@@ -276,13 +322,15 @@ def choose_split(queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor, sc
         ``None`` when no split fits (the sinks, basis and minimal segments alone exceed the budget).
     order : Tensor
         ``[B, H, N]`` each head's tokens ranked by the whole window's attention share (what the
-        cache is built from), best first, padding last.
+        cache is built from), best first, padding last; under :data:`EXACT_TIER` "share × rotation
+        error" the chosen split's kept tokens re-sorted by :func:`exact_first`.
     splits : list of Split
         Every candidate that fits, with its held-out error.
     """
     candidates = [int(c) for c in mask.sum(dim=1).tolist()]
     splits = candidate_splits(layout, candidates, allowed)
-    order = ranking(window_share(queries, keys, scale, mask), mask)
+    share = window_share(queries, keys, scale, mask)  # [B, H, N]
+    order = ranking(share, mask)
     if not splits:
         return None, order, []
     batch, kv_heads, _, dim = keys.shape
@@ -301,16 +349,23 @@ def choose_split(queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor, sc
               if aware or split.rotated_fraction > 0 or len(bases) == 1]  # token-only once
     errors = torch.zeros(len(splits))
     for fit, test in folds:
-        fit_order = ranking(window_share(fit, keys, scale, mask), mask)
+        fit_share = window_share(fit, keys, scale, mask)
+        fit_order = ranking(fit_share, mask)
+        fit_score = exact_tier_score(fit, keys, scale, mask, layout.rank, fit_share)
         q = test.float().reshape(batch, kv_heads, -1, dim) * scale  # [B, H, G·W', d]
         logits = (q @ keys.float().transpose(-1, -2)).masked_fill(~mask[:, None, None, :], -math.inf)
         reference_out = torch.softmax(logits, dim=-1).nan_to_num(0.0) @ values.float()  # [B, H, G·W', dv]
         for i, split in enumerate(splits):
-            exact, rotated = tier_masks(fit_order, split.exact, split.rotated)
+            split_order = fit_order if fit_score is None else exact_first(fit_order, fit_score, split.exact, split.rotated)
+            exact, rotated = tier_masks(split_order, split.exact, split.rotated)
             errors[i] += split_error(q, keys, values, logits, reference_out, exact & mask[:, None, :],
                                      rotated & mask[:, None, :], layout.rank, fit if split.query_aware else None)
     scored = [dataclasses.replace(split, error=float(e) / len(folds)) for split, e in zip(splits, errors)]
-    return pick_split(scored), order, scored
+    chosen = pick_split(scored)
+    score = exact_tier_score(queries, keys, scale, mask, layout.rank, share)
+    if score is not None:
+        order = exact_first(order, score, chosen.exact, chosen.rotated)
+    return chosen, order, scored
 
 
 # The tie rules :func:`pick_split` knows (``SPLIT_RULE`` is the one the cache uses).

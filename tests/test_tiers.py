@@ -181,6 +181,70 @@ def test_the_later_half_alone_judges_when_asked(monkeypatch):
         errors("later", queries)
 
 
+def test_exact_first_resorts_only_each_heads_kept_tokens():
+    # row 0 keeps 2 + 1 tokens, row 1 keeps 1 + 2: those are re-sorted by score (ties keep their
+    # place), the dropped ones stay where the ranking put them
+    order = torch.tensor([[[0, 1, 2, 3, 4], [4, 3, 2, 1, 0]], [[2, 0, 1, 4, 3], [1, 2, 3, 4, 0]]])
+    score = torch.tensor([[[0.1, 0.5, 0.3, 9.0, 9.0], [0.2, 0.2, 0.0, 0.7, 1.0]],
+                          [[0.4, 0.4, 0.1, 0.0, 9.0], [0.0, 0.0, 0.5, 0.5, 9.0]]])
+    resorted = tiers.exact_first(order, score, exact=(2, 1), rotated=(1, 2))
+    assert resorted.tolist() == [[[1, 2, 0, 3, 4], [4, 3, 2, 1, 0]], [[0, 1, 2, 4, 3], [2, 3, 1, 4, 0]]]
+
+
+def test_rotation_error_is_zero_inside_the_span_basis_and_not_outside():
+    # Keys of rank 3 about a mean are reproduced exactly at r = 3; one token moved off that
+    # subspace gets a logit error, the others (in that head) a small one
+    keys, _, queries, span, _ = layer_inputs(length=60, seed=4, key_rank=3)
+    keys = keys + torch.randn(DIM)
+    offset = torch.zeros(DIM)
+    offset[0] = 5.0
+    keys[0, 1, 10] += offset
+    mask = span[:, :keys.shape[2]]
+    error = tiers.rotation_error(queries, keys, DIM ** -0.5, mask, rank=3)
+    assert error.shape == (1, KV_HEADS, keys.shape[2])
+    assert error[0, 0].abs().max() < 1e-3
+    others = error[0, 1][mask[0] & (torch.arange(keys.shape[2]) != 10)]
+    assert error[0, 1, 10] > 5 * others.max()  # the others move by its pull on the mean and basis only
+    assert (error[~mask[:, None, :].expand_as(error)] == 0).all()
+
+
+def test_share_times_rotation_error_keeps_the_kept_set_and_makes_the_worst_reproduced_exact(monkeypatch):
+    """``EXACT_TIER = "share × rotation error"``: the chosen split keeps the same tokens as with the
+    share ranking (its first E + T), and its exact tier holds the E of them with the largest score."""
+    keys, values, queries, span, valid = layer_inputs(length=120, seed=5)
+    n = int(span.sum())
+    span_keys, span_values = keys[:, :, :n], values[:, :, :n]
+    mask = span[:, :n]
+    layout = tiers.Layout(heads=KV_HEADS, head_dim=DIM, value_dim=DIM, rank=DIM // 2, element=4,
+                          outside=(int((valid & ~span).sum()),), min_segment=2)
+    allowed = layout.stored_bytes([n // 4], [n // 2])
+    scale = DIM ** -0.5
+
+    def chosen(exact_tier):
+        monkeypatch.setattr(tiers, "EXACT_TIER", exact_tier)
+        monkeypatch.setattr(tiers, "SPLIT_RULE", "most rotated")
+        split, order, _ = tiers.choose_split(queries, span_keys, span_values, mask, scale, layout, allowed, False)
+        return split, order
+
+    split, by_share = chosen("largest share")
+    assert split.rotated_fraction > 0 and split.exact[0] > 0
+    # the same split under the other exact tier (the choice itself may differ: compare at this one)
+    share = tiers.window_share(queries, span_keys, scale, mask)
+    score = share * tiers.rotation_error(queries, span_keys, scale, mask, DIM // 2)
+    resorted = tiers.exact_first(by_share, score, split.exact, split.rotated)
+    kept, exact = split.exact[0] + split.rotated[0], split.exact[0]
+    for head in range(KV_HEADS):
+        assert set(resorted[0, head, :kept].tolist()) == set(by_share[0, head, :kept].tolist())
+        chosen_scores = score[0, head, resorted[0, head, :exact]]
+        assert chosen_scores.min() >= score[0, head, resorted[0, head, exact:kept]].max()
+        assert resorted[0, head, kept:].tolist() == by_share[0, head, kept:].tolist()
+    other, order = chosen("share × rotation error")
+    expected = tiers.exact_first(by_share, score, other.exact, other.rotated)
+    assert torch.equal(order, expected)
+    with pytest.raises(ValueError, match="rotatek exact tier 'norm' is invalid: expected one of largest share, "):
+        chosen("norm")
+
+
 def test_an_unknown_split_rule_is_refused_by_name():
     split = tiers.Split(rotated_fraction=0.0, exact=(1,), rotated=(1,), stored_bytes=1, error=1.0)
     with pytest.raises(ValueError, match="tie rule 'fewest'"):
