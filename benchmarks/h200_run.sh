@@ -40,6 +40,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/rotatek_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the package, where it is not installed
 part=${1:-1}
 started=$SECONDS
 left() { echo $(( $1 - (SECONDS - started) )); }  # seconds left of a budget of $1
