@@ -91,7 +91,7 @@ def main() -> None:
         start = time.perf_counter()
         exact = model.generate(**inputs, **settings)
         exact_seconds = time.perf_counter() - start
-    before = rotatek_compile.cache_bytes(exact.past_key_values)
+    before = rotatek_compile.cache_bytes(exact)  # the output's cache (`cache`, or `past_key_values` before transformers 5.24)
     logger.info("prompt: %d tokens; compressed span: all but the last 32 prompt tokens", prompt_length)
     logger.info("exact answer (%.1f s): %s%s", exact_seconds, answer(exact),
                 "" if PASSWORD in answer(exact) else "  (the exact model misses the password)")
@@ -107,8 +107,8 @@ def main() -> None:
             start = time.perf_counter()
             compressed = model.generate(**inputs, **settings)
             seconds = time.perf_counter() - start
-        after = rotatek_compile.cache_bytes(compressed.past_key_values)
-        split = rotatek_compile.span_split(compressed.past_key_values)
+        after = rotatek_compile.cache_bytes(compressed)
+        split = rotatek_compile.span_split(compressed)
         rewritten = next(report.rewritten for report in backend.reports if report.phase == "prefill")
         same = answer(compressed) == answer(exact)
         logger.info("")

@@ -53,9 +53,11 @@ def main() -> None:
         model.compile(backend="rotatek", options={"key_channels": 8, "inner": "eager"})
         compressed = model.generate(**inputs, **settings)
 
-    layer = attached(compressed.past_key_values.layers[0].keys)
-    before = rotatek_compile.cache_bytes(exact.past_key_values)
-    after = rotatek_compile.cache_bytes(compressed.past_key_values)
+    cache = getattr(compressed, "cache", None)  # the output's cache; `past_key_values` before transformers 5.24
+    cache = compressed.past_key_values if cache is None else cache
+    layer = attached(cache.layers[0].keys)
+    before = rotatek_compile.cache_bytes(exact)
+    after = rotatek_compile.cache_bytes(compressed)
     logger.info("image tokens per row: %s; compressed span per row: %s",
                 (input_ids == IMAGE_TOKEN).sum(1).tolist(), layer.span_mask.sum(1).tolist())
     logger.info("span Keys kept: %s (K̃, r = %d of d = %d)", tuple(layer.span_key_parts[0].shape),
