@@ -29,8 +29,9 @@ def _second_turn(model, first, inputs, steps=3):
     ids = torch.cat([first.sequences, turn], dim=1)
     mask = torch.cat([inputs["attention_mask"],
                       torch.ones(ids.shape[0], ids.shape[1] - inputs["attention_mask"].shape[1], dtype=torch.long)], 1)
-    return generate(model, {"input_ids": ids, "attention_mask": mask}, steps=steps,
-                    past_key_values=first.past_key_values)
+    cache = getattr(first, "cache", None)  # the returned cache goes back as `cache=` (transformers 5.24 on)
+    passed = {"cache": cache} if cache is not None else {"past_key_values": first.past_key_values}
+    return generate(model, {"input_ids": ids, "attention_mask": mask}, steps=steps, **passed)
 
 
 def test_uncompiled_frame_on_a_compressed_cache_raises():
