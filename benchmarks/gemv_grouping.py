@@ -1,4 +1,4 @@
-"""A decoder layer's weight products at small batch: as HF runs them, and grouped.
+"""A decoder layer's weight products at small batch: as HF runs them, grouped, and by rotatek's kernel.
 
     python benchmarks/gemv_grouping.py --out $OUT     # GPU: the 8B shape, batch 1 and 8
     python benchmarks/gemv_grouping.py --tiny         # CPU smoke run of the same code
@@ -8,13 +8,15 @@ bandwidth it reaches. HF's Llama layer runs seven products (q, k, v from the nor
 o; gate, up from the second norm; down), and the small ones reach less of the bandwidth: k and v
 are 8 MB each at the 8B shape, and cuBLAS gives some products a split-K reduction kernel of their
 own. Grouped, ``q|k|v`` is one ``[6144, 4096]`` product and ``gate|up`` one ``[28672, 4096]``:
-four products per layer, the same bytes.
+four products per layer, the same bytes. ``rotatek.grouped_linear``'s Triton kernel
+(:mod:`rotatek_compile.kernels.triton_gemv`) runs each group in one launch without concatenating
+the weights.
 
 Per batch size this times, under CUDA-graph replay over ``--layers`` distinct layers' weights (far
-more than the L2 cache holds), each product alone and both ways of running a whole layer's products
-(µs per layer, TB/s of weight bytes, kernels per layer), against the layer's byte floor at the copy
-bandwidth measured in the same run. The grouped outputs are checked against the separate ones.
-JSON goes to ``--out``.
+more than the L2 cache holds), each product alone and the three ways of running a whole layer's
+products (µs per layer, TB/s of weight bytes, kernels per layer), against the layer's byte floor at
+the copy bandwidth measured in the same run. Every way's outputs are checked against the separate
+products'. JSON goes to ``--out``.
 """
 
 from __future__ import annotations
@@ -23,14 +25,17 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import statistics
+import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 logger = logging.getLogger("gemv_grouping")
 
 
@@ -67,6 +72,10 @@ class LayerWeights:
         return sum(w.numel() * w.element_size() for w in (self.qkv, self.o, self.gate_up, self.down))
 
 
+Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+GroupedLinear = Callable[[torch.Tensor, list[torch.Tensor]], list[torch.Tensor]]
+
+
 def separate(layer: LayerWeights, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """HF's seven products; ``x`` ``[B, hidden]``. (No norm or activation: the products alone.)"""
     q, k, v = F.linear(x, layer.q), F.linear(x, layer.k), F.linear(x, layer.v)
@@ -84,11 +93,11 @@ def grouped(layer: LayerWeights, x: torch.Tensor) -> dict[str, torch.Tensor]:
             "down": F.linear(gate, layer.down)}
 
 
-def one_product(name: str) -> Callable[[LayerWeights, dict[int, torch.Tensor]], torch.Tensor]:
+def one_product(name: str, linear: Linear = F.linear) -> Callable[[LayerWeights, dict[int, torch.Tensor]], torch.Tensor]:
     """A single product of a layer; ``inputs`` maps an input width to a ``[B, width]`` input."""
     def run(layer: LayerWeights, inputs: dict[int, torch.Tensor]) -> torch.Tensor:
         weight = getattr(layer, name)
-        return F.linear(inputs[weight.shape[1]], weight)
+        return linear(inputs[weight.shape[1]], weight)
     return run
 
 
@@ -167,10 +176,22 @@ def max_relative_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
                for k in a)
 
 
+def with_kernel(layer: LayerWeights, x: torch.Tensor, kernel: GroupedLinear) -> dict[str, torch.Tensor]:
+    """The layer's products as ``rotatek.grouped_linear`` runs them: q, k, v in one launch and gate,
+    up in another, each matrix read where it lies (no concatenation); o and down one launch each."""
+    q, k, v = kernel(x, [layer.q, layer.k, layer.v])
+    gate, up = kernel(x, [layer.gate, layer.up])
+    return {"q": q, "k": k, "v": v, "o": kernel(q, [layer.o])[0], "gate": gate, "up": up,
+            "down": kernel(gate, [layer.down])[0]}
+
+
 def measure(shape: Shape, batches: list[int], layers: int, dtype: torch.dtype, device: str, repeats: int,
-            copy_bytes: int) -> dict:
+            copy_bytes: int, kernel: Optional[GroupedLinear] = None) -> dict:
+    """Every row of the table; ``kernel``: the grouped product kernel to time beside ``F.linear``
+    (:func:`rotatek_compile.kernels.triton_gemv.grouped_linear_triton`)."""
     generator = torch.Generator(device).manual_seed(0)
     weights = [LayerWeights(shape, dtype, device, generator) for _ in range(layers)]
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     layer_bytes = weights[0].bytes()
     bandwidth = copy_bandwidth(device, copy_bytes)
     src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device)
@@ -179,30 +200,38 @@ def measure(shape: Shape, batches: list[int], layers: int, dtype: torch.dtype, d
     del src, dst
     logger.info("copy bandwidth %.2f TB/s from the stream, %.2f TB/s as a CUDA-graph node; %d layers of %.1f MB",
                 bandwidth / 1e12, graph_bandwidth / 1e12, layers, layer_bytes / 1e6)
+    single = "cuBLAS" if device == "cuda" else "F.linear"
     rows = []
     for batch in batches:
         inputs = {width: torch.randn(batch, width, generator=generator, device=device, dtype=dtype)
                   for width in {shape.hidden, shape.q_out, shape.intermediate}}
         x = inputs[shape.hidden]
-        error = max(max_relative_error(separate(w, x), grouped(w, x)) for w in weights)
-        for name in PRODUCTS:
-            product = one_product(name)
+        products = [(name, name, one_product(name)) for name in PRODUCTS]
+        ways = [("layer, separate", lambda w: separate(w, x)), ("layer, grouped", lambda w: grouped(w, x))]
+        if kernel is not None:
+            products += [(f"{name} (kernel)", name, one_product(name, lambda a, w: kernel(a, [w])[0]))
+                         for name in ("q", "k", "v", "o", "gate", "up", "down")]
+            products += [(f"{name} (kernel, one launch)", name,
+                          lambda layer, given, parts=parts: kernel(given[shape.hidden], [getattr(layer, p) for p in parts]))
+                         for name, parts in (("qkv", ("q", "k", "v")), ("gate_up", ("gate", "up")))]
+            ways.append(("layer, grouped (kernel)", lambda w: with_kernel(w, x, kernel)))
+        reference = [separate(w, x) for w in weights]
+        for what, weight_name, product in products:
             ms = _time_ms(lambda: [product(w, inputs) for w in weights], device, repeats)
-            nbytes = getattr(weights[0], name).numel() * getattr(weights[0], name).element_size()
-            rows.append({"batch": batch, "what": name, "us_per_layer": ms * 1e3 / layers,
-                         "weight_bytes": nbytes, "tb_per_s": nbytes * layers / (ms * 1e-3) / 1e12,
-                         "floor_us": nbytes / bandwidth * 1e6})
-        for name, way in (("separate", separate), ("grouped", grouped)):
-            ms = _time_ms(lambda: [way(w, x) for w in weights], device, repeats)
-            kernels = _kernels(lambda: [way(w, x) for w in weights]) if device == "cuda" else []
-            rows.append({"batch": batch, "what": f"layer, {name}", "us_per_layer": ms * 1e3 / layers,
+            nbytes = getattr(weights[0], weight_name).numel() * getattr(weights[0], weight_name).element_size()
+            rows.append({"batch": batch, "what": what, "us_per_layer": ms * 1e3 / layers, "weight_bytes": nbytes,
+                         "tb_per_s": nbytes * layers / (ms * 1e-3) / 1e12, "floor_us": nbytes / bandwidth * 1e6})
+        for what, way in ways:
+            error = max(max_relative_error(want, way(w)) for w, want in zip(weights, reference))
+            logger.info("B%d %s: outputs vs %s separate ones, max relative error %.1e (%s)", batch, what, single,
+                        error, "ok" if error <= tolerance else f"ABOVE {tolerance:g}")
+            ms = _time_ms(lambda: [way(w) for w in weights], device, repeats)
+            kernels = _kernels(lambda: [way(w) for w in weights]) if device == "cuda" else []
+            rows.append({"batch": batch, "what": what, "us_per_layer": ms * 1e3 / layers,
                          "weight_bytes": layer_bytes, "tb_per_s": layer_bytes * layers / (ms * 1e-3) / 1e12,
                          "floor_us": layer_bytes / bandwidth * 1e6,
                          "kernels_per_layer": len(kernels) / layers if kernels else None,
                          "kernel_names": sorted(set(kernels)), "max_relative_error": error})
-        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-        logger.info("B%d: grouped outputs vs separate, max relative error %.1e (%s)", batch, error,
-                    "ok" if error <= tolerance else f"ABOVE {tolerance:g}")
     return {"shape": dataclasses.asdict(shape), "dtype": str(dtype), "layers": layers,
             "copy_bandwidth_tb_per_s": bandwidth / 1e12, "copy_bandwidth_graph_tb_per_s": graph_bandwidth / 1e12,
             "rows": rows}
@@ -226,16 +255,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--layers", type=int, default=8, help="distinct layers' weights (8 B-shape layers: 3.5 GB)")
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--no-kernel", action="store_true",
+                        help="F.linear alone (default: rotatek.grouped_linear's Triton kernel too, on CUDA or under "
+                             "TRITON_INTERPRET=1)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    kernel = None
+    if not args.no_kernel and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        from rotatek_compile.kernels.triton_gemv import grouped_linear_triton as kernel
+    batches = [int(b) for b in args.batches.split(",")]
     if args.tiny:
-        result = measure(TINY, [int(b) for b in args.batches.split(",")], 2, torch.float32, "cpu", 3, 1 << 20)
+        result = measure(TINY, batches, 2, torch.float32, "cpu", 3, 1 << 20, kernel)
     else:
         if device != "cuda":
             parser.error("no CUDA device: pass --tiny for the CPU smoke run")
-        result = measure(LLAMA_8B, [int(b) for b in args.batches.split(",")], args.layers, torch.bfloat16, device,
-                         args.repeats, 1 << 30)
+        result = measure(LLAMA_8B, batches, args.layers, torch.bfloat16, device, args.repeats, 1 << 30, kernel)
     result.update(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__)
     print(table(result))
     if args.out is not None:

@@ -26,6 +26,7 @@ import torch.fx as fx
 import rotatek_compile.ops  # noqa: F401  (registers torch.ops.rotatek.*)
 from rotatek_compile.config import INNERS, RotateKConfig
 from rotatek_compile.passes.find_attention import CROSS_ATTENTION, SkippedSite, sites_and_skips
+from rotatek_compile.passes.group_products import group_products
 from rotatek_compile.passes.rewrite import (
     RewrittenGraph, SiteSlots, rewrite_decode, rewrite_merge, rewrite_prefill, state_inputs)
 from rotatek_compile.passes.visual_span import to_token_mask
@@ -97,6 +98,8 @@ class GraphReport:
     skipped: list[tuple[str, str]]
     # prefill, filled at run time: rewritten sites whose last call kept the exact cache, and why
     kept_exact: dict[str, str] = dataclasses.field(default_factory=dict)
+    # decode: weight products that share an input, run as one op each (passes.group_products)
+    grouped_products: int = 0
 
 
 class RotateKBackend:
@@ -151,9 +154,19 @@ class RotateKBackend:
         if self.inner == "inductor":
             extra, symbols = _symbolic_state(plan, extra, self.config.method)
         checks = StateShapeChecks(symbols, self.config.method)
+        self.group_products(plan, report)
         compiled = self._compile(plan.module, list(example_inputs) + extra)
         checks.take_guards()
         return _DecodeRunner(plan, compiled, checks)
+
+    def group_products(self, plan: Any, report: GraphReport) -> None:
+        """A rewritten decode graph's weight products that share an input, as one op each
+        (:mod:`rotatek_compile.passes.group_products`), unless ``group_products=False``."""
+        if not self.config.group_products:
+            return
+        report.grouped_products = group_products(plan.module.graph, self.config.kernel)
+        if report.grouped_products:
+            plan.module.recompile()
 
     def _compile(self, module: fx.GraphModule, example_inputs: list, cudagraphs: bool = True) -> Callable:
         """The inner compiler; ``cudagraphs=False`` for a prefill, even in ``mode="reduce-overhead"``:

@@ -67,6 +67,11 @@ class RotateKConfig:
         (no rotated tier) and RotateK on every token are among the candidates, and the window's
         queries choose between them. Needs ``method="rotatek"`` and ``token_keep=1``; ``r``
         defaults to ``head_dim / 2`` here.
+    group_products : bool
+        Decode graphs run the bias-free weight products that share an input (q, k, v; gate, up) as
+        one op each, one Triton launch on CUDA when the step has at most 16 rows and 16-bit weights
+        (:mod:`rotatek_compile.passes.group_products`); elsewhere the op runs the same ``F.linear``
+        calls as the model. Default ``True``; ``False`` leaves the products as the model wrote them.
     """
 
     key_channels: Optional[int] = None
@@ -80,6 +85,7 @@ class RotateKConfig:
     method: str = "rotatek"
     token_keep: float = 1.0
     kv_budget: Optional[float] = None
+    group_products: bool = True
 
     def __post_init__(self) -> None:
         if self.key_channels is not None:
@@ -105,6 +111,7 @@ class RotateKConfig:
         _check(self.method in METHODS, "method", _one_of(METHODS), self.method)
         _check(_is_real(self.token_keep) and 0 < self.token_keep <= 1,
                "token_keep", "a float in (0, 1]", self.token_keep)
+        _check(isinstance(self.group_products, bool), "group_products", "True or False", self.group_products)
         if self.kv_budget is not None:
             _check(_is_real(self.kv_budget) and 0 < self.kv_budget <= 1,
                    "kv_budget", "a float in (0, 1] (a fraction of the span's KV bytes)", self.kv_budget)

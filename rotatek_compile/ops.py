@@ -222,3 +222,26 @@ def kept_copy(tensor: Tensor) -> Tensor:
 @kept_copy.register_fake
 def _(tensor):
     return tensor.new_empty(tensor.shape)
+
+
+def _triton_gemv():
+    return kernels.triton_module("triton_gemv")
+
+
+@torch.library.custom_op("rotatek::grouped_linear", mutates_args=())
+def grouped_linear(x: Tensor, weights: list[Tensor], implementation: str = "auto") -> list[Tensor]:
+    """``[F.linear(x, w) for w in weights]``: the bias-free weight products that share ``x``
+    ``[..., K]`` (q, k, v; gate, up) in one launch where the Triton kernel serves them (CUDA, at most
+    16 rows, 16-bit weights: :mod:`rotatek_compile.kernels.triton_gemv`), else one ``F.linear``
+    each, as the model ran them. ``implementation`` is the ``kernel`` option."""
+    rows = x.reshape(-1, x.shape[-1])  # [M, K]
+    if implementation != "reference" and x.is_cuda:
+        module = _triton_gemv()
+        if module is not None and module.supports(rows, weights):
+            return [y.view(*x.shape[:-1], y.shape[-1]) for y in module.grouped_linear_triton(rows, weights)]
+    return [torch.nn.functional.linear(x, w) for w in weights]
+
+
+@grouped_linear.register_fake
+def _(x, weights, implementation="auto"):
+    return [x.new_empty(*x.shape[:-1], w.shape[0]) for w in weights]

@@ -111,7 +111,7 @@ def _compile_decode(backend: Any, gm: fx.GraphModule, example_inputs: Sequence[A
         raise RotateKCacheError(
             "rotatek: several new tokens at once on a compressed StaticCache (a chunked prefill or a "
             "second prompt turn) are not supported; use a DynamicCache for those")
-    backend._report(plan)
+    report = backend._report(plan)
     layers = [attached(example_inputs[slot.past_keys_input]) for slot in plan.sites]
     for slot, layer in zip(plan.sites, layers):
         if not isinstance(layer, StaticCompressedLayer):
@@ -124,6 +124,7 @@ def _compile_decode(backend: Any, gm: fx.GraphModule, example_inputs: Sequence[A
         fakes, symbols = _symbolic_state(plan, state[:per_site], config.method)
         extra = fakes + _static_fakes(state[per_site:])
     checks = StateShapeChecks(symbols, config.method)
+    backend.group_products(plan, report)
     compiled = backend._compile(plan.module, list(example_inputs) + extra)
     checks.take_guards()
     return _StaticDecodeRunner(plan, compiled, checks)

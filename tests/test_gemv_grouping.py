@@ -10,6 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import gemv_grouping  # noqa: E402
+from tests.triton_interpreted import kernel_module  # noqa: E402
 
 
 def test_grouped_products_equal_the_separate_ones_from_the_same_memory():
@@ -39,3 +40,12 @@ def test_tiny_run_measures_every_product_and_both_layer_forms(tmp_path):
         assert rows["layer, grouped"]["weight_bytes"] == rows["layer, separate"]["weight_bytes"] \
             == sum(rows[name]["weight_bytes"] for name in ("qkv", "o", "gate_up", "down"))
         assert rows["layer, grouped"]["max_relative_error"] < 1e-5
+
+
+def test_tiny_run_times_the_grouped_kernel_when_given():
+    kernel = kernel_module("triton_gemv").grouped_linear_triton  # under the CPU interpreter without CUDA
+    result = gemv_grouping.measure(gemv_grouping.TINY, [2], 2, torch.float32, "cpu", 1, 1 << 16, kernel)
+    rows = {row["what"]: row for row in result["rows"]}
+    assert {"layer, grouped (kernel)", "qkv (kernel, one launch)", "gate_up (kernel, one launch)", "k (kernel)"} <= set(rows)
+    assert rows["layer, grouped (kernel)"]["max_relative_error"] < 1e-5
+    assert rows["qkv (kernel, one launch)"]["weight_bytes"] == rows["qkv"]["weight_bytes"]

@@ -1,5 +1,6 @@
 """Kernels: ``reference`` (plain PyTorch: the CPU path and every kernel's oracle), and on CUDA
-``triton_decode`` (the decode attention) and ``triton_compress`` (the compression's statistics)."""
+``triton_decode`` (the decode attention), ``triton_compress`` (the compression's statistics) and
+``triton_gemv`` (decode steps' weight products that share an input, in one launch)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ from typing import Optional
 import torch
 
 logger = logging.getLogger("rotatek_compile")
+
+# rotatek.grouped_linear (:mod:`rotatek_compile.kernels.triton_gemv`): the Triton kernel serves inputs
+# of at most this many rows (its dot pads them to 16), and groups of at most this many weights (q, k, v).
+GEMV_MAX_ROWS = 16
+GEMV_MAX_GROUP = 3
 
 
 @functools.cache
