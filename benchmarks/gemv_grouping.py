@@ -104,8 +104,9 @@ def one_product(name: str, linear: Linear = F.linear) -> Callable[[LayerWeights,
 PRODUCTS = ("q", "k", "v", "o", "gate", "up", "down", "qkv", "gate_up")
 
 
-def _time_ms(fn: Callable[[], object], device: str, repeats: int) -> float:
-    """Median ms of ``fn`` replayed as a CUDA graph (on CUDA) or called (on CPU)."""
+def _time_ms(fn: Callable[[], object], device: str, repeats: int, graph: bool = True) -> float:
+    """Median ms of ``fn`` replayed as a CUDA graph (on CUDA; ``graph=False``: launched from the
+    stream) or called (on CPU)."""
     if device != "cuda":
         times = []
         for _ in range(repeats):
@@ -113,24 +114,27 @@ def _time_ms(fn: Callable[[], object], device: str, repeats: int) -> float:
             fn()
             times.append((time.perf_counter() - start) * 1e3)
         return statistics.median(times)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # warm-up: cuBLAS picks and caches its kernels before capture
+    run = fn
+    if graph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # warm-up: cuBLAS picks and caches its kernels before capture
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
             fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    warm_until = time.perf_counter() + 0.2  # replays for 0.2 s first: an idle GPU clocks up over ~0.1 s
+        run = captured.replay
+    warm_until = time.perf_counter() + 0.2  # runs for 0.2 s first: an idle GPU clocks up over ~0.1 s
     while time.perf_counter() < warm_until:
-        graph.replay()
+        run()
         torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
-        graph.replay()
+        run()
         end.record()
         end.synchronize()
         times.append(begin.elapsed_time(end))
@@ -148,27 +152,15 @@ def _kernels(fn: Callable[[], object]) -> list[str]:
             and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
 
 
-def copy_bandwidth(device: str, nbytes: int) -> float:
-    """Device-to-device copy bandwidth, bytes/s (read + write), launched from the stream: captured in
-    a CUDA graph, the copy becomes a memcpy node that ran at ~2.7 TB/s on the H200, against ~4.3 TB/s
-    from the stream, the figure the project's byte floors use."""
+def copy_bandwidth(device: str, nbytes: int) -> tuple[float, float]:
+    """Device-to-device copy bandwidth, bytes/s (read + write): launched from the stream (the figure
+    the project's byte floors use, ~4.3 TB/s on the H200), and captured in a CUDA graph, where the
+    copy becomes a memcpy node (~2.7 TB/s there)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    if device != "cuda":
-        return 2 * nbytes / (_time_ms(lambda: dst.copy_(src), device, 5) * 1e-3)
-    warm_until = time.perf_counter() + 0.2
-    while time.perf_counter() < warm_until:
-        dst.copy_(src)
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(20):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end))
-    return 2 * src.numel() * 4 / (statistics.median(times) * 1e-3)
+    rate = lambda ms: 2 * src.numel() * src.element_size() / (ms * 1e-3)  # noqa: E731
+    return (rate(_time_ms(lambda: dst.copy_(src), device, 20, graph=False)),
+            rate(_time_ms(lambda: dst.copy_(src), device, 20)))
 
 
 def max_relative_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -193,11 +185,7 @@ def measure(shape: Shape, batches: list[int], layers: int, dtype: torch.dtype, d
     weights = [LayerWeights(shape, dtype, device, generator) for _ in range(layers)]
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     layer_bytes = weights[0].bytes()
-    bandwidth = copy_bandwidth(device, copy_bytes)
-    src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    graph_bandwidth = 2 * copy_bytes / (_time_ms(lambda: dst.copy_(src), device, 20) * 1e-3)
-    del src, dst
+    bandwidth, graph_bandwidth = copy_bandwidth(device, copy_bytes)
     logger.info("copy bandwidth %.2f TB/s from the stream, %.2f TB/s as a CUDA-graph node; %d layers of %.1f MB",
                 bandwidth / 1e12, graph_bandwidth / 1e12, layers, layer_bytes / 1e6)
     single = "cuBLAS" if device == "cuda" else "F.linear"

@@ -17,7 +17,6 @@ the model did.
 
 from __future__ import annotations
 
-import logging
 import math
 import operator
 
@@ -27,8 +26,6 @@ from torch import fx
 from rotatek_compile import ops  # noqa: F401  (registers torch.ops.rotatek.grouped_linear)
 from rotatek_compile.kernels import GEMV_MAX_GROUP, GEMV_MAX_ROWS
 from rotatek_compile.passes.rewrite import has_side_effects
-
-logger = logging.getLogger("rotatek_compile")
 
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
 
