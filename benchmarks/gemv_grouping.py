@@ -178,9 +178,9 @@ def with_kernel(layer: LayerWeights, x: torch.Tensor, kernel: GroupedLinear) -> 
 
 
 def measure(shape: Shape, batches: list[int], layers: int, dtype: torch.dtype, device: str, repeats: int,
-            copy_bytes: int, kernel: Optional[GroupedLinear] = None) -> dict:
-    """Every row of the table; ``kernel``: the grouped product kernel to time beside ``F.linear``
-    (:func:`rotatek_compile.kernels.triton_gemv.grouped_linear_triton`)."""
+            copy_bytes: int, kernels: Optional[dict[str, GroupedLinear]] = None) -> dict:
+    """Every row of the table; ``kernels``: grouped product kernels to time beside ``F.linear``, by
+    label (``"kernel"``: :func:`rotatek_compile.kernels.triton_gemv.grouped_linear_triton`)."""
     generator = torch.Generator(device).manual_seed(0)
     weights = [LayerWeights(shape, dtype, device, generator) for _ in range(layers)]
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
@@ -196,13 +196,15 @@ def measure(shape: Shape, batches: list[int], layers: int, dtype: torch.dtype, d
         x = inputs[shape.hidden]
         products = [(name, name, one_product(name)) for name in PRODUCTS]
         ways = [("layer, separate", lambda w: separate(w, x)), ("layer, grouped", lambda w: grouped(w, x))]
-        if kernel is not None:
-            products += [(f"{name} (kernel)", name, one_product(name, lambda a, w: kernel(a, [w])[0]))
+        for label, kernel in (kernels or {}).items():
+            products += [(f"{name} ({label})", name,
+                          one_product(name, lambda a, w, kernel=kernel: kernel(a, [w])[0]))
                          for name in ("q", "k", "v", "o", "gate", "up", "down")]
-            products += [(f"{name} (kernel, one launch)", name,
-                          lambda layer, given, parts=parts: kernel(given[shape.hidden], [getattr(layer, p) for p in parts]))
+            products += [(f"{name} ({label}, one launch)", name,
+                          lambda layer, given, parts=parts, kernel=kernel:
+                          kernel(given[shape.hidden], [getattr(layer, p) for p in parts]))
                          for name, parts in (("qkv", ("q", "k", "v")), ("gate_up", ("gate", "up")))]
-            ways.append(("layer, grouped (kernel)", lambda w: with_kernel(w, x, kernel)))
+            ways.append((f"layer, grouped ({label})", lambda w, kernel=kernel: with_kernel(w, x, kernel)))
         reference = [separate(w, x) for w in weights]
         for what, weight_name, product in products:
             ms = _time_ms(lambda: [product(w, inputs) for w in weights], device, repeats)
@@ -214,12 +216,12 @@ def measure(shape: Shape, batches: list[int], layers: int, dtype: torch.dtype, d
             logger.info("B%d %s: outputs vs %s separate ones, max relative error %.1e (%s)", batch, what, single,
                         error, "ok" if error <= tolerance else f"ABOVE {tolerance:g}")
             ms = _time_ms(lambda: [way(w) for w in weights], device, repeats)
-            kernels = _kernels(lambda: [way(w) for w in weights]) if device == "cuda" else []
+            launched = _kernels(lambda: [way(w) for w in weights]) if device == "cuda" else []
             rows.append({"batch": batch, "what": what, "us_per_layer": ms * 1e3 / layers,
                          "weight_bytes": layer_bytes, "tb_per_s": layer_bytes * layers / (ms * 1e-3) / 1e12,
                          "floor_us": layer_bytes / bandwidth * 1e6,
-                         "kernels_per_layer": len(kernels) / layers if kernels else None,
-                         "kernel_names": sorted(set(kernels)), "max_relative_error": error})
+                         "kernels_per_layer": len(launched) / layers if launched else None,
+                         "kernel_names": sorted(set(launched)), "max_relative_error": error})
     return {"shape": dataclasses.asdict(shape), "dtype": str(dtype), "layers": layers,
             "copy_bandwidth_tb_per_s": bandwidth / 1e12, "copy_bandwidth_graph_tb_per_s": graph_bandwidth / 1e12,
             "rows": rows}
@@ -236,6 +238,16 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _load(path: str):
+    """The module at ``path`` (a candidate kernel file)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None)
@@ -246,19 +258,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-kernel", action="store_true",
                         help="F.linear alone (default: rotatek.grouped_linear's Triton kernel too, on CUDA or under "
                              "TRITON_INTERPRET=1)")
+    parser.add_argument("--candidates", default="",
+                        help="LABEL=FILE,...: other modules defining grouped_linear_triton(x, weights), timed beside "
+                             "the kernel")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
-    kernel = None
+    kernels = {}
     if not args.no_kernel and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
-        from rotatek_compile.kernels.triton_gemv import grouped_linear_triton as kernel
+        from rotatek_compile.kernels.triton_gemv import grouped_linear_triton
+        kernels["kernel"] = grouped_linear_triton
+    for label, path in (item.split("=", 1) for item in args.candidates.split(",") if item):
+        kernels[label] = _load(path).grouped_linear_triton
     batches = [int(b) for b in args.batches.split(",")]
     if args.tiny:
-        result = measure(TINY, batches, 2, torch.float32, "cpu", 3, 1 << 20, kernel)
+        result = measure(TINY, batches, 2, torch.float32, "cpu", 3, 1 << 20, kernels)
     else:
         if device != "cuda":
             parser.error("no CUDA device: pass --tiny for the CPU smoke run")
-        result = measure(LLAMA_8B, batches, args.layers, torch.bfloat16, device, args.repeats, 1 << 30, kernel)
+        result = measure(LLAMA_8B, batches, args.layers, torch.bfloat16, device, args.repeats, 1 << 30, kernels)
     result.update(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__)
     print(table(result))
     if args.out is not None:

@@ -98,7 +98,7 @@ class GraphReport:
     skipped: list[tuple[str, str]]
     # prefill, filled at run time: rewritten sites whose last call kept the exact cache, and why
     kept_exact: dict[str, str] = dataclasses.field(default_factory=dict)
-    # decode: weight products that share an input, run as one op each (passes.group_products)
+    # decode: rotatek.grouped_linear ops made of the weight products (passes.group_products)
     grouped_products: int = 0
 
 
@@ -160,8 +160,9 @@ class RotateKBackend:
         return _DecodeRunner(plan, compiled, checks)
 
     def group_products(self, plan: Any, report: GraphReport) -> None:
-        """A rewritten decode graph's weight products that share an input, as one op each
-        (:mod:`rotatek_compile.passes.group_products`), unless ``group_products=False``."""
+        """A rewritten decode graph's weight products as ``rotatek.grouped_linear`` ops, those that
+        share an input as one (:mod:`rotatek_compile.passes.group_products`), unless
+        ``group_products=False``."""
         if not self.config.group_products:
             return
         report.grouped_products = group_products(plan.module.graph, self.config.kernel)

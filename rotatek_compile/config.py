@@ -68,8 +68,9 @@ class RotateKConfig:
         queries choose between them. Needs ``method="rotatek"`` and ``token_keep=1``; ``r``
         defaults to ``head_dim / 2`` here.
     group_products : bool
-        Decode graphs run the bias-free weight products that share an input (q, k, v; gate, up) as
-        one op each, one Triton launch on CUDA when the step has at most 16 rows and 16-bit weights
+        Decode graphs run their bias-free weight products through one op, ``rotatek.grouped_linear``,
+        those that share an input (q, k, v; gate, up) as one call: one Triton launch on CUDA when
+        the step has at most 16 rows and 16-bit weights
         (:mod:`rotatek_compile.passes.group_products`); elsewhere the op runs the same ``F.linear``
         calls as the model. Default ``True``; ``False`` leaves the products as the model wrote them.
     """

@@ -230,10 +230,10 @@ def _triton_gemv():
 
 @torch.library.custom_op("rotatek::grouped_linear", mutates_args=())
 def grouped_linear(x: Tensor, weights: list[Tensor], implementation: str = "auto") -> list[Tensor]:
-    """``[F.linear(x, w) for w in weights]``: the bias-free weight products that share ``x``
-    ``[..., K]`` (q, k, v; gate, up) in one launch where the Triton kernel serves them (CUDA, at most
-    16 rows, 16-bit weights: :mod:`rotatek_compile.kernels.triton_gemv`), else one ``F.linear``
-    each, as the model ran them. ``implementation`` is the ``kernel`` option."""
+    """``[F.linear(x, w) for w in weights]``: a decode step's bias-free weight products of ``x``
+    ``[..., K]`` (1 to 3 of them: q, k, v; gate, up; o) in one launch where the Triton kernel serves
+    them (CUDA, at most 16 rows, 16-bit weights: :mod:`rotatek_compile.kernels.triton_gemv`), else
+    one ``F.linear`` each, as the model ran them. ``implementation`` is the ``kernel`` option."""
     rows = x.reshape(-1, x.shape[-1])  # [M, K]
     if implementation != "reference" and x.is_cuda:
         module = _triton_gemv()

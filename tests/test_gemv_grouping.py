@@ -44,7 +44,7 @@ def test_tiny_run_measures_every_product_and_both_layer_forms(tmp_path):
 
 def test_tiny_run_times_the_grouped_kernel_when_given():
     kernel = kernel_module("triton_gemv").grouped_linear_triton  # under the CPU interpreter without CUDA
-    result = gemv_grouping.measure(gemv_grouping.TINY, [2], 2, torch.float32, "cpu", 1, 1 << 16, kernel)
+    result = gemv_grouping.measure(gemv_grouping.TINY, [1, 2], 2, torch.float32, "cpu", 1, 1 << 16, {"kernel": kernel})
     rows = {row["what"]: row for row in result["rows"]}
     assert {"layer, grouped (kernel)", "qkv (kernel, one launch)", "gate_up (kernel, one launch)", "k (kernel)"} <= set(rows)
     assert rows["layer, grouped (kernel)"]["max_relative_error"] < 1e-5

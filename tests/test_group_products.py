@@ -1,5 +1,5 @@
-"""Decode graphs run the weight products that share an input as one ``rotatek.grouped_linear`` op
-(``rotatek_compile.passes.group_products``), and the op's Triton kernel equals ``F.linear``."""
+"""Decode graphs run their weight products as ``rotatek.grouped_linear`` ops, those that share an
+input as one (``rotatek_compile.passes.group_products``), and the op's Triton kernels equal ``F.linear``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from tests.triton_interpreted import kernel_module
 
 triton_gemv = kernel_module("triton_gemv")
 LINEAR = torch._C._nn.linear
+# per layer q|k|v, o, gate|up and down; the LM head
+DECODE_OPS = 4 * LAYERS + 1
 
 
 def _graphs(model, inputs, steps=3) -> list[fx.GraphModule]:
@@ -42,16 +44,17 @@ def test_decode_graph_groups_q_k_v_and_gate_up_of_every_layer():
     prefill, decode = graphs[0], graphs[-1]  # (a first decode graph, then one with a dynamic cache length)
     linears = _count(decode.graph, LINEAR)  # per layer q, k, v, o, gate, up, down; the LM head
     assert linears == 7 * LAYERS + 1
-    assert group_products(decode.graph, "auto") == 2 * LAYERS
+    assert group_products(decode.graph, "auto") == DECODE_OPS
     decode.graph.lint()
-    assert _count(decode.graph, torch.ops.rotatek.grouped_linear.default) == 2 * LAYERS
-    assert _count(decode.graph, LINEAR) == 2 * LAYERS + 1  # o and down of each layer, the LM head
+    assert _count(decode.graph, torch.ops.rotatek.grouped_linear.default) == DECODE_OPS
+    assert _count(decode.graph, LINEAR) == 0
     sizes = sorted(len(node.args[1]) for node in decode.graph.nodes
                    if node.target == torch.ops.rotatek.grouped_linear.default)
-    assert sizes == [2] * LAYERS + [3] * LAYERS  # gate|up, q|k|v
-    # the prefill's products are matrix products of 2 × 48 rows: left to cuBLAS
+    assert sizes == [1] * (2 * LAYERS + 1) + [2] * LAYERS + [3] * LAYERS  # o, down, LM head; gate|up; q|k|v
+    # the prefill's layer products are matrix products of 2 × 48 rows: left to cuBLAS (only the LM
+    # head, on each row's last position, has few rows; the backend runs the pass on decode graphs alone)
     before = _count(prefill.graph, LINEAR)
-    assert group_products(prefill.graph, "auto") == 0 and _count(prefill.graph, LINEAR) == before
+    assert group_products(prefill.graph, "auto") == 1 and _count(prefill.graph, LINEAR) == before - 1
 
 
 def _toy_graph(bias: bool = False, write_between: bool = False, dtypes=(torch.float32, torch.float32),
@@ -79,6 +82,10 @@ def test_products_that_cannot_share_a_launch_stay_as_written(case):
     module = _toy_graph(bias=case == "bias", write_between=case == "write between",
                         dtypes=(torch.float16, torch.float32) if case == "dtypes differ" else (torch.float32,) * 2,
                         rows=17 if case == "17 rows" else 1)
+    if case == "bias":  # the biased product stays; the other one runs alone as the op
+        assert group_products(module.graph, "auto") == 1
+        assert [n.args[2].name for n in module.graph.nodes if n.target == LINEAR] == ["b"]
+        return
     assert group_products(module.graph, "auto") == 0
     assert _count(module.graph, LINEAR) == 2
     if case == "write between":  # the write is kept, in place
@@ -109,7 +116,7 @@ def test_full_rank_decode_with_and_without_grouping_matches_uncompiled_model(inn
     assert torch.equal(out.sequences, exact.sequences)
     assert max_logit_error(out, exact) < 1e-5
     decode = [r for r in backend.reports if r.phase == "decode"]
-    assert decode and all(r.grouped_products == (2 * LAYERS if grouped else 0) for r in decode)
+    assert decode and all(r.grouped_products == (DECODE_OPS if grouped else 0) for r in decode)
     assert all(r.grouped_products == 0 for r in backend.reports if r.phase == "prefill")
 
 
@@ -138,12 +145,27 @@ def test_triton_kernel_equals_linear_on_ragged_shapes_and_a_strided_input(batch,
     weights = [torch.randn(n, 100, generator=generator).to(device, dtype) for n in (40, 17, 33)[:group]]
     wide = torch.randn(batch, 130, generator=generator).to(device, dtype)
     x = wide[:, 10:110]  # a column slice: row stride 130, as q is a slice of a fused output
-    got = triton_gemv.grouped_linear_triton(x, weights)
+    got = triton_gemv.grouped_linear_triton(x, weights, tile=(16, 64))  # a set tile: autotuning takes minutes
     for y, w in zip(got, weights):
         want = torch.nn.functional.linear(x.float(), w.float())
         assert y.shape == want.shape and y.dtype == dtype
         torch.testing.assert_close(y.float(), want, rtol=2e-2 if device == "cuda" else 1e-4,
                                    atol=2e-2 if device == "cuda" else 1e-4)
+
+
+@pytest.mark.parametrize("block_n", [2, 16])
+def test_vector_kernel_tiles_of_few_rows_cover_ragged_matrices(block_n):
+    """Batch 1 runs the vector kernel, whose tiles may hold as few as 2 weight rows."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    generator = torch.Generator().manual_seed(block_n)
+    weights = [torch.randn(n, 100, generator=generator).to(device, dtype) for n in (7, 1, 33)]
+    x = torch.randn(1, 100, generator=generator).to(device, dtype)
+    got = triton_gemv.grouped_linear_triton(x, weights, tile=(block_n, 32))
+    tolerance = 2e-2 if device == "cuda" else 1e-5
+    for y, w in zip(got, weights):
+        torch.testing.assert_close(y.float(), torch.nn.functional.linear(x.float(), w.float()),
+                                   rtol=tolerance, atol=tolerance)
 
 
 def test_triton_kernel_serves_only_what_it_can():
@@ -165,5 +187,5 @@ def test_bf16_decode_on_cuda_runs_the_kernel_and_stays_close():
     backend = RotateKBackend(RotateKConfig(key_channels=HEAD_DIM), inner="inductor")
     model.compile(backend=backend)
     out = generate(model, inputs, steps=4)
-    assert any(r.grouped_products == 2 * LAYERS for r in backend.reports if r.phase == "decode")
+    assert any(r.grouped_products == DECODE_OPS for r in backend.reports if r.phase == "decode")
     assert max_logit_error(out, exact) < 0.1  # bf16: a different summation order than cuBLAS's

@@ -1,4 +1,4 @@
-"""Small-batch weight products that share their input, in one launch (``rotatek.grouped_linear``).
+"""Small-batch weight products, in one launch per group that shares its input (``rotatek.grouped_linear``).
 
     y_i[M, N_i] = x[M, K] · W_iᵀ        for i < len(weights) ≤ 3,  M ≤ 16  (each W_i [N_i, K], as nn.Linear keeps it)
 
@@ -8,20 +8,61 @@ reach little of it (on an H200, k and v of the 8B shape, 8.4 MB each, at 1.0 TB/
 and cuBLAS adds split-K reduction kernels. Here one launch covers the group: program ``p`` owns
 ``BLOCK_N`` output rows of one matrix (the first ``tiles(N_0)`` programs matrix 0, the next matrix
 1, …) and streams their ``BLOCK_N × K`` weights once, in ``BLOCK_K``-wide tiles along the
-contiguous dimension; the batch is padded to 16 rows so that a tile is a tensor-core dot (fp32
-accumulation). No weight is copied or concatenated: each matrix is read where the model keeps it.
+contiguous dimension. No weight is copied or concatenated: each matrix is read where the model
+keeps it. Two kernels, each autotuned per shape:
+
+- ``M = 1`` (:func:`_vector_kernel`): on CUDA cores, ``acc[BLOCK_N, BLOCK_K] += W_tile · x_tile``
+  elementwise in fp32, summed along K once at the end; as few as 2 rows per program, so that even
+  a 1024-row matrix spreads over every SM;
+- ``1 < M ≤ 16`` (:func:`_dot_kernel`): the batch padded to 16 rows so that a tile is a tensor-core
+  dot (fp32 accumulation).
+
 Measured by ``benchmarks/gemv_grouping.py`` (``docs/performance.md``).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 from torch import Tensor
 
 from rotatek_compile.kernels import GEMV_MAX_GROUP as MAX_GROUP
 from rotatek_compile.kernels import GEMV_MAX_ROWS as BATCH_TILE  # tl.dot needs 16 rows: the batch is padded up to it
+# tl.sum as a tl.reduce combiner, which Triton's CPU interpreter runs however triton was imported
+from rotatek_compile.kernels.triton_decode import _add_op
+
+
+@triton.jit
+def _vector_tile(x_ptr, w_ptr, y_ptr, tile, rows_total, depth, stride_wn,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``y[tile·BLOCK_N : (tile+1)·BLOCK_N] = W[rows] · x`` for one matrix, ``x`` one row."""
+    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output rows (weight rows)
+    acc = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)  # per-column partial products, summed once
+    for k0 in range(0, depth, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+        w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :],
+                    mask=(rows[:, None] < rows_total) & (cols[None, :] < depth), other=0.0)  # [BLOCK_N, BLOCK_K]
+        x = tl.load(x_ptr + cols, mask=cols < depth, other=0.0)  # [BLOCK_K]
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    tl.store(y_ptr + rows, tl.reduce(acc, 1, _add_op).to(y_ptr.dtype.element_ty), mask=rows < rows_total)
+
+
+@triton.jit
+def _vector_kernel(x_ptr, w0, y0, n0, sw0, w1, y1, n1, sw1, w2, y2, n2, sw2, depth,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    tiles0 = (n0 + BLOCK_N - 1) // BLOCK_N
+    tiles1 = (n1 + BLOCK_N - 1) // BLOCK_N
+    if pid < tiles0:
+        _vector_tile(x_ptr, w0, y0, pid, n0, depth, sw0, BLOCK_N, BLOCK_K)
+    elif pid < tiles0 + tiles1:
+        _vector_tile(x_ptr, w1, y1, pid - tiles0, n1, depth, sw1, BLOCK_N, BLOCK_K)
+    else:
+        _vector_tile(x_ptr, w2, y2, pid - tiles0 - tiles1, n2, depth, sw2, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -43,8 +84,8 @@ def _row_tile(x_ptr, w_ptr, y_ptr, tile, batch, rows_total, depth, stride_xb, st
 
 
 @triton.jit
-def _grouped_kernel(x_ptr, w0, y0, n0, sw0, w1, y1, n1, sw1, w2, y2, n2, sw2, batch, depth, stride_xb,
-                    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dot_kernel(x_ptr, w0, y0, n0, sw0, w1, y1, n1, sw1, w2, y2, n2, sw2, batch, depth, stride_xb,
+                BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     tiles0 = (n0 + BLOCK_N - 1) // BLOCK_N
     tiles1 = (n1 + BLOCK_N - 1) // BLOCK_N
@@ -57,11 +98,26 @@ def _grouped_kernel(x_ptr, w0, y0, n0, sw0, w1, y1, n1, sw1, w2, y2, n2, sw2, ba
                   BLOCK_B, BLOCK_N, BLOCK_K)
 
 
-_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for n in (16, 32, 64) for k in (256, 512) for w in (4, 8) for s in (3, 4)]
-_grouped_tuned = triton.autotune(configs=_CONFIGS, key=["batch", "n0", "n1", "n2", "depth"])(_grouped_kernel)
-# True when this module was imported under TRITON_INTERPRET=1 (the kernel then runs on CPU tensors).
-INTERPRETED = not isinstance(_grouped_kernel, triton.runtime.JITFunction)
+def _short_bench(kernel_call, quantiles=None, **_):
+    """The autotuner's timing, shorter than Triton's default (tens of configs per shape)."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+def _configs(block_n: tuple, block_k: tuple, stages: tuple, fits) -> list:
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for n in block_n for k in block_k for w in (4, 8) for s in stages if fits(n, k, w)]
+
+
+# The vector kernel's fp32 accumulator holds BLOCK_N·BLOCK_K values: at most 64 registers a thread.
+_VECTOR_CONFIGS = _configs((2, 4, 8, 16, 32), (256, 512, 1024), (2, 3, 4), lambda n, k, w: n * k <= 64 * 32 * w)
+# The dot kernel's weight tiles are staged in shared memory: at most 64 KB a tile.
+_DOT_CONFIGS = _configs((16, 32, 64, 128), (128, 256, 512), (2, 3, 5), lambda n, k, w: n * k <= 32768)
+_vector_tuned = triton.autotune(configs=_VECTOR_CONFIGS, key=["n0", "n1", "n2", "depth"],
+                                do_bench=_short_bench)(_vector_kernel)
+_dot_tuned = triton.autotune(configs=_DOT_CONFIGS, key=["batch", "n0", "n1", "n2", "depth"],
+                             do_bench=_short_bench)(_dot_kernel)
+# True when this module was imported under TRITON_INTERPRET=1 (the kernels then run on CPU tensors).
+INTERPRETED = not isinstance(_dot_kernel, triton.runtime.JITFunction)
 
 
 def supports(x: Tensor, weights: list[Tensor]) -> bool:
@@ -74,9 +130,11 @@ def supports(x: Tensor, weights: list[Tensor]) -> bool:
                     and w.stride(1) == 1 for w in weights))
 
 
-def grouped_linear_triton(x: Tensor, weights: list[Tensor], block_n: int = 16, block_k: int = 64) -> list[Tensor]:
-    """``[F.linear(x, w) for w in weights]`` in one launch (see :func:`supports`). On CUDA the tile is
-    autotuned per shape; ``block_n``/``block_k`` set it under the CPU interpreter (the tests)."""
+def grouped_linear_triton(x: Tensor, weights: list[Tensor], tile: Optional[tuple[int, int]] = None) -> list[Tensor]:
+    """``[F.linear(x, w) for w in weights]`` in one launch (see :func:`supports`). ``tile``
+    ``(BLOCK_N, BLOCK_K)``: autotuned per shape when ``None`` on CUDA (the first call of a shape
+    times every config), ``(16, 64)`` under the CPU interpreter; the dot kernel (more than one row
+    in ``x``) needs ``BLOCK_N ≥ 16``."""
     if not supports(x, weights) and not (INTERPRETED and x.dtype == torch.float32):
         raise ValueError(f"rotatek grouped_linear: x {tuple(x.shape)} {x.dtype} and {len(weights)} weights "
                          f"{[tuple(w.shape) for w in weights]} are not served by the Triton kernel")
@@ -87,11 +145,19 @@ def grouped_linear_triton(x: Tensor, weights: list[Tensor], block_n: int = 16, b
     args = []
     for (w, y), n in zip(padded, sizes):
         args += [w, y, n, w.stride(0)]
-    args += [batch, depth, x.stride(0)]
-    if x.is_cuda:
-        _grouped_tuned[lambda meta: (sum(triton.cdiv(n, meta["BLOCK_N"]) for n in sizes),)](
-            x, *args, BLOCK_B=BATCH_TILE)
+    if batch > 1:
+        args += [batch, depth, x.stride(0)]
     else:
-        grid = (sum(triton.cdiv(n, block_n) for n in sizes),)
-        _grouped_kernel[grid](x, *args, BLOCK_B=BATCH_TILE, BLOCK_N=block_n, BLOCK_K=block_k)
+        args += [depth]
+    if tile is None and x.is_cuda:
+        tuned = _vector_tuned if batch == 1 else _dot_tuned
+        grid = lambda meta: (sum(triton.cdiv(n, meta["BLOCK_N"]) for n in sizes),)  # noqa: E731
+        tuned[grid](x, *args, **({} if batch == 1 else {"BLOCK_B": BATCH_TILE}))
+        return outputs
+    block_n, block_k = tile or (16, 64)
+    grid = (sum(triton.cdiv(n, block_n) for n in sizes),)
+    if batch == 1:
+        _vector_kernel[grid](x, *args, BLOCK_N=block_n, BLOCK_K=block_k)
+    else:
+        _dot_kernel[grid](x, *args, BLOCK_B=BATCH_TILE, BLOCK_N=block_n, BLOCK_K=block_k)
     return outputs

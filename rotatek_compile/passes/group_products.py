@@ -1,15 +1,17 @@
-"""Decode graphs: the weight products that share an input run as one op (``rotatek.grouped_linear``).
+"""Decode graphs: the weight products run as ``rotatek.grouped_linear``, those that share an input as one op.
 
 At batch 1 a decode step's time is mostly its weight bytes over the bandwidth each product reaches.
 HF's layers multiply the same normed hidden state by q, k and v, and the second one by gate and
 up, each a product of its own; the small ones (k and v) reach a quarter of the bandwidth under
 cuBLAS, and some bring a split-K reduction kernel. Grouped, each set is one launch
-(:mod:`rotatek_compile.kernels.triton_gemv`; measured in ``docs/performance.md``). The rule::
+(:mod:`rotatek_compile.kernels.triton_gemv`), and the products alone (o, down, the LM head) run
+through the same kernel, which streams a matrix faster than cuBLAS does at batch 1 (measured in
+``docs/performance.md``). The rule::
 
     y_i = linear(x, W_i)        (no bias; i ranges over every such product of the same x, graph order)
       → ys = rotatek.grouped_linear(x, [W_0, W_1, …]);  y_i = ys[i]
 
-in groups of at most 3 (``q|k|v``), only where ``x`` holds at most 16 rows (decode steps: the
+in groups of 1 to 3 (``q|k|v``), only where ``x`` holds at most 16 rows (decode steps: the
 prefill's products are matrix products that cuBLAS already runs at full speed). On CPU, and where
 the kernel does not serve the weights (fp32, strided), the op runs one ``F.linear`` per weight, as
 the model did.
@@ -65,23 +67,21 @@ def _written_between(first: fx.Node, last: fx.Node) -> bool:
 
 
 def group_products(graph: fx.Graph, implementation: str) -> int:
-    """Rewrite ``graph`` in place (see the module docstring); returns the number of groups made."""
+    """Rewrite ``graph`` in place (see the module docstring); returns the number of ops made."""
     by_input: dict[fx.Node, list[fx.Node]] = {}
     for node in graph.nodes:
         if _bias_free_product(node):
             by_input.setdefault(node.args[0], []).append(node)
     groups = 0
     for x, products in by_input.items():
-        if len(products) < 2 or _rows(x) > GEMV_MAX_ROWS:
+        if _rows(x) > GEMV_MAX_ROWS:
             continue
         dtypes = {p.args[1].meta["example_value"].dtype for p in products}
         if len(dtypes) != 1:
             continue
-        for start in range(0, len(products) - 1, GEMV_MAX_GROUP):
+        for start in range(0, len(products), GEMV_MAX_GROUP):
             group = products[start:start + GEMV_MAX_GROUP]
-            if len(group) < 2:
-                break
-            if _written_between(group[0], group[-1]):
+            if len(group) > 1 and _written_between(group[0], group[-1]):
                 continue
             with graph.inserting_before(group[0]):
                 grouped = graph.call_function(torch.ops.rotatek.grouped_linear.default,
