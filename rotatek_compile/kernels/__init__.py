@@ -8,7 +8,7 @@ import functools
 import importlib
 import logging
 from types import ModuleType
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -18,6 +18,23 @@ logger = logging.getLogger("rotatek_compile")
 # of at most this many rows (its dot pads them to 16), and groups of at most this many weights (q, k, v).
 GEMV_MAX_ROWS = 16
 GEMV_MAX_GROUP = 3
+
+
+def on_inputs_device(launch: Callable) -> Callable:
+    """``launch`` (a Triton kernel's entry point) run with its first tensor's CUDA device current:
+    Triton launches on the current device, and a model spread over several GPUs
+    (``device_map="auto"``) runs layers whose tensors live on another one. The first argument that
+    is a tensor, or a sequence of them, decides."""
+    @functools.wraps(launch)
+    def on_device(*args, **kwargs):
+        first = next((a[0] if isinstance(a, (list, tuple)) and a else a for a in args
+                      if isinstance(a, torch.Tensor) or (isinstance(a, (list, tuple)) and a
+                                                         and isinstance(a[0], torch.Tensor))), None)
+        if first is None or first.device.type != "cuda" or first.device.index == torch.cuda.current_device():
+            return launch(*args, **kwargs)
+        with torch.cuda.device(first.device):
+            return launch(*args, **kwargs)
+    return on_device
 
 
 @functools.cache

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from rotatek_compile.kernels import reference
+from rotatek_compile.kernels import on_inputs_device, reference
 # tl.max / tl.sum as tl.reduce combiners, which Triton's CPU interpreter runs however triton was imported
 from rotatek_compile.kernels.triton_decode import _add_op, _max_op
 
@@ -236,6 +236,7 @@ def _layer_offsets(keys: Sequence[Tensor]) -> Tensor:
     return host.to(first.device, non_blocking=True)
 
 
+@on_inputs_device
 def window_shares_triton(queries: Sequence[Tensor], keys: Sequence[Tensor], scale: float,
                          spans: Sequence[Tensor]) -> Tensor:
     """Per layer ``queries`` ``[B, Hq, W, d]``, ``keys`` ``[B, H, S, d]`` (one shape and layout),
@@ -270,12 +271,14 @@ def window_shares_triton(queries: Sequence[Tensor], keys: Sequence[Tensor], scal
     return share
 
 
+@on_inputs_device
 def window_share_triton(queries: Tensor, keys: Tensor, scale: float, span: Tensor) -> Tensor:
     """One layer of :func:`window_shares_triton`: ``[B, H, S]`` fp32, the same as
     :func:`rotatek_compile.tiers.window_share`."""
     return window_shares_triton([queries], [keys], scale, [span])[0]
 
 
+@on_inputs_device
 def span_covariances_triton(keys: Sequence[Tensor], masks: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """Per layer ``keys`` ``[B, H, S, d]`` (one shape and layout) and ``masks`` ``[B, S]`` or
     ``[B, H, S]`` bool (one kind) → ``C`` ``[L, B, H, d, d]`` and ``μ`` ``[L, B, H, d]`` fp32 (see the
@@ -310,6 +313,7 @@ def span_covariances_triton(keys: Sequence[Tensor], masks: Sequence[Tensor]) -> 
     return reference.covariance_about_mean(gram, count, shift, mean), mean
 
 
+@on_inputs_device
 def span_covariance_triton(keys: Tensor, key_mask: Tensor) -> tuple[Tensor, Tensor]:
     """One layer of :func:`span_covariances_triton`: ``C`` ``[B, H, d, d]`` and ``μ`` ``[B, H, d]``
     fp32, the same as :func:`rotatek_compile.kernels.reference.span_covariance` without weighting."""

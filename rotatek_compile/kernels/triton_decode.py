@@ -48,6 +48,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from rotatek_compile.kernels import on_inputs_device
+
 logger = logging.getLogger(__name__)
 
 # exp(x) = exp2(x·log2(e)): the scale is folded into the queries once, so the inner loop is exp2.
@@ -374,6 +376,7 @@ def _placeholder(like: Tensor, shape: tuple[int, ...]) -> Tensor:
     return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
 
+@on_inputs_device
 def decode_attention_triton(
     query: Tensor,
     span_keys: Tensor,

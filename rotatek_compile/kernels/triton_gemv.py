@@ -31,7 +31,8 @@ import triton.testing
 from torch import Tensor
 
 from rotatek_compile.kernels import GEMV_MAX_GROUP as MAX_GROUP
-from rotatek_compile.kernels import GEMV_MAX_ROWS as BATCH_TILE  # tl.dot needs 16 rows: the batch is padded up to it
+from rotatek_compile.kernels import GEMV_MAX_ROWS as BATCH_TILE
+from rotatek_compile.kernels import on_inputs_device  # tl.dot needs 16 rows: the batch is padded up to it
 # tl.sum as a tl.reduce combiner, which Triton's CPU interpreter runs however triton was imported
 from rotatek_compile.kernels.triton_decode import _add_op
 
@@ -130,6 +131,7 @@ def supports(x: Tensor, weights: list[Tensor]) -> bool:
                     and w.stride(1) == 1 for w in weights))
 
 
+@on_inputs_device
 def grouped_linear_triton(x: Tensor, weights: list[Tensor], tile: Optional[tuple[int, int]] = None) -> list[Tensor]:
     """``[F.linear(x, w) for w in weights]`` in one launch (see :func:`supports`). ``tile``
     ``(BLOCK_N, BLOCK_K)``: autotuned per shape when ``None`` on CUDA (the first call of a shape
