@@ -432,7 +432,8 @@ def _window_shares(layers: list[LayerPrefill], kernel: str) -> Tensor:
 
 
 def _layout(tensor: Tensor) -> tuple:
-    return tensor.shape, tensor.stride(), tensor.dtype
+    """What layers batched into one launch of the fused statistics kernels must share."""
+    return tensor.shape, tensor.stride(), tensor.dtype, tensor.device
 
 
 @dataclasses.dataclass

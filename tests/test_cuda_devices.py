@@ -58,3 +58,12 @@ def test_compression_statistics_on_another_device():
     want_cov, want_mean = reference.span_covariance(keys, span)
     torch.testing.assert_close(cov / want_cov.abs().amax(), want_cov / want_cov.abs().amax(), atol=1e-4, rtol=0)
     torch.testing.assert_close(mean, want_mean, atol=1e-5, rtol=1e-5)
+
+
+def test_layers_on_two_devices_are_not_batched_into_one_launch():
+    from rotatek_compile.kernels import triton_compress
+
+    keys = [torch.randn(1, 2, 64, 16, device=device) for device in ("cuda:0", OTHER)]
+    masks = [torch.ones(1, 64, dtype=torch.bool, device=k.device) for k in keys]
+    with pytest.raises(ValueError, match="device"):
+        triton_compress.span_covariances_triton(keys, masks)

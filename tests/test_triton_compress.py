@@ -147,5 +147,5 @@ def test_span_covariances_of_several_layers_in_one_call_equal_each_layer_alone(p
 def test_layers_of_other_shapes_in_one_call_are_refused():
     keys = [torch.randn(1, 2, 64, 16, device=DEVICE), torch.randn(1, 2, 65, 16, device=DEVICE)]
     masks = [torch.ones(1, 64, dtype=torch.bool, device=DEVICE), torch.ones(1, 65, dtype=torch.bool, device=DEVICE)]
-    with pytest.raises(ValueError, match="one shape, strides and dtype"):
+    with pytest.raises(ValueError, match="one shape, strides, dtype and device"):
         triton_compress.span_covariances_triton(keys, masks)

@@ -219,9 +219,11 @@ def _chunking(blocks: int, programs_per_chunk: int, target: int) -> tuple[int, i
 def _check_alike(keys: Sequence[Tensor]) -> None:
     first = keys[0]
     for other in keys[1:]:
-        if other.shape != first.shape or other.stride() != first.stride() or other.dtype != first.dtype:
+        if (other.shape != first.shape or other.stride() != first.stride() or other.dtype != first.dtype
+                or other.device != first.device):
             raise ValueError("rotatek: layers batched into one kernel launch need Keys of one shape, "
-                             f"strides and dtype; got {tuple(first.shape)} and {tuple(other.shape)}")
+                             f"strides, dtype and device; got {tuple(first.shape)} {first.dtype} on "
+                             f"{first.device} and {tuple(other.shape)} {other.dtype} on {other.device}")
 
 
 def _layer_offsets(keys: Sequence[Tensor]) -> Tensor:
