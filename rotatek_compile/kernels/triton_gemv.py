@@ -31,8 +31,8 @@ import triton.testing
 from torch import Tensor
 
 from rotatek_compile.kernels import GEMV_MAX_GROUP as MAX_GROUP
-from rotatek_compile.kernels import GEMV_MAX_ROWS as BATCH_TILE
-from rotatek_compile.kernels import on_inputs_device  # tl.dot needs 16 rows: the batch is padded up to it
+from rotatek_compile.kernels import GEMV_MAX_ROWS as BATCH_TILE  # tl.dot needs 16 rows: the batch is padded up to it
+from rotatek_compile.kernels import on_inputs_device
 # tl.sum as a tl.reduce combiner, which Triton's CPU interpreter runs however triton was imported
 from rotatek_compile.kernels.triton_decode import _add_op
 
