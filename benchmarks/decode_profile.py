@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from rotatek_compile.hf_compat import cache_kwargs  # noqa: E402
 from model_decode import (  # noqa: E402
     PROMPT, TEXT, _sync, build_model, device_time_by_op, new_cache, run_case, set_recipe, static_capacity)
 
@@ -43,7 +44,7 @@ def _prefill(model, recipe, span: int, steps: int, device: str):
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(1))
     cache = new_cache(model, kind, static_capacity(span, steps))
     with torch.no_grad():
-        out = prefill_fn(input_ids=ids.to(device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = prefill_fn(input_ids=ids.to(device), **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     return cache, out.logits[:, -1:].argmax(-1)
 
 
@@ -61,7 +62,7 @@ def time_steps(model, recipe, span: int, steps: int, device: str) -> dict:
             if cuda:
                 begin.record()
             start = time.perf_counter()
-            out = decode_fn(input_ids=token, past_key_values=cache, use_cache=True)
+            out = decode_fn(input_ids=token, **cache_kwargs(cache), use_cache=True)
             returned = time.perf_counter()
             if cuda:
                 end.record()
@@ -83,7 +84,7 @@ def _kernel_table(decode_fn, cache, token, device: str, steps: int = 3) -> dict:
     def run():
         step = token
         for _ in range(steps):
-            out = decode_fn(input_ids=step, past_key_values=cache, use_cache=True)
+            out = decode_fn(input_ids=step, **cache_kwargs(cache), use_cache=True)
             step = out.logits[:, -1:].argmax(-1)
 
     ops = [op for op in device_time_by_op(run, device, calls=steps) if op[1] > 0]
@@ -98,7 +99,7 @@ def _host_profile(decode_fn, cache, token, steps: int) -> list:
     with torch.no_grad():
         profiler.enable()
         for _ in range(steps):
-            out = decode_fn(input_ids=token, past_key_values=cache, use_cache=True)
+            out = decode_fn(input_ids=token, **cache_kwargs(cache), use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
             _sync()
         profiler.disable()

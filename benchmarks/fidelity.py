@@ -68,6 +68,7 @@ from typing import Any, Optional
 import torch
 
 from rotatek_compile import pretrained
+from rotatek_compile.hf_compat import cache_kwargs, output_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fidelity_report  # noqa: E402
@@ -435,9 +436,9 @@ def baseline_run(model, input_ids: torch.Tensor, heldout: torch.Tensor, steps: i
     from rotatek_compile import cache_bytes
 
     n = input_ids.shape[0]
-    out = model(input_ids=input_ids, past_key_values=DynamicCache(config=model.config),
+    out = model(input_ids=input_ids, **cache_kwargs(DynamicCache(config=model.config)),
                 use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = output_cache(out)
     exact_bytes = cache_bytes(cache).total * 2
     cache.batch_repeat_interleave(2)
     step = torch.log_softmax(out.logits[:, -1].float(), -1).repeat_interleave(2, 0)  # [2n, V]
@@ -446,7 +447,7 @@ def baseline_run(model, input_ids: torch.Tensor, heldout: torch.Tensor, steps: i
     feed[1::2] = heldout[:, :steps]
     for j in range(steps):
         if j:
-            out = model(input_ids=feed[:, j - 1: j], past_key_values=cache, use_cache=True)
+            out = model(input_ids=feed[:, j - 1: j], **cache_kwargs(cache), use_cache=True)
             step = torch.log_softmax(out.logits[:, -1].float(), -1)
         feed[0::2, j] = step[0::2].argmax(-1)
         _record(ref, j, step, feed[:, j])
@@ -472,15 +473,15 @@ def cell_run(compiled, model, backend, cell: Cell, group: int, input_ids: torch.
     fractions = tiers.ROTATED_FRACTIONS
     try:  # a fixed tiered split: the product's candidates narrowed to the cell's
         tiers.ROTATED_FRACTIONS = cell.rotated or fractions
-        out = compiled(input_ids=rows, past_key_values=DynamicCache(config=model.config), use_cache=True,
+        out = compiled(input_ids=rows, **cache_kwargs(DynamicCache(config=model.config)), use_cache=True,
                        logits_to_keep=1)
     finally:
         tiers.ROTATED_FRACTIONS = fractions
-    cache = out.past_key_values
+    cache = output_cache(out)
     bytes_ = measure_cache(cache, cell, input_ids.shape[1]) if measure else None
     # positions 1..steps-1 in one call: the fed tokens appended to the compressed cache as one
     # chunk, which attends exactly as steps-1 one-token decode steps would (teacher forcing)
-    chunk = compiled(input_ids=feed[:, : steps - 1], past_key_values=cache, use_cache=True)
+    chunk = compiled(input_ids=feed[:, : steps - 1], **cache_kwargs(cache), use_cache=True)
     logits = [out.logits[:, -1]] + list(chunk.logits.unbind(1))  # steps × [2n, V]
     kept = (out.logits[:, -1].clone(), chunk.logits.clone()) if keep_logits else None  # verify_against_fresh
     del out, chunk, cache
@@ -623,9 +624,9 @@ def verify_against_fresh(model, cells, verification) -> dict:
     torch._dynamo.reset()
     backend = RotateKBackend(cell.config(), inner="eager")
     fresh = torch.compile(model.forward, backend=backend)
-    out = fresh(input_ids=rows, past_key_values=DynamicCache(config=model.config), use_cache=True,
+    out = fresh(input_ids=rows, **cache_kwargs(DynamicCache(config=model.config)), use_cache=True,
                 logits_to_keep=1)
-    chunk = fresh(input_ids=feed[:, :-1], past_key_values=out.past_key_values, use_cache=True)
+    chunk = fresh(input_ids=feed[:, :-1], **cache_kwargs(output_cache(out)), use_cache=True)
     swept_last, swept_chunk = verification["logits"]
     diff = max(float((out.logits[:, -1] - swept_last).abs().max()), float((chunk.logits - swept_chunk).abs().max()))
     torch._dynamo.reset()

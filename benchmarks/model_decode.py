@@ -52,6 +52,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCach
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import rotatek_compile  # noqa: E402
+from rotatek_compile.hf_compat import cache_kwargs  # noqa: E402
 from rotatek_compile.state import compress_layers  # noqa: E402
 from compress_cost import profile_table  # noqa: E402  (this script's folder is on the path)
 
@@ -249,7 +250,7 @@ def run_case(model, recipe: tuple, batch: int, span: int, steps: int, device: st
         _sync()
         start = time.perf_counter()
         with torch.no_grad():
-            out = prefill_fn(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = prefill_fn(input_ids=input_ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
         _sync()
         prefill = time.perf_counter() - start
         token = out.logits[:, -1:].argmax(-1)
@@ -260,14 +261,14 @@ def run_case(model, recipe: tuple, batch: int, span: int, steps: int, device: st
             for _ in range(steps):
                 _sync()
                 start = time.perf_counter()
-                out = decode_fn(input_ids=token, past_key_values=cache, use_cache=True)
+                out = decode_fn(input_ids=token, **cache_kwargs(cache), use_cache=True)
                 token = out.logits[:, -1:].argmax(-1)
                 _sync()
                 step_seconds.append(time.perf_counter() - start)
         if profile:
             with torch.profiler.profile() as prof, torch.no_grad():
                 for _ in range(3):
-                    out = decode_fn(input_ids=token, past_key_values=cache, use_cache=True)
+                    out = decode_fn(input_ids=token, **cache_kwargs(cache), use_cache=True)
                     token = out.logits[:, -1:].argmax(-1)
                 _sync()
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)

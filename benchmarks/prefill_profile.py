@@ -33,6 +33,7 @@ from transformers import DynamicCache, StaticCache
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import rotatek_compile  # noqa: E402
+from rotatek_compile.hf_compat import cache_kwargs  # noqa: E402
 from model_decode import _sync, build_model, device_time_by_op  # noqa: E402
 
 logger = logging.getLogger("prefill_profile")
@@ -68,7 +69,7 @@ def prefill(model, input_ids: torch.Tensor, static: bool) -> float:
     _sync()
     start = time.perf_counter()
     with torch.no_grad():
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=input_ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     _sync()
     del out, cache
     return time.perf_counter() - start

@@ -15,6 +15,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import rotatek_compile
+from rotatek_compile.hf_compat import output_cache
 from rotatek_compile.state import attached
 
 logger = logging.getLogger("tiny_vlm")
@@ -53,8 +54,7 @@ def main() -> None:
         model.compile(backend="rotatek", options={"key_channels": 8, "inner": "eager"})
         compressed = model.generate(**inputs, **settings)
 
-    cache = getattr(compressed, "cache", None)  # the output's cache; `past_key_values` before transformers 5.24
-    cache = compressed.past_key_values if cache is None else cache
+    cache = output_cache(compressed)
     layer = attached(cache.layers[0].keys)
     before = rotatek_compile.cache_bytes(exact)
     after = rotatek_compile.cache_bytes(compressed)

@@ -10,6 +10,7 @@ import torch
 
 from rotatek_compile.backend import GraphReport, RotateKBackend
 from rotatek_compile.config import RotateKConfig
+from rotatek_compile.hf_compat import output_cache
 from rotatek_compile.state import SpanSplit, attached
 
 logger = logging.getLogger("rotatek_compile")
@@ -57,10 +58,9 @@ def _caches(cache: Any) -> list[Any]:
         return _caches(cache.self_attention_cache) + _caches(getattr(cache, "cross_attention_cache", None))
     if hasattr(cache, "layers"):
         return [cache]
-    for field in ("cache", "past_key_values"):  # an output object (the field's name by version)
-        inner = cache.get(field) if isinstance(cache, dict) else getattr(cache, field, None)
-        if inner is not None:
-            return _caches(inner)
+    inner = output_cache(cache)  # an output object
+    if inner is not None:
+        return _caches(inner)
     raise TypeError(f"rotatek: cache_bytes() needs an HF cache or an output that holds one, "
                     f"not {type(cache).__name__}")
 

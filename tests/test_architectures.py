@@ -34,6 +34,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from rotatek_compile import RotateKBackend, RotateKConfig, cache_bytes
+from rotatek_compile.hf_compat import output_cache
 from rotatek_compile.state import attached
 from rotatek_compile.tiers import SINK_LIMIT
 from tests.tiny_models import BY_NAME, IMAGE, TINY_MODELS, TinyModel, image_token_counts
@@ -123,7 +124,7 @@ def _generate(entry: TinyModel, compiled: bool, batch: int, key_channels: Option
                                  return_dict_in_generate=True, stopping_criteria=StoppingCriteriaList([counter]))
     finally:
         torch._dynamo.reset()
-    return Run(torch.stack(out.logits), out.sequences, out.past_key_values, inputs, reports,
+    return Run(torch.stack(out.logits), out.sequences, output_cache(out), inputs, reports,
                counter.unique_graphs)
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import rotatek_compile.ops  # noqa: F401  (registers torch.ops.rotatek.*)
+from rotatek_compile.hf_compat import cache_kwargs, output_cache
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -188,7 +189,7 @@ def _prefill_peak(model, input_ids: torch.Tensor, **cache) -> tuple[int, object]
     with torch.no_grad():
         out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **cache)
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before, out.past_key_values
+    return torch.cuda.max_memory_allocated() - before, output_cache(out)
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
@@ -212,7 +213,7 @@ def test_the_prefill_peak_is_below_the_uncompressed_one_on_cuda(cache, monkeypat
     input_ids = torch.randint(0, 256, (1, length), device="cuda")
 
     def caches():
-        return dict(past_key_values=StaticCache(config=config, max_cache_len=length + 8)) if cache == "static" else {}
+        return cache_kwargs(StaticCache(config=config, max_cache_len=length + 8)) if cache == "static" else {}
 
     peaks = {}
     for name, backend in (("inductor", "inductor"), ("rotatek", rotatek_compile.backend(key_channels=rank))):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import rotatek_compile
+from rotatek_compile.hf_compat import output_cache
 
 from rotatek_compile.state import attached
 from rotatek_compile.static_cache import StaticCompressedLayer
@@ -51,7 +52,7 @@ def test_full_rank_static_under_cuda_graphs():
     for e, c in zip(exact, compressed):
         assert torch.equal(e.sequences, c.sequences)
         assert max_logit_error(e, c) < 1e-3
-        assert all(isinstance(attached(layer.keys), StaticCompressedLayer) for layer in c.past_key_values.layers)
+        assert all(isinstance(attached(layer.keys), StaticCompressedLayer) for layer in output_cache(c).layers)
     counters = torch._dynamo.utils.counters
     assert counters["inductor"]["cudagraph_skips"] == 0
     # prefill, decode, and the prefill again for the second length; no second decode graph

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from rotatek_compile import RotateKCacheError
+from rotatek_compile.hf_compat import cache_kwargs, output_cache
 from rotatek_compile.state import attached
 from tests.test_generate import HEAD_DIM, generate, padded_prompt, tiny_llama
 
@@ -29,9 +30,7 @@ def _second_turn(model, first, inputs, steps=3):
     ids = torch.cat([first.sequences, turn], dim=1)
     mask = torch.cat([inputs["attention_mask"],
                       torch.ones(ids.shape[0], ids.shape[1] - inputs["attention_mask"].shape[1], dtype=torch.long)], 1)
-    cache = getattr(first, "cache", None)  # the returned cache goes back as `cache=` (transformers 5.24 on)
-    passed = {"cache": cache} if cache is not None else {"past_key_values": first.past_key_values}
-    return generate(model, {"input_ids": ids, "attention_mask": mask}, steps=steps, **passed)
+    return generate(model, {"input_ids": ids, "attention_mask": mask}, steps=steps, **cache_kwargs(output_cache(first)))
 
 
 def test_uncompiled_frame_on_a_compressed_cache_raises():
@@ -39,7 +38,7 @@ def test_uncompiled_frame_on_a_compressed_cache_raises():
     model, inputs = tiny_llama(), padded_prompt()
     model.compile(backend="rotatek", options={"key_channels": HEAD_DIM, "inner": "eager"})
     first = generate(model, inputs, steps=2)
-    assert all(attached(layer.keys) is not None for layer in first.past_key_values.layers)
+    assert all(attached(layer.keys) is not None for layer in output_cache(first).layers)
     with torch.compiler.set_stance("force_eager"):
         with pytest.raises(RotateKCacheError, match="recompile limit"):
             _second_turn(model, first, inputs)
@@ -110,7 +109,7 @@ def test_ordinary_traffic_stays_compiled_and_compressed(caplog):
             first = generate(model, inputs, steps=2)
             second = _second_turn(model, first, inputs, steps=2)
             for out in (first, second):
-                assert all(attached(layer.keys) is not None for layer in out.past_key_values.layers), i
+                assert all(attached(layer.keys) is not None for layer in output_cache(out).layers), i
     assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "rotatek" in r.name]
 

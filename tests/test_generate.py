@@ -14,6 +14,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import rotatek_compile
 from rotatek_compile import RotateKBackend, RotateKCacheError, RotateKConfig
+from rotatek_compile.hf_compat import cache_kwargs, output_cache
 from rotatek_compile.state import CompressedLayer, attached
 
 HEAD_DIM = 16
@@ -66,7 +67,7 @@ def test_full_rank_matches_uncompiled_model(attn_implementation):
     compressed = generate(model, inputs)
     assert torch.equal(exact.sequences, compressed.sequences)
     assert max_logit_error(exact, compressed) < 1e-4
-    assert all(attached(layer.keys) is not None for layer in compressed.past_key_values.layers)
+    assert all(attached(layer.keys) is not None for layer in output_cache(compressed).layers)
 
 
 @pytest.mark.slow
@@ -87,10 +88,10 @@ def test_pruned_cache_holds_fewer_key_bytes():
     model.compile(backend="rotatek", options={"key_channels": rank, "inner": "eager"})
     compressed = generate(model, inputs, steps=4)
     assert all(torch.isfinite(x).all() for x in compressed.logits)
-    before = rotatek_compile.cache_bytes(exact.past_key_values)
-    after = rotatek_compile.cache_bytes(compressed.past_key_values)
+    before = rotatek_compile.cache_bytes(output_cache(exact))
+    after = rotatek_compile.cache_bytes(output_cache(compressed))
     assert after.compressed_layers == LAYERS
-    for layer in compressed.past_key_values.layers:
+    for layer in output_cache(compressed).layers:
         state = attached(layer.keys)
         batch, heads, span, _ = state.span_key_parts[0].shape
         assert state.span_key_bytes == batch * heads * span * rank * 4  # r of d channels, fp32
@@ -112,13 +113,13 @@ def test_no_recompilation_per_decode_step():
 def prefill(model, input_ids):
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
-    return out.logits[:, -1:].argmax(-1), out.past_key_values
+        out = model(input_ids=input_ids, **cache_kwargs(cache), use_cache=True)
+    return out.logits[:, -1:].argmax(-1), output_cache(out)
 
 
 def decode(model, token, cache):
     with torch.no_grad():
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, **cache_kwargs(cache), use_cache=True)
     return out.logits[:, -1:].argmax(-1), out.logits[:, -1]
 
 
@@ -201,7 +202,7 @@ def chunk_then_step(model, prompt, chunk):
     """Prefill ``prompt``, append ``chunk`` ``[B, T]`` in one call, then one decode step."""
     _, cache = prefill(model, prompt)
     with torch.no_grad():
-        out = model(input_ids=chunk, past_key_values=cache, use_cache=True)
+        out = model(input_ids=chunk, **cache_kwargs(cache), use_cache=True)
     token = out.logits[:, -1:].argmax(-1)
     _, last = decode(model, token, cache)
     return out.logits, last, cache
@@ -252,14 +253,14 @@ def test_second_turn_of_generate_on_a_compressed_cache(attn_implementation):
         mask = torch.cat([inputs["attention_mask"], torch.ones_like(first.sequences[:, inputs["input_ids"].shape[1]:]),
                           turn_mask], dim=1)
         return generate(model, {"input_ids": ids, "attention_mask": mask}, steps=5,
-                        past_key_values=first.past_key_values)
+                        **cache_kwargs(output_cache(first)))
 
     exact = two_turns()
     model.compile(backend="rotatek", options={"key_channels": HEAD_DIM, "inner": "eager"})
     compressed = two_turns()
     assert torch.equal(exact.sequences, compressed.sequences)
     assert max_logit_error(exact, compressed) < 1e-4
-    assert all(attached(layer.keys) is not None for layer in compressed.past_key_values.layers)
+    assert all(attached(layer.keys) is not None for layer in output_cache(compressed).layers)
 
 
 def test_reports_and_explain():

@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from rotatek_compile.hf_compat import cache_kwargs, output_cache
 from rotatek_compile.passes.find_attention import AttentionSite, SkippedSite, find_attention_sites
 from rotatek_compile.passes.rewrite import STATE_OUTPUTS, rewrite_decode, rewrite_prefill, state_inputs
 from tests.test_generate import LAYERS, padded_prompt, tiny_llama
@@ -443,7 +444,7 @@ def chunk_graph():
     ids = torch.randint(0, 128, (1, 45), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = model(input_ids=ids[:, :40], use_cache=True)
-        model(input_ids=ids[:, 40:], past_key_values=out.past_key_values, use_cache=True)
+        model(input_ids=ids[:, 40:], **cache_kwargs(output_cache(out)), use_cache=True)
     torch._dynamo.reset()
     (gm, _), = recorder.graphs[1:]
     return gm

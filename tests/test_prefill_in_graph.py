@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import rotatek_compile
 from rotatek_compile import ops, prefill
+from rotatek_compile.hf_compat import output_cache
 from rotatek_compile.state import attached
 from tests.host_reads import HostReads
 from tests.test_compress_layers import assert_same_layer
@@ -94,7 +95,7 @@ def test_layers_compressed_in_groups_give_the_cache_of_layers_alone(held_bytes, 
     mine = generate({})
     assert calls == steps
     assert torch.equal(mine.sequences, alone.sequences)
-    for ours, theirs in zip(mine.past_key_values.layers, alone.past_key_values.layers):
+    for ours, theirs in zip(output_cache(mine).layers, output_cache(alone).layers):
         assert_same_layer(attached(ours.keys), attached(theirs.keys))
 
 
@@ -125,7 +126,7 @@ def test_each_layers_full_cache_is_freed_once_it_is_compressed(held_bytes, pipel
     assert alive_at_each_site[-LAYERS:] == [0] * LAYERS
     last_request = {4: one_by_one([1] * LAYERS), 1: pipelined([LAYERS]), 2: pipelined([2, 2])}[pipelined_groups]
     assert calls[-len(last_request):] == last_request
-    assert all(attached(layer.keys) is not None for layer in out.past_key_values.layers)
+    assert all(attached(layer.keys) is not None for layer in output_cache(out).layers)
 
 
 def test_a_layer_kept_exact_keeps_its_own_copy_of_the_cache(monkeypatch):
@@ -140,7 +141,7 @@ def test_a_layer_kept_exact_keeps_its_own_copy_of_the_cache(monkeypatch):
     with torch.no_grad():
         kept = model.generate(**padded_prompt(length=40), max_new_tokens=3, do_sample=False,
                               return_dict_in_generate=True, output_logits=True)
-    assert all(attached(layer.keys) is None for layer in kept.past_key_values.layers)
+    assert all(attached(layer.keys) is None for layer in output_cache(kept).layers)
     assert torch.equal(kept.sequences, exact.sequences)
     for mine, theirs in zip(kept.logits, exact.logits):
         torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)

@@ -19,6 +19,7 @@ from transformers import StaticCache
 
 import rotatek_compile
 from rotatek_compile import RotateKBackend, RotateKConfig
+from rotatek_compile.hf_compat import cache_kwargs, output_cache
 from rotatek_compile.passes.rewrite import state_inputs
 from rotatek_compile.passes.static_cache import find_static_sites, rewrite_static_decode, rewrite_static_prefill
 from rotatek_compile.state import attached
@@ -81,7 +82,7 @@ def test_full_rank_static_matches_uncompiled_model(attn_implementation):
     assert all(len(report.rewritten) == LAYERS for report in backend.reports)
     # after the prefill, then after each decode step: the decode graph comes once and serves every step
     assert counter.unique_graphs == [1] + [2] * (STEPS - 1)
-    cache = compressed.past_key_values
+    cache = output_cache(compressed)
     assert isinstance(cache, StaticCache) and hf_buffers_are_stand_ins(cache)
     assert all(isinstance(attached(layer.keys), StaticCompressedLayer) for layer in cache.layers)
 
@@ -96,7 +97,7 @@ def test_vlm_image_span_full_rank_static():
     compressed = static(model, inputs, steps=8)
     assert torch.equal(exact.sequences, compressed.sequences)
     assert max_logit_error(exact, compressed) < 1e-4
-    for layer in compressed.past_key_values.layers:
+    for layer in output_cache(compressed).layers:
         state = attached(layer.keys)
         assert torch.equal(state.span_mask.sum(-1), image_token_counts(inputs))
 
@@ -108,7 +109,7 @@ def test_pruned_static_cache_holds_fewer_key_bytes():
     model.compile(backend=rotatek_compile.backend(key_channels=rank, inner="eager"))
     compressed = static(model, inputs, steps=steps)
     assert all(torch.isfinite(x).all() for x in compressed.logits)
-    cache = compressed.past_key_values
+    cache = output_cache(compressed)
     assert hf_buffers_are_stand_ins(cache)
     prompt, capacity = inputs["input_ids"].shape[1], cache.layers[0].max_cache_len
     for layer in cache.layers:
@@ -122,7 +123,7 @@ def test_pruned_static_cache_holds_fewer_key_bytes():
         assert state.capacity == 32 + sinks + (capacity - prompt)
         assert int(state.rest_offset) == prompt - 32 - sinks
         assert torch.equal(state.mask.sum(-1), torch.full((batch,), 32 + sinks + steps - 1))  # last token not yet written
-    before, after = rotatek_compile.cache_bytes(exact.past_key_values), rotatek_compile.cache_bytes(cache)
+    before, after = rotatek_compile.cache_bytes(output_cache(exact)), rotatek_compile.cache_bytes(cache)
     assert after.compressed_layers == LAYERS and after.keys < before.keys
 
 
@@ -148,7 +149,7 @@ def test_requests_do_not_keep_their_compressed_caches():
         token = torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(n))
         with torch.no_grad():
             for _ in range(3):
-                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                out = model(input_ids=token, **cache_kwargs(cache), use_cache=True)
                 token = out.logits[:, -1:].argmax(-1)
 
     def live():
@@ -179,8 +180,8 @@ def test_requests_of_other_lengths_reuse_the_decode_graph():
     compressed = [static(model, prompt, steps=4) for prompt in prompts]
     for e, c in zip(exact, compressed):
         assert torch.equal(e.sequences, c.sequences) and max_logit_error(e, c) < 1e-4
-        assert all(isinstance(attached(layer.keys), StaticCompressedLayer) for layer in c.past_key_values.layers)
-    states = [attached(c.past_key_values.layers[0].keys) for c in compressed]
+        assert all(isinstance(attached(layer.keys), StaticCompressedLayer) for layer in output_cache(c).layers)
+    states = [attached(output_cache(c).layers[0].keys) for c in compressed]
     assert [state.split.span for state in states] == [12, 8, 4]  # each prompt minus its last 32 tokens
     # compressed: that span less its attention sinks (kept exact), in at least MIN_SEGMENT slots
     assert all(state.span_tokens == max(state.split.span - state.split.exact, 2) for state in states)
@@ -193,8 +194,8 @@ def _prefill_and_step(model, length: int, capacity: int):
     cache = StaticCache(config=model.config, max_cache_len=capacity)
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
     with torch.no_grad():
-        prefill = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
-        step = model(input_ids=prefill[:, -1:].argmax(-1), past_key_values=cache, use_cache=True).logits
+        prefill = model(input_ids=ids, **cache_kwargs(cache), use_cache=True).logits
+        step = model(input_ids=prefill[:, -1:].argmax(-1), **cache_kwargs(cache), use_cache=True).logits
     return prefill, step, cache
 
 
@@ -246,7 +247,7 @@ def test_preallocated_cache_is_emptied_in_place():
         logits, token = [], ids
         with torch.no_grad():
             for _ in range(5):
-                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                out = model(input_ids=token, **cache_kwargs(cache), use_cache=True)
                 logits.append(out.logits[:, -1])
                 token = out.logits[:, -1:].argmax(-1)
         return torch.stack(logits), cache, buffers
@@ -267,10 +268,10 @@ def test_chunk_on_a_compressed_static_cache_is_refused():
     ids = torch.randint(0, 128, (1, 44), generator=torch.Generator().manual_seed(3))
     cache = StaticCache(config=model.config, max_cache_len=64)
     with torch.no_grad():
-        model(input_ids=ids[:, :40], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, :40], **cache_kwargs(cache), use_cache=True)
         assert all(isinstance(attached(layer.keys), StaticCompressedLayer) for layer in cache.layers)
         with pytest.raises(Exception, match="several new tokens at once on a compressed StaticCache"):
-            model(input_ids=ids[:, 40:43], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, 40:43], **cache_kwargs(cache), use_cache=True)
 
 
 @pytest.mark.slow

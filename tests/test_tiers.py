@@ -13,6 +13,7 @@ import torch
 
 import rotatek_compile
 from rotatek_compile import RotateKConfig, tiers
+from rotatek_compile.hf_compat import output_cache
 from rotatek_compile.kernels import reference
 from rotatek_compile.state import CompressedLayer, KeptExact, attached, compress_layer
 from tests.test_generate import generate, tiny_llama
@@ -288,8 +289,8 @@ def test_generate_with_a_budget():
     model.compile(backend="rotatek", options={"kv_budget": 0.4, "inner": "eager"})
     out = generate(model, prompt, steps=4)
     assert all(torch.isfinite(x).all() for x in out.logits)
-    assert all(attached(layer.keys) is not None for layer in out.past_key_values.layers)
-    split = rotatek_compile.span_split(out.past_key_values)
+    assert all(attached(layer.keys) is not None for layer in output_cache(out).layers)
+    split = rotatek_compile.span_split(output_cache(out))
     assert split.byte_ratio <= 0.4 and split.span == 2 * (2 * (120 - 32) - 9)  # 2 layers, 2 rows
     torch._dynamo.reset()
     explanation = rotatek_compile.explain(tiny_llama(), prompt, kv_budget=0.4, inner="eager")

@@ -13,6 +13,7 @@ import torch
 
 import rotatek_compile
 from rotatek_compile import RotateKBackend, RotateKConfig
+from rotatek_compile.hf_compat import output_cache
 from rotatek_compile.state import CompressedLayer, attached
 from tests.test_generate import HEAD_DIM, LAYERS, generate, max_logit_error, tiny_llama
 
@@ -44,7 +45,7 @@ def tensors_of(layer: CompressedLayer) -> list[torch.Tensor]:
 def test_cache_bytes_counts_every_stored_tensor():
     model = tiny_llama()
     model.compile(backend="rotatek", options={"key_channels": 4, "inner": "eager"})
-    cache = generate(model, prompt(80, batch=2), steps=3).past_key_values
+    cache = output_cache(generate(model, prompt(80, batch=2), steps=3))
     measured = 0
     for layer in cache.layers:
         state = attached(layer.keys)
@@ -59,7 +60,7 @@ def test_cache_bytes_counts_every_stored_tensor():
 def test_rotatek_basis_is_stored_in_the_cache_dtype():
     model = tiny_llama().to(torch.bfloat16)
     model.compile(backend="rotatek", options={"key_channels": 4, "inner": "eager"})
-    cache = generate(model, prompt(80), steps=2).past_key_values
+    cache = output_cache(generate(model, prompt(80), steps=2))
     for layer in cache.layers:
         state = attached(layer.keys)
         assert {t.dtype for t in state.span_key_parts} == {torch.bfloat16}
@@ -78,14 +79,14 @@ def test_tiny_span_layer_stays_exact(caplog):
         compressed = generate(model, inputs, steps=4)
     assert torch.equal(exact.sequences, compressed.sequences)
     assert max_logit_error(exact, compressed) < 1e-5
-    assert all(attached(layer.keys) is None for layer in compressed.past_key_values.layers)
+    assert all(attached(layer.keys) is None for layer in output_cache(compressed).layers)
     prefill = next(report for report in backend.reports if report.phase == "prefill")
     assert sorted(prefill.kept_exact) == sorted(prefill.rewritten) and len(prefill.rewritten) == LAYERS
     assert all("would not be smaller" in reason for reason in prefill.kept_exact.values())
     assert "kept exact: its compressed form" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "rotatek_compile"]
-    bytes_ = rotatek_compile.cache_bytes(compressed.past_key_values)
-    assert bytes_.total == rotatek_compile.cache_bytes(exact.past_key_values).total
+    bytes_ = rotatek_compile.cache_bytes(output_cache(compressed))
+    assert bytes_.total == rotatek_compile.cache_bytes(output_cache(exact)).total
 
     torch._dynamo.reset()
     explanation = rotatek_compile.explain(tiny_llama(), inputs, key_channels=4, inner="eager")
@@ -106,6 +107,6 @@ def test_full_rank_asks_to_save_nothing_and_is_never_kept_exact():
     exact = generate(model, inputs, steps=4)
     model.compile(backend="rotatek", options={"key_channels": HEAD_DIM, "inner": "eager"})
     compressed = generate(model, inputs, steps=4)
-    assert all(attached(layer.keys) is not None for layer in compressed.past_key_values.layers)
+    assert all(attached(layer.keys) is not None for layer in output_cache(compressed).layers)
     assert torch.equal(exact.sequences, compressed.sequences)
     assert max_logit_error(exact, compressed) < 1e-4

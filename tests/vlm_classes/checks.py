@@ -30,6 +30,7 @@ from typing import Any, Optional
 import torch
 
 from rotatek_compile import RotateKBackend, RotateKConfig, cache_bytes
+from rotatek_compile.hf_compat import output_cache
 from rotatek_compile.state import attached
 from tests.tiny_models import IMAGE, TinyModel
 
@@ -79,7 +80,7 @@ def generate(entry: TinyModel, key_channels: Optional[int]) -> Run:
         torch._dynamo.reset()
         logging.getLogger("rotatek_compile").removeHandler(warnings)
     done = time.perf_counter()
-    cache = getattr(out, "cache", None) or out.past_key_values  # renamed in transformers 5.24
+    cache = output_cache(out)
     config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return Run(torch.stack(out.logits), out.sequences, cache, inputs, reports, text_config,
