@@ -372,8 +372,9 @@ def main() -> None:
     parser.add_argument("--backends", default=",".join(RECIPES), help=f"recipes, of {', '.join(RECIPES)}")
     parser.add_argument("--bandwidth", type=float, default=4.27e12,
                         help="copy bandwidth in bytes/s for the byte floor (H200 measured: 4.27e12)")
-    parser.add_argument("--cases", default="1x16384,1x32768,1x65536,8x32768",
-                        help="comma-separated BATCHxSPAN; none: only --max-batch")
+    parser.add_argument("--cases", default=None,
+                        help="comma-separated BATCHxSPAN; none: only --max-batch (default: 1x16384,1x32768,"
+                             "1x65536,8x32768; with --tiny 1x256,2x256)")
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--layers", type=int, default=32, help="decoder layers of the 8B shape")
     parser.add_argument("--profile", action="store_true",
@@ -403,6 +404,8 @@ def main() -> None:
         logging.getLogger("rotatek_compile.kernels.reference").setLevel(logging.DEBUG)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if args.cases is None:
+        args.cases = "1x256,2x256" if args.tiny else "1x16384,1x32768,1x65536,8x32768"
     cases = [tuple(int(x) for x in case.split("x")) for case in args.cases.split(",") if case not in ("", "none")]
     if args.sdpa == "flash" and device == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)
