@@ -1,24 +1,34 @@
 """Every Triton entry point launches on the device of its inputs, not on the current device: a
 model spread over several GPUs (``device_map="auto"``) runs layers whose tensors live on another
-GPU than the current one (``kernels.on_inputs_device``). Needs two CUDA devices."""
+GPU than the current one (``kernels.on_inputs_device``). All but the first test need two CUDA devices."""
 
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-
-from rotatek_compile import tiers  # noqa: E402
-from rotatek_compile.kernels import reference  # noqa: E402
+from rotatek_compile import kernels, tiers
+from rotatek_compile.kernels import reference
 
 OTHER = torch.device("cuda", 1)
+two_devices = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 
 
-@pytest.fixture(autouse=True)
+def test_the_guard_finds_the_first_tensor_and_passes_cpu_calls_through():
+    seen = []
+    launch = kernels.on_inputs_device(lambda *args, **kwargs: seen.append((args, kwargs)) or "done")
+    x = torch.zeros(2)
+    assert kernels._first_tensor((0.5, [x, torch.ones(1)], x)) is x
+    assert kernels._first_tensor((0.5, [], "text")) is None
+    assert launch(1.0, [x], scale=2) == "done" and seen == [((1.0, [x]), {"scale": 2})]
+
+
+@pytest.fixture
 def current_device_is_the_first():
     with torch.cuda.device(0):
         yield
 
 
+@two_devices
+@pytest.mark.usefixtures("current_device_is_the_first")
 @pytest.mark.parametrize("batch", [1, 5])
 def test_grouped_linear_on_another_device(batch):
     from rotatek_compile.kernels import triton_gemv
@@ -33,6 +43,8 @@ def test_grouped_linear_on_another_device(batch):
         torch.testing.assert_close(y.float(), torch.nn.functional.linear(x.float(), w.float()), rtol=2e-2, atol=2e-2)
 
 
+@two_devices
+@pytest.mark.usefixtures("current_device_is_the_first")
 def test_decode_attention_on_another_device():
     from rotatek_compile.kernels import triton_decode
     from tests.test_triton_decode import make_inputs
@@ -44,6 +56,8 @@ def test_decode_attention_on_another_device():
     torch.testing.assert_close(got.double(), want, atol=5e-3, rtol=0)
 
 
+@two_devices
+@pytest.mark.usefixtures("current_device_is_the_first")
 def test_compression_statistics_on_another_device():
     from rotatek_compile.kernels import triton_compress
 
@@ -60,6 +74,8 @@ def test_compression_statistics_on_another_device():
     torch.testing.assert_close(mean, want_mean, atol=1e-5, rtol=1e-5)
 
 
+@two_devices
+@pytest.mark.usefixtures("current_device_is_the_first")
 def test_layers_on_two_devices_are_not_batched_into_one_launch():
     from rotatek_compile.kernels import triton_compress
 

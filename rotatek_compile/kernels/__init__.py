@@ -27,14 +27,21 @@ def on_inputs_device(launch: Callable) -> Callable:
     is a tensor, or a sequence of them, decides."""
     @functools.wraps(launch)
     def on_device(*args, **kwargs):
-        first = next((a[0] if isinstance(a, (list, tuple)) and a else a for a in args
-                      if isinstance(a, torch.Tensor) or (isinstance(a, (list, tuple)) and a
-                                                         and isinstance(a[0], torch.Tensor))), None)
+        first = _first_tensor(args)
         if first is None or first.device.type != "cuda" or first.device.index == torch.cuda.current_device():
             return launch(*args, **kwargs)
         with torch.cuda.device(first.device):
             return launch(*args, **kwargs)
     return on_device
+
+
+def _first_tensor(args: tuple) -> Optional[torch.Tensor]:
+    for arg in args:
+        if isinstance(arg, (list, tuple)) and arg:
+            arg = arg[0]
+        if isinstance(arg, torch.Tensor):
+            return arg
+    return None
 
 
 @functools.cache
