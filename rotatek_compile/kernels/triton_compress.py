@@ -273,7 +273,6 @@ def window_shares_triton(queries: Sequence[Tensor], keys: Sequence[Tensor], scal
     return share
 
 
-@on_inputs_device
 def window_share_triton(queries: Tensor, keys: Tensor, scale: float, span: Tensor) -> Tensor:
     """One layer of :func:`window_shares_triton`: ``[B, H, S]`` fp32, the same as
     :func:`rotatek_compile.tiers.window_share`."""
@@ -315,7 +314,6 @@ def span_covariances_triton(keys: Sequence[Tensor], masks: Sequence[Tensor]) -> 
     return reference.covariance_about_mean(gram, count, shift, mean), mean
 
 
-@on_inputs_device
 def span_covariance_triton(keys: Tensor, key_mask: Tensor) -> tuple[Tensor, Tensor]:
     """One layer of :func:`span_covariances_triton`: ``C`` ``[B, H, d, d]`` and ``μ`` ``[B, H, d]``
     fp32, the same as :func:`rotatek_compile.kernels.reference.span_covariance` without weighting."""

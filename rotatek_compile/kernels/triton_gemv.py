@@ -147,19 +147,15 @@ def grouped_linear_triton(x: Tensor, weights: list[Tensor], tile: Optional[tuple
     args = []
     for (w, y), n in zip(padded, sizes):
         args += [w, y, n, w.stride(0)]
-    if batch > 1:
-        args += [batch, depth, x.stride(0)]
-    else:
-        args += [depth]
-    if tile is None and x.is_cuda:
-        tuned = _vector_tuned if batch == 1 else _dot_tuned
-        grid = lambda meta: (sum(triton.cdiv(n, meta["BLOCK_N"]) for n in sizes),)  # noqa: E731
-        tuned[grid](x, *args, **({} if batch == 1 else {"BLOCK_B": BATCH_TILE}))
-        return outputs
-    block_n, block_k = tile or (16, 64)
-    grid = (sum(triton.cdiv(n, block_n) for n in sizes),)
     if batch == 1:
-        _vector_kernel[grid](x, *args, BLOCK_N=block_n, BLOCK_K=block_k)
+        kernel, tuned, constants = _vector_kernel, _vector_tuned, {}
+        args += [depth]
     else:
-        _dot_kernel[grid](x, *args, BLOCK_B=BATCH_TILE, BLOCK_N=block_n, BLOCK_K=block_k)
+        kernel, tuned, constants = _dot_kernel, _dot_tuned, {"BLOCK_B": BATCH_TILE}
+        args += [batch, depth, x.stride(0)]
+    if tile is None and x.is_cuda:
+        tuned[lambda meta: (sum(triton.cdiv(n, meta["BLOCK_N"]) for n in sizes),)](x, *args, **constants)
+    else:
+        block_n, block_k = tile or (16, 64)
+        kernel[(sum(triton.cdiv(n, block_n) for n in sizes),)](x, *args, **constants, BLOCK_N=block_n, BLOCK_K=block_k)
     return outputs
