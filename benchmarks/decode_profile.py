@@ -15,6 +15,7 @@ them. JSON goes to ``--out``.
 from __future__ import annotations
 
 import argparse
+import ast
 import cProfile
 import collections
 import io
@@ -33,7 +34,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from rotatek_compile.hf_compat import cache_kwargs  # noqa: E402
 from model_decode import (  # noqa: E402
-    PROMPT, TEXT, _sync, build_model, device_time_by_op, new_cache, run_case, set_recipe, static_capacity)
+    PROMPT, TEXT, _sync, build_model, new_cache, run_case, set_recipe, static_capacity)
 
 logger = logging.getLogger("decode_profile")
 
@@ -81,17 +82,30 @@ def time_steps(model, recipe, span: int, steps: int, device: str) -> dict:
 
 
 def _kernel_table(decode_fn, cache, token, device: str, steps: int = 3) -> dict:
+    """The kernels of ``steps`` decode steps: per-step count and summed device time, every kernel's
+    per-step share (heaviest first), and the order in which the last step launched them."""
     def run():
         step = token
         for _ in range(steps):
             out = decode_fn(input_ids=step, **cache_kwargs(cache), use_cache=True)
             step = out.logits[:, -1:].argmax(-1)
 
-    ops = [op for op in device_time_by_op(run, device, calls=steps) if op[1] > 0]
-    total = sum(ms for _, ms, _ in ops)
-    launches = sum(count for _, _, count in ops)
-    top = [(name[:100], ms, count) for name, ms, count in ops[:15]]
-    return dict(device_ms_per_step=total, kernels_per_step=launches, top=top)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profile:
+        run()
+        _sync()
+    kernels = [e for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name = collections.defaultdict(lambda: [0.0, 0])
+    for kernel in kernels:
+        by_name[kernel.name][0] += kernel.device_time_total / 1e3 / steps
+        by_name[kernel.name][1] += 1 / steps
+    ordered = sorted(kernels, key=lambda e: e.time_range.start)
+    last_step = ordered[-round(len(ordered) / steps):] if ordered else []
+    return dict(device_ms_per_step=sum(ms for ms, _ in by_name.values()), kernels_per_step=len(kernels) / steps,
+                top=[(name[:100], ms, count) for name, (ms, count) in sorted(by_name.items(), key=lambda kv: -kv[1][0])],
+                order=[(e.name[:100], e.device_time_total / 1e3) for e in last_step])
 
 
 def _host_profile(decode_fn, cache, token, steps: int) -> list:
@@ -168,8 +182,24 @@ def main() -> None:
     parser.add_argument("--recipes", default="rotatek-static,static,rotatek")
     parser.add_argument("--key-channels", type=int, default=32)
     parser.add_argument("--solver", default="auto")
+    parser.add_argument("--inductor", default="",
+                        help="Inductor settings for every recipe, as name=value,… (e.g. combo_kernels=True)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
+    with torch._inductor.config.patch(_settings(args.inductor)):
+        profile_recipes(args)
+
+
+def _settings(text: str) -> dict:
+    """``"a=True,b.c=3"`` → ``{"a": True, "b.c": 3}``."""
+    settings = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        settings[name.strip()] = ast.literal_eval(value.strip())
+    return settings
+
+
+def profile_recipes(args) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -192,8 +222,11 @@ def main() -> None:
         logger.info("%s: wall %.2f ms, host %.2f ms, device %.2f ms per step; kernels %.1f ms in %.0f launches",
                     name, row["wall_ms"], row["host_ms"], row["device_ms"], row["kernels"]["device_ms_per_step"],
                     row["kernels"]["kernels_per_step"])
-        for kernel, ms, count in row["kernels"]["top"]:
+        for kernel, ms, count in row["kernels"]["top"][:25]:
             logger.info("    %7.3f ms %6.1f×  %s", ms, count, kernel)
+        logger.info("the first %d launches of a step, in order (µs):", min(48, len(row["kernels"]["order"])))
+        for kernel, ms in row["kernels"]["order"][:48]:
+            logger.info("    %7.1f  %s", 1e3 * ms, kernel)
         logger.info("\n".join(row["host_profile"]))
         if row["prefill"]:
             logger.info("prefill: traced peak %.2f GB above %.2f GB held before", row["prefill"]["traced_peak_gb"],
@@ -202,12 +235,15 @@ def main() -> None:
                 logger.info("    %6.3f GB %4d×  %s", gb, count, where)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "decode_profile.json"), "w") as handle:
-        json.dump(dict(torch=torch.__version__, device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        json.dump(dict(torch=torch.__version__, inductor=args.inductor, device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                        rows=rows), handle, indent=1)
-    print(f"{'recipe':>16} | {'wall ms':>8} {'host ms':>8} {'device ms':>9} | {'kernel ms':>9} {'launches':>8}")
+    print(f"{'recipe':>16} | {'wall ms':>8} {'host ms':>8} {'device ms':>9} | {'kernel ms':>9} {'launches':>8} "
+          f"{'between µs':>10}")
     for row in rows:
+        kernels = row["kernels"]
+        between = 1e3 * (row["device_ms"] - kernels["device_ms_per_step"]) / max(kernels["kernels_per_step"], 1)
         print(f"{row['recipe']:>16} | {row['wall_ms']:>8.2f} {row['host_ms']:>8.2f} {row['device_ms']:>9.2f} | "
-              f"{row['kernels']['device_ms_per_step']:>9.2f} {row['kernels']['kernels_per_step']:>8.0f}")
+              f"{kernels['device_ms_per_step']:>9.2f} {kernels['kernels_per_step']:>8.0f} {between:>10.2f}")
 
 
 if __name__ == "__main__":
