@@ -144,11 +144,19 @@ def _gate(g, u, dtype: tl.constexpr, ACTIVATION: tl.constexpr):
 @triton.jit
 def _gated_vector_kernel(x_ptr, wg, wu, y_ptr, n, swg, swu, depth,
                          ACTIVATION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``y[rows] = act(Wg[rows] · x) · (Wu[rows] · x)``, ``x`` one row; program ``p`` owns ``BLOCK_N`` rows."""
+    """``y[rows] = act(Wg[rows] · x) · (Wu[rows] · x)``, ``x`` one row; program ``p`` owns ``BLOCK_N``
+    rows of both matrices and streams their tiles side by side (one loop: no pipeline restart)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    g = _vector_rows(x_ptr, wg, rows, n, depth, swg, BLOCK_N, BLOCK_K)
-    u = _vector_rows(x_ptr, wu, rows, n, depth, swu, BLOCK_N, BLOCK_K)
-    tl.store(y_ptr + rows, _gate(g, u, y_ptr.dtype.element_ty, ACTIVATION), mask=rows < n)
+    g = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)  # per-column partial products, summed once
+    u = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
+    for k0 in range(0, depth, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+        inside = (rows[:, None] < n) & (cols[None, :] < depth)  # [BLOCK_N, BLOCK_K]
+        x = tl.load(x_ptr + cols, mask=cols < depth, other=0.0).to(tl.float32)[None, :]  # [1, BLOCK_K]
+        g += tl.load(wg + rows[:, None] * swg + cols[None, :], mask=inside, other=0.0).to(tl.float32) * x
+        u += tl.load(wu + rows[:, None] * swu + cols[None, :], mask=inside, other=0.0).to(tl.float32) * x
+    y = _gate(tl.reduce(g, 1, _add_op), tl.reduce(u, 1, _add_op), y_ptr.dtype.element_ty, ACTIVATION)
+    tl.store(y_ptr + rows, y, mask=rows < n)
 
 
 @triton.jit
@@ -171,15 +179,17 @@ def _configs(block_n: tuple, block_k: tuple, stages: tuple, fits) -> list:
             for n in block_n for k in block_k for w in (4, 8) for s in stages if fits(n, k, w)]
 
 
-# The vector kernel's fp32 accumulator holds BLOCK_N·BLOCK_K values: at most 64 registers a thread.
+# The vector kernel's fp32 accumulator holds BLOCK_N·BLOCK_K values: at most 64 registers a thread;
+# its gated twin holds two.
 _VECTOR_CONFIGS = _configs((2, 4, 8, 16, 32), (256, 512, 1024), (2, 3, 4), lambda n, k, w: n * k <= 64 * 32 * w)
+_GATED_VECTOR_CONFIGS = _configs((2, 4, 8, 16), (256, 512, 1024), (2, 3, 4), lambda n, k, w: 2 * n * k <= 64 * 32 * w)
 # The dot kernel's weight tiles are staged in shared memory: at most 64 KB a tile.
 _DOT_CONFIGS = _configs((16, 32, 64, 128), (128, 256, 512), (2, 3, 5), lambda n, k, w: n * k <= 32768)
 _vector_tuned = triton.autotune(configs=_VECTOR_CONFIGS, key=["n0", "n1", "n2", "depth"],
                                 do_bench=_short_bench)(_vector_kernel)
 _dot_tuned = triton.autotune(configs=_DOT_CONFIGS, key=["batch", "n0", "n1", "n2", "depth"],
                              do_bench=_short_bench)(_dot_kernel)
-_gated_vector_tuned = triton.autotune(configs=_VECTOR_CONFIGS, key=["n", "depth", "ACTIVATION"],
+_gated_vector_tuned = triton.autotune(configs=_GATED_VECTOR_CONFIGS, key=["n", "depth", "ACTIVATION"],
                                       do_bench=_short_bench)(_gated_vector_kernel)
 _gated_dot_tuned = triton.autotune(configs=_DOT_CONFIGS, key=["batch", "n", "depth", "ACTIVATION"],
                                    do_bench=_short_bench)(_gated_dot_kernel)
