@@ -33,9 +33,6 @@
 #   bash benchmarks/h200_run.sh kernel [BASELINE]  # the decode attention kernel: its GPU tests and the
 #                                      # StaticCache + CUDA-graph tests, then the kernel's variants at B1 x {16k,
 #                                      # 128k}, B4 and B32 x 16k (and BASELINE, another triton_decode.py)
-#   bash benchmarks/h200_run.sh gated [RECIPES]  # the gated MLP op: its GPU tests, then the decode step's
-#                                      # kernels, 4 layers x 16k, with and without it (or RECIPES, one process each)
-#   bash benchmarks/h200_run.sh gated-model  # B1 x 16k, 32 layers: rotatek-static, then without the gated op
 #   bash benchmarks/h200_run.sh diagnose  # 8 layers, 16k: the compression of the model's own inputs
 #                                         # timed inside and outside the model, and profiled
 set -uo pipefail
@@ -125,18 +122,6 @@ case "$part" in
     tail -8 "$OUT/gpu_tests.log"
     timeout "$(left 560)" python3 benchmarks/decode_kernel.py --out "$OUT" --cases 1x16384,1x131072,4x16384,32x16384 \
       ${2:+--baseline "$2"} 2>&1 | tee "$OUT/decode_kernel.log" | tail -40 ;;
-  gated)
-    timeout 240 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_group_products.py \
-      -k "gated or bf16" > "$OUT/gpu_tests.log" 2>&1
-    tail -3 "$OUT/gpu_tests.log"
-    for recipe in ${2:-rotatek-static rotatek-static-ungated}; do
-      timeout 200 python3 benchmarks/decode_profile.py --layers 4 --recipes "$recipe" --steps 16 \
-        --out "$OUT/$recipe" > "$OUT/decode_profile_$recipe.log" 2>&1
-      grep -A1 "recipe |" "$OUT/decode_profile_$recipe.log"; grep -m3 "_vector_kernel\|gated" "$OUT/decode_profile_$recipe.log"
-    done ;;
-  gated-model)
-    timeout "$(left 590)" python3 benchmarks/model_decode.py --out "$OUT" --steps 32 --cases 1x16384 \
-      --backends rotatek-static,rotatek-static-ungated 2>&1 | grep -v "^\s*$" | tee "$OUT/model_decode.log" | tail -8 ;;
   diagnose)
     timeout "$(left 560)" python3 benchmarks/model_decode.py --out "$OUT" --layers 8 --steps 4 --cases 1x16384 \
       --backends rotatek,rotatek-static --profile 2>&1 | grep -v "^\s*$" | tee "$OUT/diagnose.log" \

@@ -18,9 +18,7 @@ An 8B-shaped Llama decoder (32 layers, Hq 32, Hkv 8, d 128; random weights) with
 - ``rotatek-autotune``: the same with ``mode="max-autotune"`` (CUDA graphs, and Inductor times
   Triton templates against cuBLAS for every matrix product, the decode step's weight GEMVs included);
 - ``rotatek-static-ungrouped``: ``rotatek-static`` with ``group_products=False`` (the decode step's
-  q, k, v and gate, up products as the model wrote them: the grouping's gain, measured);
-- ``rotatek-static-ungated``: ``rotatek-static`` with ``gate_products=False`` (the MLP's
-  ``silu(gate) * up`` an Inductor kernel of its own rather than in the gate|up launch).
+  q, k, v and gate, up products as the model wrote them: the grouping's gain, measured).
 
 A ``StaticCache`` holds ``30 + N + 30 + steps + 4`` positions (what ``generate()`` would give it).
 ``--max-batch N`` also finds, by trying (prefill and 3 decode steps: batch 1, then a guess from its
@@ -189,8 +187,7 @@ def _peak_bytes() -> int:
     return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
 
 
-RECIPES = ("eager", "inductor", "static", "rotatek", "rotatek-static", "rotatek-autotune", "rotatek-static-ungrouped",
-           "rotatek-static-ungated")
+RECIPES = ("eager", "inductor", "static", "rotatek", "rotatek-static", "rotatek-autotune", "rotatek-static-ungrouped")
 EXTRA_POSITIONS = 4  # a StaticCache's room beyond the prompt and the timed steps (warm-up, profile)
 
 
@@ -216,11 +213,10 @@ def set_recipe(model, name: str, args) -> tuple:
     if name == "rotatek":
         model.compile(backend=rotatek_compile.backend(**rotatek))
         return model, model, "dynamic"
-    if name in ("rotatek-static", "rotatek-autotune", "rotatek-static-ungrouped", "rotatek-static-ungated"):
+    if name in ("rotatek-static", "rotatek-autotune", "rotatek-static-ungrouped"):
         mode = "max-autotune" if name == "rotatek-autotune" else "reduce-overhead"
-        model.compile(backend=rotatek_compile.backend(**rotatek, mode=mode,
-                                                      group_products=name != "rotatek-static-ungrouped",
-                                                      gate_products=name != "rotatek-static-ungated"))
+        grouped = name != "rotatek-static-ungrouped"
+        model.compile(backend=rotatek_compile.backend(**rotatek, mode=mode, group_products=grouped))
         return model, model, "static"
     raise ValueError(f"unknown recipe {name!r}: expected one of {', '.join(RECIPES)}")
 

@@ -26,7 +26,7 @@ import torch.fx as fx
 import rotatek_compile.ops  # noqa: F401  (registers torch.ops.rotatek.*)
 from rotatek_compile.config import INNERS, RotateKConfig
 from rotatek_compile.passes.find_attention import CROSS_ATTENTION, SkippedSite, sites_and_skips
-from rotatek_compile.passes.group_products import gate_products, group_products
+from rotatek_compile.passes.group_products import group_products
 from rotatek_compile.passes.rewrite import (
     RewrittenGraph, SiteSlots, rewrite_decode, rewrite_merge, rewrite_prefill, state_inputs)
 from rotatek_compile.passes.visual_span import to_token_mask
@@ -98,10 +98,8 @@ class GraphReport:
     skipped: list[tuple[str, str]]
     # prefill, filled at run time: rewritten sites whose last call kept the exact cache, and why
     kept_exact: dict[str, str] = dataclasses.field(default_factory=dict)
-    # decode: rotatek.grouped_linear ops made of the weight products, and the rotatek.gated_linear
-    # ops made of those that fed a gated MLP's act(gate) * up (passes.group_products)
+    # decode: rotatek.grouped_linear ops made of the weight products (passes.group_products)
     grouped_products: int = 0
-    gated_products: int = 0
 
 
 class RotateKBackend:
@@ -163,15 +161,11 @@ class RotateKBackend:
 
     def group_products(self, plan: Any, report: GraphReport) -> None:
         """A rewritten decode graph's weight products as ``rotatek.grouped_linear`` ops, those that
-        share an input as one, a gated MLP's two with its ``act(gate) * up`` as one
-        ``rotatek.gated_linear`` (:mod:`rotatek_compile.passes.group_products`), as the options
-        ``group_products`` and ``gate_products`` ask."""
+        share an input as one (:mod:`rotatek_compile.passes.group_products`), unless
+        ``group_products=False``."""
         if not self.config.group_products:
             return
-        graph = plan.module.graph
-        report.grouped_products = group_products(graph, self.config.kernel)
-        if self.config.gate_products:
-            report.gated_products = gate_products(graph, self.config.kernel)
+        report.grouped_products = group_products(plan.module.graph, self.config.kernel)
         if report.grouped_products:
             plan.module.recompile()
 

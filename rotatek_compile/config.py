@@ -73,11 +73,6 @@ class RotateKConfig:
         the step has at most 16 rows and 16-bit weights
         (:mod:`rotatek_compile.passes.group_products`); elsewhere the op runs the same ``F.linear``
         calls as the model. Default ``True``; ``False`` leaves the products as the model wrote them.
-    gate_products : bool
-        With ``group_products``, a gated MLP's ``act(gate(x)) * up(x)`` (``act``: SiLU, or GELU's
-        tanh form) runs as one op, ``rotatek.gated_linear``: one Triton launch where
-        ``grouped_linear`` has one, the model's own ops elsewhere. Default ``True``; ``False``
-        leaves the activation and the product to the inner compiler (a kernel of their own).
     """
 
     key_channels: Optional[int] = None
@@ -92,7 +87,6 @@ class RotateKConfig:
     token_keep: float = 1.0
     kv_budget: Optional[float] = None
     group_products: bool = True
-    gate_products: bool = True
 
     def __post_init__(self) -> None:
         if self.key_channels is not None:
@@ -119,7 +113,6 @@ class RotateKConfig:
         _check(_is_real(self.token_keep) and 0 < self.token_keep <= 1,
                "token_keep", "a float in (0, 1]", self.token_keep)
         _check(isinstance(self.group_products, bool), "group_products", "True or False", self.group_products)
-        _check(isinstance(self.gate_products, bool), "gate_products", "True or False", self.gate_products)
         if self.kv_budget is not None:
             _check(_is_real(self.kv_budget) and 0 < self.kv_budget <= 1,
                    "kv_budget", "a float in (0, 1] (a fraction of the span's KV bytes)", self.kv_budget)

@@ -245,32 +245,3 @@ def grouped_linear(x: Tensor, weights: list[Tensor], implementation: str = "auto
 @grouped_linear.register_fake
 def _(x, weights, implementation="auto"):
     return [x.new_empty(*x.shape[:-1], w.shape[0]) for w in weights]
-
-
-# the activations rotatek.gated_linear takes, as the model's graph calls them
-GATE_ACTIVATIONS = {
-    "silu": torch.nn.functional.silu,
-    "gelu_tanh": functools.partial(torch.nn.functional.gelu, approximate="tanh"),
-}
-
-
-@torch.library.custom_op("rotatek::gated_linear", mutates_args=())
-def gated_linear(x: Tensor, gate_weight: Tensor, up_weight: Tensor, activation: str,
-                 implementation: str = "auto") -> Tensor:
-    """``act(F.linear(x, gate_weight)) * F.linear(x, up_weight)``, a gated MLP's first half (``act``
-    named by ``activation``, a key of :data:`GATE_ACTIVATIONS`), in one launch where the Triton
-    kernel serves it (as :func:`grouped_linear`), else as the model ran it."""
-    rows = x.reshape(-1, x.shape[-1])  # [M, K]
-    if implementation != "reference" and x.is_cuda:
-        module = _triton_gemv()
-        if module is not None and module.supports(rows, [gate_weight, up_weight]) \
-                and gate_weight.shape == up_weight.shape:
-            y = module.gated_linear_triton(rows, gate_weight, up_weight, activation)
-            return y.view(*x.shape[:-1], y.shape[-1])
-    act = GATE_ACTIVATIONS[activation]
-    return act(torch.nn.functional.linear(x, gate_weight)) * torch.nn.functional.linear(x, up_weight)
-
-
-@gated_linear.register_fake
-def _(x, gate_weight, up_weight, activation, implementation="auto"):
-    return x.new_empty(*x.shape[:-1], gate_weight.shape[0])

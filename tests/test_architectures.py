@@ -170,10 +170,8 @@ def test_sites(name):
             assert hits and all(skipped[h] for h in hits), f"{expected} not reported skipped: {report}"
             assert not any(expected in layer for layer in rewritten), report
     prefill = {_short(layer) for layer in by_phase["prefill"][0].rewritten}
-    layers = entry.make_config().get_text_config().num_hidden_layers
     for report in by_phase["decode"]:
         assert {_short(layer) for layer in report.rewritten} == prefill
-        assert report.gated_products == layers, report  # every decoder layer's gated MLP: one op
     # every attention outside the decoder's self-attention is left exact, with a reason
     for report in run.reports:
         assert all(reason for _, reason in report.skipped)

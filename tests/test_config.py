@@ -22,7 +22,6 @@ BAD_VALUES = {
     "token_keep": [0, 0.0, 1.01, -0.5, float("nan"), float("inf"), False, "1", None],
     "kv_budget": [0, 0.0, 1.01, -0.25, float("nan"), float("inf"), True, "0.5"],
     "group_products": ["yes", 1, 0, None],
-    "gate_products": ["yes", 1, 0, None],
 }
 CASES = [(option, value) for option, values in BAD_VALUES.items() for value in values]
 CHOICES = {"solver": SOLVERS, "span": SPANS, "kernel": KERNELS, "method": METHODS}

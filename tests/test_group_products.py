@@ -10,7 +10,7 @@ import torch
 from torch import fx
 
 from rotatek_compile import RotateKBackend, RotateKConfig
-from rotatek_compile.passes.group_products import gate_products, group_products
+from rotatek_compile.passes.group_products import group_products
 from tests.test_generate import HEAD_DIM, LAYERS, generate, max_logit_error, padded_prompt, tiny_llama
 from tests.triton_interpreted import kernel_module
 
@@ -51,12 +51,6 @@ def test_decode_graph_groups_q_k_v_and_gate_up_of_every_layer():
     sizes = sorted(len(node.args[1]) for node in decode.graph.nodes
                    if node.target == torch.ops.rotatek.grouped_linear.default)
     assert sizes == [1] * (2 * LAYERS + 1) + [2] * LAYERS + [3] * LAYERS  # o, down, LM head; gate|up; q|k|v
-    # then each gate|up with its silu(gate) * up: one op
-    assert gate_products(decode.graph, "auto") == LAYERS
-    decode.graph.lint()
-    assert _count(decode.graph, torch.ops.rotatek.gated_linear.default) == LAYERS
-    assert _count(decode.graph, torch.ops.rotatek.grouped_linear.default) == DECODE_OPS - LAYERS
-    assert _count(decode.graph, torch.nn.functional.silu) == 0
     # the prefill's layer products are matrix products of 2 × 48 rows: left to cuBLAS (only the LM
     # head, on each row's last position, has few rows; the backend runs the pass on decode graphs alone)
     before = _count(prefill.graph, LINEAR)
@@ -110,54 +104,6 @@ def test_grouped_toy_graph_computes_the_same_products():
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-def _gated_toy_graph(activation=("silu", {}), gate: int = 0, swap: bool = False, group: int = 2,
-                     extra_use: str = "") -> fx.GraphModule:
-    """``ys = grouped_linear(x, [w0, …]); act(ys[gate]) * ys[1 - gate]``; ``extra_use`` ("act",
-    "up") gives that value a second use, returned too."""
-    graph = fx.Graph()
-    x = graph.placeholder("x")
-    weights = [graph.placeholder(f"w{i}") for i in range(group)]
-    grouped = graph.call_function(torch.ops.rotatek.grouped_linear.default, (x, weights, "auto"))
-    ys = [graph.call_function(operator.getitem, (grouped, i)) for i in range(group)]
-    target, kwargs = {"silu": (torch.nn.functional.silu, {}), "silu_": (torch.nn.functional.silu, {"inplace": True}),
-                      "relu": (torch.relu, {}), "gelu_tanh": (torch._C._nn.gelu, {"approximate": "tanh"}),
-                      "gelu": (torch._C._nn.gelu, {})}[activation]
-    act = graph.call_function(target, (ys[gate],), kwargs)
-    up = ys[1 - gate]
-    product = graph.call_function(operator.mul, (up, act) if swap else (act, up))
-    extra = {"act": [act], "up": [up], "": []}[extra_use]
-    graph.output((product, *ys[2:], *extra))
-    return fx.GraphModule(torch.nn.Module(), graph)
-
-
-@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
-@pytest.mark.parametrize("gate, swap", [(0, False), (1, True)])
-def test_gated_toy_graph_is_one_op_and_computes_the_same(activation, gate, swap):
-    module = _gated_toy_graph(activation, gate, swap)
-    x, w0, w1 = torch.randn(1, 8), torch.randn(4, 8), torch.randn(4, 8)
-    want = module(x, w0, w1)
-    assert gate_products(module.graph, "auto") == 1
-    module.graph.lint()
-    module.recompile()
-    calls = [n for n in module.graph.nodes if n.op == "call_function"]
-    assert [n.target for n in calls] == [torch.ops.rotatek.gated_linear.default]
-    gate_weight, up_weight = (w0, w1) if gate == 0 else (w1, w0)
-    assert [a.name if isinstance(a, fx.Node) else a for a in calls[0].args] == \
-        ["x", f"w{gate}", f"w{1 - gate}", activation, "auto"]
-    got = module(x, w0, w1)
-    assert torch.equal(got[0], want[0])  # off CUDA the op runs the model's own ops
-
-
-@pytest.mark.parametrize("case", ["relu", "gelu", "silu_", "three products", "act used again", "up used again"])
-def test_products_that_are_not_a_gated_mlp_stay_grouped(case):
-    activation = case if case in ("relu", "gelu", "silu_") else "silu"
-    module = _gated_toy_graph(activation, group=3 if case == "three products" else 2,
-                              extra_use={"act used again": "act", "up used again": "up"}.get(case, ""))
-    before = [n.target for n in module.graph.nodes]
-    assert gate_products(module.graph, "auto") == 0
-    assert [n.target for n in module.graph.nodes] == before
-
-
 @pytest.mark.parametrize("inner", ["eager", "inductor"])
 @pytest.mark.parametrize("grouped", [True, False])
 def test_full_rank_decode_with_and_without_grouping_matches_uncompiled_model(inner, grouped):
@@ -171,7 +117,6 @@ def test_full_rank_decode_with_and_without_grouping_matches_uncompiled_model(inn
     assert max_logit_error(out, exact) < 1e-5
     decode = [r for r in backend.reports if r.phase == "decode"]
     assert decode and all(r.grouped_products == (DECODE_OPS if grouped else 0) for r in decode)
-    assert all(r.gated_products == (LAYERS if grouped else 0) for r in decode)
     assert all(r.grouped_products == 0 for r in backend.reports if r.phase == "prefill")
 
 
@@ -208,44 +153,6 @@ def test_triton_kernel_equals_linear_on_ragged_shapes_and_a_strided_input(batch,
                                    atol=2e-2 if device == "cuda" else 1e-4)
 
 
-def test_gated_op_runs_the_model_ops_off_cuda_and_has_a_fake():
-    x, gate, up = torch.randn(2, 1, 8), torch.randn(5, 8), torch.randn(5, 8)
-    for activation, act in [("silu", torch.nn.functional.silu),
-                            ("gelu_tanh", lambda t: torch.nn.functional.gelu(t, approximate="tanh"))]:
-        want = act(torch.nn.functional.linear(x, gate)) * torch.nn.functional.linear(x, up)
-        assert torch.equal(torch.ops.rotatek.gated_linear(x, gate, up, activation), want)
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode() as mode:
-        fake = torch.ops.rotatek.gated_linear(mode.from_tensor(x), mode.from_tensor(gate), mode.from_tensor(up), "silu")
-    assert tuple(fake.shape) == (2, 1, 5)
-
-
-@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
-@pytest.mark.parametrize("batch, block_n", [(1, 2), (1, 16), (5, 16), (16, 16)])
-def test_gated_triton_kernel_equals_the_model_ops(activation, batch, block_n):
-    """Both kernels (vector at batch 1, dot above), ragged rows, a strided input."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the interpreter runs fp32
-    generator = torch.Generator().manual_seed(batch * 10 + block_n)
-    gate, up = (torch.randn(37, 100, generator=generator).to(device, dtype) for _ in range(2))
-    x = torch.randn(batch, 130, generator=generator).to(device, dtype)[:, 10:110]  # row stride 130
-    got = triton_gemv.gated_linear_triton(x, gate, up, activation, tile=(block_n, 32))
-    want = torch.ops.rotatek.gated_linear(x.float().cpu(), gate.float().cpu(), up.float().cpu(), activation)
-    assert got.shape == want.shape and got.dtype == dtype
-    tolerance = 3e-2 if device == "cuda" else 1e-4
-    torch.testing.assert_close(got.float().cpu(), want, rtol=tolerance, atol=tolerance)
-
-
-def test_gated_triton_kernel_refuses_what_it_cannot_serve():
-    x = torch.randn(1, 64, dtype=torch.bfloat16)
-    w = torch.randn(32, 64, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="gated_linear.*activation 'relu'"):
-        triton_gemv.gated_linear_triton(x, w, w, "relu")
-    with pytest.raises(ValueError, match="gated_linear.*same shapes"):
-        triton_gemv.gated_linear_triton(x, w, w[:16], "silu")
-
-
 @pytest.mark.parametrize("block_n", [2, 16])
 def test_vector_kernel_tiles_of_few_rows_cover_ragged_matrices(block_n):
     """Batch 1 runs the vector kernel, whose tiles may hold as few as 2 weight rows."""
@@ -280,6 +187,5 @@ def test_bf16_decode_on_cuda_runs_the_kernel_and_stays_close():
     backend = RotateKBackend(RotateKConfig(key_channels=HEAD_DIM), inner="inductor")
     model.compile(backend=backend)
     out = generate(model, inputs, steps=4)
-    assert any(r.grouped_products == DECODE_OPS and r.gated_products == LAYERS
-               for r in backend.reports if r.phase == "decode")
+    assert any(r.grouped_products == DECODE_OPS for r in backend.reports if r.phase == "decode")
     assert max_logit_error(out, exact) < 0.1  # bf16: a different summation order than cuBLAS's

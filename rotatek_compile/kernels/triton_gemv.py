@@ -38,8 +38,10 @@ from rotatek_compile.kernels.triton_decode import _add_op
 
 
 @triton.jit
-def _vector_rows(x_ptr, w_ptr, rows, rows_total, depth, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``W[rows] · x`` in fp32 (``[BLOCK_N]``) for one matrix, ``x`` one row."""
+def _vector_tile(x_ptr, w_ptr, y_ptr, tile, rows_total, depth, stride_wn,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``y[tile·BLOCK_N : (tile+1)·BLOCK_N] = W[rows] · x`` for one matrix, ``x`` one row."""
+    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output rows (weight rows)
     acc = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)  # per-column partial products, summed once
     for k0 in range(0, depth, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
@@ -47,16 +49,7 @@ def _vector_rows(x_ptr, w_ptr, rows, rows_total, depth, stride_wn, BLOCK_N: tl.c
                     mask=(rows[:, None] < rows_total) & (cols[None, :] < depth), other=0.0)  # [BLOCK_N, BLOCK_K]
         x = tl.load(x_ptr + cols, mask=cols < depth, other=0.0)  # [BLOCK_K]
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    return tl.reduce(acc, 1, _add_op)
-
-
-@triton.jit
-def _vector_tile(x_ptr, w_ptr, y_ptr, tile, rows_total, depth, stride_wn,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``y[tile·BLOCK_N : (tile+1)·BLOCK_N] = W[rows] · x`` for one matrix, ``x`` one row."""
-    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output rows (weight rows)
-    y = _vector_rows(x_ptr, w_ptr, rows, rows_total, depth, stride_wn, BLOCK_N, BLOCK_K)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < rows_total)
+    tl.store(y_ptr + rows, tl.reduce(acc, 1, _add_op).to(y_ptr.dtype.element_ty), mask=rows < rows_total)
 
 
 @triton.jit
@@ -74,9 +67,10 @@ def _vector_kernel(x_ptr, w0, y0, n0, sw0, w1, y1, n1, sw1, w2, y2, n2, sw2, dep
 
 
 @triton.jit
-def _row_products(x_ptr, w_ptr, rows, batch, rows_total, depth, stride_xb, stride_wn,
-                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``(x · W[rows]ᵀ)ᵀ`` in fp32 (``[BLOCK_N, BLOCK_B]``) for one matrix, as tensor-core dots."""
+def _row_tile(x_ptr, w_ptr, y_ptr, tile, batch, rows_total, depth, stride_xb, stride_wn, stride_yb,
+              BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``y[:, tile·BLOCK_N : (tile+1)·BLOCK_N] = x · W[rows]ᵀ`` for one matrix."""
+    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output rows (weight rows)
     b = tl.arange(0, BLOCK_B)  # [BLOCK_B] batch rows
     acc = tl.full((BLOCK_N, BLOCK_B), 0.0, tl.float32)  # tl.full: a builtin the CPU interpreter runs
     for k0 in range(0, depth, BLOCK_K):
@@ -86,24 +80,8 @@ def _row_products(x_ptr, w_ptr, rows, batch, rows_total, depth, stride_xb, strid
         x = tl.load(x_ptr + b[None, :] * stride_xb + cols[:, None],
                     mask=(b[None, :] < batch) & (cols[:, None] < depth), other=0.0)  # [BLOCK_K, BLOCK_B]
         acc = tl.dot(w, x, acc)
-    return acc
-
-
-@triton.jit
-def _store_rows(y_ptr, y, rows, batch, rows_total, stride_yb, BLOCK_B: tl.constexpr):
-    """``y`` (``[BLOCK_N, BLOCK_B]``, transposed) into ``Y[:batch, rows]``."""
-    b = tl.arange(0, BLOCK_B)
-    tl.store(y_ptr + b[None, :] * stride_yb + rows[:, None], y.to(y_ptr.dtype.element_ty),
+    tl.store(y_ptr + b[None, :] * stride_yb + rows[:, None], acc.to(y_ptr.dtype.element_ty),
              mask=(rows[:, None] < rows_total) & (b[None, :] < batch))
-
-
-@triton.jit
-def _row_tile(x_ptr, w_ptr, y_ptr, tile, batch, rows_total, depth, stride_xb, stride_wn, stride_yb,
-              BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``y[:, tile·BLOCK_N : (tile+1)·BLOCK_N] = x · W[rows]ᵀ`` for one matrix."""
-    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output rows (weight rows)
-    acc = _row_products(x_ptr, w_ptr, rows, batch, rows_total, depth, stride_xb, stride_wn, BLOCK_B, BLOCK_N, BLOCK_K)
-    _store_rows(y_ptr, acc, rows, batch, rows_total, stride_yb, BLOCK_B)
 
 
 @triton.jit
@@ -121,54 +99,6 @@ def _dot_kernel(x_ptr, w0, y0, n0, sw0, w1, y1, n1, sw1, w2, y2, n2, sw2, batch,
                   BLOCK_B, BLOCK_N, BLOCK_K)
 
 
-# √(2/π), doubled: gelu's tanh form as a sigmoid, 0.5·(1 + tanh(z)) = sigmoid(2z)
-_GELU_TANH_SCALE = tl.constexpr(2 * 0.7978845608028654)
-
-
-@triton.jit
-def _gate(g, u, dtype: tl.constexpr, ACTIVATION: tl.constexpr):
-    """``act(g) · u`` from fp32 products, rounded to ``dtype`` where the model rounds: each product,
-    the activation, the result."""
-    g = g.to(dtype).to(tl.float32)
-    u = u.to(dtype).to(tl.float32)
-    # g · sigmoid(z), sigmoid written out: tl.sigmoid is a library function the CPU interpreter
-    # does not run when triton was imported first
-    if ACTIVATION == "silu":
-        z = g
-    else:  # "gelu_tanh": 0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³)))
-        z = _GELU_TANH_SCALE * (g + 0.044715 * g * g * g)
-    a = g / (1.0 + tl.exp(-z))
-    return (a.to(dtype).to(tl.float32) * u).to(dtype)
-
-
-@triton.jit
-def _gated_vector_kernel(x_ptr, wg, wu, y_ptr, n, swg, swu, depth,
-                         ACTIVATION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``y[rows] = act(Wg[rows] · x) · (Wu[rows] · x)``, ``x`` one row; program ``p`` owns ``BLOCK_N``
-    rows of both matrices and streams their tiles side by side (one loop: no pipeline restart)."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    g = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)  # per-column partial products, summed once
-    u = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
-    for k0 in range(0, depth, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
-        inside = (rows[:, None] < n) & (cols[None, :] < depth)  # [BLOCK_N, BLOCK_K]
-        x = tl.load(x_ptr + cols, mask=cols < depth, other=0.0).to(tl.float32)[None, :]  # [1, BLOCK_K]
-        g += tl.load(wg + rows[:, None] * swg + cols[None, :], mask=inside, other=0.0).to(tl.float32) * x
-        u += tl.load(wu + rows[:, None] * swu + cols[None, :], mask=inside, other=0.0).to(tl.float32) * x
-    y = _gate(tl.reduce(g, 1, _add_op), tl.reduce(u, 1, _add_op), y_ptr.dtype.element_ty, ACTIVATION)
-    tl.store(y_ptr + rows, y, mask=rows < n)
-
-
-@triton.jit
-def _gated_dot_kernel(x_ptr, wg, wu, y_ptr, n, swg, swu, batch, depth, stride_xb,
-                      ACTIVATION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``Y[:, rows] = act(x · Wg[rows]ᵀ) · (x · Wu[rows]ᵀ)`` for 1 < M ≤ 16 rows of ``x``."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    g = _row_products(x_ptr, wg, rows, batch, n, depth, stride_xb, swg, BLOCK_B, BLOCK_N, BLOCK_K)
-    u = _row_products(x_ptr, wu, rows, batch, n, depth, stride_xb, swu, BLOCK_B, BLOCK_N, BLOCK_K)
-    _store_rows(y_ptr, _gate(g, u, y_ptr.dtype.element_ty, ACTIVATION), rows, batch, n, n, BLOCK_B)
-
-
 def _short_bench(kernel_call, quantiles=None, **_):
     """The autotuner's timing, shorter than Triton's default (tens of configs per shape)."""
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
@@ -179,22 +109,14 @@ def _configs(block_n: tuple, block_k: tuple, stages: tuple, fits) -> list:
             for n in block_n for k in block_k for w in (4, 8) for s in stages if fits(n, k, w)]
 
 
-# The vector kernel's fp32 accumulator holds BLOCK_N·BLOCK_K values: at most 64 registers a thread;
-# its gated twin holds two.
+# The vector kernel's fp32 accumulator holds BLOCK_N·BLOCK_K values: at most 64 registers a thread.
 _VECTOR_CONFIGS = _configs((2, 4, 8, 16, 32), (256, 512, 1024), (2, 3, 4), lambda n, k, w: n * k <= 64 * 32 * w)
-_GATED_VECTOR_CONFIGS = _configs((2, 4, 8, 16), (256, 512, 1024), (2, 3, 4), lambda n, k, w: 2 * n * k <= 64 * 32 * w)
 # The dot kernel's weight tiles are staged in shared memory: at most 64 KB a tile.
 _DOT_CONFIGS = _configs((16, 32, 64, 128), (128, 256, 512), (2, 3, 5), lambda n, k, w: n * k <= 32768)
 _vector_tuned = triton.autotune(configs=_VECTOR_CONFIGS, key=["n0", "n1", "n2", "depth"],
                                 do_bench=_short_bench)(_vector_kernel)
 _dot_tuned = triton.autotune(configs=_DOT_CONFIGS, key=["batch", "n0", "n1", "n2", "depth"],
                              do_bench=_short_bench)(_dot_kernel)
-_gated_vector_tuned = triton.autotune(configs=_GATED_VECTOR_CONFIGS, key=["n", "depth", "ACTIVATION"],
-                                      do_bench=_short_bench)(_gated_vector_kernel)
-_gated_dot_tuned = triton.autotune(configs=_DOT_CONFIGS, key=["batch", "n", "depth", "ACTIVATION"],
-                                   do_bench=_short_bench)(_gated_dot_kernel)
-# the activations of rotatek.gated_linear that the gated kernels compute
-ACTIVATIONS = ("silu", "gelu_tanh")
 # True when this module was imported under TRITON_INTERPRET=1 (the kernels then run on CPU tensors).
 INTERPRETED = not isinstance(_dot_kernel, triton.runtime.JITFunction)
 
@@ -209,62 +131,31 @@ def supports(x: Tensor, weights: list[Tensor]) -> bool:
                     and w.stride(1) == 1 for w in weights))
 
 
-def _check_served(op: str, x: Tensor, weights: list[Tensor]) -> None:
-    if not supports(x, weights) and not (INTERPRETED and x.dtype == torch.float32):
-        raise ValueError(f"rotatek {op}: x {tuple(x.shape)} {x.dtype} and {len(weights)} weights "
-                         f"{[tuple(w.shape) for w in weights]} are not served by the Triton kernel")
-
-
-def _launch(x: Tensor, kernels: tuple, args: list, row_blocks, tile: Optional[tuple[int, int]], **constants) -> None:
-    """One launch of the vector kernel (``x`` one row) or the dot kernel (``kernels``: each as written
-    and autotuned, in that order), over ``row_blocks(BLOCK_N)`` programs; ``args`` follow ``x`` and
-    end before ``batch``."""
-    batch, depth = x.shape
-    if batch == 1:
-        kernel, tuned = kernels[0], kernels[1]
-        args = args + [depth]
-    else:
-        kernel, tuned = kernels[2], kernels[3]
-        args = args + [batch, depth, x.stride(0)]
-        constants["BLOCK_B"] = BATCH_TILE
-    if tile is None and x.is_cuda:
-        tuned[lambda meta: (row_blocks(meta["BLOCK_N"]),)](x, *args, **constants)
-    else:
-        block_n, block_k = tile or (16, 64)
-        kernel[(row_blocks(block_n),)](x, *args, **constants, BLOCK_N=block_n, BLOCK_K=block_k)
-
-
 @on_inputs_device
 def grouped_linear_triton(x: Tensor, weights: list[Tensor], tile: Optional[tuple[int, int]] = None) -> list[Tensor]:
     """``[F.linear(x, w) for w in weights]`` in one launch (see :func:`supports`). ``tile``
     ``(BLOCK_N, BLOCK_K)``: autotuned per shape when ``None`` on CUDA (the first call of a shape
     times every config), ``(16, 64)`` under the CPU interpreter; the dot kernel (more than one row
     in ``x``) needs ``BLOCK_N ≥ 16``."""
-    _check_served("grouped_linear", x, weights)
-    outputs = [x.new_empty(x.shape[0], w.shape[0]) for w in weights]
+    if not supports(x, weights) and not (INTERPRETED and x.dtype == torch.float32):
+        raise ValueError(f"rotatek grouped_linear: x {tuple(x.shape)} {x.dtype} and {len(weights)} weights "
+                         f"{[tuple(w.shape) for w in weights]} are not served by the Triton kernel")
+    batch, depth = x.shape
+    outputs = [x.new_empty(batch, w.shape[0]) for w in weights]
     padded = list(zip(weights, outputs)) + [(weights[0], outputs[0])] * (MAX_GROUP - len(weights))
     sizes = [w.shape[0] for w in weights] + [0] * (MAX_GROUP - len(weights))
     args = []
     for (w, y), n in zip(padded, sizes):
         args += [w, y, n, w.stride(0)]
-    _launch(x, (_vector_kernel, _vector_tuned, _dot_kernel, _dot_tuned), args,
-            lambda block_n: sum(triton.cdiv(n, block_n) for n in sizes), tile)
+    if batch == 1:
+        kernel, tuned, constants = _vector_kernel, _vector_tuned, {}
+        args += [depth]
+    else:
+        kernel, tuned, constants = _dot_kernel, _dot_tuned, {"BLOCK_B": BATCH_TILE}
+        args += [batch, depth, x.stride(0)]
+    if tile is None and x.is_cuda:
+        tuned[lambda meta: (sum(triton.cdiv(n, meta["BLOCK_N"]) for n in sizes),)](x, *args, **constants)
+    else:
+        block_n, block_k = tile or (16, 64)
+        kernel[(sum(triton.cdiv(n, block_n) for n in sizes),)](x, *args, **constants, BLOCK_N=block_n, BLOCK_K=block_k)
     return outputs
-
-
-@on_inputs_device
-def gated_linear_triton(x: Tensor, gate_weight: Tensor, up_weight: Tensor, activation: str,
-                        tile: Optional[tuple[int, int]] = None) -> Tensor:
-    """``act(F.linear(x, gate_weight)) * F.linear(x, up_weight)`` in one launch (``act`` one of
-    :data:`ACTIVATIONS`; see :func:`supports` for ``x`` and the weights, which share their shape);
-    ``tile`` as in :func:`grouped_linear_triton`."""
-    _check_served("gated_linear", x, [gate_weight, up_weight])
-    if gate_weight.shape != up_weight.shape or activation not in ACTIVATIONS:
-        raise ValueError(f"rotatek gated_linear: gate {tuple(gate_weight.shape)}, up {tuple(up_weight.shape)} and "
-                         f"activation {activation!r} are not served (same shapes; one of {ACTIVATIONS})")
-    n = gate_weight.shape[0]
-    y = x.new_empty(x.shape[0], n)
-    _launch(x, (_gated_vector_kernel, _gated_vector_tuned, _gated_dot_kernel, _gated_dot_tuned),
-            [gate_weight, up_weight, y, n, gate_weight.stride(0), up_weight.stride(0)],
-            lambda block_n: triton.cdiv(n, block_n), tile, ACTIVATION=activation)
-    return y

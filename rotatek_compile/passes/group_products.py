@@ -15,32 +15,21 @@ in groups of 1 to 3 (``q|k|v``), only where ``x`` holds at most 16 rows (decode 
 prefill's products are matrix products that cuBLAS already runs at full speed). On CPU, and where
 the kernel does not serve the weights (fp32, strided), the op runs one ``F.linear`` per weight, as
 the model did.
-
-A gated MLP then multiplies the activated gate product by the up product, a kernel launch of its
-own each layer; :func:`gate_products` folds it into the products' launch::
-
-    ys = rotatek.grouped_linear(x, [W_g, W_u]);  y = act(ys[0]) * ys[1]      (act: silu, gelu(tanh))
-      → y = rotatek.gated_linear(x, W_g, W_u, act)
-
-where each of ``ys[0]``, ``ys[1]`` and ``act(ys[0])`` has no other use (either operand order).
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from typing import Optional
 
 import torch
 from torch import fx
 
-from rotatek_compile import ops  # registers torch.ops.rotatek.grouped_linear and gated_linear
+from rotatek_compile import ops  # noqa: F401  (registers torch.ops.rotatek.grouped_linear)
 from rotatek_compile.kernels import GEMV_MAX_GROUP, GEMV_MAX_ROWS
 from rotatek_compile.passes.rewrite import has_side_effects
 
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
-_GELU = (torch._C._nn.gelu, torch.nn.functional.gelu)
-_MUL = (operator.mul, torch.mul)
 
 
 def _bias_free_product(node: fx.Node) -> bool:
@@ -105,57 +94,3 @@ def group_products(graph: fx.Graph, implementation: str) -> int:
                 graph.erase_node(product)
             groups += 1
     return groups
-
-
-def _activation(node: fx.Node) -> Optional[str]:
-    """The key of ``ops.GATE_ACTIVATIONS`` that ``node`` computes out of place on one tensor, else ``None``."""
-    if node.op != "call_function" or len(node.args) != 1:
-        return None
-    if node.target is torch.nn.functional.silu and not node.kwargs.get("inplace", False):
-        return "silu"
-    if node.target in _GELU and dict(node.kwargs) == {"approximate": "tanh"}:
-        return "gelu_tanh"
-    return None
-
-
-def _only_user(node: fx.Node) -> Optional[fx.Node]:
-    return next(iter(node.users)) if len(node.users) == 1 else None
-
-
-def _gated(grouped: fx.Node) -> Optional[tuple[fx.Node, fx.Node, str, int]]:
-    """``(mul, act, activation, gate index)`` where ``grouped``'s two products feed only ``act(ys[g]) * ys[1 - g]``."""
-    outputs = {user.args[1]: user for user in grouped.users
-               if user.target is operator.getitem and isinstance(user.args[1], int)}
-    if len(grouped.users) != 2 or sorted(outputs) != [0, 1]:
-        return None
-    for gate in (0, 1):
-        act = _only_user(outputs[gate])
-        activation = act is not None and _activation(act)
-        mul = activation and _only_user(act)
-        if (mul and mul.target in _MUL and not mul.kwargs and len(mul.args) == 2
-                and set(mul.args) == {act, outputs[1 - gate]} and _only_user(outputs[1 - gate]) is mul):
-            return mul, act, activation, gate
-    return None
-
-
-def gate_products(graph: fx.Graph, implementation: str) -> int:
-    """Rewrite ``graph``'s ``rotatek.grouped_linear`` ops in place (see the module docstring);
-    returns the number of ``rotatek.gated_linear`` ops made."""
-    made = 0
-    for grouped in list(graph.nodes):
-        if grouped.target is not torch.ops.rotatek.grouped_linear.default or len(grouped.args[1]) != 2:
-            continue
-        match = _gated(grouped)
-        if match is None:
-            continue
-        mul, act, activation, gate = match
-        x, weights = grouped.args[0], grouped.args[1]
-        with graph.inserting_before(grouped):  # where the products read x and the weights
-            gated = graph.call_function(torch.ops.rotatek.gated_linear.default,
-                                        (x, weights[gate], weights[1 - gate], activation, implementation))
-        gated.meta.update(mul.meta)
-        mul.replace_all_uses_with(gated)
-        for node in [mul, act, *grouped.users, grouped]:  # each one's users erased before it
-            graph.erase_node(node)
-        made += 1
-    return made
