@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from rotatek_compile.hf_compat import cache_kwargs  # noqa: E402
 from model_decode import (  # noqa: E402
-    PROMPT, TEXT, _sync, build_model, new_cache, run_case, set_recipe, static_capacity)
+    PROMPT, TEXT, _sync, build_model, new_cache, profiled, run_case, set_recipe, static_capacity)
 
 logger = logging.getLogger("decode_profile")
 
@@ -90,13 +90,7 @@ def _kernel_table(decode_fn, cache, token, device: str, steps: int = 3) -> dict:
             out = decode_fn(input_ids=step, **cache_kwargs(cache), use_cache=True)
             step = out.logits[:, -1:].argmax(-1)
 
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as profile:
-        run()
-        _sync()
-    kernels = [e for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [e for e in profiled(run, device).events() if e.device_type == torch.autograd.DeviceType.CUDA]
     by_name = collections.defaultdict(lambda: [0.0, 0])
     for kernel in kernels:
         by_name[kernel.name][0] += kernel.device_time_total / 1e3 / steps

@@ -170,15 +170,21 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def device_time_by_op(run, device: str, calls: int = 1) -> list[tuple[str, float, float]]:
-    """Profiles ``run()`` (which makes ``calls`` calls of what is measured): every op and kernel,
-    heaviest on the device first, as ``(name, device ms per call, count per call)``."""
+def profiled(run, device: str) -> torch.profiler.profile:
+    """The profile of ``run()`` (host ops; CUDA kernels too on ``device="cuda"``), synchronised."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as profile:
         run()
         _sync()
+    return profile
+
+
+def device_time_by_op(run, device: str, calls: int = 1) -> list[tuple[str, float, float]]:
+    """Profiles ``run()`` (which makes ``calls`` calls of what is measured): every op and kernel,
+    heaviest on the device first, as ``(name, device ms per call, count per call)``."""
+    profile = profiled(run, device)
     events = sorted(profile.key_averages(), key=lambda e: -getattr(e, "self_device_time_total", 0))
     return [(e.key, getattr(e, "self_device_time_total", 0) / 1e3 / calls, e.count / calls) for e in events]
 
