@@ -6,10 +6,12 @@
 For each recipe (``benchmarks/model_decode.py``'s): after the warm-up, ``--steps`` decode steps
 timed three ways: wall (synchronised), host (the call's own time, not synchronised: what Python,
 Dynamo's guards and the CUDA-graph replay cost on the CPU) and device (CUDA events around the
-call). Then the kernels of 3 profiled steps (count, summed device time) and a Python profile of
-the host side (the functions that cost most). For the prefill: the live allocations at the
-peak of one prefill, grouped by the line of code (Inductor's generated code, or ours) that made
-them. JSON goes to ``--out``.
+call). Then the CUDA kernels of 3 profiled steps (count and summed device time per step, each
+kernel's share, the last step's kernels in launch order; the table's "between" is the device time
+less the kernels', per launch) and a Python profile of the host side (the functions that cost
+most). For the prefill: the live allocations at the peak of one prefill, grouped by the line of
+code (Inductor's generated code, or ours) that made them. ``--inductor name=value,...`` sets
+Inductor options for every recipe (e.g. ``combo_kernels=True``). JSON goes to ``--out``.
 """
 
 from __future__ import annotations
